@@ -1,0 +1,474 @@
+package consumer
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/store"
+)
+
+// Defaults.
+const (
+	DefaultLeaseTTL        = 5 * time.Second
+	DefaultDeadLetterCap   = 100_000
+	DefaultRetriesPerFetch = 100
+)
+
+// ErrLeaseLost reports that a batch was settled after its lease expired and
+// was reaped: its items are delivered again.
+var ErrLeaseLost = store.ErrLeaseLost
+
+// ErrNotArray reports a key whose items are not a JSON array (a value
+// written by something other than batchq).
+var ErrNotArray = store.ErrNotArray
+
+// Consumer drains queues. It is safe for concurrent use.
+type Consumer struct {
+	c          rueidis.Client
+	prefix     string
+	shards     int
+	leaseTTL   time.Duration
+	atMostOnce bool
+	deadCap    int
+	retries    int
+	now        func() time.Time
+}
+
+// Option configures a Consumer.
+type Option func(*Consumer) error
+
+// WithPrefix sets the prefix of every Redis key (default "batchq"). Producers
+// and consumers of a queue must agree on it.
+func WithPrefix(p string) Option {
+	return func(c *Consumer) error {
+		if err := keys.CheckPrefix(p); err != nil {
+			return err
+		}
+		c.prefix = p
+		return nil
+	}
+}
+
+// WithShards splits every queue into n shards (default 1), each its own
+// hash slot on Redis Cluster. Producers and consumers must agree on it.
+func WithShards(n int) Option {
+	return func(c *Consumer) error {
+		if n < 1 || n > 1024 {
+			return fmt.Errorf("consumer: shards must be 1-1024, got %d", n)
+		}
+		c.shards = n
+		return nil
+	}
+}
+
+// WithLeaseTTL sets how long a drained batch is leased before a reaper may
+// hand it to another worker (default 5s). Running batches are extended, so
+// it bounds the time to redeliver a dead worker's batches, not the time a
+// handler may take.
+func WithLeaseTTL(d time.Duration) Option {
+	return func(c *Consumer) error {
+		if d < 100*time.Millisecond {
+			return fmt.Errorf("consumer: lease TTL must be at least 100ms, got %v", d)
+		}
+		c.leaseTTL = d
+		return nil
+	}
+}
+
+// WithAtMostOnce drains keys with GETDEL and no lease: a consumer that dies
+// while it holds a batch loses that batch. Failed items are still retried.
+func WithAtMostOnce() Option {
+	return func(c *Consumer) error {
+		c.atMostOnce = true
+		return nil
+	}
+}
+
+// WithDeadLetterCap bounds the dead letters kept per queue shard (default
+// 100,000); past it the oldest are dropped. 0 keeps them all.
+func WithDeadLetterCap(n int) Option {
+	return func(c *Consumer) error {
+		if n < 0 {
+			return fmt.Errorf("consumer: dead letter cap must not be negative, got %d", n)
+		}
+		c.deadCap = n
+		return nil
+	}
+}
+
+// New returns a Consumer that uses c, which the caller keeps owning.
+func New(c rueidis.Client, opts ...Option) (*Consumer, error) {
+	cs := &Consumer{
+		c:        c,
+		prefix:   keys.DefaultPrefix,
+		shards:   1,
+		leaseTTL: DefaultLeaseTTL,
+		deadCap:  DefaultDeadLetterCap,
+		retries:  DefaultRetriesPerFetch,
+		now:      time.Now,
+	}
+	for _, o := range opts {
+		if err := o(cs); err != nil {
+			return nil, err
+		}
+	}
+	return cs, nil
+}
+
+// Shards returns the number of shards of every queue.
+func (c *Consumer) Shards() int { return c.shards }
+
+// LeaseTTL returns the lease TTL.
+func (c *Consumer) LeaseTTL() time.Duration { return c.leaseTTL }
+
+// AtMostOnce reports whether batches are drained without a lease.
+func (c *Consumer) AtMostOnce() bool { return c.atMostOnce }
+
+func (c *Consumer) space(queue string, shard int) keys.Space {
+	return keys.For(c.prefix, queue, shard)
+}
+
+func (c *Consumer) nowMs() int64 { return c.now().UnixMilli() }
+
+// newID returns a random 128-bit identifier.
+func newID() string {
+	return strconv.FormatUint(rand.Uint64(), 36) + strconv.FormatUint(rand.Uint64(), 36)
+}
+
+// Batch is a set of items taken from one queue shard at once: either the
+// whole array of one key, or due retries (possibly of several keys).
+type Batch struct {
+	Queue string
+	Shard int
+	Key   string // the drained key; "" for a batch of retries
+	Items []Item
+
+	id    string // unique; the lease token when leased
+	lease bool
+}
+
+// Retry reports whether b holds retries rather than a drained key.
+func (b *Batch) Retry() bool { return b.Key == "" }
+
+// Item is one item of a batch.
+type Item struct {
+	Key       string          // the key it was appended to
+	Data      json.RawMessage // the item, byte for byte as appended
+	Attempt   int             // failed attempts before this delivery
+	LastError string          // the error of the last failed attempt
+}
+
+// Fetched is the result of Fetch.
+type Fetched struct {
+	Batches []*Batch
+	// Dead lists keys whose value was not a JSON array; each was moved to
+	// dead letters whole.
+	Dead []DeadLetter
+	// Next is the earliest time more work falls due on the shard, zero when
+	// nothing is pending. Keys other consumers hold count too.
+	Next time.Time
+}
+
+// Fetch takes up to max batches from a queue shard: due keys, each drained
+// whole, and, when fewer than max keys are due, one batch of due retries.
+// With at-least-once delivery (the default) every batch is leased and must
+// be settled; until then, call Extend to keep its lease.
+func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fetched, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return Fetched{}, err
+	}
+	if max < 1 {
+		return Fetched{}, nil
+	}
+	sp := c.space(queue, shard)
+	now := c.nowMs()
+	deadline := now + c.leaseTTL.Milliseconds()
+	retryToken := newID()
+	cl, err := store.Claim(ctx, c.c, sp, store.ClaimArgs{
+		Now: now, MaxKeys: max, ClaimUntil: deadline,
+		MaxRetries: c.retries, RetryToken: retryToken, RetryDeadline: deadline,
+	})
+	if err != nil {
+		return Fetched{}, fmt.Errorf("fetch %s: %w", queue, err)
+	}
+	var f Fetched
+	if cl.Next > 0 {
+		f.Next = time.UnixMilli(cl.Next)
+	}
+	if len(cl.Keys) > 0 {
+		var drained []store.Drained
+		if c.atMostOnce {
+			drained, err = store.DrainOnce(ctx, c.c, sp, cl.Keys)
+		} else {
+			tokens := make([]string, len(cl.Keys))
+			for i := range tokens {
+				tokens[i] = newID()
+			}
+			drained, err = store.Drain(ctx, c.c, sp, cl.Keys, tokens, deadline)
+		}
+		for _, d := range drained {
+			c.collect(ctx, &f, queue, shard, d)
+		}
+		if err != nil {
+			return f, fmt.Errorf("fetch %s: %w", queue, err)
+		}
+	}
+	if len(cl.Retries) > 0 {
+		b := &Batch{Queue: queue, Shard: shard, id: retryToken, lease: true, Items: make([]Item, 0, len(cl.Retries))}
+		for _, e := range cl.Retries {
+			var env retryEnvelope
+			if err := json.Unmarshal([]byte(e.Env), &env); err != nil {
+				// Only batchq writes retry envelopes; one that does not
+				// decode is kept as a dead letter rather than dropped.
+				env = retryEnvelope{Key: "", Item: jsonString(e.Env), Error: "undecodable retry envelope: " + err.Error()}
+			}
+			b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
+		}
+		f.Batches = append(f.Batches, b)
+	}
+	return f, nil
+}
+
+// collect turns one drained key into a batch, or into a dead letter when
+// its value is not a JSON array.
+func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard int, d store.Drained) {
+	if d.Missing {
+		return
+	}
+	b := &Batch{Queue: queue, Shard: shard, Key: d.Key, id: d.Token, lease: d.Token != ""}
+	if b.id == "" {
+		b.id = newID()
+	}
+	var reason string
+	var raw json.RawMessage
+	switch {
+	case d.WrongType:
+		typ, _ := store.Type(ctx, c.c, c.itemsOrLease(b))
+		reason = fmt.Sprintf("the key held a Redis %s, not a JSON array; it is kept under %s", typ, c.space(queue, shard).Quarantine(b.id))
+	default:
+		var items []json.RawMessage
+		if err := json.Unmarshal(d.Data, &items); err != nil {
+			reason = "the key held a string that is not a JSON array: " + err.Error()
+			raw = d.Data
+			if !json.Valid(raw) {
+				raw = jsonString(string(d.Data))
+			}
+			break
+		}
+		b.Items = make([]Item, len(items))
+		for i, it := range items {
+			b.Items[i] = Item{Key: d.Key, Data: it}
+		}
+		f.Batches = append(f.Batches, b)
+		return
+	}
+	dl := DeadLetter{
+		ID: b.id, Queue: queue, Shard: shard, Key: d.Key, Item: raw,
+		Error: reason, FailedAt: c.now(), Corrupt: true,
+	}
+	s := store.Settlement{
+		Token: tokenOf(b), Key: d.Key, DeadCap: c.deadCap, Now: dl.FailedAt.UnixMilli(),
+		Dead: []store.Entry{{ID: dl.ID, Env: string(dl.encode())}},
+	}
+	if d.WrongType {
+		s.Quarantine = b.id
+	}
+	if err := store.Settle(ctx, c.c, c.space(queue, shard), s); err != nil {
+		// The value stays where it is (leased or in place) and is found
+		// again after the lease or claim deadline.
+		return
+	}
+	f.Dead = append(f.Dead, dl)
+}
+
+func (c *Consumer) itemsOrLease(b *Batch) string {
+	sp := c.space(b.Queue, b.Shard)
+	if b.lease {
+		return sp.Lease(b.id)
+	}
+	return sp.Items(b.Key)
+}
+
+func tokenOf(b *Batch) string {
+	if b.lease {
+		return b.id
+	}
+	return ""
+}
+
+// Outcome is what happened to one item of a batch.
+type Outcome struct {
+	Kind  OutcomeKind
+	Err   error         // the failure, for Retry and Dead
+	Delay time.Duration // how long until a retry is due, for Retry
+}
+
+// OutcomeKind says what to do with an item when its batch is settled.
+type OutcomeKind uint8
+
+const (
+	// Unfinished items were not handled (a shutdown came first): a drained
+	// key's unfinished items go back in front of its array, unfinished
+	// retries back to the retry index, due at once, with their attempt count.
+	Unfinished OutcomeKind = iota
+	// Done items were handled; they are dropped.
+	Done
+	// Retry items failed and are due again after Delay, with one more attempt counted.
+	Retry
+	// Dead items failed for good and go to dead letters with their error.
+	Dead
+)
+
+// maxErrorLen bounds the error text stored with a retry or dead letter.
+const maxErrorLen = 2048
+
+func errText(err error) string {
+	if err == nil {
+		return "unknown error"
+	}
+	s := err.Error()
+	if len(s) > maxErrorLen {
+		s = s[:maxErrorLen] + "..."
+	}
+	return s
+}
+
+// Settle records the outcome of every item of b (outcomes[i] for
+// b.Items[i]) and releases its lease, in one atomic script call. A missing
+// outcome counts as Unfinished. It returns ErrLeaseLost when the lease had
+// already expired and been reaped: then nothing is recorded and the whole
+// batch is delivered again.
+func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) error {
+	now := c.now()
+	s := store.Settlement{Token: tokenOf(b), Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli()}
+	var back []byte
+	for i, it := range b.Items {
+		var o Outcome
+		if i < len(outcomes) {
+			o = outcomes[i]
+		}
+		id := b.id + "-" + strconv.Itoa(i)
+		switch o.Kind {
+		case Done:
+		case Unfinished:
+			if b.Retry() {
+				env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
+				s.Retries = append(s.Retries, store.Scheduled{ID: id, Due: s.Now, Env: string(env.encode())})
+				continue
+			}
+			if back == nil {
+				back = append(back, '[')
+			} else {
+				back = append(back, ',')
+			}
+			back = append(back, it.Data...)
+		case Retry:
+			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
+			s.Retries = append(s.Retries, store.Scheduled{ID: id, Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
+		case Dead:
+			dl := DeadLetter{ID: id, Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
+			s.Dead = append(s.Dead, store.Entry{ID: id, Env: string(dl.encode())})
+		default:
+			return fmt.Errorf("settle: unknown outcome kind %d", o.Kind)
+		}
+	}
+	if back != nil {
+		s.Return = string(append(back, ']'))
+	}
+	if err := store.Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err != nil {
+		return fmt.Errorf("settle %s: %w", b.Queue, err)
+	}
+	return nil
+}
+
+// Extend pushes the lease deadline of every given batch to now plus the
+// lease TTL, with one command per queue shard. Batches without a lease are
+// skipped. A batch whose lease was already reaped is not brought back.
+func (c *Consumer) Extend(ctx context.Context, batches ...*Batch) error {
+	type qs struct {
+		queue string
+		shard int
+	}
+	groups := make(map[qs][]string)
+	for _, b := range batches {
+		if b.lease {
+			k := qs{b.Queue, b.Shard}
+			groups[k] = append(groups[k], b.id)
+		}
+	}
+	deadline := c.nowMs() + c.leaseTTL.Milliseconds()
+	var errs []error
+	for k, toks := range groups {
+		if err := store.Extend(ctx, c.c, c.space(k.queue, k.shard), toks, deadline); err != nil {
+			errs = append(errs, fmt.Errorf("extend %s: %w", k.queue, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reapLimit bounds the leases one Reap call returns.
+const reapLimit = 100
+
+// Reap returns the items of a queue shard's expired leases to their keys
+// (and retries to the retry index), and returns how many leases it reaped.
+// Any consumer may reap any lease; concurrent reaps are safe.
+func (c *Consumer) Reap(ctx context.Context, queue string, shard int) (int, error) {
+	now := c.nowMs()
+	n, err := store.Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds())
+	if err != nil {
+		return 0, fmt.Errorf("reap %s: %w", queue, err)
+	}
+	return int(n), nil
+}
+
+// Wait blocks until a producer makes a key of the queue shard ready, or
+// until timeout passes or ctx is done. It returns nil in the first two
+// cases. It holds one of the client's blocking connections while it waits.
+func (c *Consumer) Wait(ctx context.Context, queue string, shard int, timeout time.Duration) error {
+	return store.Wait(ctx, c.c, c.space(queue, shard), timeout)
+}
+
+// retryEnvelope is how a retry is stored: the item verbatim, its key, its
+// failed attempts and last error.
+type retryEnvelope struct {
+	Key      string          `json:"k"`
+	Attempts int             `json:"a"`
+	Error    string          `json:"e,omitempty"`
+	Item     json.RawMessage `json:"i"`
+}
+
+// encode writes the envelope by hand: encoding/json would re-encode the
+// item (it compacts and escapes the output of RawMessage), and items are
+// stored byte for byte.
+func (e retryEnvelope) encode() []byte {
+	b := make([]byte, 0, len(e.Item)+len(e.Key)+len(e.Error)+32)
+	b = append(b, `{"k":`...)
+	b = appendString(b, e.Key)
+	b = append(b, `,"a":`...)
+	b = strconv.AppendInt(b, int64(e.Attempts), 10)
+	if e.Error != "" {
+		b = append(b, `,"e":`...)
+		b = appendString(b, e.Error)
+	}
+	b = append(b, `,"i":`...)
+	b = append(b, e.Item...)
+	return append(b, '}')
+}
+
+func appendString(b []byte, s string) []byte {
+	q, _ := json.Marshal(s) // a string always marshals
+	return append(b, q...)
+}
+
+func jsonString(s string) json.RawMessage {
+	return appendString(nil, strings.ToValidUTF8(s, "\uFFFD"))
+}

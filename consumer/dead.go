@@ -1,0 +1,154 @@
+package consumer
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/store"
+)
+
+// DeadLetter is an item that failed for good, kept with its last error.
+type DeadLetter struct {
+	ID       string          `json:"id"`
+	Queue    string          `json:"queue"`
+	Shard    int             `json:"shard"`
+	Key      string          `json:"key"`
+	Item     json.RawMessage `json:"item"` // byte for byte as appended; null when Corrupt and not a string
+	Attempts int             `json:"attempts"`
+	Error    string          `json:"error"`
+	FailedAt time.Time       `json:"failed_at"`
+	// Corrupt marks a key's whole value that was not a JSON array; Item holds
+	// it (as a JSON string when it was not JSON). It cannot be requeued.
+	Corrupt bool `json:"corrupt,omitempty"`
+}
+
+// deadEnvelope is the stored form of a DeadLetter.
+func (d DeadLetter) encode() []byte {
+	b := make([]byte, 0, len(d.Item)+len(d.Key)+len(d.Error)+96)
+	b = append(b, `{"id":`...)
+	b = appendString(b, d.ID)
+	b = append(b, `,"queue":`...)
+	b = appendString(b, d.Queue)
+	b = append(b, `,"shard":`...)
+	b = strconv.AppendInt(b, int64(d.Shard), 10)
+	b = append(b, `,"key":`...)
+	b = appendString(b, d.Key)
+	b = append(b, `,"attempts":`...)
+	b = strconv.AppendInt(b, int64(d.Attempts), 10)
+	b = append(b, `,"error":`...)
+	b = appendString(b, d.Error)
+	b = append(b, `,"failed_at":`...)
+	b = strconv.AppendInt(b, d.FailedAt.UnixMilli(), 10)
+	if d.Corrupt {
+		b = append(b, `,"corrupt":true`...)
+	}
+	b = append(b, `,"item":`...)
+	if len(d.Item) == 0 {
+		b = append(b, "null"...)
+	} else {
+		b = append(b, d.Item...)
+	}
+	return append(b, '}')
+}
+
+func decodeDead(env string) (DeadLetter, error) {
+	var s struct {
+		DeadLetter
+		FailedAt int64 `json:"failed_at"`
+	}
+	if err := json.Unmarshal([]byte(env), &s); err != nil {
+		return DeadLetter{}, err
+	}
+	d := s.DeadLetter
+	d.FailedAt = time.UnixMilli(s.FailedAt)
+	return d, nil
+}
+
+// ErrNotRequeueable reports a dead letter that holds no appended item (a
+// key's corrupt value).
+var ErrNotRequeueable = errors.New("consumer: dead letter holds a corrupt value, not an item")
+
+// DeadLetters returns up to limit dead letters of a queue, newest first per
+// shard, shards in order.
+func (c *Consumer) DeadLetters(ctx context.Context, queue string, limit int) ([]DeadLetter, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return nil, err
+	}
+	var out []DeadLetter
+	for shard := 0; shard < c.shards && len(out) < limit; shard++ {
+		envs, err := store.ListDead(ctx, c.c, c.space(queue, shard), 0, limit-len(out))
+		if err != nil {
+			return out, fmt.Errorf("dead letters of %s: %w", queue, err)
+		}
+		for _, env := range envs {
+			d, err := decodeDead(env)
+			if err != nil {
+				return out, fmt.Errorf("dead letters of %s: bad envelope: %w", queue, err)
+			}
+			d.Shard = shard
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// CountDead returns the number of dead letters of a queue.
+func (c *Consumer) CountDead(ctx context.Context, queue string) (int64, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return 0, err
+	}
+	var n int64
+	for shard := 0; shard < c.shards; shard++ {
+		m, err := store.CountDead(ctx, c.c, c.space(queue, shard))
+		if err != nil {
+			return n, fmt.Errorf("count dead letters of %s: %w", queue, err)
+		}
+		n += m
+	}
+	return n, nil
+}
+
+// RequeueDead appends each dead letter's item to the end of its key, as a
+// fresh item with no attempts, and removes the dead letter: atomically for
+// each. It returns how many it requeued; dead letters already gone are
+// skipped. It stops at the first error.
+func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int, error) {
+	n := 0
+	for _, d := range letters {
+		if d.Corrupt || len(d.Item) == 0 {
+			return n, fmt.Errorf("requeue %s: %w", d.ID, ErrNotRequeueable)
+		}
+		if err := keys.CheckQueue(d.Queue); err != nil {
+			return n, err
+		}
+		ok, err := store.Requeue(ctx, c.c, c.space(d.Queue, d.Shard), d.ID, d.Key, string(d.Item), c.nowMs())
+		if err != nil {
+			return n, fmt.Errorf("requeue %s: %w", d.ID, err)
+		}
+		if ok {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// PurgeDead deletes every dead letter of a queue and returns how many there were.
+func (c *Consumer) PurgeDead(ctx context.Context, queue string) (int64, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return 0, err
+	}
+	var n int64
+	for shard := 0; shard < c.shards; shard++ {
+		m, err := store.PurgeDead(ctx, c.c, c.space(queue, shard))
+		if err != nil {
+			return n, fmt.Errorf("purge dead letters of %s: %w", queue, err)
+		}
+		n += m
+	}
+	return n, nil
+}

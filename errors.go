@@ -1,0 +1,69 @@
+package batchq
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// NoRetry wraps err so that the item goes to dead letters at once, without
+// further attempts. NoRetry(nil) returns nil.
+func NoRetry(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &noRetryError{err}
+}
+
+type noRetryError struct{ err error }
+
+func (e *noRetryError) Error() string { return e.err.Error() }
+func (e *noRetryError) Unwrap() error { return e.err }
+
+// RetryAfter wraps err so that the item's next attempt comes after d
+// instead of the queue's backoff delay. It still counts as an attempt: past
+// the queue's max attempts the item goes to dead letters. RetryAfter(d, nil)
+// returns nil.
+func RetryAfter(d time.Duration, err error) error {
+	if err == nil {
+		return nil
+	}
+	return &retryAfterError{d: d, err: err}
+}
+
+type retryAfterError struct {
+	d   time.Duration
+	err error
+}
+
+func (e *retryAfterError) Error() string { return e.err.Error() }
+func (e *retryAfterError) Unwrap() error { return e.err }
+
+// BatchError is returned by a batch handler whose batch partly failed: the
+// items at the indexes of Failed failed with those errors; the others
+// succeeded and are not run again. Any other error from a batch handler
+// fails every item of the batch.
+type BatchError struct {
+	Failed map[int]error
+}
+
+func (e *BatchError) Error() string {
+	return fmt.Sprintf("batchq: %d items of the batch failed", len(e.Failed))
+}
+
+// PanicError is the error recorded for a handler that panicked.
+type PanicError struct {
+	Value any
+	Stack []byte
+}
+
+func (e *PanicError) Error() string { return fmt.Sprintf("handler panicked: %v", e.Value) }
+
+// ErrHandlerTimeout is recorded for a handler that did not return within
+// its queue's timeout plus a grace period, ignoring its context. The worker
+// stops waiting for it and moves on; the goroutine is left running.
+var ErrHandlerTimeout = errors.New("batchq: handler did not return after its timeout")
+
+// ErrDecode wraps the error of an item that does not decode into the
+// handler's type. Such an item goes to dead letters at once.
+var ErrDecode = errors.New("batchq: item does not decode into the handler's type")

@@ -1,0 +1,122 @@
+// Package keys builds every Redis key name batchq uses. No other package
+// formats key names.
+//
+// All keys of one queue shard share the hash tag {<queue>:<shard>}, so every
+// script and transaction on a shard touches one hash slot (Redis Cluster
+// safe):
+//
+//	<prefix>:{<queue>:<shard>}:k:<key>       pending items, a JSON array (string)
+//	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms)
+//	<prefix>:{<queue>:<shard>}:wake          LIST of wake-up tokens for idle workers
+//	<prefix>:{<queue>:<shard>}:leases        ZSET lease token -> deadline (ms)
+//	<prefix>:{<queue>:<shard>}:leasemeta     HASH lease token -> kind and key
+//	<prefix>:{<queue>:<shard>}:lease:<tok>   a leased batch (string array or hash of retries)
+//	<prefix>:{<queue>:<shard>}:retry         ZSET retry id -> due time (ms)
+//	<prefix>:{<queue>:<shard>}:retrydata     HASH retry id -> retry envelope
+//	<prefix>:{<queue>:<shard>}:dead          ZSET dead letter id -> time (ms)
+//	<prefix>:{<queue>:<shard>}:deaddata      HASH dead letter id -> dead letter envelope
+//	<prefix>:{<queue>:<shard>}:quarantine:<id> a value found under k:<key> that was not a string
+package keys
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"strconv"
+	"strings"
+)
+
+// DefaultPrefix is the key prefix used when none is configured.
+const DefaultPrefix = "batchq"
+
+// Validation errors.
+var (
+	ErrQueueName = errors.New("batchq: invalid queue name")
+	ErrKeyName   = errors.New("batchq: invalid key")
+	ErrPrefix    = errors.New("batchq: invalid prefix")
+)
+
+// MaxNameLen bounds queue names and keys, in bytes.
+const MaxNameLen = 512
+
+// CheckPrefix reports whether p can be used as a key prefix.
+func CheckPrefix(p string) error {
+	if p == "" || len(p) > MaxNameLen || strings.ContainsAny(p, "{}") {
+		return fmt.Errorf("%w %q: must be 1-%d bytes without braces", ErrPrefix, p, MaxNameLen)
+	}
+	return nil
+}
+
+// CheckQueue reports whether q can be used as a queue name. Queue names are
+// part of the hash tag, so they may not hold braces or colons.
+func CheckQueue(q string) error {
+	if q == "" || len(q) > MaxNameLen || strings.ContainsAny(q, "{}:") {
+		return fmt.Errorf("%w %q: must be 1-%d bytes without braces or colons", ErrQueueName, q, MaxNameLen)
+	}
+	return nil
+}
+
+// CheckKey reports whether k can be used as a key of a queue.
+func CheckKey(k string) error {
+	if k == "" || len(k) > MaxNameLen {
+		return fmt.Errorf("%w %q: must be 1-%d bytes", ErrKeyName, k, MaxNameLen)
+	}
+	return nil
+}
+
+// Shard returns the shard of key in a queue split into n shards: a stable
+// FNV-1a hash of the key modulo n.
+func Shard(key string, n int) int {
+	if n <= 1 {
+		return 0
+	}
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	return int(h.Sum32() % uint32(n))
+}
+
+// Space names the keys of one queue shard.
+type Space struct {
+	base string // "<prefix>:{<queue>:<shard>}:"
+}
+
+// For returns the key space of a queue shard.
+func For(prefix, queue string, shard int) Space {
+	return Space{base: prefix + ":{" + queue + ":" + strconv.Itoa(shard) + "}:"}
+}
+
+// Items is the key holding the pending JSON array of key.
+func (s Space) Items(key string) string { return s.base + "k:" + key }
+
+// ItemsPrefix is the common prefix of every Items key; Items(key) minus it is key.
+func (s Space) ItemsPrefix() string { return s.base + "k:" }
+
+// Ready is the ZSET of keys with pending items, scored by due time.
+func (s Space) Ready() string { return s.base + "ready" }
+
+// Wake is the list idle workers block on.
+func (s Space) Wake() string { return s.base + "wake" }
+
+// Leases is the ZSET of lease tokens scored by deadline.
+func (s Space) Leases() string { return s.base + "leases" }
+
+// LeaseMeta is the hash of lease token to lease description.
+func (s Space) LeaseMeta() string { return s.base + "leasemeta" }
+
+// Lease is the key holding the leased batch of token.
+func (s Space) Lease(token string) string { return s.base + "lease:" + token }
+
+// Retry is the ZSET of retry ids scored by due time.
+func (s Space) Retry() string { return s.base + "retry" }
+
+// RetryData is the hash of retry id to retry envelope.
+func (s Space) RetryData() string { return s.base + "retrydata" }
+
+// Dead is the ZSET of dead letter ids scored by the time they died.
+func (s Space) Dead() string { return s.base + "dead" }
+
+// DeadData is the hash of dead letter id to dead letter envelope.
+func (s Space) DeadData() string { return s.base + "deaddata" }
+
+// Quarantine is where a non-string value found under an items key is kept.
+func (s Space) Quarantine(id string) string { return s.base + "quarantine:" + id }

@@ -1,0 +1,52 @@
+-- claim.lua: claim due keys and due retries of one queue shard.
+--
+-- KEYS[1] ready ZSET      key -> due time (ms)
+-- KEYS[2] retry ZSET      retry id -> due time (ms)
+-- KEYS[3] retrydata HASH  retry id -> envelope
+-- KEYS[4] leases ZSET     token -> deadline (ms)
+-- KEYS[5] leasemeta HASH  token -> lease kind
+-- KEYS[6] lease key for the retries claimed by this call
+-- ARGV[1] now (ms)
+-- ARGV[2] max keys to claim
+-- ARGV[3] claimed keys' new due time (ms): when they are due again should the
+--         claimer die before draining them
+-- ARGV[4] max retries to claim (0: none); claimed only if fewer than max keys were due
+-- ARGV[5] token of the retry lease
+-- ARGV[6] retry lease deadline (ms)
+--
+-- Returns {keys, {id1, env1, id2, env2, ...}, next} where next is the earliest
+-- due time left on either index (ms, as a string), or "" when both are empty.
+local now = tonumber(ARGV[1])
+local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, k in ipairs(keys) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], k)
+end
+
+local retries = {}
+local maxr = tonumber(ARGV[4])
+if maxr > 0 and #keys < tonumber(ARGV[2]) then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, maxr)
+  if #ids > 0 then
+    local envs = redis.call('HMGET', KEYS[3], unpack(ids))
+    for i, id in ipairs(ids) do
+      if envs[i] then
+        retries[#retries + 1] = id
+        retries[#retries + 1] = envs[i]
+      end
+    end
+    redis.call('ZREM', KEYS[2], unpack(ids))
+    redis.call('HDEL', KEYS[3], unpack(ids))
+    if #retries > 0 then
+      redis.call('HSET', KEYS[6], unpack(retries))
+      redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+      redis.call('HSET', KEYS[5], ARGV[5], 'r')
+    end
+  end
+end
+
+local next = ''
+local r = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local t = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if r[2] then next = r[2] end
+if t[2] and (next == '' or tonumber(t[2]) < tonumber(next)) then next = t[2] end
+return {keys, retries, next}

@@ -1,0 +1,66 @@
+-- lib.lua: helpers shared by the batchq scripts. It is prepended to each
+-- script when the script is loaded, so every script is one self-contained
+-- EVAL. Nothing here decodes JSON: arrays are handled as strings, by their
+-- first and last bytes.
+
+-- is_array reports whether s looks like a JSON array as batchq writes it.
+local function is_array(s)
+  return string.byte(s, 1) == 91 and string.byte(s, -1) == 93 -- '[' and ']'
+end
+
+-- append_items splices items (JSON values joined by commas, never empty)
+-- onto the JSON array stored at ik, creating it if missing. It costs the
+-- same whatever the size of the stored array: it reads two bytes and
+-- overwrites the closing bracket. It returns the stored length before the
+-- append, or nil and an error reply when ik holds something else.
+local function append_items(ik, items)
+  local len = redis.pcall('STRLEN', ik)
+  if type(len) == 'table' then
+    return nil, redis.error_reply('NOTARRAY the key holds a Redis value that is not a string')
+  end
+  if len == 0 then
+    redis.call('SET', ik, '[' .. items .. ']')
+    return 0
+  end
+  if len < 2 or redis.call('GETRANGE', ik, 0, 0) ~= '[' or redis.call('GETRANGE', ik, -1, -1) ~= ']' then
+    return nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
+  end
+  if len == 2 then
+    redis.call('SET', ik, '[' .. items .. ']')
+  else
+    redis.call('SETRANGE', ik, len - 1, ',' .. items .. ']')
+  end
+  return len
+end
+
+-- prepend_array puts the items of the JSON array arr in front of those
+-- stored at ik (returned items were appended before the stored ones). It
+-- returns false, changing nothing, when ik holds something that is not a
+-- JSON array string.
+local function prepend_array(ik, arr)
+  if arr == '[]' then
+    return true
+  end
+  local ok, cur = pcall(redis.call, 'GET', ik)
+  if not ok then
+    return false
+  end
+  if not cur or cur == '[]' then
+    redis.call('SET', ik, arr)
+  elseif is_array(cur) then
+    redis.call('SET', ik, string.sub(arr, 1, -2) .. ',' .. string.sub(cur, 2))
+  else
+    return false
+  end
+  return true
+end
+
+-- make_ready puts key on the ready index due at 'due' unless it is there
+-- already (an earlier due time wins), and wakes one idle worker when it was
+-- not.
+local function make_ready(ready, wake, due, key)
+  if redis.call('ZADD', ready, 'NX', due, key) == 1 then
+    redis.call('LPUSH', wake, '1')
+    redis.call('LTRIM', wake, 0, 63)
+  end
+end

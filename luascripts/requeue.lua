@@ -1,0 +1,26 @@
+-- requeue.lua: move one dead letter's item back to the end of its key.
+--
+-- KEYS[1] items key of the dead letter's key
+-- KEYS[2] ready ZSET
+-- KEYS[3] wake LIST
+-- KEYS[4] dead ZSET
+-- KEYS[5] deaddata HASH
+-- ARGV[1] dead letter id
+-- ARGV[2] the item (one JSON value, validated by the caller)
+-- ARGV[3] now (ms)
+-- ARGV[4] the key, as a member of the ready index
+--
+-- Returns 1 when requeued, 0 when the dead letter is gone (requeued or purged
+-- by someone else). Errors with NOTARRAY, changing nothing, when the key holds
+-- something other than a JSON array.
+if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 0 then
+  return 0
+end
+local _, err = append_items(KEYS[1], ARGV[2])
+if err then
+  return err
+end
+make_ready(KEYS[2], KEYS[3], ARGV[3], ARGV[4])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+return 1

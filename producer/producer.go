@@ -1,0 +1,221 @@
+// Package producer appends items to batchq queues.
+//
+// An item is one JSON value. Items appended to the same (queue, key) pile up
+// in one JSON array in Redis until a worker drains the key. Each Add is one
+// round trip: the items are validated in Go, then one Lua script (sent with
+// EVALSHA, falling back to EVAL after a server restart) splices them onto
+// the stored array without decoding it, so an append costs the same whatever
+// the array holds, and marks the key ready for workers. Items are stored byte
+// for byte: numbers, unicode and key order survive as written.
+//
+// A Producer is safe for concurrent use; concurrent calls share connections
+// and are pipelined by the rueidis client. A nil error means the items are
+// stored in Redis; any error means none of them is.
+//
+//	p, err := producer.New(rdb)
+//	err = p.Add(r.Context(), "emails", "user:42", Email{To: "a@example.com"})
+package producer
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/store"
+)
+
+// DefaultMaxItemBytes is the default size limit of one item.
+const DefaultMaxItemBytes = 1 << 20
+
+// Errors returned by Add and AddRaw, wrapped with the queue, key and item
+// index; test them with errors.Is.
+var (
+	// ErrInvalidJSON: a raw item is not one valid JSON value.
+	ErrInvalidJSON = errors.New("invalid JSON")
+	// ErrItemTooLarge: an item is larger than the producer's limit.
+	ErrItemTooLarge = errors.New("item too large")
+	// ErrMarshal: a value could not be encoded as JSON.
+	ErrMarshal = errors.New("cannot encode item as JSON")
+	// ErrNotArray: the key holds a value batchq did not write. It is made
+	// ready, so that a worker moves it to dead letters; appends then work again.
+	ErrNotArray = store.ErrNotArray
+	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.
+	ErrQueueName = keys.ErrQueueName
+	ErrKeyName   = keys.ErrKeyName
+)
+
+// Producer appends items to queues. It is safe for concurrent use.
+type Producer struct {
+	c       rueidis.Client
+	prefix  string
+	shards  int
+	maxItem int
+	now     func() time.Time
+}
+
+// Option configures a Producer.
+type Option func(*Producer) error
+
+// WithPrefix sets the prefix of every Redis key (default "batchq"). It must
+// match the workers'.
+func WithPrefix(p string) Option {
+	return func(pr *Producer) error {
+		if err := keys.CheckPrefix(p); err != nil {
+			return err
+		}
+		pr.prefix = p
+		return nil
+	}
+}
+
+// WithShards sets the number of shards of every queue (default 1). It must
+// match the workers'.
+func WithShards(n int) Option {
+	return func(pr *Producer) error {
+		if n < 1 || n > 1024 {
+			return fmt.Errorf("producer: shards must be 1-1024, got %d", n)
+		}
+		pr.shards = n
+		return nil
+	}
+}
+
+// WithMaxItemBytes sets the size limit of one encoded item (default 1 MiB).
+func WithMaxItemBytes(n int) Option {
+	return func(pr *Producer) error {
+		if n < 1 {
+			return fmt.Errorf("producer: max item bytes must be positive, got %d", n)
+		}
+		pr.maxItem = n
+		return nil
+	}
+}
+
+// New returns a Producer that uses c, which the caller keeps owning. Create
+// the client with DisableCache: true; batchq has no use for client-side
+// caching.
+func New(c rueidis.Client, opts ...Option) (*Producer, error) {
+	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes, now: time.Now}
+	for _, o := range opts {
+		if err := o(p); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// Add encodes each item as JSON and appends them, in order, to the key of a
+// queue, in one round trip. A json.RawMessage item is taken as raw JSON, as
+// with AddRaw. Adding no item does nothing. Values are encoded like
+// json.Marshal does, but without escaping <, > and &.
+func (p *Producer) Add(ctx context.Context, queue, key string, items ...any) error {
+	if len(items) == 0 {
+		return nil
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	for i, it := range items {
+		start := buf.Len()
+		if i > 0 {
+			buf.WriteByte(',')
+			start++
+		}
+		if raw, ok := it.(json.RawMessage); ok {
+			if err := p.check(raw); err != nil {
+				return itemErr(queue, key, i, err)
+			}
+			buf.Write(raw)
+			continue
+		}
+		if err := enc.Encode(it); err != nil {
+			return itemErr(queue, key, i, fmt.Errorf("%w: %v", ErrMarshal, err))
+		}
+		buf.Truncate(buf.Len() - 1) // Encode ends with a newline
+		if n := buf.Len() - start; n > p.maxItem {
+			return itemErr(queue, key, i, fmt.Errorf("%w: %d bytes, limit %d", ErrItemTooLarge, n, p.maxItem))
+		}
+	}
+	return p.append(ctx, queue, key, buf.String())
+}
+
+// AddRaw appends items that are already JSON, in order, to the key of a
+// queue, in one round trip. Each item must be exactly one valid JSON value;
+// it is stored byte for byte. Adding no item does nothing.
+func (p *Producer) AddRaw(ctx context.Context, queue, key string, items ...json.RawMessage) error {
+	if len(items) == 0 {
+		return nil
+	}
+	n := len(items) - 1
+	for i, it := range items {
+		if err := p.check(it); err != nil {
+			return itemErr(queue, key, i, err)
+		}
+		n += len(it)
+	}
+	buf := make([]byte, 0, n)
+	for i, it := range items {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, it...)
+	}
+	return p.append(ctx, queue, key, string(buf))
+}
+
+func (p *Producer) check(raw json.RawMessage) error {
+	if len(raw) > p.maxItem {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrItemTooLarge, len(raw), p.maxItem)
+	}
+	if !json.Valid(raw) {
+		return ErrInvalidJSON
+	}
+	return nil
+}
+
+func (p *Producer) append(ctx context.Context, queue, key, joined string) error {
+	if err := keys.CheckQueue(queue); err != nil {
+		return err
+	}
+	if err := keys.CheckKey(key); err != nil {
+		return err
+	}
+	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
+	if _, err := store.Append(ctx, p.c, sp, key, joined, p.now().UnixMilli()); err != nil {
+		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
+	}
+	return nil
+}
+
+func itemErr(queue, key string, i int, err error) error {
+	return fmt.Errorf("append to %s/%s: item %d: %w", queue, key, i, err)
+}
+
+// Queue is a typed view of one queue of a Producer.
+type Queue[T any] struct {
+	p    *Producer
+	name string
+}
+
+// NewQueue returns a typed view of queue.
+func NewQueue[T any](p *Producer, queue string) Queue[T] {
+	return Queue[T]{p: p, name: queue}
+}
+
+// Add appends items to key, as Producer.Add does.
+func (q Queue[T]) Add(ctx context.Context, key string, items ...T) error {
+	if len(items) == 0 {
+		return nil
+	}
+	anys := make([]any, len(items))
+	for i := range items {
+		anys[i] = items[i]
+	}
+	return q.p.Add(ctx, q.name, key, anys...)
+}

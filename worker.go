@@ -1,0 +1,691 @@
+package batchq
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+	"go.uber.org/zap"
+
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/keys"
+)
+
+// Defaults of a Worker and of its queues.
+const (
+	DefaultConcurrency     = 16
+	DefaultShutdownTimeout = 30 * time.Second
+	DefaultMaxAttempts     = 10
+	DefaultTimeout         = time.Minute
+)
+
+// Tuning constants.
+const (
+	// maxIdleWait bounds how long an idle fetch loop blocks before it looks
+	// for due retries and expired leases again. New keys wake it at once.
+	maxIdleWait = time.Second
+	// reapEvery is how often each fetch loop reaps expired leases.
+	reapEvery = time.Second
+	// abandonGrace is how long a handler may outlive its context before the
+	// worker stops waiting for it.
+	abandonGrace = 2 * time.Second
+	// redisTimeout bounds one fetch or settle round trip.
+	redisTimeout = 10 * time.Second
+)
+
+// ErrNoHandlers is returned by Run when no handler was registered.
+var ErrNoHandlers = errors.New("batchq: no handler registered")
+
+// Worker drains queues and hands each item to the handler registered for
+// its queue. Register handlers with Handle, HandleRaw or HandleBatch, then
+// call Run once.
+//
+// Within a batch (the items of one key drained at once) items are handled
+// one after the other, in append order; up to the worker's concurrency
+// batches are handled at once.
+type Worker struct {
+	cons            *consumer.Consumer
+	log             *zap.Logger
+	concurrency     int
+	shutdownTimeout time.Duration
+
+	mu      sync.Mutex
+	queues  map[string]*queue
+	running bool
+}
+
+// Option configures a Worker.
+type Option func(*workerConfig) error
+
+type workerConfig struct {
+	log             *zap.Logger
+	concurrency     int
+	shutdownTimeout time.Duration
+	consumer        []consumer.Option
+}
+
+// WithConcurrency sets how many batches a worker handles at once (default 16).
+func WithConcurrency(n int) Option {
+	return func(c *workerConfig) error {
+		if n < 1 {
+			return fmt.Errorf("batchq: concurrency must be at least 1, got %d", n)
+		}
+		c.concurrency = n
+		return nil
+	}
+}
+
+// WithLogger sets the logger (default: none). The worker logs failures at
+// warn level and lifecycle at info level, with the queue and key but never
+// an item's contents.
+func WithLogger(l *zap.Logger) Option {
+	return func(c *workerConfig) error {
+		if l == nil {
+			return errors.New("batchq: nil logger")
+		}
+		c.log = l
+		return nil
+	}
+}
+
+// WithShutdownTimeout sets how long Run lets running handlers finish after
+// its context is cancelled before it cancels their contexts (default 30s).
+func WithShutdownTimeout(d time.Duration) Option {
+	return func(c *workerConfig) error {
+		if d < 0 {
+			return fmt.Errorf("batchq: negative shutdown timeout %v", d)
+		}
+		c.shutdownTimeout = d
+		return nil
+	}
+}
+
+// WithPrefix sets the prefix of every Redis key (default "batchq"). It must
+// match the producers'.
+func WithPrefix(p string) Option { return withConsumer(consumer.WithPrefix(p)) }
+
+// WithShards sets the number of shards of every queue (default 1). It must
+// match the producers'.
+func WithShards(n int) Option { return withConsumer(consumer.WithShards(n)) }
+
+// WithLeaseTTL sets how long a batch stays leased without a heartbeat
+// (default 5s): the time before the batches of a worker that died are
+// delivered to another. Live workers extend their leases every third of it.
+func WithLeaseTTL(d time.Duration) Option { return withConsumer(consumer.WithLeaseTTL(d)) }
+
+// WithAtMostOnce drains keys without a lease (GETDEL): a worker that dies
+// mid-batch loses the rest of that batch. Failed items are still retried.
+func WithAtMostOnce() Option { return withConsumer(consumer.WithAtMostOnce()) }
+
+// WithDeadLetterCap bounds the dead letters kept per queue shard (default
+// 100,000, the oldest dropped first; 0 keeps them all).
+func WithDeadLetterCap(n int) Option { return withConsumer(consumer.WithDeadLetterCap(n)) }
+
+func withConsumer(o consumer.Option) Option {
+	return func(c *workerConfig) error {
+		c.consumer = append(c.consumer, o)
+		return nil
+	}
+}
+
+// NewWorker returns a Worker that uses rdb, which the caller keeps owning
+// (create it with DisableCache: true).
+func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
+	cfg := workerConfig{log: zap.NewNop(), concurrency: DefaultConcurrency, shutdownTimeout: DefaultShutdownTimeout}
+	for _, o := range opts {
+		if err := o(&cfg); err != nil {
+			return nil, err
+		}
+	}
+	cons, err := consumer.New(rdb, cfg.consumer...)
+	if err != nil {
+		return nil, err
+	}
+	return &Worker{
+		cons:            cons,
+		log:             cfg.log.Named("batchq"),
+		concurrency:     cfg.concurrency,
+		shutdownTimeout: cfg.shutdownTimeout,
+		queues:          make(map[string]*queue),
+	}, nil
+}
+
+// Consumer returns the worker's consumer, to inspect or requeue dead letters.
+func (w *Worker) Consumer() *consumer.Consumer { return w.cons }
+
+// QueueOption configures the handling of one queue.
+type QueueOption func(*queue)
+
+// WithBackoff sets the delay before each retry of a failed item (default
+// DefaultBackoff).
+func WithBackoff(b Backoff) QueueOption {
+	return func(q *queue) {
+		if b == nil {
+			panic("batchq: nil backoff")
+		}
+		q.backoff = b
+	}
+}
+
+// WithMaxAttempts sets how many times an item is tried before it goes to
+// dead letters (default 10; 1 means no retry).
+func WithMaxAttempts(n int) QueueOption {
+	return func(q *queue) {
+		if n < 1 {
+			panic(fmt.Sprintf("batchq: max attempts must be at least 1, got %d", n))
+		}
+		q.maxAttempts = n
+	}
+}
+
+// WithTimeout sets how long one handler call may take (default 1 minute):
+// its context is cancelled then. A handler that ignores its context is
+// abandoned 2s later and its item counts as failed with ErrHandlerTimeout.
+// 0 means no timeout.
+func WithTimeout(d time.Duration) QueueOption {
+	return func(q *queue) {
+		if d < 0 {
+			panic(fmt.Sprintf("batchq: negative timeout %v", d))
+		}
+		q.timeout = d
+	}
+}
+
+// ItemInfo describes the item (or batch) a handler is called for.
+type ItemInfo struct {
+	Queue   string
+	Key     string
+	Attempt int // failed attempts before this one; 0 for batch handlers
+}
+
+type infoKey struct{}
+
+// Info returns the description of the item or batch the handler that got
+// ctx was called for.
+func Info(ctx context.Context) (ItemInfo, bool) {
+	i, ok := ctx.Value(infoKey{}).(ItemInfo)
+	return i, ok
+}
+
+// Handle registers fn as the handler of queue's items, each decoded from
+// JSON into a T. An item that does not decode goes to dead letters at once.
+// A nil error from fn means the item is done; any other error fails this
+// attempt (see NoRetry and RetryAfter). Handle panics when queue already
+// has a handler, when its name is invalid, or once Run has been called.
+func Handle[T any](w *Worker, queueName string, fn func(ctx context.Context, item T) error, opts ...QueueOption) {
+	if fn == nil {
+		panic("batchq: nil handler")
+	}
+	w.register(queueName, opts, func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome) {
+		for i, it := range b.Items {
+			if r.stopping() {
+				return // the rest stays Unfinished
+			}
+			v, err := decode[T](it.Data)
+			if err != nil {
+				out[i] = consumer.Outcome{Kind: consumer.Dead, Err: err}
+				continue
+			}
+			info := ItemInfo{Queue: q.name, Key: it.Key, Attempt: it.Attempt}
+			err = r.call(q, info, func(ctx context.Context) error { return fn(ctx, v) })
+			out[i] = r.outcome(q, info, it.Attempt, err)
+		}
+	})
+}
+
+// HandleRaw registers fn as the handler of queue's items, each passed as the
+// JSON bytes that were appended. See Handle.
+func HandleRaw(w *Worker, queueName string, fn func(ctx context.Context, item json.RawMessage) error, opts ...QueueOption) {
+	Handle(w, queueName, fn, opts...)
+}
+
+// HandleBatch registers fn as the handler of queue's batches: fn gets all
+// the items drained from one key at once, in append order, each decoded
+// into a T (items that do not decode go to dead letters and are left out).
+// A nil error means every item is done; a *BatchError fails only the items
+// it names; any other error fails them all. See Handle.
+func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context, key string, items []T) error, opts ...QueueOption) {
+	if fn == nil {
+		panic("batchq: nil handler")
+	}
+	w.register(queueName, opts, func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome) {
+		// A batch of retries may hold items of several keys: one call per key.
+		for _, group := range groupByKey(b.Items) {
+			if r.stopping() {
+				return
+			}
+			vals := make([]T, 0, len(group))
+			idx := make([]int, 0, len(group)) // vals[j] is b.Items[idx[j]]
+			attempt := 0
+			for _, i := range group {
+				v, err := decode[T](b.Items[i].Data)
+				if err != nil {
+					out[i] = consumer.Outcome{Kind: consumer.Dead, Err: err}
+					continue
+				}
+				vals = append(vals, v)
+				idx = append(idx, i)
+				attempt = max(attempt, b.Items[i].Attempt)
+			}
+			if len(vals) == 0 {
+				continue
+			}
+			info := ItemInfo{Queue: q.name, Key: b.Items[group[0]].Key, Attempt: attempt}
+			err := r.call(q, info, func(ctx context.Context) error { return fn(ctx, info.Key, vals) })
+			var be *BatchError
+			if errors.As(err, &be) {
+				for j, i := range idx {
+					out[i] = r.outcome(q, info, b.Items[i].Attempt, be.Failed[j])
+				}
+				continue
+			}
+			for _, i := range idx {
+				out[i] = r.outcome(q, info, b.Items[i].Attempt, err)
+			}
+		}
+	})
+}
+
+// groupByKey returns the indexes of items grouped by key, groups in order of
+// first appearance.
+func groupByKey(items []consumer.Item) [][]int {
+	if len(items) > 0 && items[0].Key == items[len(items)-1].Key {
+		all := true
+		for _, it := range items {
+			if it.Key != items[0].Key {
+				all = false
+				break
+			}
+		}
+		if all {
+			idx := make([]int, len(items))
+			for i := range idx {
+				idx[i] = i
+			}
+			return [][]int{idx}
+		}
+	}
+	pos := make(map[string]int)
+	var groups [][]int
+	for i, it := range items {
+		g, ok := pos[it.Key]
+		if !ok {
+			g = len(groups)
+			pos[it.Key] = g
+			groups = append(groups, nil)
+		}
+		groups[g] = append(groups[g], i)
+	}
+	return groups
+}
+
+func decode[T any](data json.RawMessage) (T, error) {
+	var v T
+	if raw, ok := any(&v).(*json.RawMessage); ok {
+		*raw = data
+		return v, nil
+	}
+	if err := json.Unmarshal(data, &v); err != nil {
+		return v, fmt.Errorf("%w: %v", ErrDecode, err)
+	}
+	return v, nil
+}
+
+// queue is a registered queue: its handler and retry settings.
+type queue struct {
+	name        string
+	backoff     Backoff
+	maxAttempts int
+	timeout     time.Duration
+	// handle fills out[i] with the outcome of b.Items[i]; entries it leaves
+	// untouched are Unfinished.
+	handle func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome)
+}
+
+func (w *Worker) register(name string, opts []QueueOption, handle func(*runner, *queue, *consumer.Batch, []consumer.Outcome)) {
+	if err := keys.CheckQueue(name); err != nil {
+		panic(err.Error())
+	}
+	q := &queue{name: name, backoff: DefaultBackoff, maxAttempts: DefaultMaxAttempts, timeout: DefaultTimeout, handle: handle}
+	for _, o := range opts {
+		o(q)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.running {
+		panic("batchq: handler registered after Run")
+	}
+	if _, dup := w.queues[name]; dup {
+		panic("batchq: second handler for queue " + name)
+	}
+	w.queues[name] = q
+}
+
+// Run drains the registered queues until ctx is cancelled, then shuts down:
+// it stops fetching, lets running handlers finish for up to the shutdown
+// timeout, then cancels their contexts; the items of a batch not yet handled
+// go back to their key at once. Run returns nil once all of that is done, so
+// it fits an oklog/run group:
+//
+//	g.Add(func() error { return w.Run(ctx) }, func(error) { cancel() })
+//
+// Redis errors do not end Run: it logs them and tries again with backoff.
+// Run may be called once.
+func (w *Worker) Run(ctx context.Context) error {
+	w.mu.Lock()
+	if w.running {
+		w.mu.Unlock()
+		return errors.New("batchq: Run called twice")
+	}
+	w.running = true
+	queues := make([]*queue, 0, len(w.queues))
+	for _, q := range w.queues {
+		queues = append(queues, q)
+	}
+	w.mu.Unlock()
+	if len(queues) == 0 {
+		return ErrNoHandlers
+	}
+
+	// Handlers run under hctx, which outlives ctx by the shutdown timeout.
+	hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer hcancel()
+	r := &runner{
+		w:      w,
+		hctx:   hctx,
+		stop:   ctx.Done(),
+		slots:  make(chan struct{}, w.concurrency),
+		active: make(map[*consumer.Batch]struct{}),
+	}
+	w.log.Info("worker started", zap.Int("queues", len(queues)), zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
+
+	extendDone := make(chan struct{})
+	var extender sync.WaitGroup
+	extender.Go(func() { r.extendLoop(extendDone) })
+
+	var fetchers sync.WaitGroup
+	for _, q := range queues {
+		for shard := range w.cons.Shards() {
+			fetchers.Go(func() { r.fetchLoop(ctx, q, shard) })
+		}
+	}
+	fetchers.Wait()
+
+	w.log.Info("worker stopping", zap.Int("running_batches", r.activeCount()), zap.Duration("shutdown_timeout", w.shutdownTimeout))
+	hard := time.AfterFunc(w.shutdownTimeout, hcancel)
+	r.batches.Wait()
+	hard.Stop()
+	close(extendDone)
+	extender.Wait()
+	w.log.Info("worker stopped", zap.Int64("abandoned_handlers", r.abandoned.Load()))
+	return nil
+}
+
+// runner is the state of one Run.
+type runner struct {
+	w       *Worker
+	hctx    context.Context // handlers' parent context
+	stop    <-chan struct{} // closed when shutdown begins
+	slots   chan struct{}   // one token per running batch
+	batches sync.WaitGroup
+
+	mu        sync.Mutex
+	active    map[*consumer.Batch]struct{}
+	abandoned atomic.Int64
+}
+
+func (r *runner) stopping() bool {
+	select {
+	case <-r.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// acquire takes one slot, waiting for it, then up to max-1 more that are
+// free. It returns 0 when shutdown begins first.
+func (r *runner) acquire(max int) int {
+	select {
+	case r.slots <- struct{}{}:
+	case <-r.stop:
+		return 0
+	}
+	n := 1
+	for n < max {
+		select {
+		case r.slots <- struct{}{}:
+			n++
+		default:
+			return n
+		}
+	}
+	return n
+}
+
+func (r *runner) release(n int) {
+	for range n {
+		<-r.slots
+	}
+}
+
+func (r *runner) activeCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.active)
+}
+
+// fetchLoop takes batches of one queue shard while slots are free, and
+// blocks on the shard's wake-up list when nothing is due.
+func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
+	log := r.w.log.With(zap.String("queue", q.name), zap.Int("shard", shard))
+	var lastReap time.Time
+	failures := 0
+	for !r.stopping() {
+		if time.Since(lastReap) >= reapEvery {
+			lastReap = time.Now()
+			rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			n, err := r.w.cons.Reap(rctx, q.name, shard)
+			cancel()
+			if err != nil && ctx.Err() == nil {
+				log.Warn("reap failed", zap.Error(err))
+			} else if n > 0 {
+				log.Info("returned expired leases", zap.Int("leases", n))
+			}
+		}
+		n := r.acquire(r.w.concurrency)
+		if n == 0 {
+			return
+		}
+		// A fetch under way completes even if shutdown begins: what it
+		// drained is put back at once by the batches it starts.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+		f, err := r.w.cons.Fetch(fctx, q.name, shard, n)
+		cancel()
+		for _, b := range f.Batches {
+			r.start(q, b)
+		}
+		r.release(n - len(f.Batches))
+		for _, d := range f.Dead {
+			log.Warn("moved a corrupt key to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
+		}
+		if err != nil {
+			failures++
+			log.Warn("fetch failed", zap.Error(err), zap.Int("failures", failures))
+			r.sleep(retryWait(failures))
+			continue
+		}
+		failures = 0
+		if len(f.Batches) > 0 {
+			continue
+		}
+		wait := maxIdleWait
+		if !f.Next.IsZero() {
+			wait = min(wait, max(time.Until(f.Next), time.Millisecond))
+		}
+		if err := r.w.cons.Wait(ctx, q.name, shard, wait); err != nil && ctx.Err() == nil {
+			failures++
+			log.Warn("wait failed", zap.Error(err), zap.Int("failures", failures))
+			r.sleep(retryWait(failures))
+		}
+	}
+}
+
+// retryWait is the pause after the n-th Redis failure in a row: 50ms
+// doubling to 2s.
+func retryWait(n int) time.Duration {
+	return min(50*time.Millisecond<<min(n-1, 6), 2*time.Second)
+}
+
+// sleep waits d or until shutdown begins.
+func (r *runner) sleep(d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-r.stop:
+	}
+}
+
+// start handles b in a goroutine that holds one slot.
+func (r *runner) start(q *queue, b *consumer.Batch) {
+	r.mu.Lock()
+	r.active[b] = struct{}{}
+	r.mu.Unlock()
+	r.batches.Go(func() {
+		defer func() { <-r.slots }()
+		out := make([]consumer.Outcome, len(b.Items))
+		q.handle(r, q, b, out)
+		r.settle(q, b, out)
+		r.mu.Lock()
+		delete(r.active, b)
+		r.mu.Unlock()
+	})
+}
+
+// settle records a batch's outcomes, trying again while Redis fails, for up
+// to a lease TTL: past that the lease has expired and the batch will be
+// delivered again anyway.
+func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
+	log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
+	give := time.Now().Add(r.w.cons.LeaseTTL())
+	for attempt := 1; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+		err := r.w.cons.Settle(ctx, b, out)
+		cancel()
+		switch {
+		case err == nil:
+			return
+		case errors.Is(err, consumer.ErrLeaseLost):
+			log.Warn("lease expired before the batch was settled; it will be delivered again")
+			return
+		case errors.Is(err, consumer.ErrNotArray):
+			log.Warn("cannot put unfinished items back: the key holds a corrupt value; the lease will be reaped once it is dead-lettered")
+			return
+		case time.Now().After(give):
+			log.Error("giving up settling the batch; it will be delivered again", zap.Error(err))
+			return
+		}
+		log.Warn("settle failed; retrying", zap.Error(err), zap.Int("attempt", attempt))
+		time.Sleep(retryWait(attempt))
+	}
+}
+
+// extendLoop extends the leases of running batches every third of the
+// lease TTL until done is closed.
+func (r *runner) extendLoop(done <-chan struct{}) {
+	t := time.NewTicker(r.w.cons.LeaseTTL() / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		bs := make([]*consumer.Batch, 0, len(r.active))
+		for b := range r.active {
+			bs = append(bs, b)
+		}
+		r.mu.Unlock()
+		if len(bs) == 0 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.w.cons.LeaseTTL()/3)
+		if err := r.w.cons.Extend(ctx, bs...); err != nil {
+			r.w.log.Warn("extending leases failed", zap.Error(err), zap.Int("batches", len(bs)))
+		}
+		cancel()
+	}
+}
+
+// call runs one handler call with the queue's timeout, recovering panics.
+// A handler that outlives its context by abandonGrace is abandoned.
+func (r *runner) call(q *queue, info ItemInfo, fn func(context.Context) error) error {
+	ctx := context.WithValue(r.hctx, infoKey{}, info)
+	if q.timeout <= 0 {
+		return r.safe(ctx, info, fn)
+	}
+	ctx, cancel := context.WithTimeout(ctx, q.timeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- r.safe(ctx, info, fn) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	t := time.NewTimer(abandonGrace)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		r.abandoned.Add(1)
+		r.w.log.Error("handler ignored its context; abandoned", zap.String("queue", info.Queue), zap.String("key", info.Key))
+		return ErrHandlerTimeout
+	}
+}
+
+func (r *runner) safe(ctx context.Context, info ItemInfo, fn func(context.Context) error) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			pe := &PanicError{Value: v, Stack: debug.Stack()}
+			r.w.log.Warn("handler panicked", zap.String("queue", info.Queue), zap.String("key", info.Key), zap.Any("panic", v))
+			r.w.log.Debug("handler panic stack", zap.ByteString("stack", pe.Stack))
+			err = pe
+		}
+	}()
+	return fn(ctx)
+}
+
+// outcome turns a handler's error into what happens to its item.
+func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) consumer.Outcome {
+	if err == nil {
+		return consumer.Outcome{Kind: consumer.Done}
+	}
+	if r.hctx.Err() != nil {
+		// The shutdown timeout cancelled the handler: the item was not
+		// handled, not failed.
+		return consumer.Outcome{Kind: consumer.Unfinished}
+	}
+	failed := attempt + 1
+	var nr *noRetryError
+	if errors.As(err, &nr) || failed >= q.maxAttempts {
+		r.w.log.Warn("item failed for good; moved to dead letters", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Error(err))
+		return consumer.Outcome{Kind: consumer.Dead, Err: err}
+	}
+	delay := q.backoff.Delay(failed)
+	var ra *retryAfterError
+	if errors.As(err, &ra) {
+		delay = ra.d
+	}
+	r.w.log.Debug("item failed; will retry", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Duration("delay", delay), zap.Error(err))
+	return consumer.Outcome{Kind: consumer.Retry, Err: err, Delay: delay}
+}
