@@ -1,0 +1,167 @@
+package batchq_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
+)
+
+// The crash test runs workers as subprocesses: this test binary, started
+// with crashWorkerEnv set, runs crashWorkerMain instead of the tests.
+const crashWorkerEnv = "BATCHQ_TEST_CRASH_WORKER"
+
+const crashQueue = "crash"
+
+// crashWorkerMain is a worker process: each handled item increments its
+// id's count in the hash <prefix>:test:handled before the handler returns.
+func crashWorkerMain() int {
+	addr, prefix := os.Getenv("BATCHQ_TEST_ADDR"), os.Getenv("BATCHQ_TEST_PREFIX")
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer rdb.Close()
+	w, err := batchq.NewWorker(rdb, batchq.WithPrefix(prefix), batchq.WithConcurrency(8), batchq.WithLeaseTTL(time.Second))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	handled := prefix + ":test:handled"
+	batchq.Handle(w, crashQueue, func(ctx context.Context, it item) error {
+		time.Sleep(500 * time.Microsecond)
+		return rdb.Do(ctx, rdb.B().Hincrby().Key(handled).Field(strconv.Itoa(it.ID)).Increment(1).Build()).Error()
+	})
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	if err := w.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func startCrashWorker(t *testing.T, b testredis.Backend) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), crashWorkerEnv+"=1", "BATCHQ_TEST_ADDR="+b.Addr, "BATCHQ_TEST_PREFIX="+b.Prefix)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	return cmd
+}
+
+// inFlight returns the ids of the items held by the shard's leases.
+func inFlight(t *testing.T, b testredis.Backend) map[int]bool {
+	t.Helper()
+	ctx := context.Background()
+	c := b.Client
+	sp := keys.For(b.Prefix, crashQueue, 0)
+	toks, err := c.Do(ctx, c.B().Zrange().Key(sp.Leases()).Min("0").Max("-1").Build()).AsStrSlice()
+	must(t, err)
+	ids := make(map[int]bool)
+	for _, tok := range toks {
+		v, err := c.Do(ctx, c.B().Get().Key(sp.Lease(tok)).Build()).AsBytes()
+		if err != nil {
+			continue // released between the two reads
+		}
+		var items []item
+		must(t, json.Unmarshal(v, &items))
+		for _, it := range items {
+			ids[it.ID] = true
+		}
+	}
+	return ids
+}
+
+// I1: workers killed with SIGKILL mid-batch lose nothing; the only items
+// handled twice are those of the batches they held when killed.
+func TestCrashedWorkersLoseNothing(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		n, nkeys := 20_000, 200
+		if !b.Real() {
+			n, nkeys = 3000, 50
+		}
+		ctx := context.Background()
+		p := newProducer(t, b)
+		for k := range nkeys {
+			batch := make([]any, 0, n/nkeys)
+			for i := k; i < n; i += nkeys {
+				batch = append(batch, item{ID: i})
+			}
+			must(t, p.Add(ctx, crashQueue, "key"+strconv.Itoa(k), batch[:len(batch)/2]...))
+			must(t, p.Add(ctx, crashQueue, "key"+strconv.Itoa(k), batch[len(batch)/2:]...))
+		}
+		c := b.Client
+		handledKey := b.Prefix + ":test:handled"
+		handledCount := func() int64 {
+			n, _ := c.Do(ctx, c.B().Hlen().Key(handledKey).Build()).AsInt64()
+			return n
+		}
+		killedHeld := make(map[int]bool)
+		for round, frac := range []float64{0.25, 0.5} {
+			cmd := startCrashWorker(t, b)
+			eventually(t, time.Minute, fmt.Sprintf("worker %d to handle %.0f%% of the items", round+1, frac*100), func() bool {
+				return handledCount() >= int64(frac*float64(n))
+			})
+			must(t, cmd.Process.Signal(syscall.SIGKILL))
+			cmd.Wait()
+			held := inFlight(t, b)
+			if len(held) == 0 {
+				t.Fatalf("worker %d held no batch when killed: the test did not crash it mid-batch", round+1)
+			}
+			for id := range held {
+				killedHeld[id] = true
+			}
+			t.Logf("killed worker %d after %d items handled; it held %d items in flight", round+1, handledCount(), len(held))
+		}
+		last := startCrashWorker(t, b)
+		start := time.Now()
+		eventually(t, 2*time.Minute, "every item handled", func() bool { return handledCount() >= int64(n) })
+		t.Logf("the last worker finished in %v", time.Since(start).Round(time.Millisecond))
+		must(t, last.Process.Signal(syscall.SIGTERM))
+		if err := last.Wait(); err != nil {
+			t.Fatalf("worker after SIGTERM: %v", err)
+		}
+
+		counts, err := c.Do(ctx, c.B().Hgetall().Key(handledKey).Build()).AsStrMap()
+		must(t, err)
+		dups := 0
+		for i := range n {
+			got, _ := strconv.Atoi(counts[strconv.Itoa(i)])
+			switch {
+			case got == 0:
+				t.Errorf("item %d lost", i)
+			case got > 1:
+				dups++
+				if !killedHeld[i] {
+					t.Errorf("item %d handled %d times but was not in flight at a kill", i, got)
+				}
+			}
+		}
+		t.Logf("%d items, 2 kills: 0 lost, %d handled twice (all from the %d items in flight at the kills)", n, dups, len(killedHeld))
+		if ks := leftKeys(t, b); len(ks) != 0 {
+			t.Errorf("keys left: %v", ks)
+		}
+	})
+}

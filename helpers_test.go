@@ -1,0 +1,134 @@
+package batchq_test
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(crashWorkerEnv) != "" {
+		os.Exit(crashWorkerMain())
+	}
+	goleak.VerifyTestMain(m)
+}
+
+func newProducer(t testing.TB, b testredis.Backend) *producer.Producer {
+	t.Helper()
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func newWorker(t testing.TB, b testredis.Backend, opts ...batchq.Option) *batchq.Worker {
+	t.Helper()
+	opts = append([]batchq.Option{batchq.WithPrefix(b.Prefix), batchq.WithLogger(zaptest.NewLogger(t))}, opts...)
+	w, err := batchq.NewWorker(b.Client, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// run starts w.Run and returns a function that cancels it and waits for it
+// to return (also called at cleanup).
+func run(t testing.TB, w *batchq.Worker) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("Run did not return 30s after cancel")
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// eventually polls cond until it holds or timeout passes.
+func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// pending returns the items still stored under the given keys of a queue
+// (shard 0), decoded as ints.
+func pending(t testing.TB, b testredis.Backend, queue string, keyNames []string) []int {
+	t.Helper()
+	sp := keys.For(b.Prefix, queue, 0)
+	var out []int
+	for _, k := range keyNames {
+		v, err := b.Client.Do(context.Background(), b.Client.B().Get().Key(sp.Items(k)).Build()).AsBytes()
+		if err != nil {
+			continue // missing
+		}
+		var items []item
+		if err := json.Unmarshal(v, &items); err != nil {
+			t.Fatalf("key %s holds %s: %v", k, v, err)
+		}
+		for _, it := range items {
+			out = append(out, it.ID)
+		}
+	}
+	return out
+}
+
+// leftKeys returns the keys of the test's prefix that hold data, leaving
+// out wake-up lists: a few wake-up tokens may outlive the workers (they are
+// capped at 64 and cost one spurious fetch).
+func leftKeys(t testing.TB, b testredis.Backend) []string {
+	t.Helper()
+	var out []string
+	for _, k := range testredis.Keys(t, b, b.Prefix+":*") {
+		if !strings.HasSuffix(k, ":wake") && !strings.Contains(k, ":test:") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// item is the payload of most tests.
+type item struct {
+	ID int `json:"id"`
+}
+
+func newConsumer(t testing.TB, b testredis.Backend) *consumer.Consumer {
+	t.Helper()
+	c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
