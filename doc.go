@@ -1,0 +1,56 @@
+// Package batchq is a queue worker framework on Redis for work that comes
+// in batches.
+//
+// Producers (package producer) append JSON items to a key of a queue; the
+// items of one key pile up in one JSON array in Redis. A Worker drains whole
+// keys at once and hands each item to the handler registered for its queue,
+// typed with generics:
+//
+//	w, err := batchq.NewWorker(rdb, batchq.WithConcurrency(64), batchq.WithLogger(log))
+//	batchq.Handle(w, "emails", func(ctx context.Context, e Email) error { return send(ctx, e) })
+//	batchq.HandleBatch(w, "events", func(ctx context.Context, key string, evs []Event) error { ... })
+//
+//	var g run.Group
+//	g.Add(run.SignalHandler(ctx, os.Interrupt, syscall.SIGTERM))
+//	g.Add(func() error { return w.Run(ctx) }, func(error) { cancel() })
+//	err = g.Run()
+//
+// # Guarantees
+//
+// Delivery is at-least-once: every item whose append returned nil is
+// handled successfully at least once, or ends in dead letters with its last
+// error, across crashed workers, graceful restarts and lost connections.
+// Without a crash, every item is handled exactly once. A drained batch is
+// leased: if its worker dies, the lease expires (WithLeaseTTL, 5s by
+// default) and another worker gets the batch again, so the items the dead
+// worker had already handled run twice. WithAtMostOnce trades that for
+// GETDEL drains that lose the batches of a dead worker.
+//
+// What Redis itself loses in a crash depends on its persistence settings:
+// with appendonly yes and appendfsync always nothing acknowledged is lost;
+// with appendfsync everysec up to about a second of writes (appends, drains
+// and acks) can be lost; without persistence, everything.
+//
+// # Handling
+//
+// Items of one batch are handled one after the other, in append order; up
+// to the worker's concurrency batches run at once. Items appended to a key
+// while its batch runs form a new batch, which may run at the same time on
+// another slot: order across batches of one key is not guaranteed.
+//
+// Every item gets its own outcome: a success is never run again because
+// another item of its batch failed. A failed item is retried after its
+// queue's backoff (DefaultBackoff unless set), with its attempt count kept
+// in Redis, and after the queue's max attempts (10 by default) it goes to
+// dead letters. NoRetry and RetryAfter let a handler decide. A panic is
+// recovered and counts as a failure. An item that does not decode into the
+// handler's type goes to dead letters at once, as does a key whose value is
+// not a JSON array.
+//
+// # Shutdown
+//
+// Run returns once its context is cancelled and shutdown is done: fetching
+// stops, handlers already running may finish within the shutdown timeout,
+// then their contexts are cancelled, and every item not handled goes back
+// to the front of its key at once. The library never handles OS signals.
+package batchq

@@ -1,0 +1,98 @@
+package producer_test
+
+import (
+	"context"
+	"encoding/json"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+// BenchmarkAppend compares one append to an empty key with one append to a
+// key that already holds 100k items, on a real redis-server: the merge
+// script splices without decoding, so the two should cost about the same.
+//
+// Besides ns/op (a round trip, noisy on a shared machine) it reports
+// redis-µs/op: the server's own time per script call, from INFO
+// commandstats, which is what grows when a script does work in proportion
+// to the stored array.
+//
+//	go test -run '^$' -bench Append -count 6 ./producer/
+func BenchmarkAppend(b *testing.B) {
+	be := testredis.Real(b)
+	p, err := producer.New(be.Client, producer.WithPrefix(be.Prefix))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	item := json.RawMessage(`{"id":12345,"at":1764201600000,"email":"someone@example.com","note":"a payload of about 100 bytes"}`)
+
+	b.Run("empty", func(b *testing.B) {
+		i := 0
+		defer reportRedisTime(b, be)()
+		for b.Loop() {
+			// A new key each time: every append finds no array.
+			if err := p.AddRaw(ctx, "bench", "empty"+strconv.Itoa(i), item); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+	b.Run("100k", func(b *testing.B) {
+		chunk := make([]json.RawMessage, 1000)
+		for i := range chunk {
+			chunk[i] = item
+		}
+		for range 100 {
+			if err := p.AddRaw(ctx, "bench", "full", chunk...); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ResetTimer()
+		defer reportRedisTime(b, be)()
+		for b.Loop() {
+			if err := p.AddRaw(ctx, "bench", "full", item); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// reportRedisTime starts measuring the server time spent in EVALSHA and
+// returns a function that reports it per benchmark op.
+func reportRedisTime(b *testing.B, be testredis.Backend) func() {
+	calls0, usec0 := evalshaStats(b, be)
+	return func() {
+		calls, usec := evalshaStats(b, be)
+		if calls > calls0 {
+			b.ReportMetric(float64(usec-usec0)/float64(calls-calls0), "redis-µs/op")
+		}
+	}
+}
+
+func evalshaStats(b *testing.B, be testredis.Backend) (calls, usec int64) {
+	info, err := be.Client.Do(context.Background(), be.Client.B().Info().Section("commandstats").Build()).ToString()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(info, "\r\n") {
+		rest, ok := strings.CutPrefix(line, "cmdstat_evalsha:")
+		if !ok {
+			continue
+		}
+		for _, f := range strings.Split(rest, ",") {
+			k, v, _ := strings.Cut(f, "=")
+			n, _ := strconv.ParseInt(v, 10, 64)
+			switch k {
+			case "calls":
+				calls = n
+			case "usec":
+				usec = n
+			}
+		}
+	}
+	return calls, usec
+}
