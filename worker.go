@@ -686,6 +686,6 @@ func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) consum
 	if errors.As(err, &ra) {
 		delay = ra.d
 	}
-	r.w.log.Debug("item failed; will retry", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Duration("delay", delay), zap.Error(err))
+	r.w.log.Info("item failed; will retry", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Duration("delay", delay), zap.Error(err))
 	return consumer.Outcome{Kind: consumer.Retry, Err: err, Delay: delay}
 }

@@ -1,0 +1,185 @@
+// Command worker drains one batchq queue and logs a JSON line per item it
+// handles, for producers such as examples/webproducer.
+//
+//	go run ./examples/worker -redis 127.0.0.1:6379 -queue orders
+//
+// Without -redis or $REDIS_ADDR it starts an embedded in-process Redis,
+// where nothing produces items: point a producer at the address it logs.
+//
+// The handler only simulates work: it waits -work, fails a fraction -fail
+// of first attempts (batchq retries them with its default backoff, 1s
+// doubling), and logs the item's queue, key, attempt and "id" field, never
+// the item itself:
+//
+//	{"level":"info","ts":...,"msg":"handled","queue":"orders","key":"user:42","attempt":0,"id":1}
+//
+// SIGINT or SIGTERM stops it gracefully: it fetches no more, lets running
+// handlers finish for up to -shutdown-timeout, puts back the items it had
+// not started, and exits 0.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/oklog/run"
+	"github.com/redis/rueidis"
+	"go.uber.org/zap"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/embedded"
+)
+
+// config is what the flags set.
+type config struct {
+	redis       string
+	prefix      string
+	queue       string
+	concurrency int
+	work        time.Duration
+	fail        float64
+	shutdown    time.Duration
+}
+
+func main() {
+	var cfg config
+	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, $REDIS_ADDR by default; empty starts an embedded in-process Redis")
+	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the producers'")
+	flag.StringVar(&cfg.queue, "queue", "orders", "queue to drain")
+	flag.IntVar(&cfg.concurrency, "concurrency", batchq.DefaultConcurrency, "batches handled at once")
+	flag.DurationVar(&cfg.work, "work", 0, "simulated time to handle one item")
+	flag.Float64Var(&cfg.fail, "fail", 0, "fraction (0 to 1) of first attempts that fail")
+	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", batchq.DefaultShutdownTimeout, "how long running handlers may finish at shutdown")
+	flag.Parse()
+
+	// One line per item: turn off the production logger's sampling, which
+	// would drop repeated lines.
+	lc := zap.NewProductionConfig()
+	lc.Sampling = nil
+	log, err := lc.Build()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "worker:", err)
+		os.Exit(1)
+	}
+	defer log.Sync()
+	if err := work(cfg, log); err != nil {
+		log.Fatal("worker failed", zap.Error(err))
+	}
+}
+
+// work drains the queue until SIGINT or SIGTERM.
+func work(cfg config, log *zap.Logger) error {
+	if cfg.fail < 0 || cfg.fail > 1 {
+		return fmt.Errorf("-fail must be between 0 and 1, got %v", cfg.fail)
+	}
+	rdb, closeRedis, err := connect(cfg.redis, log)
+	if err != nil {
+		return err
+	}
+	defer closeRedis()
+	w, err := batchq.NewWorker(rdb,
+		batchq.WithPrefix(cfg.prefix),
+		batchq.WithConcurrency(cfg.concurrency),
+		batchq.WithShutdownTimeout(cfg.shutdown),
+		batchq.WithLogger(log),
+	)
+	if err != nil {
+		return err
+	}
+	h := handler{work: cfg.work, fail: cfg.fail, log: log}
+	batchq.HandleRaw(w, cfg.queue, h.handle)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var g run.Group
+	g.Add(run.SignalHandler(ctx, os.Interrupt, syscall.SIGTERM))
+	g.Add(func() error { return w.Run(ctx) }, func(error) { cancel() })
+	err = g.Run()
+	if errors.Is(err, run.ErrSignal) {
+		log.Info("exiting", zap.String("reason", err.Error()))
+		return nil
+	}
+	return err
+}
+
+// connect returns a client of the Redis at addr or, when addr is empty, of
+// an embedded in-process Redis, and a function that closes it.
+func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
+	if addr == "" {
+		r, err := embedded.Start()
+		if err != nil {
+			return nil, nil, err
+		}
+		log.Info("no -redis or $REDIS_ADDR: started an embedded Redis; this worker is alone with it until a producer uses its address",
+			zap.String("redis", r.Addr()))
+		return r.Client, r.Close, nil
+	}
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to Redis at %s: %w", addr, err)
+	}
+	log.Info("connected to Redis", zap.String("redis", addr))
+	return c, c.Close, nil
+}
+
+// handler simulates the work on one item.
+type handler struct {
+	work time.Duration // time one item takes
+	fail float64       // fraction of first attempts that fail
+	log  *zap.Logger
+}
+
+var errSimulated = errors.New("simulated failure (-fail)")
+
+func (h handler) handle(ctx context.Context, item json.RawMessage) error {
+	info, _ := batchq.Info(ctx)
+	if h.work > 0 {
+		select {
+		case <-time.After(h.work):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if info.Attempt == 0 && rand.Float64() < h.fail {
+		return errSimulated
+	}
+	h.log.Info("handled",
+		zap.String("queue", info.Queue),
+		zap.String("key", info.Key),
+		zap.Int("attempt", info.Attempt),
+		idField(item),
+	)
+	return nil
+}
+
+// idField returns the "id" of an item that is a JSON object with a string
+// or number "id", as a log field, and zap.Skip() otherwise. Only that field
+// is decoded: the item itself is never logged.
+func idField(item json.RawMessage) zap.Field {
+	var v struct {
+		ID any `json:"id"`
+	}
+	d := json.NewDecoder(bytes.NewReader(item))
+	d.UseNumber() // keep ids past 2^53 exact
+	if d.Decode(&v) != nil {
+		return zap.Skip() // not an object
+	}
+	switch id := v.ID.(type) {
+	case string:
+		return zap.String("id", id)
+	case json.Number:
+		if n, err := id.Int64(); err == nil {
+			return zap.Int64("id", n)
+		}
+		return zap.String("id", id.String())
+	}
+	return zap.Skip() // no id, or not a string or number
+}
