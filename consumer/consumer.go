@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -154,6 +155,7 @@ type Batch struct {
 
 	id    string // unique; the lease token when leased
 	lease bool
+	dead  []store.Entry // undecodable retry envelopes, stored as dead letters when b is settled
 }
 
 // Retry reports whether b holds retries rather than a drained key.
@@ -171,7 +173,9 @@ type Item struct {
 type Fetched struct {
 	Batches []*Batch
 	// Dead lists keys whose value was not a JSON array; each was moved to
-	// dead letters whole.
+	// dead letters whole. It also lists retries whose stored envelope did
+	// not decode: they go to dead letters at once, or, when a retry batch
+	// is returned with them, when that batch is settled.
 	Dead []DeadLetter
 	// Next is the earliest time more work falls due on the shard, zero when
 	// nothing is pending. Keys other consumers hold count too.
@@ -224,16 +228,36 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	}
 	if len(cl.Retries) > 0 {
 		b := &Batch{Queue: queue, Shard: shard, id: retryToken, lease: true, Items: make([]Item, 0, len(cl.Retries))}
+		var bad []DeadLetter
 		for _, e := range cl.Retries {
 			var env retryEnvelope
-			if err := json.Unmarshal([]byte(e.Env), &env); err != nil {
+			err := json.Unmarshal([]byte(e.Env), &env)
+			if err == nil && len(env.Item) == 0 {
+				err = errors.New("no item")
+			}
+			if err != nil {
 				// Only batchq writes retry envelopes; one that does not
-				// decode is kept as a dead letter rather than dropped.
-				env = retryEnvelope{Key: "", Item: jsonString(e.Env), Error: "undecodable retry envelope: " + err.Error()}
+				// decode is kept as a dead letter rather than dropped, and
+				// never reaches a handler.
+				d := DeadLetter{ID: e.ID, Queue: queue, Shard: shard, Item: jsonString(e.Env),
+					Error: "undecodable retry envelope: " + err.Error(), FailedAt: c.now(), Corrupt: true}
+				bad = append(bad, d)
+				b.dead = append(b.dead, store.Entry{ID: d.ID, Env: string(d.encode())})
+				continue
 			}
 			b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
 		}
-		f.Batches = append(f.Batches, b)
+		if len(b.Items) > 0 {
+			// The bad envelopes become dead letters when b is settled.
+			f.Batches = append(f.Batches, b)
+			f.Dead = append(f.Dead, bad...)
+		} else {
+			// Only bad envelopes: store them and release the lease now.
+			s := store.Settlement{Token: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+			if err := store.Settle(ctx, c.c, sp, s); err == nil {
+				f.Dead = append(f.Dead, bad...)
+			} // else the lease expires and the reaper puts them back on the retry index
+		}
 	}
 	return f, nil
 }
@@ -256,7 +280,11 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 		reason = fmt.Sprintf("the key held a Redis %s, not a JSON array; it is kept under %s", typ, c.space(queue, shard).Quarantine(b.id))
 	default:
 		var items []json.RawMessage
-		if err := json.Unmarshal(d.Data, &items); err != nil {
+		err := json.Unmarshal(d.Data, &items)
+		if err == nil && items == nil {
+			err = errors.New("it is null") // json.Unmarshal takes null for an empty slice
+		}
+		if err != nil {
 			reason = "the key held a string that is not a JSON array: " + err.Error()
 			raw = d.Data
 			if !json.Valid(raw) {
@@ -349,7 +377,7 @@ func errText(err error) string {
 // batch is delivered again.
 func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) error {
 	now := c.now()
-	s := store.Settlement{Token: tokenOf(b), Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli()}
+	s := store.Settlement{Token: tokenOf(b), Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	var back []byte
 	for i, it := range b.Items {
 		var o Outcome

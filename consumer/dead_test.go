@@ -1,0 +1,314 @@
+package consumer_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+func deadLetters(t *testing.T, c *consumer.Consumer) []consumer.DeadLetter {
+	t.Helper()
+	ds, err := c.DeadLetters(context.Background(), queue, 100)
+	if err != nil {
+		t.Fatalf("DeadLetters: %v", err)
+	}
+	return ds
+}
+
+func countDead(t *testing.T, c *consumer.Consumer) int64 {
+	t.Helper()
+	n, err := c.CountDead(context.Background(), queue)
+	if err != nil {
+		t.Fatalf("CountDead: %v", err)
+	}
+	return n
+}
+
+// Dead items are listed with their error and attempts; RequeueDead puts
+// them back at the end of their key as fresh items; PurgeDead empties.
+func TestDeadLetters(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b)
+		const item1, item2 = `{"n": 1, "s":"é\/x"}`, `[1, 2.50]`
+		addRaw(t, p, "k", item1, item2, `3`)
+		before := time.Now().Truncate(time.Millisecond)
+		bt := fetchOne(t, c)
+		settle(t, c, bt,
+			consumer.Outcome{Kind: consumer.Dead, Err: errors.New("bad item")},
+			consumer.Outcome{Kind: consumer.Retry, Err: errors.New("first")},
+			done)
+		rb := fetchOne(t, c)
+		settle(t, c, rb, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("second")})
+		after := time.Now()
+		noLeases(t, b)
+
+		if n := countDead(t, c); n != 2 {
+			t.Fatalf("CountDead %d, want 2", n)
+		}
+		ds := deadLetters(t, c)
+		if len(ds) != 2 {
+			t.Fatalf("DeadLetters: got %d, want 2", len(ds))
+		}
+		byItem := map[string]consumer.DeadLetter{}
+		for _, d := range ds {
+			byItem[string(d.Item)] = d
+			if d.Queue != queue || d.Shard != 0 || d.Key != "k" || d.Corrupt || d.ID == "" {
+				t.Errorf("dead letter %+v", d)
+			}
+			if d.FailedAt.Before(before) || d.FailedAt.After(after) {
+				t.Errorf("dead letter failed at %v, not within [%v, %v]", d.FailedAt, before, after)
+			}
+		}
+		if d, ok := byItem[item1]; !ok || d.Attempts != 1 || d.Error != "bad item" {
+			t.Fatalf("dead letter of %s: %+v (found %v), want 1 attempt, error \"bad item\"", item1, d, ok)
+		}
+		if d, ok := byItem[item2]; !ok || d.Attempts != 2 || d.Error != "second" {
+			t.Fatalf("dead letter of %s: %+v (found %v), want 2 attempts, error \"second\"", item2, d, ok)
+		}
+
+		// Requeued items go to the END of their key, with no attempts.
+		addRaw(t, p, "k", `"meanwhile"`)
+		n, err := c.RequeueDead(ctx, byItem[item1], byItem[item2])
+		if err != nil || n != 2 {
+			t.Fatalf("RequeueDead: %d, %v", n, err)
+		}
+		if n := countDead(t, c); n != 0 {
+			t.Fatalf("CountDead %d after requeue, want 0", n)
+		}
+		if ds := deadLetters(t, c); len(ds) != 0 {
+			t.Fatalf("dead letters left after requeue: %+v", ds)
+		}
+		bt = fetchOne(t, c)
+		if bt.Retry() || bt.Key != "k" {
+			t.Fatalf("requeued items came as retry=%v key %q", bt.Retry(), bt.Key)
+		}
+		checkItems(t, bt, `"meanwhile"`, item1, item2)
+		for _, it := range bt.Items {
+			if it.Attempt != 0 || it.LastError != "" {
+				t.Fatalf("requeued item %s: attempt %d, last error %q", it.Data, it.Attempt, it.LastError)
+			}
+		}
+		// A dead letter already requeued is skipped.
+		if n, err := c.RequeueDead(ctx, byItem[item1]); err != nil || n != 0 {
+			t.Fatalf("RequeueDead of a requeued letter: %d, %v", n, err)
+		}
+		if v, ok := stored(t, b, "k"); ok {
+			t.Fatalf("requeue of a gone letter stored %s", v)
+		}
+
+		// PurgeDead empties the dead letters and says how many there were.
+		settle(t, c, bt, all(3, consumer.Outcome{Kind: consumer.Dead})...)
+		if n := countDead(t, c); n != 3 {
+			t.Fatalf("CountDead %d, want 3", n)
+		}
+		if d := deadLetters(t, c); len(d) != 3 || d[0].Error != "unknown error" {
+			t.Fatalf("dead letters %+v, want 3 with error \"unknown error\"", d)
+		}
+		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 3 {
+			t.Fatalf("PurgeDead: %d, %v", n, err)
+		}
+		if n := countDead(t, c); n != 0 {
+			t.Fatalf("CountDead %d after purge", n)
+		}
+		if d := deadLetters(t, c); len(d) != 0 {
+			t.Fatalf("dead letters after purge: %+v", d)
+		}
+		if ks := testredis.Keys(t, b, b.Prefix+":*dead*"); len(ks) != 0 {
+			t.Fatalf("dead letter keys left after purge: %v", ks)
+		}
+		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 0 {
+			t.Fatalf("second PurgeDead: %d, %v", n, err)
+		}
+	})
+}
+
+// Past the cap, the oldest dead letters are dropped, index and data alike.
+func TestDeadLetterCap(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		c := newConsumer(t, b, consumer.WithDeadLetterCap(2))
+		clk := withFakeClock(c)
+		for i, it := range []string{`"old"`, `"mid"`, `"new"`} {
+			addRaw(t, p, "k", it)
+			bt := fetchOne(t, c)
+			settle(t, c, bt, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("e")})
+			clk.Advance(time.Duration(i+1) * time.Millisecond)
+		}
+		ds := deadLetters(t, c)
+		if len(ds) != 2 || string(ds[0].Item) != `"new"` || string(ds[1].Item) != `"mid"` {
+			t.Fatalf("dead letters %+v, want new and mid", ds)
+		}
+		n, err := b.Client.Do(context.Background(), b.Client.B().Hlen().Key(space(b).DeadData()).Build()).AsInt64()
+		if err != nil || n != 2 {
+			t.Fatalf("dead letter data holds %d entries (%v), want 2", n, err)
+		}
+	})
+}
+
+// Values batchq did not write never wedge a consumer: they go to dead
+// letters with a reason, and the other keys of the same Fetch are delivered.
+func TestCorruptKeys(t *testing.T) {
+	for _, mode := range []struct {
+		name string
+		opts []consumer.Option
+	}{
+		{"leased", nil},
+		{"at-most-once", []consumer.Option{consumer.WithAtMostOnce()}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+				testCorruptKeys(t, b, mode.opts...)
+			})
+		})
+	}
+}
+
+func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
+	ctx := context.Background()
+	p := newProducer(t, b)
+	c := newConsumer(t, b, opts...)
+	r := b.Client
+	sp := space(b)
+	addRaw(t, p, "good1", `1`, `2`)
+	set := map[string]func(k string) rueidis.Completed{
+		"obj":   func(k string) rueidis.Completed { return r.B().Set().Key(k).Value(`{"a":1}`).Build() },
+		"hello": func(k string) rueidis.Completed { return r.B().Set().Key(k).Value(`hello`).Build() },
+		"null":  func(k string) rueidis.Completed { return r.B().Set().Key(k).Value(`null`).Build() },
+		"hash":  func(k string) rueidis.Completed { return r.B().Hset().Key(k).FieldValue().FieldValue("f", "v").Build() },
+	}
+	for k, cmd := range set {
+		if err := r.Do(ctx, cmd(sp.Items(k))).Error(); err != nil {
+			t.Fatal(err)
+		}
+		// An append fails, and makes the key ready for a worker to clean up.
+		if err := p.Add(ctx, queue, k, 1); !errors.Is(err, producer.ErrNotArray) {
+			t.Fatalf("append to corrupt %s: got %v, want ErrNotArray", k, err)
+		}
+	}
+	addRaw(t, p, "good2", `3`)
+
+	f := fetch(t, c, 10)
+	got := map[string]string{}
+	for _, bt := range f.Batches {
+		got[bt.Key] = itemsOf(bt)
+	}
+	if len(got) != 2 || got["good1"] != `[1,2]` || got["good2"] != `[3]` {
+		t.Fatalf("batches %v, want good1 [1,2] and good2 [3] only", got)
+	}
+	fetchedDead := map[string]consumer.DeadLetter{}
+	for _, d := range f.Dead {
+		fetchedDead[d.Key] = d
+	}
+	if len(fetchedDead) != len(set) {
+		t.Fatalf("Fetched.Dead: %+v, want obj, hello, null and hash", f.Dead)
+	}
+	for _, bt := range f.Batches {
+		settle(t, c, bt, all(len(bt.Items), done)...)
+	}
+	noLeases(t, b)
+
+	ds := deadLetters(t, c)
+	if len(ds) != len(set) {
+		t.Fatalf("DeadLetters: %+v, want %d", ds, len(set))
+	}
+	byKey := map[string]consumer.DeadLetter{}
+	for _, d := range ds {
+		byKey[d.Key] = d
+		if !d.Corrupt || d.Error == "" || d.Queue != queue {
+			t.Errorf("dead letter of %s: corrupt %v error %q queue %q", d.Key, d.Corrupt, d.Error, d.Queue)
+		}
+		if fd := fetchedDead[d.Key]; fd.ID != d.ID || !fd.Corrupt || fd.Error != d.Error {
+			t.Errorf("Fetched.Dead for %s is %+v, stored %+v", d.Key, fd, d)
+		}
+	}
+	if d := byKey["obj"]; string(d.Item) != `{"a":1}` || !strings.Contains(d.Error, "not a JSON array") {
+		t.Errorf("obj: item %s error %q", d.Item, d.Error)
+	}
+	if d := byKey["hello"]; string(d.Item) != `"hello"` || !strings.Contains(d.Error, "not a JSON array") {
+		t.Errorf("hello: item %s error %q", d.Item, d.Error)
+	}
+	if d := byKey["null"]; string(d.Item) != `null` || !strings.Contains(d.Error, "not a JSON array") {
+		t.Errorf("null: item %s error %q", d.Item, d.Error)
+	}
+	hd := byKey["hash"]
+	qk := sp.Quarantine(hd.ID)
+	if !strings.Contains(hd.Error, "hash") || !strings.Contains(hd.Error, qk) {
+		t.Errorf("hash: error %q does not name the type and %s", hd.Error, qk)
+	}
+	if v, err := r.Do(ctx, r.B().Hget().Key(qk).Field("f").Build()).ToString(); err != nil || v != "v" {
+		t.Errorf("quarantined hash at %s: HGET f = %q, %v", qk, v, err)
+	}
+	for k := range set {
+		if n, err := r.Do(ctx, r.B().Exists().Key(sp.Items(k)).Build()).AsInt64(); err != nil || n != 0 {
+			t.Errorf("items key of corrupt %s still exists (%d, %v)", k, n, err)
+		}
+		if ready(t, b, k) {
+			t.Errorf("corrupt %s still on the ready index", k)
+		}
+	}
+	for _, d := range ds {
+		if _, err := c.RequeueDead(ctx, d); !errors.Is(err, consumer.ErrNotRequeueable) {
+			t.Errorf("RequeueDead of corrupt %s: got %v, want ErrNotRequeueable", d.Key, err)
+		}
+	}
+	if n := countDead(t, c); n != int64(len(set)) {
+		t.Fatalf("CountDead %d after refused requeues, want %d", n, len(set))
+	}
+	// The keys work again.
+	for k := range set {
+		addRaw(t, p, k, `"fresh"`)
+	}
+	f = fetch(t, c, 10)
+	if len(f.Batches) != len(set) || len(f.Dead) != 0 {
+		t.Fatalf("after cleanup got %s, want %d fresh batches", describe(f), len(set))
+	}
+	for _, bt := range f.Batches {
+		checkItems(t, bt, `"fresh"`)
+		settle(t, c, bt, done)
+	}
+	noLeases(t, b)
+}
+
+// A key on the ready index with no items (drained by someone else) yields
+// no batch and leaves no lease.
+func TestReadyKeyWithoutItems(t *testing.T) {
+	for _, mode := range []struct {
+		name string
+		opts []consumer.Option
+	}{
+		{"leased", nil},
+		{"at-most-once", []consumer.Option{consumer.WithAtMostOnce()}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+				ctx := context.Background()
+				p := newProducer(t, b)
+				c := newConsumer(t, b, mode.opts...)
+				if err := b.Client.Do(ctx, b.Client.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, "ghost").Build()).Error(); err != nil {
+					t.Fatal(err)
+				}
+				addRaw(t, p, "k", `1`)
+				bt := fetchOne(t, c)
+				if bt.Key != "k" {
+					t.Fatalf("got key %q, want k", bt.Key)
+				}
+				if ready(t, b, "ghost") {
+					t.Fatal("key without items still on the ready index")
+				}
+				settle(t, c, bt, done)
+				noLeases(t, b)
+				fetchNone(t, c)
+			})
+		})
+	}
+}
