@@ -49,13 +49,13 @@ type Order struct {
 }
 
 func main() {
-	if err := quickstart(); err != nil {
+	if err := quickstart(os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "quickstart:", err)
 		os.Exit(1)
 	}
 }
 
-func quickstart() error {
+func quickstart(out io.Writer) error {
 	// An in-process Redis; use rueidis.NewClient with a real address in
 	// production.
 	r, err := embedded.Start()
@@ -105,14 +105,14 @@ func quickstart() error {
 		if produced, err = produce(ctx, base); err != nil {
 			return err
 		}
-		fmt.Printf("quickstart: posted %d orders for %d customers to %s\n", produced, customers, base)
+		fmt.Fprintf(out, "quickstart: posted %d orders for %d customers to %s\n", produced, customers, base)
 		return s.wait(ctx, produced)
 	}, func(error) { cancel() })
 	if err := g.Run(); err != nil {
 		return err
 	}
-	fmt.Printf("quickstart: %d orders failed their first attempt and were retried\n", s.retried())
-	fmt.Printf("quickstart: produced %d items, handled %d items\n", produced, s.handled())
+	fmt.Fprintf(out, "quickstart: %d orders failed their first attempt and were retried\n", s.retried())
+	fmt.Fprintf(out, "quickstart: produced %d items, handled %d items\n", produced, s.handled())
 	return nil
 }
 
