@@ -33,6 +33,13 @@ local function append_items(ik, items)
   return len
 end
 
+-- can_prepend reports whether prepend_array(ik, ...) would succeed: ik is
+-- missing or holds a JSON array string.
+local function can_prepend(ik)
+  local ok, cur = pcall(redis.call, 'GET', ik)
+  return ok and (not cur or is_array(cur))
+end
+
 -- prepend_array puts the items of the JSON array arr in front of those
 -- stored at ik (returned items were appended before the stored ones). It
 -- returns false, changing nothing, when ik holds something that is not a

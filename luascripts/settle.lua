@@ -11,60 +11,86 @@
 -- KEYS[9]  dead ZSET
 -- KEYS[10] deaddata HASH
 -- KEYS[11] quarantine key
+-- KEYS[12] quarantined SET (names of quarantine keys)
+-- KEYS[13] settled marker of a batch without a lease
 -- ARGV[1]  lease token, or "" for a batch drained without a lease (at-most-once)
 -- ARGV[2]  now (ms)
 -- ARGV[3]  the batch's key
 -- ARGV[4]  unfinished items to put back in front of the key's array (a JSON array), or ""
 -- ARGV[5]  dead letter cap per shard (0: unbounded); the oldest are dropped past it
--- ARGV[6]  "1" to move KEYS[3] to the quarantine key instead of deleting it
+-- ARGV[6]  flags: "q" to move KEYS[3] to the quarantine key instead of
+--          deleting it; "r" to make the batch's key ready (its value needs a
+--          worker's look)
 -- ARGV[7]  number of retries n, then n triples: id, due time (ms), envelope
 -- then     number of dead letters m, then m pairs: id, envelope
 --
--- Returns 1 when applied; 0, changing nothing, when the lease is no longer held
--- (it expired and was reaped: its items are being redelivered); -1, changing
--- nothing, when the unfinished items could not be put back because the key
--- holds a value that is not a JSON array (the lease is then reaped later).
-if ARGV[1] ~= '' and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+-- Every check comes before the first write, so the script applies whole or
+-- not at all. Returns 1 when applied (or, for a batch without a lease,
+-- already applied by an earlier call: KEYS[13] remembers it for a day); 0,
+-- changing nothing, when the lease is no longer held (it expired and was
+-- reaped: its items are being redelivered); -1, changing nothing, when the
+-- unfinished items cannot be put back because the key holds a value that is
+-- not a JSON array (send them to the retry index instead); -2, changing
+-- nothing, when the value to quarantine is gone.
+local token, now, key, back = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if token ~= '' and not redis.call('ZSCORE', KEYS[1], token) then
   return 0
 end
-if ARGV[4] ~= '' and not prepend_array(KEYS[4], ARGV[4]) then
+if token == '' and redis.call('EXISTS', KEYS[13]) == 1 then
+  return 1
+end
+if back ~= '' and not can_prepend(KEYS[4]) then
   return -1
 end
-if ARGV[4] ~= '' then
-  make_ready(KEYS[5], KEYS[6], ARGV[2], ARGV[3])
+local quarantine = string.find(ARGV[6], 'q', 1, true) ~= nil
+if quarantine and redis.call('EXISTS', KEYS[3]) == 0 then
+  return -2
 end
-if ARGV[1] ~= '' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
+
+if token == '' then
+  redis.call('SET', KEYS[13], '1', 'PX', 86400000)
+else
+  redis.call('ZREM', KEYS[1], token)
+  redis.call('HDEL', KEYS[2], token)
 end
-if ARGV[6] == '1' then
+if quarantine then
   redis.call('RENAME', KEYS[3], KEYS[11])
-elseif ARGV[1] ~= '' then
+  redis.call('SADD', KEYS[12], KEYS[11])
+elseif token ~= '' then
   redis.call('DEL', KEYS[3])
+end
+if back ~= '' then
+  prepend_array(KEYS[4], back)
+end
+if back ~= '' or string.find(ARGV[6], 'r', 1, true) then
+  make_ready(KEYS[5], KEYS[6], now, key)
 end
 
 local i = 7
 local n = tonumber(ARGV[i])
-for j = 1, n do
-  local id, due, env = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  redis.call('ZADD', KEYS[7], due, id)
-  redis.call('HSET', KEYS[8], id, env)
+for _ = 1, n do
+  redis.call('ZADD', KEYS[7], ARGV[i + 2], ARGV[i + 1])
+  redis.call('HSET', KEYS[8], ARGV[i + 1], ARGV[i + 3])
   i = i + 3
 end
 i = i + 1
 local m = tonumber(ARGV[i])
-for j = 1, m do
-  redis.call('ZADD', KEYS[9], ARGV[2], ARGV[i + 1])
+for _ = 1, m do
+  redis.call('ZADD', KEYS[9], now, ARGV[i + 1])
   redis.call('HSET', KEYS[10], ARGV[i + 1], ARGV[i + 2])
   i = i + 2
 end
 local cap = tonumber(ARGV[5])
 if m > 0 and cap > 0 then
+  -- Drop the oldest past the cap, in chunks: unpack takes a few thousand
+  -- values at most.
   local over = redis.call('ZCARD', KEYS[9]) - cap
-  if over > 0 then
-    local old = redis.call('ZRANGE', KEYS[9], 0, over - 1)
+  while over > 0 do
+    local chunk = math.min(over, 1000)
+    local old = redis.call('ZRANGE', KEYS[9], 0, chunk - 1)
     redis.call('HDEL', KEYS[10], unpack(old))
-    redis.call('ZREMRANGEBYRANK', KEYS[9], 0, over - 1)
+    redis.call('ZREMRANGEBYRANK', KEYS[9], 0, chunk - 1)
+    over = over - chunk
   end
 end
 return 1

@@ -16,6 +16,8 @@
 //	<prefix>:{<queue>:<shard>}:dead          ZSET dead letter id -> time (ms)
 //	<prefix>:{<queue>:<shard>}:deaddata      HASH dead letter id -> dead letter envelope
 //	<prefix>:{<queue>:<shard>}:quarantine:<id> a value found under k:<key> that was not a string
+//	<prefix>:{<queue>:<shard>}:quarantined   SET of the quarantine keys
+//	<prefix>:{<queue>:<shard>}:settled:<id>  marks a batch without a lease as settled (expires in a day)
 package keys
 
 import (
@@ -120,3 +122,10 @@ func (s Space) DeadData() string { return s.base + "deaddata" }
 
 // Quarantine is where a non-string value found under an items key is kept.
 func (s Space) Quarantine(id string) string { return s.base + "quarantine:" + id }
+
+// Quarantined is the set of the shard's quarantine keys.
+func (s Space) Quarantined() string { return s.base + "quarantined" }
+
+// Settled marks the batch id, drained without a lease, as settled, so that a
+// settlement sent twice is applied once.
+func (s Space) Settled(id string) string { return s.base + "settled:" + id }

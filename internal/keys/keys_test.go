@@ -21,6 +21,8 @@ func TestSpaceNames(t *testing.T) {
 		{sp.Dead(), "app:{emails:3}:dead"},
 		{sp.DeadData(), "app:{emails:3}:deaddata"},
 		{sp.Quarantine("id"), "app:{emails:3}:quarantine:id"},
+		{sp.Quarantined(), "app:{emails:3}:quarantined"},
+		{sp.Settled("id"), "app:{emails:3}:settled:id"},
 	} {
 		if c.got != c.want {
 			t.Errorf("got %q, want %q", c.got, c.want)

@@ -138,20 +138,18 @@ func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames, token
 	res := c.DoMulti(ctx, cmds...)
 	out := make([]Drained, len(keyNames))
 	var phantom []string
-	var firstErr error
+	var errs []error
 	for i, k := range keyNames {
 		out[i] = Drained{Key: k, Token: tokens[i]}
 		exec, err := res[i*per+per-1].ToArray()
 		if err == nil && len(exec) != per-2 {
-			err = fmt.Errorf("drain: EXEC returned %d replies", len(exec))
+			err = fmt.Errorf("EXEC returned %d replies", len(exec))
 		}
 		if err != nil {
 			// The transaction's fate is unknown: if it ran, the lease is
 			// reaped after its deadline and nothing is lost.
 			out[i].Missing = true
-			if firstErr == nil {
-				firstErr = fmt.Errorf("drain %s: %w", k, err)
-			}
+			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
 			continue
 		}
 		if err := exec[0].Error(); err != nil {
@@ -161,32 +159,36 @@ func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames, token
 			phantom = append(phantom, tokens[i])
 			continue
 		}
-		data, err := exec[4].AsBytes()
+		out[i].Data, out[i].WrongType, err = value(exec[4])
 		if err != nil {
-			if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "WRONGTYPE") {
-				out[i].WrongType = true
-				continue
-			}
-			return nil, fmt.Errorf("drain %s: %w", k, err)
+			// Leased but unreadable: the reaper returns it after the deadline.
+			out[i].Missing = true
+			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
 		}
-		out[i].Data = data
 	}
 	if len(phantom) > 0 {
 		r := c.DoMulti(ctx,
 			c.B().Zrem().Key(sp.Leases()).Member(phantom...).Build(),
 			c.B().Hdel().Key(sp.LeaseMeta()).Field(phantom...).Build())
 		for _, x := range r {
-			if err := x.Error(); err != nil && firstErr == nil {
-				firstErr = fmt.Errorf("drain: remove empty leases: %w", err)
+			if err := x.Error(); err != nil {
+				errs = append(errs, fmt.Errorf("drain: remove empty leases: %w", err))
 			}
 		}
 	}
-	if firstErr != nil {
-		// Report what was drained along with the error: those batches are
-		// leased and must be handled or they wait for the reaper.
-		return out, firstErr
+	// What was drained is returned along with any error: those batches are
+	// leased and must be handled, or they wait for the reaper.
+	return out, errors.Join(errs...)
+}
+
+// value reads a drained value: its bytes, or wrongType when it is a Redis
+// value other than a string.
+func value(m rueidis.RedisMessage) (data []byte, wrongType bool, err error) {
+	data, err = m.AsBytes()
+	if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "WRONGTYPE") {
+		return nil, true, nil
 	}
-	return out, nil
+	return data, false, err
 }
 
 // DrainOnce drains each key with the literal at-most-once pattern: one
@@ -205,30 +207,27 @@ func DrainOnce(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []
 	}
 	res := c.DoMulti(ctx, cmds...)
 	out := make([]Drained, len(keyNames))
+	var errs []error
 	for i, k := range keyNames {
 		out[i] = Drained{Key: k}
 		exec, err := res[i*per+per-1].ToArray()
 		if err == nil && len(exec) != per-2 {
 			err = fmt.Errorf("EXEC returned %d replies", len(exec))
 		}
-		if err != nil {
-			return out[:i], fmt.Errorf("drain %s: %w", k, err)
+		if err == nil {
+			out[i].Data, out[i].WrongType, err = value(exec[0])
 		}
-		data, err := exec[0].AsBytes()
 		switch {
 		case rueidis.IsRedisNil(err):
 			out[i].Missing = true
 		case err != nil:
-			if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "WRONGTYPE") {
-				out[i].WrongType = true
-				continue
-			}
-			return out[:i], fmt.Errorf("drain %s: %w", k, err)
-		default:
-			out[i].Data = data
+			// Without a lease, a batch that ran but could not be read is
+			// lost: that is the at-most-once trade.
+			out[i].Missing = true
+			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
 		}
 	}
-	return out, nil
+	return out, errors.Join(errs...)
 }
 
 // Scheduled is a retry to store.
@@ -241,25 +240,33 @@ type Scheduled struct {
 // Settlement is the outcome of a batch, applied atomically by Settle.
 type Settlement struct {
 	Token      string // lease token; "" for a batch drained without a lease
+	ID         string // the batch's id (the token when leased)
 	Key        string // the batch's key; "" for a retry batch
 	Return     string // unfinished items to put back in front of Key's array, as a JSON array; "" for none
-	Quarantine string // when not "", the id under which the batch's raw value is kept (a non-string value)
+	Quarantine bool   // keep the batch's raw value (not a string) under the quarantine key of ID
+	MakeReady  bool   // make Key ready: its value needs a worker's look
 	Retries    []Scheduled
 	Dead       []Entry
 	DeadCap    int
 	Now        int64
 }
 
-// Settle outcomes.
+// Errors of Settle. With any of them, nothing was changed.
 var (
 	// ErrLeaseLost reports a settlement refused because the lease had
 	// expired and been reaped: the batch's items are being redelivered.
 	ErrLeaseLost = errors.New("lease expired before the batch was settled")
+	// ErrGone reports a value to quarantine that is no longer there.
+	ErrGone = errors.New("the value to quarantine is gone")
 )
 
 // Settle applies s: it releases the lease, puts unfinished items back in
 // front of their key, and stores retries and dead letters, all at once.
-// Nothing is changed when it returns an error.
+// Nothing is changed when it returns ErrLeaseLost, ErrNotArray (the
+// unfinished items cannot go back: the key holds a value that is not an
+// array) or ErrGone. A Redis or context error leaves the outcome unknown;
+// settling again is safe: a leased batch is then refused with ErrLeaseLost,
+// and one without a lease is applied once.
 func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) error {
 	src := sp.Lease(s.Token)
 	items := src
@@ -269,12 +276,15 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 			src = items
 		}
 	}
-	quarantine, qflag := src, "0"
-	if s.Quarantine != "" {
-		quarantine, qflag = sp.Quarantine(s.Quarantine), "1"
+	flags := ""
+	if s.Quarantine {
+		flags += "q"
+	}
+	if s.MakeReady {
+		flags += "r"
 	}
 	args := make([]string, 0, 9+3*len(s.Retries)+2*len(s.Dead))
-	args = append(args, s.Token, ms(s.Now), s.Key, s.Return, strconv.Itoa(s.DeadCap), qflag,
+	args = append(args, s.Token, ms(s.Now), s.Key, s.Return, strconv.Itoa(s.DeadCap), flags,
 		strconv.Itoa(len(s.Retries)))
 	for _, r := range s.Retries {
 		args = append(args, r.ID, ms(r.Due), r.Env)
@@ -285,39 +295,82 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 	}
 	n, err := settleScript.Exec(ctx, c,
 		[]string{sp.Leases(), sp.LeaseMeta(), src, items, sp.Ready(), sp.Wake(),
-			sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(), quarantine},
+			sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(),
+			sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID)},
 		args).AsInt64()
 	switch {
 	case err != nil:
 		return err
 	case n == 0:
 		return ErrLeaseLost
-	case n < 0:
+	case n == -1:
 		return fmt.Errorf("put back unfinished items: %w", ErrNotArray)
+	case n == -2:
+		return ErrGone
 	}
 	return nil
 }
 
-// Extend moves the deadline of the given leases of one shard, in one
-// command. Leases that were already reaped are not brought back.
-func Extend(ctx context.Context, c rueidis.Client, sp keys.Space, tokens []string, deadline int64) error {
-	if len(tokens) == 0 {
+// Extend moves the deadline of the given leases, grouped by shard, to
+// deadline: one command per shard, all in one round trip. Leases that were
+// already reaped are not brought back.
+func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]string, deadline int64) error {
+	cmds := make(rueidis.Commands, 0, len(leases))
+	for sp, tokens := range leases {
+		if len(tokens) == 0 {
+			continue
+		}
+		cmd := c.B().Zadd().Key(sp.Leases()).Xx().ScoreMember()
+		for _, t := range tokens {
+			cmd = cmd.ScoreMember(float64(deadline), t)
+		}
+		cmds = append(cmds, cmd.Build())
+	}
+	if len(cmds) == 0 {
 		return nil
 	}
-	cmd := c.B().Zadd().Key(sp.Leases()).Xx().ScoreMember()
-	for _, t := range tokens {
-		cmd = cmd.ScoreMember(float64(deadline), t)
+	var errs []error
+	for _, r := range c.DoMulti(ctx, cmds...) {
+		if err := r.Error(); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	return c.Do(ctx, cmd.Build()).Error()
+	return errors.Join(errs...)
 }
 
-// Reap returns the items of up to limit leases whose deadline has passed.
-// A lease that cannot be returned yet gets retryAt as its new deadline.
-func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit int, retryAt int64) (int64, error) {
-	return reapScript.Exec(ctx, c,
-		[]string{sp.Leases(), sp.LeaseMeta(), sp.Ready(), sp.Wake(), sp.Retry(), sp.RetryData()},
-		[]string{ms(now), strconv.Itoa(limit), sp.Lease(""), sp.ItemsPrefix(), ms(retryAt)},
-	).AsInt64()
+// Reap returns the items of up to limit leases whose deadline has passed,
+// and returns how many it reaped. A lease that cannot be returned yet gets
+// retryAt as its new deadline. When no lease has expired, as is usual, it
+// costs one read.
+func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit int, retryAt int64) (int, error) {
+	toks, err := c.Do(ctx, c.B().Zrangebyscore().Key(sp.Leases()).Min("-inf").Max(ms(now)).Limit(0, int64(limit)).Build()).AsStrSlice()
+	if err != nil || len(toks) == 0 {
+		return 0, err
+	}
+	metas, err := c.Do(ctx, c.B().Hmget().Key(sp.LeaseMeta()).Field(toks...).Build()).ToArray()
+	if err != nil {
+		return 0, err
+	}
+	reaped := 0
+	// Latest deadline first: each batch goes back in front of the key, so
+	// the oldest must go last to end up first.
+	for i := len(toks) - 1; i >= 0; i-- {
+		tok := toks[i]
+		meta, _ := metas[i].ToString()
+		key, isKey := strings.CutPrefix(meta, "d:")
+		items := sp.Lease(tok)
+		if isKey {
+			items = sp.Items(key)
+		}
+		n, err := reapScript.Exec(ctx, c,
+			[]string{sp.Leases(), sp.LeaseMeta(), sp.Lease(tok), items, sp.Ready(), sp.Wake(), sp.Retry(), sp.RetryData()},
+			[]string{tok, ms(now), key, ms(retryAt)}).AsInt64()
+		if err != nil {
+			return reaped, err
+		}
+		reaped += int(n)
+	}
+	return reaped, nil
 }
 
 // Wait blocks until a producer signals new work on the shard or timeout
@@ -371,14 +424,20 @@ func Requeue(ctx context.Context, c rueidis.Client, sp keys.Space, id, key, item
 	return n == 1, notArray(err)
 }
 
-// PurgeDead deletes every dead letter of a shard and returns how many there were.
+// PurgeDead deletes every dead letter of a shard, and the values kept in
+// quarantine, and returns how many dead letters there were.
 func PurgeDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, error) {
-	res := c.DoMulti(ctx,
+	quarantined, err := c.Do(ctx, c.B().Smembers().Key(sp.Quarantined()).Build()).AsStrSlice()
+	if err != nil {
+		return 0, err
+	}
+	cmds := rueidis.Commands{
 		c.B().Multi().Build(),
 		c.B().Zcard().Key(sp.Dead()).Build(),
-		c.B().Del().Key(sp.Dead(), sp.DeadData()).Build(),
-		c.B().Exec().Build())
-	exec, err := res[3].ToArray()
+		c.B().Del().Key(append([]string{sp.Dead(), sp.DeadData(), sp.Quarantined()}, quarantined...)...).Build(),
+		c.B().Exec().Build(),
+	}
+	exec, err := c.DoMulti(ctx, cmds...)[3].ToArray()
 	if err != nil {
 		return 0, err
 	}
