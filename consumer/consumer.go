@@ -208,24 +208,6 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	if cl.Next > 0 {
 		f.Next = time.UnixMilli(cl.Next)
 	}
-	if len(cl.Keys) > 0 {
-		var drained []store.Drained
-		if c.atMostOnce {
-			drained, err = store.DrainOnce(ctx, c.c, sp, cl.Keys)
-		} else {
-			tokens := make([]string, len(cl.Keys))
-			for i := range tokens {
-				tokens[i] = newID()
-			}
-			drained, err = store.Drain(ctx, c.c, sp, cl.Keys, tokens, deadline)
-		}
-		for _, d := range drained {
-			c.collect(ctx, &f, queue, shard, d)
-		}
-		if err != nil {
-			return f, fmt.Errorf("fetch %s: %w", queue, err)
-		}
-	}
 	if len(cl.Retries) > 0 {
 		b := &Batch{Queue: queue, Shard: shard, id: retryToken, lease: true, Items: make([]Item, 0, len(cl.Retries))}
 		var bad []DeadLetter
@@ -253,10 +235,28 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 			f.Dead = append(f.Dead, bad...)
 		} else {
 			// Only bad envelopes: store them and release the lease now.
-			s := store.Settlement{Token: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+			s := store.Settlement{Token: b.id, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
 			if err := store.Settle(ctx, c.c, sp, s); err == nil {
 				f.Dead = append(f.Dead, bad...)
 			} // else the lease expires and the reaper puts them back on the retry index
+		}
+	}
+	if len(cl.Keys) > 0 {
+		var drained []store.Drained
+		if c.atMostOnce {
+			drained, err = store.DrainOnce(ctx, c.c, sp, cl.Keys)
+		} else {
+			tokens := make([]string, len(cl.Keys))
+			for i := range tokens {
+				tokens[i] = newID()
+			}
+			drained, err = store.Drain(ctx, c.c, sp, cl.Keys, tokens, deadline)
+		}
+		for _, d := range drained {
+			c.collect(ctx, &f, queue, shard, d)
+		}
+		if err != nil {
+			return f, fmt.Errorf("fetch %s: %w", queue, err)
 		}
 	}
 	return f, nil
@@ -304,11 +304,9 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 		Error: reason, FailedAt: c.now(), Corrupt: true,
 	}
 	s := store.Settlement{
-		Token: tokenOf(b), Key: d.Key, DeadCap: c.deadCap, Now: dl.FailedAt.UnixMilli(),
+		Token: tokenOf(b), ID: b.id, Key: d.Key, Quarantine: d.WrongType,
+		DeadCap: c.deadCap, Now: dl.FailedAt.UnixMilli(),
 		Dead: []store.Entry{{ID: dl.ID, Env: string(dl.encode())}},
-	}
-	if d.WrongType {
-		s.Quarantine = b.id
 	}
 	if err := store.Settle(ctx, c.c, c.space(queue, shard), s); err != nil {
 		// The value stays where it is (leased or in place) and is found
@@ -376,21 +374,48 @@ func errText(err error) string {
 // already expired and been reaped: then nothing is recorded and the whole
 // batch is delivered again.
 func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) error {
+	s, err := c.settlement(b, outcomes, false)
+	if err != nil {
+		return err
+	}
+	sp := c.space(b.Queue, b.Shard)
+	err = store.Settle(ctx, c.c, sp, s)
+	if errors.Is(err, ErrNotArray) {
+		// The key now holds a value that is not an array: the unfinished
+		// items wait on the retry index instead, due at once, attempts
+		// unchanged.
+		// The key is made ready, so that a worker moves the bad value to
+		// dead letters.
+		if s, err = c.settlement(b, outcomes, true); err == nil {
+			s.MakeReady = true
+			err = store.Settle(ctx, c.c, sp, s)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("settle %s: %w", b.Queue, err)
+	}
+	return nil
+}
+
+// settlement builds the settlement of b. With unfinishedAsRetries, or for a
+// batch of retries, unfinished items go to the retry index, due now, rather
+// than back in front of their key.
+func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (store.Settlement, error) {
 	now := c.now()
-	s := store.Settlement{Token: tokenOf(b), Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
+	s := store.Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
+	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
 	var back []byte
 	for i, it := range b.Items {
 		var o Outcome
 		if i < len(outcomes) {
 			o = outcomes[i]
 		}
-		id := b.id + "-" + strconv.Itoa(i)
 		switch o.Kind {
 		case Done:
 		case Unfinished:
-			if b.Retry() {
+			if unfinishedAsRetries {
 				env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
-				s.Retries = append(s.Retries, store.Scheduled{ID: id, Due: s.Now, Env: string(env.encode())})
+				s.Retries = append(s.Retries, store.Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
 				continue
 			}
 			if back == nil {
@@ -401,46 +426,42 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 			back = append(back, it.Data...)
 		case Retry:
 			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
-			s.Retries = append(s.Retries, store.Scheduled{ID: id, Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
+			s.Retries = append(s.Retries, store.Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
 		case Dead:
-			dl := DeadLetter{ID: id, Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
-			s.Dead = append(s.Dead, store.Entry{ID: id, Env: string(dl.encode())})
+			dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
+			s.Dead = append(s.Dead, store.Entry{ID: dl.ID, Env: string(dl.encode())})
 		default:
-			return fmt.Errorf("settle: unknown outcome kind %d", o.Kind)
+			return s, fmt.Errorf("settle %s: unknown outcome kind %d", b.Queue, o.Kind)
 		}
 	}
 	if back != nil {
 		s.Return = string(append(back, ']'))
 	}
-	if err := store.Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err != nil {
-		return fmt.Errorf("settle %s: %w", b.Queue, err)
-	}
-	return nil
+	return s, nil
 }
 
+// itemID names the retry or dead letter of b.Items[i]: unique, since batch
+// ids are. The index is zero-padded so that entries of one batch, which
+// share a timestamp, sort in item order (dead letters are listed and
+// trimmed by time, then id).
+func itemID(b *Batch, i int) string { return fmt.Sprintf("%s-%07d", b.id, i) }
+
 // Extend pushes the lease deadline of every given batch to now plus the
-// lease TTL, with one command per queue shard. Batches without a lease are
-// skipped. A batch whose lease was already reaped is not brought back.
+// lease TTL, in one round trip (one command per queue shard). Batches
+// without a lease are skipped. A batch whose lease was already reaped is not
+// brought back.
 func (c *Consumer) Extend(ctx context.Context, batches ...*Batch) error {
-	type qs struct {
-		queue string
-		shard int
-	}
-	groups := make(map[qs][]string)
+	leases := make(map[keys.Space][]string)
 	for _, b := range batches {
 		if b.lease {
-			k := qs{b.Queue, b.Shard}
-			groups[k] = append(groups[k], b.id)
+			sp := c.space(b.Queue, b.Shard)
+			leases[sp] = append(leases[sp], b.id)
 		}
 	}
-	deadline := c.nowMs() + c.leaseTTL.Milliseconds()
-	var errs []error
-	for k, toks := range groups {
-		if err := store.Extend(ctx, c.c, c.space(k.queue, k.shard), toks, deadline); err != nil {
-			errs = append(errs, fmt.Errorf("extend %s: %w", k.queue, err))
-		}
+	if err := store.Extend(ctx, c.c, leases, c.nowMs()+c.leaseTTL.Milliseconds()); err != nil {
+		return fmt.Errorf("extend leases: %w", err)
 	}
-	return errors.Join(errs...)
+	return nil
 }
 
 // reapLimit bounds the leases one Reap call returns.
@@ -453,9 +474,9 @@ func (c *Consumer) Reap(ctx context.Context, queue string, shard int) (int, erro
 	now := c.nowMs()
 	n, err := store.Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds())
 	if err != nil {
-		return 0, fmt.Errorf("reap %s: %w", queue, err)
+		return n, fmt.Errorf("reap %s: %w", queue, err)
 	}
-	return int(n), nil
+	return n, nil
 }
 
 // Wait blocks until a producer makes a key of the queue shard ready, or

@@ -123,8 +123,14 @@ func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int,
 		if d.Corrupt || len(d.Item) == 0 {
 			return n, fmt.Errorf("requeue %s: %w", d.ID, ErrNotRequeueable)
 		}
-		if err := keys.CheckQueue(d.Queue); err != nil {
-			return n, err
+		if !json.Valid(d.Item) {
+			return n, fmt.Errorf("requeue %s: the item is not valid JSON", d.ID)
+		}
+		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckKey(d.Key)); err != nil {
+			return n, fmt.Errorf("requeue %s: %w", d.ID, err)
+		}
+		if d.Shard < 0 || d.Shard >= c.shards {
+			return n, fmt.Errorf("requeue %s: shard %d out of range", d.ID, d.Shard)
 		}
 		ok, err := store.Requeue(ctx, c.c, c.space(d.Queue, d.Shard), d.ID, d.Key, string(d.Item), c.nowMs())
 		if err != nil {
@@ -137,7 +143,8 @@ func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int,
 	return n, nil
 }
 
-// PurgeDead deletes every dead letter of a queue and returns how many there were.
+// PurgeDead deletes every dead letter of a queue, and the values kept in
+// quarantine, and returns how many dead letters there were.
 func (c *Consumer) PurgeDead(ctx context.Context, queue string) (int64, error) {
 	if err := keys.CheckQueue(queue); err != nil {
 		return 0, err

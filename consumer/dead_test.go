@@ -3,6 +3,7 @@ package consumer_test
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -311,4 +312,117 @@ func TestReadyKeyWithoutItems(t *testing.T) {
 			})
 		})
 	}
+}
+
+// Trimming many dead letters past the cap at once works on a real Redis
+// (whose Lua unpack takes a few thousand values at most) and the settlement
+// applies whole.
+func TestDeadLetterCapTrimsInChunks(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		n := 9000
+		if !b.Real() {
+			n = 3000
+		}
+		p := newProducer(t, b)
+		c := newConsumer(t, b, consumer.WithDeadLetterCap(10))
+		items := make([]string, n)
+		for i := range items {
+			items[i] = strconv.Itoa(i)
+		}
+		addRaw(t, p, "k", items...)
+		bt := fetchOne(t, c)
+		out := all(n, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("d")})
+		out[0] = consumer.Outcome{Kind: consumer.Unfinished}
+		settle(t, c, bt, out...)
+		if got := countDead(t, c); got != 10 {
+			t.Fatalf("%d dead letters kept, want the cap, 10", got)
+		}
+		if v, _ := stored(t, b, "k"); v != "[0]" {
+			t.Fatalf("key holds %s, want [0]", v)
+		}
+		noLeases(t, b)
+		ds := deadLetters(t, c)
+		if string(ds[0].Item) != strconv.Itoa(n-1) {
+			t.Fatalf("newest dead letter holds %s, want %d", ds[0].Item, n-1)
+		}
+	})
+}
+
+// A settlement without a lease that is sent twice (its reply lost, say) is
+// applied once: unfinished items go back once.
+func TestAtMostOnceSettleIsIdempotent(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b, consumer.WithAtMostOnce())
+		addRaw(t, p, "k", `1`, `2`)
+		bt := fetchOne(t, c)
+		out := []consumer.Outcome{{Kind: consumer.Unfinished}, {Kind: consumer.Dead, Err: errors.New("d")}}
+		for range 2 {
+			if err := c.Settle(ctx, bt, out); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if v, _ := stored(t, b, "k"); v != "[1]" {
+			t.Fatalf("key holds %s after settling twice, want [1]", v)
+		}
+		if n := countDead(t, c); n != 1 {
+			t.Fatalf("%d dead letters after settling twice, want 1", n)
+		}
+	})
+}
+
+// RequeueDead refuses a dead letter whose item or key was edited into
+// something invalid, and stores nothing.
+func TestRequeueDeadValidates(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b)
+		addRaw(t, p, "k", `1`)
+		settle(t, c, fetchOne(t, c), consumer.Outcome{Kind: consumer.Dead, Err: errors.New("d")})
+		d := deadLetters(t, c)[0]
+		bad := []consumer.DeadLetter{d, d, d}
+		bad[0].Item = []byte(`{"broken":`)
+		bad[1].Key = ""
+		bad[2].Shard = 5
+		for i, x := range bad {
+			if n, err := c.RequeueDead(ctx, x); err == nil || n != 0 {
+				t.Errorf("case %d: requeued %d, err %v", i, n, err)
+			}
+		}
+		if _, ok := stored(t, b, "k"); ok {
+			t.Fatal("a refused requeue stored something")
+		}
+		if n, err := c.RequeueDead(ctx, d); err != nil || n != 1 {
+			t.Fatalf("requeue of the untouched letter: %d, %v", n, err)
+		}
+	})
+}
+
+// PurgeDead also deletes the values kept in quarantine.
+func TestPurgeDeadDeletesQuarantine(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		c := newConsumer(t, b)
+		r := b.Client
+		if err := r.Do(ctx, r.B().Hset().Key(space(b).Items("h")).FieldValue().FieldValue("f", "v").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Do(ctx, r.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, "h").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		if f := fetch(t, c, 10); len(f.Dead) != 1 {
+			t.Fatalf("got %s, want the hash in dead letters", describe(f))
+		}
+		if ks := testredis.Keys(t, b, b.Prefix+":*quarantine*"); len(ks) != 2 { // the value and the set
+			t.Fatalf("quarantine keys %v", ks)
+		}
+		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 1 {
+			t.Fatalf("PurgeDead: %d, %v", n, err)
+		}
+		if ks := testredis.Keys(t, b, b.Prefix+":*"); len(ks) != 0 {
+			t.Fatalf("keys left after purge: %v", ks)
+		}
+	})
 }
