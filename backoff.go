@@ -33,23 +33,28 @@ type Exponential struct {
 
 // DefaultBackoff is the backoff of a queue that sets none: 1s after the
 // first failure, doubling up to 10 minutes, ±20% jitter. With the default 10
-// attempts, an item that always fails is dead-lettered after about 17 minutes.
+// attempts, an item that always fails waits 1+2+4+...+256s between them and
+// is dead-lettered after about 8.5 minutes.
 var DefaultBackoff = Exponential{Base: time.Second, Max: 10 * time.Minute, Factor: 2, Jitter: 0.2}
 
 // Delay returns min(Max, Base*Factor^(failed-1)), times a random factor in
-// [1-Jitter, 1+Jitter].
+// [1-Jitter, 1+Jitter]. Max 0 means no cap short of the largest Duration.
 func (e Exponential) Delay(failed int) time.Duration {
 	if failed < 1 {
 		failed = 1
 	}
-	d := float64(e.Base) * math.Pow(e.Factor, float64(failed-1))
-	if e.Max > 0 && (d > float64(e.Max) || math.IsInf(d, 0) || math.IsNaN(d)) {
-		d = float64(e.Max)
+	limit := float64(math.MaxInt64)
+	if e.Max > 0 {
+		limit = float64(e.Max)
 	}
+	d := min(float64(e.Base)*math.Pow(e.Factor, float64(failed-1)), limit)
 	if e.Jitter > 0 {
 		d *= 1 + e.Jitter*(2*rand.Float64()-1)
 	}
-	return time.Duration(d)
+	if d >= math.MaxInt64 || math.IsNaN(d) {
+		return math.MaxInt64
+	}
+	return max(time.Duration(d), 0)
 }
 
 // Constant is a Backoff that always waits the same time.

@@ -22,6 +22,15 @@ func TestExponential(t *testing.T) {
 	}
 }
 
+func TestExponentialWithoutMaxNeverOverflows(t *testing.T) {
+	e := batchq.Exponential{Base: time.Second, Factor: 10, Jitter: 0.5}
+	for _, failed := range []int{1, 10, 20, 100, 1 << 20} {
+		if d := e.Delay(failed); d <= 0 {
+			t.Errorf("Delay(%d) = %v", failed, d)
+		}
+	}
+}
+
 func TestExponentialJitter(t *testing.T) {
 	e := batchq.DefaultBackoff
 	for failed := 1; failed <= 15; failed++ {

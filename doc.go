@@ -20,7 +20,9 @@
 // Delivery is at-least-once: every item whose append returned nil is
 // handled successfully at least once, or ends in dead letters with its last
 // error, across crashed workers, graceful restarts and lost connections.
-// Without a crash, every item is handled exactly once. A drained batch is
+// Without a crash, every item is handled exactly once; a Redis that stops
+// answering for a while does not change that, since a worker that saw Redis
+// fail reaps no lease until a lease TTL after Redis answers again. A drained batch is
 // leased: if its worker dies, the lease expires (WithLeaseTTL, 5s by
 // default) and another worker gets the batch again, so the items the dead
 // worker had already handled run twice. WithAtMostOnce trades that for

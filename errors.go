@@ -48,6 +48,9 @@ type BatchError struct {
 }
 
 func (e *BatchError) Error() string {
+	if e == nil {
+		return "batchq: no item of the batch failed"
+	}
 	return fmt.Sprintf("batchq: %d items of the batch failed", len(e.Failed))
 }
 

@@ -30,7 +30,7 @@ const (
 	// maxIdleWait bounds how long an idle fetch loop blocks before it looks
 	// for due retries and expired leases again. New keys wake it at once.
 	maxIdleWait = time.Second
-	// reapEvery is how often each fetch loop reaps expired leases.
+	// reapEvery is how often a worker reaps the expired leases of its queues.
 	reapEvery = time.Second
 	// abandonGrace is how long a handler may outlive its context before the
 	// worker stops waiting for it.
@@ -115,8 +115,9 @@ func WithPrefix(p string) Option { return withConsumer(consumer.WithPrefix(p)) }
 func WithShards(n int) Option { return withConsumer(consumer.WithShards(n)) }
 
 // WithLeaseTTL sets how long a batch stays leased without a heartbeat
-// (default 5s): the time before the batches of a worker that died are
-// delivered to another. Live workers extend their leases every third of it.
+// (default 5s): the batches of a worker that died go back to their keys
+// within about this time plus a second. Live workers extend their leases
+// every third of it; a worker cut off from Redis for longer is taken for dead.
 func WithLeaseTTL(d time.Duration) Option { return withConsumer(consumer.WithLeaseTTL(d)) }
 
 // WithAtMostOnce drains keys without a lease (GETDEL): a worker that dies
@@ -186,8 +187,9 @@ func WithMaxAttempts(n int) QueueOption {
 
 // WithTimeout sets how long one handler call may take (default 1 minute):
 // its context is cancelled then. A handler that ignores its context is
-// abandoned 2s later and its item counts as failed with ErrHandlerTimeout.
-// 0 means no timeout.
+// abandoned 2s later, still running, and its item counts as failed with
+// ErrHandlerTimeout (or, when the shutdown timeout cancelled it, as not
+// handled: it goes back to its key). 0 means no timeout.
 func WithTimeout(d time.Duration) QueueOption {
 	return func(q *queue) {
 		if d < 0 {
@@ -201,7 +203,7 @@ func WithTimeout(d time.Duration) QueueOption {
 type ItemInfo struct {
 	Queue   string
 	Key     string
-	Attempt int // failed attempts before this one; 0 for batch handlers
+	Attempt int // failed attempts before this one; for a batch handler, the most of any item
 }
 
 type infoKey struct{}
@@ -280,8 +282,12 @@ func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context
 			err := r.call(q, info, func(ctx context.Context) error { return fn(ctx, info.Key, vals) })
 			var be *BatchError
 			if errors.As(err, &be) {
+				var failed map[int]error // a nil *BatchError fails nothing
+				if be != nil {
+					failed = be.Failed
+				}
 				for j, i := range idx {
-					out[i] = r.outcome(q, info, b.Items[i].Attempt, be.Failed[j])
+					out[i] = r.outcome(q, info, b.Items[i].Attempt, failed[j])
 				}
 				continue
 			}
@@ -406,8 +412,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.log.Info("worker started", zap.Int("queues", len(queues)), zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
 
 	extendDone := make(chan struct{})
-	var extender sync.WaitGroup
-	extender.Go(func() { r.extendLoop(extendDone) })
+	var background sync.WaitGroup
+	background.Go(func() { r.extendLoop(extendDone) })
+	background.Go(func() { r.reapLoop(ctx, queues) })
 
 	var fetchers sync.WaitGroup
 	for _, q := range queues {
@@ -422,7 +429,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	r.batches.Wait()
 	hard.Stop()
 	close(extendDone)
-	extender.Wait()
+	background.Wait()
 	w.log.Info("worker stopped", zap.Int64("abandoned_handlers", r.abandoned.Load()))
 	return nil
 }
@@ -438,6 +445,18 @@ type runner struct {
 	mu        sync.Mutex
 	active    map[*consumer.Batch]struct{}
 	abandoned atomic.Int64
+	// trouble is when a Redis call last failed (Unix ns). Reaping pauses
+	// for a lease TTL after it: other workers' heartbeats may have failed
+	// too, and their live batches must not be taken from them.
+	trouble atomic.Int64
+}
+
+// redisFailed records a failed Redis call.
+func (r *runner) redisFailed() { r.trouble.Store(time.Now().UnixNano()) }
+
+// calm reports whether no Redis call failed for a lease TTL.
+func (r *runner) calm() bool {
+	return time.Since(time.Unix(0, r.trouble.Load())) > r.w.cons.LeaseTTL()
 }
 
 func (r *runner) stopping() bool {
@@ -485,20 +504,8 @@ func (r *runner) activeCount() int {
 // blocks on the shard's wake-up list when nothing is due.
 func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 	log := r.w.log.With(zap.String("queue", q.name), zap.Int("shard", shard))
-	var lastReap time.Time
 	failures := 0
 	for !r.stopping() {
-		if time.Since(lastReap) >= reapEvery {
-			lastReap = time.Now()
-			rctx, cancel := context.WithTimeout(ctx, redisTimeout)
-			n, err := r.w.cons.Reap(rctx, q.name, shard)
-			cancel()
-			if err != nil && ctx.Err() == nil {
-				log.Warn("reap failed", zap.Error(err))
-			} else if n > 0 {
-				log.Info("returned expired leases", zap.Int("leases", n))
-			}
-		}
 		n := r.acquire(r.w.concurrency)
 		if n == 0 {
 			return
@@ -517,6 +524,7 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		}
 		if err != nil {
 			failures++
+			r.redisFailed()
 			log.Warn("fetch failed", zap.Error(err), zap.Int("failures", failures))
 			r.sleep(retryWait(failures))
 			continue
@@ -531,8 +539,41 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		}
 		if err := r.w.cons.Wait(ctx, q.name, shard, wait); err != nil && ctx.Err() == nil {
 			failures++
+			r.redisFailed()
 			log.Warn("wait failed", zap.Error(err), zap.Int("failures", failures))
 			r.sleep(retryWait(failures))
+		}
+	}
+}
+
+// reapLoop returns the expired leases of every shard of the worker's queues
+// every reapEvery until ctx is done. It takes no slot, so long handlers do
+// not delay the redelivery of a dead worker's batches.
+func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
+	t := time.NewTicker(reapEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !r.calm() {
+			continue
+		}
+		for _, q := range queues {
+			for shard := range r.w.cons.Shards() {
+				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+				n, err := r.w.cons.Reap(rctx, q.name, shard)
+				cancel()
+				switch {
+				case err != nil && ctx.Err() == nil:
+					r.redisFailed()
+					r.w.log.Warn("reap failed", zap.String("queue", q.name), zap.Int("shard", shard), zap.Error(err))
+				case n > 0:
+					r.w.log.Info("returned the batches of expired leases", zap.String("queue", q.name), zap.Int("shard", shard), zap.Int("leases", n))
+				}
+			}
 		}
 	}
 }
@@ -561,7 +602,7 @@ func (r *runner) start(q *queue, b *consumer.Batch) {
 	r.batches.Go(func() {
 		defer func() { <-r.slots }()
 		out := make([]consumer.Outcome, len(b.Items))
-		q.handle(r, q, b, out)
+		r.handle(q, b, out)
 		r.settle(q, b, out)
 		r.mu.Lock()
 		delete(r.active, b)
@@ -569,31 +610,47 @@ func (r *runner) start(q *queue, b *consumer.Batch) {
 	})
 }
 
-// settle records a batch's outcomes, trying again while Redis fails, for up
-// to a lease TTL: past that the lease has expired and the batch will be
-// delivered again anyway.
+// handle runs q's handler over b. A panic outside the user's handler (in a
+// Backoff, say) is recovered: the items without an outcome yet go back
+// unhandled rather than taking the process down.
+func (r *runner) handle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
+	defer func() {
+		if v := recover(); v != nil {
+			r.w.log.Error("panic while handling a batch", zap.String("queue", q.name), zap.String("key", b.Key), zap.Any("panic", v))
+		}
+	}()
+	q.handle(r, q, b, out)
+}
+
+// settle records a batch's outcomes, trying again while Redis fails: the
+// batch keeps its slot and its lease heartbeat meanwhile. It gives up only
+// once the shutdown timeout has passed; the lease then expires and the
+// batch is delivered again.
 func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
-	log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
-	give := time.Now().Add(r.w.cons.LeaseTTL())
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 		err := r.w.cons.Settle(ctx, b, out)
 		cancel()
-		switch {
-		case err == nil:
+		if err == nil {
 			return
+		}
+		log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
+		switch {
 		case errors.Is(err, consumer.ErrLeaseLost):
 			log.Warn("lease expired before the batch was settled; it will be delivered again")
 			return
-		case errors.Is(err, consumer.ErrNotArray):
-			log.Warn("cannot put unfinished items back: the key holds a corrupt value; the lease will be reaped once it is dead-lettered")
-			return
-		case time.Now().After(give):
-			log.Error("giving up settling the batch; it will be delivered again", zap.Error(err))
+		case r.hctx.Err() != nil:
+			log.Error("giving up settling the batch at shutdown; it will be delivered again", zap.Error(err))
 			return
 		}
+		r.redisFailed()
 		log.Warn("settle failed; retrying", zap.Error(err), zap.Int("attempt", attempt))
-		time.Sleep(retryWait(attempt))
+		t := time.NewTimer(retryWait(attempt))
+		select {
+		case <-t.C:
+		case <-r.hctx.Done():
+			t.Stop()
+		}
 	}
 }
 
@@ -619,6 +676,7 @@ func (r *runner) extendLoop(done <-chan struct{}) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), r.w.cons.LeaseTTL()/3)
 		if err := r.w.cons.Extend(ctx, bs...); err != nil {
+			r.redisFailed()
 			r.w.log.Warn("extending leases failed", zap.Error(err), zap.Int("batches", len(bs)))
 		}
 		cancel()
@@ -629,10 +687,10 @@ func (r *runner) extendLoop(done <-chan struct{}) {
 // A handler that outlives its context by abandonGrace is abandoned.
 func (r *runner) call(q *queue, info ItemInfo, fn func(context.Context) error) error {
 	ctx := context.WithValue(r.hctx, infoKey{}, info)
-	if q.timeout <= 0 {
-		return r.safe(ctx, info, fn)
+	cancel := func() {}
+	if q.timeout > 0 {
+		ctx, cancel = context.WithTimeout(ctx, q.timeout)
 	}
-	ctx, cancel := context.WithTimeout(ctx, q.timeout)
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- r.safe(ctx, info, fn) }()

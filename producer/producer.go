@@ -10,7 +10,11 @@
 //
 // A Producer is safe for concurrent use; concurrent calls share connections
 // and are pipelined by the rueidis client. A nil error means the items are
-// stored in Redis; any error means none of them is.
+// stored in Redis. A validation error (ErrInvalidJSON, ErrItemTooLarge,
+// ErrMarshal, ErrQueueName, ErrKeyName) or ErrNotArray means none of them
+// is. A Redis or context error (a timeout, a lost connection) leaves it
+// unknown: the script may have run before the reply was lost, so adding the
+// items again may store them twice.
 //
 //	p, err := producer.New(rdb)
 //	err = p.Add(r.Context(), "emails", "user:42", Email{To: "a@example.com"})

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -177,6 +178,29 @@ func (s *Server) Stop() {
 		time.Sleep(10 * time.Millisecond)
 	}
 	s.cmd = nil
+}
+
+// Backend returns a backend on the server, with a client and a fresh prefix.
+func (s *Server) Backend(t testing.TB) Backend {
+	t.Helper()
+	return Backend{Name: "redis", Addr: s.Addr, Client: Client(t, s.Addr), Prefix: prefix()}
+}
+
+// Pause stops the server process (SIGSTOP): it keeps its connections but
+// answers nothing until Resume.
+func (s *Server) Pause(t testing.TB) {
+	t.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatalf("pause redis-server: %v", err)
+	}
+}
+
+// Resume lets a paused server go on (SIGCONT).
+func (s *Server) Resume(t testing.TB) {
+	t.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatalf("resume redis-server: %v", err)
+	}
 }
 
 // Restart starts the server again on the same port, with the same data
