@@ -32,6 +32,8 @@ const (
 	maxIdleWait = time.Second
 	// reapEvery is how often a worker reaps the expired leases of its queues.
 	reapEvery = time.Second
+	// syncEvery is how often a worker measures the Redis server's clock.
+	syncEvery = 30 * time.Second
 	// abandonGrace is how long a handler may outlive its context before the
 	// worker stops waiting for it.
 	abandonGrace = 2 * time.Second
@@ -127,6 +129,10 @@ func WithAtMostOnce() Option { return withConsumer(consumer.WithAtMostOnce()) }
 // WithDeadLetterCap bounds the dead letters kept per queue shard (default
 // 100,000, the oldest dropped first; 0 keeps them all).
 func WithDeadLetterCap(n int) Option { return withConsumer(consumer.WithDeadLetterCap(n)) }
+
+// WithName names the worker in the leases it holds (default
+// "<hostname>-<pid>-<random>"); it may not hold a colon.
+func WithName(name string) Option { return withConsumer(consumer.WithName(name)) }
 
 func withConsumer(o consumer.Option) Option {
 	return func(c *workerConfig) error {
@@ -409,7 +415,9 @@ func (w *Worker) Run(ctx context.Context) error {
 		slots:  make(chan struct{}, w.concurrency),
 		active: make(map[*consumer.Batch]struct{}),
 	}
-	w.log.Info("worker started", zap.Int("queues", len(queues)), zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
+	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
+		zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
+	r.checkServer(ctx)
 
 	extendDone := make(chan struct{})
 	var background sync.WaitGroup
@@ -546,17 +554,46 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 	}
 }
 
+// checkServer syncs the consumer's clock to the server's and warns about
+// server settings that lose items. Failures are logged, not fatal: Redis
+// may be down at start, and an ACL may deny CONFIG.
+func (r *runner) checkServer(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	if err := r.w.cons.Sync(ctx); err != nil {
+		r.redisFailed()
+		r.w.log.Warn("cannot read the Redis server's clock; using the local clock until the next try", zap.Error(err))
+	} else if off := r.w.cons.Offset(); off > time.Second || off < -time.Second {
+		r.w.log.Warn("the local clock is off the Redis server's; batchq uses the server's", zap.Duration("offset", off))
+	}
+	policy, err := r.w.cons.EvictionPolicy(ctx)
+	if err == nil && policy != "noeviction" {
+		r.w.log.Warn("Redis may evict keys, and with them items: set maxmemory-policy noeviction",
+			zap.String("maxmemory_policy", policy))
+	}
+}
+
 // reapLoop returns the expired leases of every shard of the worker's queues
-// every reapEvery until ctx is done. It takes no slot, so long handlers do
-// not delay the redelivery of a dead worker's batches.
+// every reapEvery until ctx is done, and syncs the clock every syncEvery.
+// It takes no slot, so long handlers do not delay the redelivery of a dead
+// worker's batches.
 func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 	t := time.NewTicker(reapEvery)
 	defer t.Stop()
+	lastSync := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if time.Since(lastSync) >= syncEvery {
+			lastSync = time.Now()
+			sctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			if err := r.w.cons.Sync(sctx); err != nil && ctx.Err() == nil {
+				r.redisFailed()
+			}
+			cancel()
 		}
 		if !r.calm() {
 			continue
@@ -579,9 +616,9 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 }
 
 // retryWait is the pause after the n-th Redis failure in a row: 50ms
-// doubling to 2s.
+// doubling to 500ms, so that a worker is back within a second of Redis.
 func retryWait(n int) time.Duration {
-	return min(50*time.Millisecond<<min(n-1, 6), 2*time.Second)
+	return min(50*time.Millisecond<<min(n-1, 4), 500*time.Millisecond)
 }
 
 // sleep waits d or until shutdown begins.

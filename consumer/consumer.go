@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -41,7 +43,9 @@ type Consumer struct {
 	atMostOnce bool
 	deadCap    int
 	retries    int
-	now        func() time.Time
+	name       string
+	clock      func() time.Time // the local clock
+	offset     atomic.Int64     // the server's clock minus the local clock, in ns (see Sync)
 }
 
 // Option configures a Consumer.
@@ -106,6 +110,25 @@ func WithDeadLetterCap(n int) Option {
 	}
 }
 
+// WithName names the consumer in the leases it holds (default
+// "<hostname>-<pid>-<random>"), so that an operator can tell whose they are.
+// It may not hold a colon.
+func WithName(name string) Option {
+	return func(c *Consumer) error {
+		if name == "" || len(name) > 128 || strings.ContainsAny(name, ":{}") {
+			return fmt.Errorf("consumer: name %q must be 1-128 bytes without colons or braces", name)
+		}
+		c.name = name
+		return nil
+	}
+}
+
+func defaultName() string {
+	host, _ := os.Hostname()
+	host = strings.NewReplacer(":", "_", "{", "_", "}", "_").Replace(host)
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), strconv.FormatUint(rand.Uint64()%46656, 36))
+}
+
 // New returns a Consumer that uses c, which the caller keeps owning.
 func New(c rueidis.Client, opts ...Option) (*Consumer, error) {
 	cs := &Consumer{
@@ -115,15 +138,52 @@ func New(c rueidis.Client, opts ...Option) (*Consumer, error) {
 		leaseTTL: DefaultLeaseTTL,
 		deadCap:  DefaultDeadLetterCap,
 		retries:  DefaultRetriesPerFetch,
-		now:      time.Now,
+		clock:    time.Now,
 	}
 	for _, o := range opts {
 		if err := o(cs); err != nil {
 			return nil, err
 		}
 	}
+	if cs.name == "" {
+		cs.name = defaultName()
+	}
 	return cs, nil
 }
+
+// Name returns the consumer's name.
+func (c *Consumer) Name() string { return c.name }
+
+// Sync measures the offset of the Redis server's clock from the local
+// clock, which the consumer then adds to its own readings: lease deadlines
+// and due times are then on the server's clock, so the clocks of consumers
+// (and of producers, whose appends read the server's clock) need not agree.
+// A Worker syncs at start and every 30 seconds; a consumer that is never
+// synced uses its local clock.
+func (c *Consumer) Sync(ctx context.Context) error {
+	t0 := c.clock()
+	server, err := store.Time(ctx, c.c)
+	t1 := c.clock()
+	if err != nil {
+		return fmt.Errorf("sync clock: %w", err)
+	}
+	mid := t0.Add(t1.Sub(t0) / 2)
+	c.offset.Store(int64(server.Sub(mid)))
+	return nil
+}
+
+// EvictionPolicy returns the server's maxmemory-policy. Any policy but
+// noeviction lets Redis drop keys, and the items in them, when it is full.
+func (c *Consumer) EvictionPolicy(ctx context.Context) (string, error) {
+	return store.EvictionPolicy(ctx, c.c)
+}
+
+// Offset returns the server's clock minus the local clock, as last measured
+// by Sync.
+func (c *Consumer) Offset() time.Duration { return time.Duration(c.offset.Load()) }
+
+// now is the server's time as the consumer knows it.
+func (c *Consumer) now() time.Time { return c.clock().Add(time.Duration(c.offset.Load())) }
 
 // Shards returns the number of shards of every queue.
 func (c *Consumer) Shards() int { return c.shards }
@@ -199,7 +259,7 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	retryToken := newID()
 	cl, err := store.Claim(ctx, c.c, sp, store.ClaimArgs{
 		Now: now, MaxKeys: max, ClaimUntil: deadline,
-		MaxRetries: c.retries, RetryToken: retryToken, RetryDeadline: deadline,
+		MaxRetries: c.retries, RetryToken: retryToken, RetryDeadline: deadline, Owner: c.name,
 	})
 	if err != nil {
 		return Fetched{}, fmt.Errorf("fetch %s: %w", queue, err)
@@ -250,7 +310,7 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 			for i := range tokens {
 				tokens[i] = newID()
 			}
-			drained, err = store.Drain(ctx, c.c, sp, cl.Keys, tokens, deadline)
+			drained, err = store.Drain(ctx, c.c, sp, cl.Keys, tokens, deadline, c.name)
 		}
 		for _, d := range drained {
 			c.collect(ctx, &f, queue, shard, d)
@@ -405,6 +465,7 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 	s := store.Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
 	var back []byte
+	nback := 0
 	for i, it := range b.Items {
 		var o Outcome
 		if i < len(outcomes) {
@@ -424,6 +485,7 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 				back = append(back, ',')
 			}
 			back = append(back, it.Data...)
+			nback++
 		case Retry:
 			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
 			s.Retries = append(s.Retries, store.Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
@@ -435,7 +497,7 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 		}
 	}
 	if back != nil {
-		s.Return = string(append(back, ']'))
+		s.Return, s.ReturnN = string(append(back, ']')), nback
 	}
 	return s, nil
 }

@@ -13,6 +13,7 @@
 -- ARGV[4] max retries to claim in the batch of retries (0: none)
 -- ARGV[5] token of the retry lease
 -- ARGV[6] retry lease deadline (ms)
+-- ARGV[7] the retry lease's description (r:<consumer name>)
 --
 -- When retries are due, one of the max batches is theirs; with max 1, the
 -- batch goes to whichever has waited longer, the oldest due key or the
@@ -63,7 +64,7 @@ if retries_due then
   if #retries > 0 then
     redis.call('HSET', KEYS[6], unpack(retries))
     redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
-    redis.call('HSET', KEYS[5], ARGV[5], 'r')
+    redis.call('HSET', KEYS[5], ARGV[5], ARGV[7])
   end
   redis.call('ZREM', KEYS[2], unpack(ids))
   redis.call('HDEL', KEYS[3], unpack(ids))

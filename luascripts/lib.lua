@@ -8,27 +8,45 @@ local function is_array(s)
   return string.byte(s, 1) == 91 and string.byte(s, -1) == 93 -- '[' and ']'
 end
 
--- append_items splices items (JSON values joined by commas, never empty)
--- onto the JSON array stored at ik, creating it if missing. It costs the
--- same whatever the size of the stored array: it reads two bytes and
--- overwrites the closing bracket. It returns the stored length before the
--- append, or nil and an error reply when ik holds something else.
-local function append_items(ik, items)
+-- now_ms is the server's clock in milliseconds. Scripts that producers run
+-- take their due times from it, so producers' clocks do not matter.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- append_items splices items (n JSON values joined by commas, never empty)
+-- onto the JSON array stored at ik, creating it if missing, and adds n to
+-- the item count at nk. It costs the same whatever the size of the stored
+-- array: it reads two bytes and overwrites the closing bracket. With maxn or
+-- maxb above 0, it refuses to take the array past maxn items or maxb bytes.
+-- It returns the stored length before the append, or nil and an error reply
+-- (NOTARRAY, or FULL <items> <bytes>), storing nothing.
+local function append_items(ik, nk, items, n, maxn, maxb)
   local len = redis.pcall('STRLEN', ik)
   if type(len) == 'table' then
     return nil, redis.error_reply('NOTARRAY the key holds a Redis value that is not a string')
   end
-  if len == 0 then
-    redis.call('SET', ik, '[' .. items .. ']')
-    return 0
-  end
-  if len < 2 or redis.call('GETRANGE', ik, 0, 0) ~= '[' or redis.call('GETRANGE', ik, -1, -1) ~= ']' then
+  if len > 0 and (len < 2 or redis.call('GETRANGE', ik, 0, 0) ~= '[' or redis.call('GETRANGE', ik, -1, -1) ~= ']') then
     return nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
   end
-  if len == 2 then
+  local count = 0
+  if len > 2 then
+    count = tonumber(redis.call('GET', nk) or '0') or 0
+  end
+  local newlen = #items + 2
+  if len > 2 then
+    newlen = len + #items + 1
+  end
+  if (maxn > 0 and count + n > maxn) or (maxb > 0 and newlen > maxb) then
+    return nil, redis.error_reply('FULL ' .. count .. ' ' .. len)
+  end
+  if len <= 2 then
     redis.call('SET', ik, '[' .. items .. ']')
+    redis.call('SET', nk, n)
   else
     redis.call('SETRANGE', ik, len - 1, ',' .. items .. ']')
+    redis.call('INCRBY', nk, n)
   end
   return len
 end
@@ -40,11 +58,11 @@ local function can_prepend(ik)
   return ok and (not cur or is_array(cur))
 end
 
--- prepend_array puts the items of the JSON array arr in front of those
--- stored at ik (returned items were appended before the stored ones). It
--- returns false, changing nothing, when ik holds something that is not a
--- JSON array string.
-local function prepend_array(ik, arr)
+-- prepend_array puts the n items of the JSON array arr in front of those
+-- stored at ik (returned items were appended before the stored ones) and
+-- adds n to the item count at nk. It returns false, changing nothing, when
+-- ik holds something that is not a JSON array string.
+local function prepend_array(ik, nk, arr, n)
   if arr == '[]' then
     return true
   end
@@ -54,8 +72,10 @@ local function prepend_array(ik, arr)
   end
   if not cur or cur == '[]' then
     redis.call('SET', ik, arr)
+    redis.call('SET', nk, n)
   elseif is_array(cur) then
     redis.call('SET', ik, string.sub(arr, 1, -2) .. ',' .. string.sub(cur, 2))
+    redis.call('INCRBY', nk, n)
   else
     return false
   end

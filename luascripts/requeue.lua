@@ -5,6 +5,7 @@
 -- KEYS[3] wake LIST
 -- KEYS[4] dead ZSET
 -- KEYS[5] deaddata HASH
+-- KEYS[6] count key of the dead letter's key
 -- ARGV[1] dead letter id
 -- ARGV[2] the item (one JSON value, validated by the caller)
 -- ARGV[3] now (ms)
@@ -12,11 +13,12 @@
 --
 -- Returns 1 when requeued, 0 when the dead letter is gone (requeued or purged
 -- by someone else). Errors with NOTARRAY, changing nothing, when the key holds
--- something other than a JSON array.
+-- something other than a JSON array. Requeueing ignores the key's caps: it
+-- puts back an item that was stored before.
 if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 0 then
   return 0
 end
-local _, err = append_items(KEYS[1], ARGV[2])
+local _, err = append_items(KEYS[1], KEYS[6], ARGV[2], 1, 0, 0)
 if err then
   return err
 end

@@ -13,15 +13,18 @@
 -- KEYS[11] quarantine key
 -- KEYS[12] quarantined SET (names of quarantine keys)
 -- KEYS[13] settled marker of a batch without a lease
+-- KEYS[14] count key of the batch's key
+-- KEYS[15] count key of the lease
 -- ARGV[1]  lease token, or "" for a batch drained without a lease (at-most-once)
 -- ARGV[2]  now (ms)
 -- ARGV[3]  the batch's key
 -- ARGV[4]  unfinished items to put back in front of the key's array (a JSON array), or ""
--- ARGV[5]  dead letter cap per shard (0: unbounded); the oldest are dropped past it
--- ARGV[6]  flags: "q" to move KEYS[3] to the quarantine key instead of
+-- ARGV[5]  how many items ARGV[4] holds
+-- ARGV[6]  dead letter cap per shard (0: unbounded); the oldest are dropped past it
+-- ARGV[7]  flags: "q" to move KEYS[3] to the quarantine key instead of
 --          deleting it; "r" to make the batch's key ready (its value needs a
 --          worker's look)
--- ARGV[7]  number of retries n, then n triples: id, due time (ms), envelope
+-- ARGV[8]  number of retries n, then n triples: id, due time (ms), envelope
 -- then     number of dead letters m, then m pairs: id, envelope
 --
 -- Every check comes before the first write, so the script applies whole or
@@ -42,7 +45,7 @@ end
 if back ~= '' and not can_prepend(KEYS[4]) then
   return -1
 end
-local quarantine = string.find(ARGV[6], 'q', 1, true) ~= nil
+local quarantine = string.find(ARGV[7], 'q', 1, true) ~= nil
 if quarantine and redis.call('EXISTS', KEYS[3]) == 0 then
   return -2
 end
@@ -52,6 +55,7 @@ if token == '' then
 else
   redis.call('ZREM', KEYS[1], token)
   redis.call('HDEL', KEYS[2], token)
+  redis.call('DEL', KEYS[15])
 end
 if quarantine then
   redis.call('RENAME', KEYS[3], KEYS[11])
@@ -60,13 +64,13 @@ elseif token ~= '' then
   redis.call('DEL', KEYS[3])
 end
 if back ~= '' then
-  prepend_array(KEYS[4], back)
+  prepend_array(KEYS[4], KEYS[14], back, tonumber(ARGV[5]))
 end
-if back ~= '' or string.find(ARGV[6], 'r', 1, true) then
+if back ~= '' or string.find(ARGV[7], 'r', 1, true) then
   make_ready(KEYS[5], KEYS[6], now, key)
 end
 
-local i = 7
+local i = 8
 local n = tonumber(ARGV[i])
 for _ = 1, n do
   redis.call('ZADD', KEYS[7], ARGV[i + 2], ARGV[i + 1])
@@ -80,7 +84,7 @@ for _ = 1, m do
   redis.call('HSET', KEYS[10], ARGV[i + 1], ARGV[i + 2])
   i = i + 2
 end
-local cap = tonumber(ARGV[5])
+local cap = tonumber(ARGV[6])
 if m > 0 and cap > 0 then
   -- Drop the oldest past the cap, in chunks: unpack takes a few thousand
   -- values at most.

@@ -26,7 +26,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/redis/rueidis"
 
@@ -34,8 +33,12 @@ import (
 	"github.com/batchq/batchq/internal/store"
 )
 
-// DefaultMaxItemBytes is the default size limit of one item.
-const DefaultMaxItemBytes = 1 << 20
+// Default limits.
+const (
+	DefaultMaxItemBytes = 1 << 20   // one item
+	DefaultMaxKeyItems  = 1_000_000 // the pending items of one key
+	DefaultMaxKeyBytes  = 64 << 20  // the pending bytes of one key
+)
 
 // Errors returned by Add and AddRaw, wrapped with the queue, key and item
 // index; test them with errors.Is.
@@ -52,7 +55,30 @@ var (
 	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.
 	ErrQueueName = keys.ErrQueueName
 	ErrKeyName   = keys.ErrKeyName
+	// ErrKeyFull: the items would take the key past its item or byte cap.
+	// The error is a *KeyFullError. Nothing is stored and nothing is
+	// dropped: the key is made due at once, so try again once a worker
+	// has drained it.
+	ErrKeyFull = errors.New("key full")
 )
+
+// KeyFullError reports an append refused by a key's caps.
+type KeyFullError struct {
+	Queue, Key string
+	Items      int64 // items the key holds
+	Bytes      int64 // bytes the key holds
+	Adding     int   // items of the refused append
+	MaxItems   int
+	MaxBytes   int
+}
+
+func (e *KeyFullError) Error() string {
+	return fmt.Sprintf("append to %s/%s: key full: it holds %d items and %d bytes; adding %d items would pass the cap of %d items or %d bytes",
+		e.Queue, e.Key, e.Items, e.Bytes, e.Adding, e.MaxItems, e.MaxBytes)
+}
+
+// Is reports whether target is ErrKeyFull.
+func (e *KeyFullError) Is(target error) bool { return target == ErrKeyFull }
 
 // Producer appends items to queues. It is safe for concurrent use.
 type Producer struct {
@@ -60,7 +86,7 @@ type Producer struct {
 	prefix  string
 	shards  int
 	maxItem int
-	now     func() time.Time
+	caps    store.Caps
 }
 
 // Option configures a Producer.
@@ -101,11 +127,37 @@ func WithMaxItemBytes(n int) Option {
 	}
 }
 
+// WithMaxKeyItems caps the pending items of one key (default 1,000,000; 0
+// for none). An append that would pass it fails with ErrKeyFull.
+func WithMaxKeyItems(n int) Option {
+	return func(pr *Producer) error {
+		if n < 0 {
+			return fmt.Errorf("producer: max key items must not be negative, got %d", n)
+		}
+		pr.caps.Items = n
+		return nil
+	}
+}
+
+// WithMaxKeyBytes caps the pending bytes of one key, the size of its JSON
+// array (default 64 MiB; 0 for none, up to Redis' 512 MB string limit). An
+// append that would pass it fails with ErrKeyFull.
+func WithMaxKeyBytes(n int) Option {
+	return func(pr *Producer) error {
+		if n < 0 {
+			return fmt.Errorf("producer: max key bytes must not be negative, got %d", n)
+		}
+		pr.caps.Bytes = n
+		return nil
+	}
+}
+
 // New returns a Producer that uses c, which the caller keeps owning. Create
 // the client with DisableCache: true; batchq has no use for client-side
 // caching.
 func New(c rueidis.Client, opts ...Option) (*Producer, error) {
-	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes, now: time.Now}
+	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes,
+		caps: store.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes}}
 	for _, o := range opts {
 		if err := o(p); err != nil {
 			return nil, err
@@ -146,7 +198,7 @@ func (p *Producer) Add(ctx context.Context, queue, key string, items ...any) err
 			return itemErr(queue, key, i, fmt.Errorf("%w: %d bytes, limit %d", ErrItemTooLarge, n, p.maxItem))
 		}
 	}
-	return p.append(ctx, queue, key, buf.String())
+	return p.append(ctx, queue, key, buf.String(), len(items))
 }
 
 // AddRaw appends items that are already JSON, in order, to the key of a
@@ -170,7 +222,7 @@ func (p *Producer) AddRaw(ctx context.Context, queue, key string, items ...json.
 		}
 		buf = append(buf, it...)
 	}
-	return p.append(ctx, queue, key, string(buf))
+	return p.append(ctx, queue, key, string(buf), len(items))
 }
 
 func (p *Producer) check(raw json.RawMessage) error {
@@ -183,7 +235,7 @@ func (p *Producer) check(raw json.RawMessage) error {
 	return nil
 }
 
-func (p *Producer) append(ctx context.Context, queue, key, joined string) error {
+func (p *Producer) append(ctx context.Context, queue, key, joined string, n int) error {
 	if err := keys.CheckQueue(queue); err != nil {
 		return err
 	}
@@ -191,7 +243,13 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string) error 
 		return err
 	}
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
-	if _, err := store.Append(ctx, p.c, sp, key, joined, p.now().UnixMilli()); err != nil {
+	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps)
+	var full *store.FullError
+	switch {
+	case errors.As(err, &full):
+		return &KeyFullError{Queue: queue, Key: key, Items: full.Items, Bytes: full.Bytes, Adding: n,
+			MaxItems: p.caps.Items, MaxBytes: p.caps.Bytes}
+	case err != nil:
 		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
 	}
 	return nil

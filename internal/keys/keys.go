@@ -6,11 +6,13 @@
 // safe):
 //
 //	<prefix>:{<queue>:<shard>}:k:<key>       pending items, a JSON array (string)
+//	<prefix>:{<queue>:<shard>}:n:<key>       how many items k:<key> holds (string)
 //	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms)
 //	<prefix>:{<queue>:<shard>}:wake          LIST of wake-up tokens for idle workers
 //	<prefix>:{<queue>:<shard>}:leases        ZSET lease token -> deadline (ms)
 //	<prefix>:{<queue>:<shard>}:leasemeta     HASH lease token -> kind and key
 //	<prefix>:{<queue>:<shard>}:lease:<tok>   a leased batch (string array or hash of retries)
+//	<prefix>:{<queue>:<shard>}:leasen:<tok>  how many items lease:<tok> holds
 //	<prefix>:{<queue>:<shard>}:retry         ZSET retry id -> due time (ms)
 //	<prefix>:{<queue>:<shard>}:retrydata     HASH retry id -> retry envelope
 //	<prefix>:{<queue>:<shard>}:dead          ZSET dead letter id -> time (ms)
@@ -93,6 +95,9 @@ func (s Space) Items(key string) string { return s.base + "k:" + key }
 // ItemsPrefix is the common prefix of every Items key; Items(key) minus it is key.
 func (s Space) ItemsPrefix() string { return s.base + "k:" }
 
+// Count is the key holding how many items Items(key) holds.
+func (s Space) Count(key string) string { return s.base + "n:" + key }
+
 // Ready is the ZSET of keys with pending items, scored by due time.
 func (s Space) Ready() string { return s.base + "ready" }
 
@@ -107,6 +112,9 @@ func (s Space) LeaseMeta() string { return s.base + "leasemeta" }
 
 // Lease is the key holding the leased batch of token.
 func (s Space) Lease(token string) string { return s.base + "lease:" + token }
+
+// LeaseCount is the key holding how many items the lease of token holds.
+func (s Space) LeaseCount(token string) string { return s.base + "leasen:" + token }
 
 // Retry is the ZSET of retry ids scored by due time.
 func (s Space) Retry() string { return s.base + "retry" }

@@ -11,6 +11,8 @@ func TestSpaceNames(t *testing.T) {
 	for _, c := range []struct{ got, want string }{
 		{sp.Items("user:42"), "app:{emails:3}:k:user:42"},
 		{sp.ItemsPrefix() + "user:42", sp.Items("user:42")},
+		{sp.Count("user:42"), "app:{emails:3}:n:user:42"},
+		{sp.LeaseCount("tok"), "app:{emails:3}:leasen:tok"},
 		{sp.Ready(), "app:{emails:3}:ready"},
 		{sp.Wake(), "app:{emails:3}:wake"},
 		{sp.Leases(), "app:{emails:3}:leases"},

@@ -32,24 +32,78 @@ var (
 // array (written by something other than batchq).
 var ErrNotArray = errors.New("the key holds a value that is not a JSON array")
 
+// FullError reports an append refused because it would take the key past
+// one of its caps.
+type FullError struct {
+	Items int64 // items the key holds
+	Bytes int64 // bytes the key holds
+}
+
+func (e *FullError) Error() string {
+	return fmt.Sprintf("the key is full (it holds %d items, %d bytes)", e.Items, e.Bytes)
+}
+
 func ms(n int64) string { return strconv.FormatInt(n, 10) }
 
-// notArray turns the scripts' NOTARRAY error reply into ErrNotArray.
-func notArray(err error) error {
-	if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "NOTARRAY") {
-		return fmt.Errorf("%w (%s)", ErrNotArray, strings.TrimPrefix(re.Error(), "NOTARRAY "))
+// appendError turns the scripts' NOTARRAY and FULL error replies into
+// ErrNotArray and *FullError.
+func appendError(err error) error {
+	re, ok := rueidis.IsRedisErr(err)
+	if !ok {
+		return err
+	}
+	msg := re.Error()
+	if rest, ok := strings.CutPrefix(msg, "NOTARRAY "); ok {
+		return fmt.Errorf("%w (%s)", ErrNotArray, rest)
+	}
+	if rest, ok := strings.CutPrefix(msg, "FULL "); ok {
+		var fe FullError
+		if _, err := fmt.Sscan(rest, &fe.Items, &fe.Bytes); err == nil {
+			return &fe
+		}
 	}
 	return err
 }
 
-// Append splices items (valid JSON values joined by commas) onto key's array
-// and makes the key ready, due at now if it was not ready yet. It returns the
-// array's length in bytes before the append.
-func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, items string, now int64) (int64, error) {
-	n, err := mergeScript.Exec(ctx, c,
-		[]string{sp.Items(key), sp.Ready(), sp.Wake()},
-		[]string{items, ms(now), key}).AsInt64()
-	return n, notArray(err)
+// Caps bound what one key may hold; 0 means no bound.
+type Caps struct {
+	Items int
+	Bytes int
+}
+
+// Append splices n items (valid JSON values joined by commas) onto key's
+// array and makes the key ready, due at the server's time if it was not
+// ready yet. It returns the array's length in bytes before the append.
+func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, items string, n int, caps Caps) (int64, error) {
+	l, err := mergeScript.Exec(ctx, c,
+		[]string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake()},
+		[]string{items, strconv.Itoa(n), key, strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes)}).AsInt64()
+	return l, appendError(err)
+}
+
+// EvictionPolicy returns the server's maxmemory-policy.
+func EvictionPolicy(ctx context.Context, c rueidis.Client) (string, error) {
+	kv, err := c.Do(ctx, c.B().ConfigGet().Parameter("maxmemory-policy").Build()).AsStrMap()
+	if err != nil {
+		return "", err
+	}
+	p, ok := kv["maxmemory-policy"]
+	if !ok {
+		return "", errors.New("CONFIG GET maxmemory-policy returned nothing")
+	}
+	return p, nil
+}
+
+// Time returns the server's clock.
+func Time(ctx context.Context, c rueidis.Client) (time.Time, error) {
+	parts, err := c.Do(ctx, c.B().Time().Build()).AsIntSlice()
+	if err != nil {
+		return time.Time{}, err
+	}
+	if len(parts) != 2 {
+		return time.Time{}, fmt.Errorf("TIME returned %d values", len(parts))
+	}
+	return time.Unix(parts[0], parts[1]*1000), nil
 }
 
 // Claimed is what Claim took from a shard.
@@ -57,6 +111,23 @@ type Claimed struct {
 	Keys    []string // due keys, now claimed until the claim deadline
 	Retries []Entry  // due retries, now held under the retry lease token
 	Next    int64    // earliest due time left on the ready or retry index; 0: none
+}
+
+// Lease descriptions, stored in leasemeta: "d:<owner>:<key>" for a drained
+// key, "r:<owner>" for a batch of retries. Owners hold no colon.
+
+// KeyLease describes the lease of a drained key.
+func KeyLease(owner, key string) string { return "d:" + owner + ":" + key }
+
+// RetryLease describes the lease of a batch of retries.
+func RetryLease(owner string) string { return "r:" + owner }
+
+// ParseLease returns the owner and, for a drained key, the key of a lease
+// description.
+func ParseLease(meta string) (owner, key string, isKey bool) {
+	kind, rest, _ := strings.Cut(meta, ":")
+	owner, key, _ = strings.Cut(rest, ":")
+	return owner, key, kind == "d"
 }
 
 // Entry is a stored envelope and its id.
@@ -72,6 +143,7 @@ type ClaimArgs struct {
 	MaxRetries    int
 	RetryToken    string
 	RetryDeadline int64
+	Owner         string // the claiming consumer's name
 }
 
 // Claim claims up to a.MaxKeys due keys and, when fewer were due, up to
@@ -79,7 +151,7 @@ type ClaimArgs struct {
 func Claim(ctx context.Context, c rueidis.Client, sp keys.Space, a ClaimArgs) (Claimed, error) {
 	arr, err := claimScript.Exec(ctx, c,
 		[]string{sp.Ready(), sp.Retry(), sp.RetryData(), sp.Leases(), sp.LeaseMeta(), sp.Lease(a.RetryToken)},
-		[]string{ms(a.Now), strconv.Itoa(a.MaxKeys), ms(a.ClaimUntil), strconv.Itoa(a.MaxRetries), a.RetryToken, ms(a.RetryDeadline)},
+		[]string{ms(a.Now), strconv.Itoa(a.MaxKeys), ms(a.ClaimUntil), strconv.Itoa(a.MaxRetries), a.RetryToken, ms(a.RetryDeadline), RetryLease(a.Owner)},
 	).ToArray()
 	if err != nil {
 		return Claimed{}, err
@@ -117,20 +189,23 @@ type Drained struct {
 	WrongType bool   // the key holds a Redis value that is not a string
 }
 
-// Drain moves each key's array into a lease with the given deadline, with
-// one MULTI/EXEC per key, all keys in one round trip. Items appended after a
-// key's EXEC start a fresh array. tokens[i] names the lease of keys[i].
-func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames, tokens []string, deadline int64) ([]Drained, error) {
-	const per = 7 // MULTI, RENAME, ZREM, ZADD, HSET, GET, EXEC
+// Drain moves each key's array (and its item count) into a lease with the
+// given deadline, with one MULTI/EXEC per key, all keys in one round trip.
+// Items appended after a key's EXEC start a fresh array. tokens[i] names the
+// lease of keys[i]; owner is the draining consumer's name.
+func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames, tokens []string, deadline int64, owner string) ([]Drained, error) {
+	const per = 8 // MULTI, RENAME, RENAME, ZREM, ZADD, HSET, GET, EXEC
+	const get = 5 // the GET's place among the EXEC's replies
 	cmds := make(rueidis.Commands, 0, per*len(keyNames))
 	for i, k := range keyNames {
 		lk := sp.Lease(tokens[i])
 		cmds = append(cmds,
 			c.B().Multi().Build(),
 			c.B().Rename().Key(sp.Items(k)).Newkey(lk).Build(),
+			c.B().Rename().Key(sp.Count(k)).Newkey(sp.LeaseCount(tokens[i])).Build(),
 			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
 			c.B().Zadd().Key(sp.Leases()).ScoreMember().ScoreMember(float64(deadline), tokens[i]).Build(),
-			c.B().Hset().Key(sp.LeaseMeta()).FieldValue().FieldValue(tokens[i], "d:"+k).Build(),
+			c.B().Hset().Key(sp.LeaseMeta()).FieldValue().FieldValue(tokens[i], KeyLease(owner, k)).Build(),
 			c.B().Get().Key(lk).Build(),
 			c.B().Exec().Build(),
 		)
@@ -159,7 +234,7 @@ func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames, token
 			phantom = append(phantom, tokens[i])
 			continue
 		}
-		out[i].Data, out[i].WrongType, err = value(exec[4])
+		out[i].Data, out[i].WrongType, err = value(exec[get])
 		if err != nil {
 			// Leased but unreadable: the reaper returns it after the deadline.
 			out[i].Missing = true
@@ -167,9 +242,14 @@ func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames, token
 		}
 	}
 	if len(phantom) > 0 {
+		counts := make([]string, len(phantom))
+		for i, t := range phantom {
+			counts[i] = sp.LeaseCount(t)
+		}
 		r := c.DoMulti(ctx,
 			c.B().Zrem().Key(sp.Leases()).Member(phantom...).Build(),
-			c.B().Hdel().Key(sp.LeaseMeta()).Field(phantom...).Build())
+			c.B().Hdel().Key(sp.LeaseMeta()).Field(phantom...).Build(),
+			c.B().Del().Key(counts...).Build())
 		for _, x := range r {
 			if err := x.Error(); err != nil {
 				errs = append(errs, fmt.Errorf("drain: remove empty leases: %w", err))
@@ -195,12 +275,13 @@ func value(m rueidis.RedisMessage) (data []byte, wrongType bool, err error) {
 // MULTI/EXEC of GETDEL and ZREM per key, no lease. A worker that dies after
 // the EXEC loses the batch.
 func DrainOnce(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string) ([]Drained, error) {
-	const per = 4 // MULTI, GETDEL, ZREM, EXEC
+	const per = 5 // MULTI, GETDEL, DEL, ZREM, EXEC
 	cmds := make(rueidis.Commands, 0, per*len(keyNames))
 	for _, k := range keyNames {
 		cmds = append(cmds,
 			c.B().Multi().Build(),
 			c.B().Getdel().Key(sp.Items(k)).Build(),
+			c.B().Del().Key(sp.Count(k)).Build(),
 			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
 			c.B().Exec().Build(),
 		)
@@ -243,6 +324,7 @@ type Settlement struct {
 	ID         string // the batch's id (the token when leased)
 	Key        string // the batch's key; "" for a retry batch
 	Return     string // unfinished items to put back in front of Key's array, as a JSON array; "" for none
+	ReturnN    int    // how many items Return holds
 	Quarantine bool   // keep the batch's raw value (not a string) under the quarantine key of ID
 	MakeReady  bool   // make Key ready: its value needs a worker's look
 	Retries    []Scheduled
@@ -284,7 +366,7 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 		flags += "r"
 	}
 	args := make([]string, 0, 9+3*len(s.Retries)+2*len(s.Dead))
-	args = append(args, s.Token, ms(s.Now), s.Key, s.Return, strconv.Itoa(s.DeadCap), flags,
+	args = append(args, s.Token, ms(s.Now), s.Key, s.Return, strconv.Itoa(s.ReturnN), strconv.Itoa(s.DeadCap), flags,
 		strconv.Itoa(len(s.Retries)))
 	for _, r := range s.Retries {
 		args = append(args, r.ID, ms(r.Due), r.Env)
@@ -293,10 +375,14 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 	for _, d := range s.Dead {
 		args = append(args, d.ID, d.Env)
 	}
+	count := sp.LeaseCount(s.ID) // unused for a batch of retries
+	if s.Key != "" {
+		count = sp.Count(s.Key)
+	}
 	n, err := settleScript.Exec(ctx, c,
 		[]string{sp.Leases(), sp.LeaseMeta(), src, items, sp.Ready(), sp.Wake(),
 			sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(),
-			sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID)},
+			sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID), count, sp.LeaseCount(s.ID)},
 		args).AsInt64()
 	switch {
 	case err != nil:
@@ -357,14 +443,17 @@ func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit
 	for i := len(toks) - 1; i >= 0; i-- {
 		tok := toks[i]
 		meta, _ := metas[i].ToString()
-		key, isKey := strings.CutPrefix(meta, "d:")
-		items := sp.Lease(tok)
+		_, key, isKey := ParseLease(meta)
+		items, count := sp.Lease(tok), sp.LeaseCount(tok)
 		if isKey {
-			items = sp.Items(key)
+			items, count = sp.Items(key), sp.Count(key)
+		} else {
+			key = ""
 		}
 		n, err := reapScript.Exec(ctx, c,
-			[]string{sp.Leases(), sp.LeaseMeta(), sp.Lease(tok), items, sp.Ready(), sp.Wake(), sp.Retry(), sp.RetryData()},
-			[]string{tok, ms(now), key, ms(retryAt)}).AsInt64()
+			[]string{sp.Leases(), sp.LeaseMeta(), sp.Lease(tok), items, sp.Ready(), sp.Wake(),
+				sp.Retry(), sp.RetryData(), count, sp.LeaseCount(tok)},
+			[]string{tok, ms(now), meta, key, ms(retryAt)}).AsInt64()
 		if err != nil {
 			return reaped, err
 		}
@@ -419,9 +508,9 @@ func CountDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, err
 // dead letter, atomically. It reports false when the dead letter was gone.
 func Requeue(ctx context.Context, c rueidis.Client, sp keys.Space, id, key, item string, now int64) (bool, error) {
 	n, err := requeueScript.Exec(ctx, c,
-		[]string{sp.Items(key), sp.Ready(), sp.Wake(), sp.Dead(), sp.DeadData()},
+		[]string{sp.Items(key), sp.Ready(), sp.Wake(), sp.Dead(), sp.DeadData(), sp.Count(key)},
 		[]string{id, item, ms(now), key}).AsInt64()
-	return n == 1, notArray(err)
+	return n == 1, appendError(err)
 }
 
 // PurgeDead deletes every dead letter of a shard, and the values kept in
