@@ -123,6 +123,18 @@ func WithName(name string) Option {
 	}
 }
 
+// WithClock sets the local clock the consumer reads (default time.Now), for
+// tests. The consumer still adds the offset Sync measures to it.
+func WithClock(now func() time.Time) Option {
+	return func(c *Consumer) error {
+		if now == nil {
+			return errors.New("consumer: nil clock")
+		}
+		c.clock = now
+		return nil
+	}
+}
+
 func defaultName() string {
 	host, _ := os.Hostname()
 	host = strings.NewReplacer(":", "_", "{", "_", "}", "_").Replace(host)

@@ -1,0 +1,104 @@
+package batchq_test
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/testredis"
+)
+
+func skewed(d time.Duration) func() time.Time {
+	return func() time.Time { return time.Now().Add(d) }
+}
+
+// Workers whose clocks are 20s apart neither steal each other's live
+// leases nor leave a dead consumer's lease behind: deadlines are on the
+// Redis server's clock.
+func TestClockSkew(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		const ttl = time.Second
+		// Before the workers start, a consumer with a clock 20s behind takes a
+		// batch and dies.
+		dead, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithLeaseTTL(ttl),
+			consumer.WithClock(skewed(-20*time.Second)))
+		must(t, err)
+		must(t, dead.Sync(ctx))
+		p := newProducer(t, b)
+		must(t, p.Add(ctx, "skew", "orphan", item{ID: 100}))
+		f, err := dead.Fetch(ctx, "skew", 0, 1)
+		must(t, err)
+		if len(f.Batches) != 1 {
+			t.Fatalf("the dead consumer fetched %d batches", len(f.Batches))
+		}
+		var mu sync.Mutex
+		calls := make(map[int]int)
+		byWorker := make([]int, 2)
+		for i, skew := range []time.Duration{20 * time.Second, -20 * time.Second} {
+			w := newWorker(t, b, batchq.WithLeaseTTL(ttl), batchq.WithConcurrency(4),
+				batchq.WithName("skew"+strconv.Itoa(i)), batchq.WithConsumerOption(consumer.WithClock(skewed(skew))))
+			batchq.Handle(w, "skew", func(ctx context.Context, it item) error {
+				mu.Lock()
+				calls[it.ID]++
+				byWorker[i]++
+				mu.Unlock()
+				if it.ID < 8 {
+					time.Sleep(1500 * time.Millisecond) // longer than the lease: heartbeats keep it
+				}
+				return nil
+			})
+			run(t, w)
+		}
+		died := time.Now()
+		for i := range 16 {
+			must(t, p.Add(ctx, "skew", "key"+strconv.Itoa(i), item{ID: i}))
+		}
+		eventually(t, 30*time.Second, "every item handled", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(calls) == 17
+		})
+		mu.Lock()
+		redelivered := time.Since(died)
+		mu.Unlock()
+		time.Sleep(2 * ttl) // room for a stolen lease to run an item again
+		mu.Lock()
+		defer mu.Unlock()
+		for id, n := range calls {
+			if n != 1 {
+				t.Errorf("item %d handled %d times with skewed clocks", id, n)
+			}
+		}
+		if byWorker[0] == 0 || byWorker[1] == 0 {
+			t.Errorf("items handled per worker: %v; both must take work whatever their clocks", byWorker)
+		}
+		if redelivered > 5*time.Second {
+			t.Errorf("the dead consumer's batch came back after %v with a %v lease", redelivered, ttl)
+		}
+		t.Logf("clocks 40s apart: %d items once each (%v per worker); a dead consumer's batch redelivered within %v",
+			len(calls), byWorker, redelivered.Round(time.Millisecond))
+	})
+}
+
+// A worker warns at start when Redis may evict keys.
+func TestWarnsAboutEviction(t *testing.T) {
+	srv := testredis.Start(t, "--maxmemory-policy", "allkeys-lru")
+	b := srv.Backend(t)
+	core, logs := observer.New(zap.WarnLevel)
+	w, err := batchq.NewWorker(b.Client, batchq.WithPrefix(b.Prefix), batchq.WithLogger(zap.New(core)))
+	must(t, err)
+	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
+	stop := run(t, w)
+	eventually(t, 5*time.Second, "an eviction warning", func() bool {
+		return logs.FilterField(zap.String("maxmemory_policy", "allkeys-lru")).Len() == 1
+	})
+	stop()
+}
