@@ -353,7 +353,10 @@ func TestBatchHandlerRetriesOnlyFailedItems(t *testing.T) {
 // A handler that ignores its context is abandoned after its timeout plus a
 // grace period; its item fails with ErrHandlerTimeout.
 func TestHungHandlerIsAbandoned(t *testing.T) {
-	b := testredis.Mini(t)
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testHungHandler(t, b) })
+}
+
+func testHungHandler(t *testing.T, b testredis.Backend) {
 	ctx := context.Background()
 	release := make(chan struct{})
 	returned := make(chan struct{})

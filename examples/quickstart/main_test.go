@@ -2,9 +2,12 @@ package main
 
 import (
 	"bytes"
+	"go.uber.org/goleak"
 	"strings"
 	"testing"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // The demo runs end to end and its last line gives the real counts.
 func TestQuickstart(t *testing.T) {

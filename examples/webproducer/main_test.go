@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"go.uber.org/goleak"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"github.com/batchq/batchq/embedded"
 	"github.com/batchq/batchq/producer"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // Limits of the API under test.
 const (

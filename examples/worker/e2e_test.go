@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"go.uber.org/goleak"
 	"io"
 	"net/http"
 	"os"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/batchq/batchq/internal/testredis"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // e2eQueue is the queue the end-to-end test produces to and drains.
 const e2eQueue = "orders"
