@@ -2,9 +2,10 @@ package main
 
 import (
 	"bytes"
-	"go.uber.org/goleak"
 	"strings"
 	"testing"
+
+	"go.uber.org/goleak"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
