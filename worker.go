@@ -459,8 +459,15 @@ type runner struct {
 	trouble atomic.Int64
 }
 
-// redisFailed records a failed Redis call.
-func (r *runner) redisFailed() { r.trouble.Store(time.Now().UnixNano()) }
+// redisFailed records a failed Redis call, unless Redis answered it with an
+// error reply: then Redis is up and heartbeats get through.
+func (r *runner) redisFailed(err error) {
+	var re *rueidis.RedisError
+	if errors.As(err, &re) {
+		return
+	}
+	r.trouble.Store(time.Now().UnixNano())
+}
 
 // calm reports whether no Redis call failed for a lease TTL.
 func (r *runner) calm() bool {
@@ -532,7 +539,7 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		}
 		if err != nil {
 			failures++
-			r.redisFailed()
+			r.redisFailed(err)
 			log.Warn("fetch failed", zap.Error(err), zap.Int("failures", failures))
 			r.sleep(retryWait(failures))
 			continue
@@ -547,7 +554,7 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		}
 		if err := r.w.cons.Wait(ctx, q.name, shard, wait); err != nil && ctx.Err() == nil {
 			failures++
-			r.redisFailed()
+			r.redisFailed(err)
 			log.Warn("wait failed", zap.Error(err), zap.Int("failures", failures))
 			r.sleep(retryWait(failures))
 		}
@@ -561,7 +568,7 @@ func (r *runner) checkServer(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
 	if err := r.w.cons.Sync(ctx); err != nil {
-		r.redisFailed()
+		r.redisFailed(err)
 		r.w.log.Warn("cannot read the Redis server's clock; using the local clock until the next try", zap.Error(err))
 	} else if off := r.w.cons.Offset(); off > time.Second || off < -time.Second {
 		r.w.log.Warn("the local clock is off the Redis server's; batchq uses the server's", zap.Duration("offset", off))
@@ -591,7 +598,7 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 			lastSync = time.Now()
 			sctx, cancel := context.WithTimeout(ctx, redisTimeout)
 			if err := r.w.cons.Sync(sctx); err != nil && ctx.Err() == nil {
-				r.redisFailed()
+				r.redisFailed(err)
 			}
 			cancel()
 		}
@@ -605,7 +612,7 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 				cancel()
 				switch {
 				case err != nil && ctx.Err() == nil:
-					r.redisFailed()
+					r.redisFailed(err)
 					r.w.log.Warn("reap failed", zap.String("queue", q.name), zap.Int("shard", shard), zap.Error(err))
 				case n > 0:
 					r.w.log.Info("returned the batches of expired leases", zap.String("queue", q.name), zap.Int("shard", shard), zap.Int("leases", n))
@@ -680,7 +687,7 @@ func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 			log.Error("giving up settling the batch at shutdown; it will be delivered again", zap.Error(err))
 			return
 		}
-		r.redisFailed()
+		r.redisFailed(err)
 		log.Warn("settle failed; retrying", zap.Error(err), zap.Int("attempt", attempt))
 		t := time.NewTimer(retryWait(attempt))
 		select {
@@ -713,7 +720,7 @@ func (r *runner) extendLoop(done <-chan struct{}) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), r.w.cons.LeaseTTL()/3)
 		if err := r.w.cons.Extend(ctx, bs...); err != nil {
-			r.redisFailed()
+			r.redisFailed(err)
 			r.w.log.Warn("extending leases failed", zap.Error(err), zap.Int("batches", len(bs)))
 		}
 		cancel()

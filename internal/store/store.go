@@ -438,8 +438,10 @@ func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit
 		return 0, err
 	}
 	reaped := 0
+	var errs []error
 	// Latest deadline first: each batch goes back in front of the key, so
-	// the oldest must go last to end up first.
+	// the oldest must go last to end up first. A lease that fails does not
+	// hold up the others.
 	for i := len(toks) - 1; i >= 0; i-- {
 		tok := toks[i]
 		meta, _ := metas[i].ToString()
@@ -455,11 +457,12 @@ func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit
 				sp.Retry(), sp.RetryData(), count, sp.LeaseCount(tok)},
 			[]string{tok, ms(now), meta, key, ms(retryAt)}).AsInt64()
 		if err != nil {
-			return reaped, err
+			errs = append(errs, fmt.Errorf("lease %s: %w", tok, err))
+			continue
 		}
 		reaped += int(n)
 	}
-	return reaped, nil
+	return reaped, errors.Join(errs...)
 }
 
 // Wait blocks until a producer signals new work on the shard or timeout

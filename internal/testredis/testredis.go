@@ -9,6 +9,7 @@ package testredis
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
@@ -97,6 +98,7 @@ type Server struct {
 	Addr string
 	Port int
 	Dir  string
+	TLS  bool // the server listens for TLS only (see StartTLS)
 	args []string
 	cmd  *exec.Cmd
 }
@@ -106,8 +108,26 @@ type Server struct {
 // ends. Its working directory is a temporary directory of the test.
 func Start(t testing.TB, args ...string) *Server {
 	t.Helper()
+	return launch(t, &Server{args: args})
+}
+
+// StartTLS starts a private redis-server like Start that listens for TLS
+// only (no plain port), with the given PEM files: its certificate, its key
+// and the CA it trusts. Clients need not present a certificate
+// (tls-auth-clients no). It skips the test when redis-server is built
+// without TLS support, a property of the build (BUILD_TLS), not a missing
+// install. Its Backend method does not apply: connect with a client whose
+// TLSConfig trusts the CA.
+func StartTLS(t testing.TB, certFile, keyFile, caFile string, args ...string) *Server {
+	t.Helper()
+	return launch(t, &Server{TLS: true, args: append([]string{"--tls-cert-file", certFile, "--tls-key-file", keyFile,
+		"--tls-ca-cert-file", caFile, "--tls-auth-clients", "no"}, args...)})
+}
+
+func launch(t testing.TB, s *Server) *Server {
+	t.Helper()
 	NeedServer(t)
-	s := &Server{Dir: t.TempDir(), args: args}
+	s.Dir = t.TempDir()
 	for try := 0; ; try++ {
 		s.Port = FreePort(t)
 		s.Addr = "127.0.0.1:" + strconv.Itoa(s.Port)
@@ -115,12 +135,24 @@ func Start(t testing.TB, args ...string) *Server {
 		if err == nil {
 			break
 		}
+		if s.TLS && noTLS(err) {
+			t.Skipf("redis-server is built without TLS support (BUILD_TLS): %v", err)
+		}
 		if try == 4 {
 			t.Fatalf("start redis-server: %v", err)
 		}
 	}
 	t.Cleanup(s.Stop)
 	return s
+}
+
+// noTLS reports whether a start failure says that redis-server has no TLS
+// support: Redis 7.0 built without TLS does not know the tls-* directives;
+// later versions panic for want of a TLS listener.
+func noTLS(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "Bad directive") && strings.Contains(msg, "tls-") ||
+		strings.Contains(msg, "connection listener of tls")
 }
 
 // FreePort returns a loopback TCP port that was free a moment ago.
@@ -135,8 +167,12 @@ func FreePort(t testing.TB) int {
 }
 
 func (s *Server) start() error {
-	args := append([]string{"--port", strconv.Itoa(s.Port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", s.Dir, "--daemonize", "no"}, s.args...)
+	port := []string{"--port", strconv.Itoa(s.Port)}
+	if s.TLS {
+		port = []string{"--port", "0", "--tls-port", strconv.Itoa(s.Port)}
+	}
+	args := append(append(port, "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", s.Dir, "--daemonize", "no"), s.args...)
 	s.cmd = exec.Command("redis-server", args...)
 	out, err := os.Create(s.Dir + "/redis.log")
 	if err != nil {
@@ -152,7 +188,7 @@ func (s *Server) start() error {
 	deadline := time.Now().Add(5 * time.Second)
 wait:
 	for time.Now().Before(deadline) {
-		if ping(s.Addr) == nil {
+		if s.ping() == nil {
 			return nil
 		}
 		select {
@@ -174,7 +210,7 @@ func (s *Server) Stop() {
 	}
 	s.cmd.Process.Kill()
 	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) && ping(s.Addr) == nil {
+	for time.Now().Before(deadline) && s.ping() == nil {
 		time.Sleep(10 * time.Millisecond)
 	}
 	s.cmd = nil
@@ -212,8 +248,17 @@ func (s *Server) Restart(t testing.TB) {
 	}
 }
 
-func ping(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+// ping checks that the server answers PING, over TLS for a TLS server (a
+// readiness probe: it does not verify the server's certificate).
+func (s *Server) ping() error {
+	d := &net.Dialer{Timeout: 200 * time.Millisecond}
+	var c net.Conn
+	var err error
+	if s.TLS {
+		c, err = tls.DialWithDialer(d, "tcp", s.Addr, &tls.Config{InsecureSkipVerify: true})
+	} else {
+		c, err = d.Dial("tcp", s.Addr)
+	}
 	if err != nil {
 		return err
 	}
