@@ -14,64 +14,77 @@ import (
 	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
 )
 
 // I2: with no crash every item is handled exactly once, with many producers
 // and many workers racing on the same keys.
 func TestExactlyOnce(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-		n, nkeys := 100_000, 1000
-		if !b.Real() {
-			n, nkeys = 2000, 50 // miniredis runs a few thousand scripts a second
-		}
-		const producers, workers = 8, 8
-		counts := make([]atomic.Int32, n)
-		var handled atomic.Int64
-		var stops []func()
-		for range workers {
-			w := newWorker(t, b, batchq.WithConcurrency(8))
-			batchq.Handle(w, "exact", func(ctx context.Context, it item) error {
-				counts[it.ID].Add(1)
-				handled.Add(1)
-				return nil
-			})
-			stops = append(stops, run(t, w))
-		}
-		p := newProducer(t, b)
-		ctx := context.Background()
-		start := time.Now()
-		var wg sync.WaitGroup
-		errs := make(chan error, producers)
-		for g := range producers {
-			wg.Go(func() {
-				for i := g; i < n; i += producers {
-					if err := p.Add(ctx, "exact", "key"+strconv.Itoa(i%nkeys), item{ID: i}); err != nil {
-						errs <- err
-						return
-					}
-				}
-			})
-		}
-		wg.Wait()
-		close(errs)
-		for err := range errs {
-			t.Fatal(err)
-		}
-		produced := time.Since(start)
-		eventually(t, 2*time.Minute, "every item handled", func() bool { return handled.Load() >= int64(n) })
-		for _, stop := range stops {
-			stop()
-		}
-		t.Logf("%d items over %d keys: produced in %v, all handled after %v", n, nkeys, produced.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
-		for i := range counts {
-			if c := counts[i].Load(); c != 1 {
-				t.Errorf("item %d handled %d times", i, c)
-			}
-		}
-		if ks := leftKeys(t, b); len(ks) != 0 {
-			t.Errorf("keys left after every item was handled: %v", ks)
+		if b.Real() {
+			testExactlyOnce(t, b, 100_000, 1000, 1)
+		} else {
+			testExactlyOnce(t, b, 2000, 50, 1) // miniredis runs a few thousand scripts a second
 		}
 	})
+}
+
+// The same on a Redis Cluster of three masters, the queue split into 12
+// shards (hash tags) spread over them.
+func TestExactlyOnceOnCluster(t *testing.T) {
+	testExactlyOnce(t, testredis.Cluster(t), 20_000, 500, 12)
+}
+
+func testExactlyOnce(t *testing.T, b testredis.Backend, n, nkeys, shards int) {
+	const producers, workers = 8, 8
+	counts := make([]atomic.Int32, n)
+	var handled atomic.Int64
+	var stops []func()
+	for range workers {
+		w := newWorker(t, b, batchq.WithConcurrency(8), batchq.WithShards(shards))
+		batchq.Handle(w, "exact", func(ctx context.Context, it item) error {
+			counts[it.ID].Add(1)
+			handled.Add(1)
+			return nil
+		})
+		stops = append(stops, run(t, w))
+	}
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	must(t, err)
+	ctx := context.Background()
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, producers)
+	for g := range producers {
+		wg.Go(func() {
+			for i := g; i < n; i += producers {
+				if err := p.Add(ctx, "exact", "key"+strconv.Itoa(i%nkeys), item{ID: i}); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	produced := time.Since(start)
+	eventually(t, 3*time.Minute, "every item handled", func() bool { return handled.Load() >= int64(n) })
+	for _, stop := range stops {
+		stop()
+	}
+	t.Logf("%s: %d items over %d keys in %d shards: produced in %v, all handled after %v", b.Name, n, nkeys, shards,
+		produced.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+	for i := range counts {
+		if c := counts[i].Load(); c != 1 {
+			t.Errorf("item %d handled %d times", i, c)
+		}
+	}
+	if ks := leftKeys(t, b); len(ks) != 0 {
+		t.Errorf("keys left after every item was handled: %v", ks)
+	}
 }
 
 // Graceful shutdown under load: cancel while producers and handlers run;

@@ -277,13 +277,17 @@ func (s *Server) ping() error {
 	return nil
 }
 
-// Keys returns the keys of the backend matching pattern (for assertions in
-// tests only: batchq itself never scans).
+// Keys returns the keys of the backend matching pattern, on every node of
+// a cluster (for assertions in tests only: batchq itself never scans).
 func Keys(t testing.TB, b Backend, pattern string) []string {
 	t.Helper()
-	ks, err := b.Client.Do(context.Background(), b.Client.B().Keys().Pattern(pattern).Build()).AsStrSlice()
-	if err != nil {
-		t.Fatalf("KEYS %s: %v", pattern, err)
+	var out []string
+	for addr, n := range b.Client.Nodes() {
+		ks, err := n.Do(context.Background(), n.B().Keys().Pattern(pattern).Build()).AsStrSlice()
+		if err != nil {
+			t.Fatalf("KEYS %s on %s: %v", pattern, addr, err)
+		}
+		out = append(out, ks...)
 	}
-	return ks
+	return out
 }
