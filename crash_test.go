@@ -4,71 +4,22 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"os/exec"
-	"os/signal"
 	"strconv"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
-	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
-// The crash test runs workers as subprocesses: this test binary, started
-// with crashWorkerEnv set, runs crashWorkerMain instead of the tests.
-const crashWorkerEnv = "BATCHQ_TEST_CRASH_WORKER"
-
 const crashQueue = "crash"
 
-// crashWorkerMain is a worker process: each handled item increments its
-// id's count in the hash <prefix>:test:handled before the handler returns.
-func crashWorkerMain() int {
-	addr, prefix := os.Getenv("BATCHQ_TEST_ADDR"), os.Getenv("BATCHQ_TEST_PREFIX")
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer rdb.Close()
-	w, err := batchq.NewWorker(rdb, batchq.WithPrefix(prefix), batchq.WithConcurrency(8), batchq.WithLeaseTTL(time.Second))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	handled := prefix + ":test:handled"
-	batchq.Handle(w, crashQueue, func(ctx context.Context, it item) error {
-		time.Sleep(500 * time.Microsecond)
-		return rdb.Do(ctx, rdb.B().Hincrby().Key(handled).Field(strconv.Itoa(it.ID)).Increment(1).Build()).Error()
-	})
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
-	defer stop()
-	if err := w.Run(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return 0
-}
-
-func startCrashWorker(t *testing.T, b testredis.Backend) *exec.Cmd {
+// startCrashWorker starts a worker process (see workerMain) with a 1s lease
+// TTL and 500µs per item.
+func startCrashWorker(t *testing.T, b testredis.Backend) *proc {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), crashWorkerEnv+"=1", "BATCHQ_TEST_ADDR="+b.Addr, "BATCHQ_TEST_PREFIX="+b.Prefix)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
-	return cmd
+	return startProc(t, b, procConfig{Concurrency: 8, LeaseTTL: time.Second, Work: 500 * time.Microsecond})
 }
 
 // inFlight returns the ids of the items held by the shard's leases.
@@ -120,12 +71,12 @@ func TestCrashedWorkersLoseNothing(t *testing.T) {
 		}
 		killedHeld := make(map[int]bool)
 		for round, frac := range []float64{0.25, 0.5} {
-			cmd := startCrashWorker(t, b)
+			worker := startCrashWorker(t, b)
 			eventually(t, time.Minute, fmt.Sprintf("worker %d to handle %.0f%% of the items", round+1, frac*100), func() bool {
 				return handledCount() >= int64(frac*float64(n))
 			})
-			must(t, cmd.Process.Signal(syscall.SIGKILL))
-			cmd.Wait()
+			worker.signal(t, syscall.SIGKILL)
+			worker.wait(t, 10*time.Second)
 			held := inFlight(t, b)
 			if len(held) == 0 {
 				t.Fatalf("worker %d held no batch when killed: the test did not crash it mid-batch", round+1)
@@ -139,8 +90,8 @@ func TestCrashedWorkersLoseNothing(t *testing.T) {
 		start := time.Now()
 		eventually(t, 2*time.Minute, "every item handled", func() bool { return handledCount() >= int64(n) })
 		t.Logf("the last worker finished in %v", time.Since(start).Round(time.Millisecond))
-		must(t, last.Process.Signal(syscall.SIGTERM))
-		if err := last.Wait(); err != nil {
+		last.signal(t, syscall.SIGTERM)
+		if err := last.wait(t, time.Minute); err != nil {
 			t.Fatalf("worker after SIGTERM: %v", err)
 		}
 

@@ -19,8 +19,8 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	if os.Getenv(crashWorkerEnv) != "" {
-		os.Exit(crashWorkerMain())
+	if os.Getenv(workerEnv) != "" {
+		os.Exit(workerMain())
 	}
 	goleak.VerifyTestMain(m)
 }

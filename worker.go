@@ -680,8 +680,13 @@ func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 		}
 		log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
 		switch {
-		case errors.Is(err, consumer.ErrLeaseLost):
+		case errors.Is(err, consumer.ErrLeaseLost) && attempt == 1:
 			log.Warn("lease expired before the batch was settled; it will be delivered again")
+			return
+		case errors.Is(err, consumer.ErrLeaseLost):
+			// Most likely the earlier try landed and only its reply was lost.
+			log.Info("lease gone when the settle was tried again: the earlier try landed unseen, or the lease expired before the batch was settled and it will be delivered again",
+				zap.Int("attempt", attempt))
 			return
 		case r.hctx.Err() != nil:
 			log.Error("giving up settling the batch at shutdown; it will be delivered again", zap.Error(err))
