@@ -11,26 +11,36 @@ import (
 
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
 )
 
 const crashQueue = "crash"
 
 // startCrashWorker starts a worker process (see workerMain) with a 1s lease
 // TTL and 500µs per item.
-func startCrashWorker(t *testing.T, b testredis.Backend) *proc {
+func startCrashWorker(t *testing.T, b testredis.Backend, shards int) *proc {
 	t.Helper()
-	return startProc(t, b, procConfig{Concurrency: 8, LeaseTTL: time.Second, Work: 500 * time.Microsecond})
+	return startProc(t, b, procConfig{Concurrency: 8, LeaseTTL: time.Second, Work: 500 * time.Microsecond, Shards: shards})
 }
 
-// inFlight returns the ids of the items held by the shard's leases.
-func inFlight(t *testing.T, b testredis.Backend) map[int]bool {
+// inFlight returns the ids of the items held by the leases of the queue's
+// shards.
+func inFlight(t *testing.T, b testredis.Backend, shards int) map[int]bool {
+	t.Helper()
+	ids := make(map[int]bool)
+	for shard := range shards {
+		inFlightShard(t, b, shard, ids)
+	}
+	return ids
+}
+
+func inFlightShard(t *testing.T, b testredis.Backend, shard int, ids map[int]bool) {
 	t.Helper()
 	ctx := context.Background()
 	c := b.Client
-	sp := keys.For(b.Prefix, crashQueue, 0)
+	sp := keys.For(b.Prefix, crashQueue, shard)
 	toks, err := c.Do(ctx, c.B().Zrange().Key(sp.Leases()).Min("0").Max("-1").Build()).AsStrSlice()
 	must(t, err)
-	ids := make(map[int]bool)
 	for _, tok := range toks {
 		v, err := c.Do(ctx, c.B().Get().Key(sp.Lease(tok)).Build()).AsBytes()
 		if err != nil {
@@ -42,19 +52,30 @@ func inFlight(t *testing.T, b testredis.Backend) map[int]bool {
 			ids[it.ID] = true
 		}
 	}
-	return ids
 }
 
 // I1: workers killed with SIGKILL mid-batch lose nothing; the only items
 // handled twice are those of the batches they held when killed.
 func TestCrashedWorkersLoseNothing(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-		n, nkeys := 20_000, 200
-		if !b.Real() {
-			n, nkeys = 3000, 50
+		if b.Real() {
+			testCrashedWorkers(t, b, 20_000, 200, 1)
+		} else {
+			testCrashedWorkers(t, b, 3000, 50, 1)
 		}
+	})
+}
+
+// The same on a Redis Cluster of three masters, the queue in 12 shards.
+func TestCrashedWorkersLoseNothingOnCluster(t *testing.T) {
+	testCrashedWorkers(t, testredis.Cluster(t), 20_000, 200, 12)
+}
+
+func testCrashedWorkers(t *testing.T, b testredis.Backend, n, nkeys, shards int) {
+	{
 		ctx := context.Background()
-		p := newProducer(t, b)
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+		must(t, err)
 		for k := range nkeys {
 			batch := make([]any, 0, n/nkeys)
 			for i := k; i < n; i += nkeys {
@@ -71,13 +92,13 @@ func TestCrashedWorkersLoseNothing(t *testing.T) {
 		}
 		killedHeld := make(map[int]bool)
 		for round, frac := range []float64{0.25, 0.5} {
-			worker := startCrashWorker(t, b)
+			worker := startCrashWorker(t, b, shards)
 			eventually(t, time.Minute, fmt.Sprintf("worker %d to handle %.0f%% of the items", round+1, frac*100), func() bool {
 				return handledCount() >= int64(frac*float64(n))
 			})
 			worker.signal(t, syscall.SIGKILL)
 			worker.wait(t, 10*time.Second)
-			held := inFlight(t, b)
+			held := inFlight(t, b, shards)
 			if len(held) == 0 {
 				t.Fatalf("worker %d held no batch when killed: the test did not crash it mid-batch", round+1)
 			}
@@ -86,7 +107,7 @@ func TestCrashedWorkersLoseNothing(t *testing.T) {
 			}
 			t.Logf("killed worker %d after %d items handled; it held %d items in flight", round+1, handledCount(), len(held))
 		}
-		last := startCrashWorker(t, b)
+		last := startCrashWorker(t, b, shards)
 		start := time.Now()
 		eventually(t, 2*time.Minute, "every item handled", func() bool { return handledCount() >= int64(n) })
 		t.Logf("the last worker finished in %v", time.Since(start).Round(time.Millisecond))
@@ -110,9 +131,9 @@ func TestCrashedWorkersLoseNothing(t *testing.T) {
 				}
 			}
 		}
-		t.Logf("%d items, 2 kills: 0 lost, %d handled twice (all from the %d items in flight at the kills)", n, dups, len(killedHeld))
+		t.Logf("%s, %d shards: %d items, 2 kills: 0 lost, %d handled twice (all from the %d items in flight at the kills)", b.Name, shards, n, dups, len(killedHeld))
 		if ks := leftKeys(t, b); len(ks) != 0 {
 			t.Errorf("keys left: %v", ks)
 		}
-	})
+	}
 }
