@@ -58,6 +58,7 @@ type config struct {
 	addr     string
 	redis    string
 	prefix   string
+	shards   int
 	maxItem  int
 	maxBody  int64
 	shutdown time.Duration
@@ -66,8 +67,9 @@ type config struct {
 func main() {
 	var cfg config
 	flag.StringVar(&cfg.addr, "addr", ":8080", "address to listen on")
-	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, $REDIS_ADDR by default; empty starts an embedded in-process Redis")
+	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, or a seed of a Redis Cluster; $REDIS_ADDR by default; empty starts an embedded in-process Redis")
 	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the workers'")
+	flag.IntVar(&cfg.shards, "shards", 1, "shards of every queue, each its own hash slot on a Redis Cluster (at least 4x its masters); must match the workers'")
 	flag.IntVar(&cfg.maxItem, "max-item-bytes", producer.DefaultMaxItemBytes, "size limit of one item")
 	flag.Int64Var(&cfg.maxBody, "max-body-bytes", 16<<20, "size limit of a request body")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", 10*time.Second, "how long requests under way may take at shutdown")
@@ -94,7 +96,7 @@ func serve(cfg config, log *zap.Logger) error {
 		return err
 	}
 	defer closeRedis()
-	p, err := producer.New(rdb, producer.WithPrefix(cfg.prefix), producer.WithMaxItemBytes(cfg.maxItem))
+	p, err := producer.New(rdb, producer.WithPrefix(cfg.prefix), producer.WithShards(cfg.shards), producer.WithMaxItemBytes(cfg.maxItem))
 	if err != nil {
 		return err
 	}
