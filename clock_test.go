@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -101,4 +102,28 @@ func TestWarnsAboutEviction(t *testing.T) {
 		return logs.FilterField(zap.String("maxmemory_policy", "allkeys-lru")).Len() == 1
 	})
 	stop()
+}
+
+// An idle worker whose clock runs ahead of the server's waits for the next
+// due retry on the server's clock; it does not spin on Redis meanwhile.
+func TestIdleWorkerAheadOfServerDoesNotSpin(t *testing.T) {
+	b := testredis.Mini(t)
+	b.Mini.SetTime(time.Now().Add(-40 * time.Second)) // the server is 40s behind
+	ctx := context.Background()
+	var calls atomic.Int64
+	w := newWorker(t, b)
+	batchq.Handle(w, "spin", func(ctx context.Context, it item) error {
+		if calls.Add(1) == 1 {
+			return batchq.RetryAfter(20*time.Second, context.DeadlineExceeded)
+		}
+		return nil
+	})
+	run(t, w)
+	must(t, newProducer(t, b).Add(ctx, "spin", "k", item{ID: 1}))
+	eventually(t, 5*time.Second, "the first attempt", func() bool { return calls.Load() == 1 })
+	before := b.Mini.CommandCount()
+	time.Sleep(2 * time.Second)
+	if n := b.Mini.CommandCount() - before; n > 100 {
+		t.Fatalf("an idle worker sent %d commands in 2s while a retry was 20s away", n)
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,9 @@ const (
 	// abandonGrace is how long a handler may outlive its context before the
 	// worker stops waiting for it.
 	abandonGrace = 2 * time.Second
+	// panicRetryDelay is the retry delay of items whose batch panicked
+	// outside the user's handler.
+	panicRetryDelay = time.Minute
 	// redisTimeout bounds one fetch or settle round trip.
 	redisTimeout = 10 * time.Second
 )
@@ -457,21 +461,31 @@ type runner struct {
 	// for a lease TTL after it: other workers' heartbeats may have failed
 	// too, and their live batches must not be taken from them.
 	trouble atomic.Int64
+	// synced is set once the consumer's clock has been synced to the
+	// server's: until then the worker neither fetches nor reaps, since its
+	// deadlines could be off by its clock's skew.
+	synced atomic.Bool
 }
 
-// redisFailed records a failed Redis call, unless Redis answered it with an
-// error reply: then Redis is up and heartbeats get through.
+// redisFailed records a failed Redis call. Only batchq's own error replies
+// (a corrupt or full key, a lease in an unexpected state) leave Redis
+// trusted; anything else, a lost connection or a reply such as BUSY,
+// LOADING or READONLY, may have failed heartbeats too.
 func (r *runner) redisFailed(err error) {
 	var re *rueidis.RedisError
 	if errors.As(err, &re) {
-		return
+		msg := re.Error()
+		if strings.HasPrefix(msg, "NOTARRAY") || strings.HasPrefix(msg, "FULL") || strings.HasPrefix(msg, "ERR batchq") {
+			return
+		}
 	}
 	r.trouble.Store(time.Now().UnixNano())
 }
 
-// calm reports whether no Redis call failed for a lease TTL.
+// calm reports whether the clock is synced and no Redis call failed for a
+// lease TTL.
 func (r *runner) calm() bool {
-	return time.Since(time.Unix(0, r.trouble.Load())) > r.w.cons.LeaseTTL()
+	return r.synced.Load() && time.Since(time.Unix(0, r.trouble.Load())) > r.w.cons.LeaseTTL()
 }
 
 func (r *runner) stopping() bool {
@@ -521,6 +535,10 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 	log := r.w.log.With(zap.String("queue", q.name), zap.Int("shard", shard))
 	failures := 0
 	for !r.stopping() {
+		if !r.synced.Load() {
+			r.sleep(100 * time.Millisecond) // the reap loop syncs
+			continue
+		}
 		n := r.acquire(r.w.concurrency)
 		if n == 0 {
 			return
@@ -550,7 +568,7 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		}
 		wait := maxIdleWait
 		if !f.Next.IsZero() {
-			wait = min(wait, max(time.Until(f.Next), time.Millisecond))
+			wait = min(wait, max(f.Next.Sub(r.w.cons.Now()), time.Millisecond))
 		}
 		if err := r.w.cons.Wait(ctx, q.name, shard, wait); err != nil && ctx.Err() == nil {
 			failures++
@@ -567,9 +585,8 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 func (r *runner) checkServer(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
-	if err := r.w.cons.Sync(ctx); err != nil {
-		r.redisFailed(err)
-		r.w.log.Warn("cannot read the Redis server's clock; using the local clock until the next try", zap.Error(err))
+	if !r.sync(ctx) {
+		r.w.log.Warn("cannot read the Redis server's clock; waiting for it before taking work")
 	} else if off := r.w.cons.Offset(); off > time.Second || off < -time.Second {
 		r.w.log.Warn("the local clock is off the Redis server's; batchq uses the server's", zap.Duration("offset", off))
 	}
@@ -578,6 +595,21 @@ func (r *runner) checkServer(ctx context.Context) {
 		r.w.log.Warn("Redis may evict keys, and with them items: set maxmemory-policy noeviction",
 			zap.String("maxmemory_policy", policy))
 	}
+}
+
+// sync syncs the consumer's clock to the server's and reports whether it
+// did.
+func (r *runner) sync(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	if err := r.w.cons.Sync(ctx); err != nil {
+		if ctx.Err() == nil {
+			r.redisFailed(err)
+		}
+		return false
+	}
+	r.synced.Store(true)
+	return true
 }
 
 // reapLoop returns the expired leases of every shard of the worker's queues
@@ -594,13 +626,10 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 			return
 		case <-t.C:
 		}
-		if time.Since(lastSync) >= syncEvery {
-			lastSync = time.Now()
-			sctx, cancel := context.WithTimeout(ctx, redisTimeout)
-			if err := r.w.cons.Sync(sctx); err != nil && ctx.Err() == nil {
-				r.redisFailed(err)
+		if !r.synced.Load() || time.Since(lastSync) >= syncEvery {
+			if r.sync(ctx) {
+				lastSync = time.Now()
 			}
-			cancel()
 		}
 		if !r.calm() {
 			continue
@@ -659,8 +688,24 @@ func (r *runner) start(q *queue, b *consumer.Batch) {
 // unhandled rather than taking the process down.
 func (r *runner) handle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 	defer func() {
-		if v := recover(); v != nil {
-			r.w.log.Error("panic while handling a batch", zap.String("queue", q.name), zap.String("key", b.Key), zap.Any("panic", v))
+		v := recover()
+		if v == nil {
+			return
+		}
+		r.w.log.Error("panic while handling a batch", zap.String("queue", q.name), zap.String("key", b.Key), zap.Any("panic", v))
+		// The items without an outcome count as failed, with a fixed delay
+		// (the queue's backoff may be what panicked), so that a panic that
+		// always comes back ends in dead letters, not in a hot loop.
+		err := &PanicError{Value: v, Stack: debug.Stack()}
+		for i := range out {
+			if out[i].Kind != consumer.Unfinished {
+				continue
+			}
+			if b.Items[i].Attempt+1 >= q.maxAttempts {
+				out[i] = consumer.Outcome{Kind: consumer.Dead, Err: err}
+			} else {
+				out[i] = consumer.Outcome{Kind: consumer.Retry, Err: err, Delay: panicRetryDelay}
+			}
 		}
 	}()
 	q.handle(r, q, b, out)

@@ -194,7 +194,11 @@ func (c *Consumer) EvictionPolicy(ctx context.Context) (string, error) {
 // by Sync.
 func (c *Consumer) Offset() time.Duration { return time.Duration(c.offset.Load()) }
 
-// now is the server's time as the consumer knows it.
+// Now returns the Redis server's time as the consumer knows it: its local
+// clock plus the offset Sync measured. Deadlines and Fetched.Next are on
+// this clock.
+func (c *Consumer) Now() time.Time { return c.now() }
+
 func (c *Consumer) now() time.Time { return c.clock().Add(time.Duration(c.offset.Load())) }
 
 // Shards returns the number of shards of every queue.

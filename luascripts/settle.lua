@@ -34,7 +34,7 @@
 -- reaped: its items are being redelivered); -1, changing nothing, when the
 -- unfinished items cannot be put back because the key holds a value that is
 -- not a JSON array (send them to the retry index instead); -2, changing
--- nothing, when the value to quarantine is gone.
+-- nothing, when the value to quarantine is gone (or is a string now).
 local token, now, key, back = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if token ~= '' and not redis.call('ZSCORE', KEYS[1], token) then
   return 0
@@ -46,8 +46,11 @@ if back ~= '' and not can_prepend(KEYS[4]) then
   return -1
 end
 local quarantine = string.find(ARGV[7], 'q', 1, true) ~= nil
-if quarantine and redis.call('EXISTS', KEYS[3]) == 0 then
-  return -2
+if quarantine then
+  local t = redis.call('TYPE', KEYS[3])
+  if t.ok == 'none' or t.ok == 'string' then
+    return -2 -- gone, or replaced by a string (a fresh array, say): not ours to move
+  end
 end
 
 if token == '' then

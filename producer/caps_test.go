@@ -60,6 +60,14 @@ func TestKeyCaps(t *testing.T) {
 			t.Fatalf("byte cap: got %v", err)
 		}
 
+		// One call that alone passes a cap is refused before Redis.
+		if err := add(1, 2, 3, 4, 5, 6); !errors.Is(err, producer.ErrTooMany) {
+			t.Fatalf("6 items against a cap of 5: got %v, want ErrTooMany", err)
+		}
+		if err := p.AddRaw(ctx, "q", "t", json.RawMessage(`"`+strings.Repeat("z", 70)+`"`)); !errors.Is(err, producer.ErrTooMany) {
+			t.Fatalf("72 bytes against a cap of 64: got %v, want ErrTooMany", err)
+		}
+
 		// Drained: the count starts again from zero.
 		// fetchKey fetches until it holds k's batch, putting any other
 		// batch back.

@@ -11,8 +11,8 @@
 // A Producer is safe for concurrent use; concurrent calls share connections
 // and are pipelined by the rueidis client. A nil error means the items are
 // stored in Redis. A validation error (ErrInvalidJSON, ErrItemTooLarge,
-// ErrMarshal, ErrQueueName, ErrKeyName) or ErrNotArray means none of them
-// is. A Redis or context error (a timeout, a lost connection) leaves it
+// ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull or
+// ErrNotArray means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
 // unknown: the script may have run before the reply was lost, so adding the
 // items again may store them twice.
 //
@@ -57,9 +57,12 @@ var (
 	ErrKeyName   = keys.ErrKeyName
 	// ErrKeyFull: the items would take the key past its item or byte cap.
 	// The error is a *KeyFullError. Nothing is stored and nothing is
-	// dropped: the key is made due at once, so try again once a worker
-	// has drained it.
+	// dropped: the key is due (at once, or when a worker's claim on it
+	// ends), so try again once a worker has drained it.
 	ErrKeyFull = errors.New("key full")
+	// ErrTooMany: the items of one call alone pass the key's item or byte
+	// cap; they could never be stored in one call.
+	ErrTooMany = errors.New("the items of one call pass the key's cap")
 )
 
 // KeyFullError reports an append refused by a key's caps.
@@ -241,6 +244,10 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string, n int)
 	}
 	if err := keys.CheckKey(key); err != nil {
 		return err
+	}
+	if (p.caps.Items > 0 && n > p.caps.Items) || (p.caps.Bytes > 0 && len(joined)+2 > p.caps.Bytes) {
+		return fmt.Errorf("append to %s/%s: %w: %d items, %d bytes; cap %d items, %d bytes",
+			queue, key, ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
 	}
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
 	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps)
