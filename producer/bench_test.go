@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
@@ -62,21 +64,23 @@ func BenchmarkAppend(b *testing.B) {
 }
 
 // reportRedisTime starts measuring the server time spent in EVALSHA and
-// returns a function that reports it per benchmark op.
+// returns a function that reports it, and the script calls, per benchmark op.
 func reportRedisTime(b *testing.B, be testredis.Backend) func() {
 	calls0, usec0 := evalshaStats(b, be)
 	return func() {
 		calls, usec := evalshaStats(b, be)
-		if calls > calls0 {
-			b.ReportMetric(float64(usec-usec0)/float64(calls-calls0), "redis-µs/op")
+		if b.N > 0 {
+			b.ReportMetric(float64(usec-usec0)/float64(b.N), "redis-µs/op")
+			b.ReportMetric(float64(calls-calls0)/float64(b.N), "calls/op")
 		}
 	}
 }
 
-func evalshaStats(b *testing.B, be testredis.Backend) (calls, usec int64) {
+func evalshaStats(t testing.TB, be testredis.Backend) (calls, usec int64) {
+	t.Helper()
 	info, err := be.Client.Do(context.Background(), be.Client.B().Info().Section("commandstats").Build()).ToString()
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
 	for _, line := range strings.Split(info, "\r\n") {
 		rest, ok := strings.CutPrefix(line, "cmdstat_evalsha:")
@@ -95,4 +99,42 @@ func evalshaStats(b *testing.B, be testredis.Backend) (calls, usec int64) {
 		}
 	}
 	return calls, usec
+}
+
+// BenchmarkAppendParallel appends one item per call from many goroutines to
+// 10 keys, without and with linger; redis-µs/op is the server's script time
+// per item. Linger gathers per key: it pays where keys are hot, as here; over
+// many cold keys it only adds its wait.
+//
+//	go test -run '^$' -bench AppendParallel -count 6 ./producer/
+func BenchmarkAppendParallel(b *testing.B) {
+	be := testredis.Real(b)
+	ctx := context.Background()
+	item := json.RawMessage(`{"id":12345,"at":1764201600000,"email":"someone@example.com","note":"a payload of about 100 bytes"}`)
+	for _, c := range []struct {
+		name string
+		opts []producer.Option
+	}{
+		{"direct", nil},
+		{"linger_2ms", []producer.Option{producer.WithLinger(2*time.Millisecond, 256)}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			p, err := producer.New(be.Client, append([]producer.Option{producer.WithPrefix(be.Prefix)}, c.opts...)...)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetParallelism(32) // 32 goroutines per CPU, like web handlers
+			defer reportRedisTime(b, be)()
+			var next atomic.Int64
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					k := "k" + strconv.Itoa(int(next.Add(1)%10))
+					if err := p.AddRaw(ctx, "par", k, item); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
 }

@@ -90,6 +90,7 @@ type Producer struct {
 	shards  int
 	maxItem int
 	caps    store.Caps
+	linger  *linger // nil: every call is sent at once
 }
 
 // Option configures a Producer.
@@ -249,6 +250,14 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string, n int)
 		return fmt.Errorf("append to %s/%s: %w: %d items, %d bytes; cap %d items, %d bytes",
 			queue, key, ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
 	}
+	if p.linger != nil {
+		return p.linger.add(ctx, p, queue, key, joined, n)
+	}
+	return p.send(ctx, queue, key, joined, n)
+}
+
+// send makes one merge call.
+func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
 	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps)
 	var full *store.FullError
