@@ -637,8 +637,14 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 		for _, q := range queues {
 			for shard := range r.w.cons.Shards() {
 				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+				start := time.Now()
 				n, err := r.w.cons.Reap(rctx, q.name, shard)
 				cancel()
+				if time.Since(start) > r.w.cons.LeaseTTL()/3 {
+					// Redis was slow to answer: other workers' heartbeats
+					// may have been held up too. Let them renew first.
+					r.trouble.Store(time.Now().UnixNano())
+				}
 				switch {
 				case err != nil && ctx.Err() == nil:
 					r.redisFailed(err)

@@ -547,14 +547,24 @@ const reapLimit = 100
 
 // Reap returns the items of a queue shard's expired leases to their keys
 // (and retries to the retry index), and returns how many leases it reaped.
-// Any consumer may reap any lease; concurrent reaps are safe.
+// Any consumer may reap any lease; concurrent reaps are safe. A reap that
+// Redis runs more than a third of the lease TTL after it was sent (Redis
+// stalled) reaps nothing: the leases' holders could not renew them.
 func (c *Consumer) Reap(ctx context.Context, queue string, shard int) (int, error) {
 	now := c.nowMs()
-	n, err := store.Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds())
+	n, err := store.Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds(), c.maxReapLag())
 	if err != nil {
 		return n, fmt.Errorf("reap %s: %w", queue, err)
 	}
 	return n, nil
+}
+
+// maxReapLag is how late (ms, on the server's clock) a reap may run after
+// it was sent: a third of the lease TTL, the heartbeat period, and at least
+// 50ms. A reap that Redis ran later (it stalled) would take leases whose
+// holders could not renew them meanwhile.
+func (c *Consumer) maxReapLag() int64 {
+	return max(c.leaseTTL.Milliseconds()/3, 50)
 }
 
 // Wait blocks until a producer makes a key of the queue shard ready, or

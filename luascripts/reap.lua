@@ -15,6 +15,9 @@
 -- ARGV[3]  the lease's description, as the caller read it from leasemeta
 -- ARGV[4]  the lease's key, from that description ("" for retries)
 -- ARGV[5]  deadline (ms) to give a lease that cannot be returned yet
+-- ARGV[6]  the most (ms) the server's clock may be past ARGV[2]: a reap that
+--          waited longer to run (Redis stalled) reaps nothing, since the
+--          lease's holder had no chance to renew it meanwhile
 --
 -- The lease is reaped only if its deadline is still past (it was not
 -- extended or settled meanwhile). A drained batch is put back in front of
@@ -25,6 +28,9 @@
 -- its lease, pushed to ARGV[5], and its key is made ready, so that a worker
 -- moves the bad value to dead letters. Returns 1 when reaped, 0 otherwise.
 local token, now = ARGV[1], ARGV[2]
+if now_ms() - tonumber(now) > tonumber(ARGV[6]) then
+  return 0
+end
 local deadline = redis.call('ZSCORE', KEYS[1], token)
 if not deadline or tonumber(deadline) > tonumber(now) then
   return 0

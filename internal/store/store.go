@@ -399,14 +399,15 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 
 // Extend moves the deadline of the given leases, grouped by shard, to
 // deadline: one command per shard, all in one round trip. Leases that were
-// already reaped are not brought back.
+// already reaped are not brought back (XX), and a deadline is never moved
+// back (GT), even by an extend that Redis ran late.
 func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]string, deadline int64) error {
 	cmds := make(rueidis.Commands, 0, len(leases))
 	for sp, tokens := range leases {
 		if len(tokens) == 0 {
 			continue
 		}
-		cmd := c.B().Zadd().Key(sp.Leases()).Xx().ScoreMember()
+		cmd := c.B().Zadd().Key(sp.Leases()).Xx().Gt().ScoreMember()
 		for _, t := range tokens {
 			cmd = cmd.ScoreMember(float64(deadline), t)
 		}
@@ -426,9 +427,10 @@ func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]strin
 
 // Reap returns the items of up to limit leases whose deadline has passed,
 // and returns how many it reaped. A lease that cannot be returned yet gets
-// retryAt as its new deadline. When no lease has expired, as is usual, it
-// costs one read.
-func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit int, retryAt int64) (int, error) {
+// retryAt as its new deadline. A lease script that runs more than maxLag ms
+// after now on the server's clock (Redis stalled meanwhile) reaps nothing.
+// When no lease has expired, as is usual, it costs one read.
+func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit int, retryAt, maxLag int64) (int, error) {
 	toks, err := c.Do(ctx, c.B().Zrangebyscore().Key(sp.Leases()).Min("-inf").Max(ms(now)).Limit(0, int64(limit)).Build()).AsStrSlice()
 	if err != nil || len(toks) == 0 {
 		return 0, err
@@ -455,7 +457,7 @@ func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit
 		n, err := reapScript.Exec(ctx, c,
 			[]string{sp.Leases(), sp.LeaseMeta(), sp.Lease(tok), items, sp.Ready(), sp.Wake(),
 				sp.Retry(), sp.RetryData(), count, sp.LeaseCount(tok)},
-			[]string{tok, ms(now), meta, key, ms(retryAt)}).AsInt64()
+			[]string{tok, ms(now), meta, key, ms(retryAt), ms(maxLag)}).AsInt64()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("lease %s: %w", tok, err))
 			continue
