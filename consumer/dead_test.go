@@ -159,6 +159,13 @@ func TestDeadLetterCap(t *testing.T) {
 // Values batchq did not write never wedge a consumer: they go to dead
 // letters with a reason, and the other keys of the same Fetch are delivered.
 func TestCorruptKeys(t *testing.T) {
+	eachMode(t, testCorruptKeys)
+}
+
+// eachMode runs fn with leases and at-most-once, each on miniredis and on
+// redis-server; opts selects the mode.
+func eachMode(t *testing.T, fn func(t *testing.T, b testredis.Backend, opts ...consumer.Option)) {
+	t.Helper()
 	for _, mode := range []struct {
 		name string
 		opts []consumer.Option
@@ -167,9 +174,7 @@ func TestCorruptKeys(t *testing.T) {
 		{"at-most-once", []consumer.Option{consumer.WithAtMostOnce()}},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-				testCorruptKeys(t, b, mode.opts...)
-			})
+			testredis.Each(t, func(t *testing.T, b testredis.Backend) { fn(t, b, mode.opts...) })
 		})
 	}
 }
@@ -283,35 +288,25 @@ func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option)
 // A key on the ready index with no items (drained by someone else) yields
 // no batch and leaves no lease.
 func TestReadyKeyWithoutItems(t *testing.T) {
-	for _, mode := range []struct {
-		name string
-		opts []consumer.Option
-	}{
-		{"leased", nil},
-		{"at-most-once", []consumer.Option{consumer.WithAtMostOnce()}},
-	} {
-		t.Run(mode.name, func(t *testing.T) {
-			testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-				ctx := context.Background()
-				p := newProducer(t, b)
-				c := newConsumer(t, b, mode.opts...)
-				if err := b.Client.Do(ctx, b.Client.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, "ghost").Build()).Error(); err != nil {
-					t.Fatal(err)
-				}
-				addRaw(t, p, "k", `1`)
-				bt := fetchOne(t, c)
-				if bt.Key != "k" {
-					t.Fatalf("got key %q, want k", bt.Key)
-				}
-				if ready(t, b, "ghost") {
-					t.Fatal("key without items still on the ready index")
-				}
-				settle(t, c, bt, done)
-				noLeases(t, b)
-				fetchNone(t, c)
-			})
-		})
-	}
+	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b, opts...)
+		if err := b.Client.Do(ctx, b.Client.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, "ghost").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		addRaw(t, p, "k", `1`)
+		bt := fetchOne(t, c)
+		if bt.Key != "k" {
+			t.Fatalf("got key %q, want k", bt.Key)
+		}
+		if ready(t, b, "ghost") {
+			t.Fatal("key without items still on the ready index")
+		}
+		settle(t, c, bt, done)
+		noLeases(t, b)
+		fetchNone(t, c)
+	})
 }
 
 // Trimming many dead letters past the cap at once works on a real Redis

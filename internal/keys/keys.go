@@ -92,9 +92,6 @@ func For(prefix, queue string, shard int) Space {
 // Items is the key holding the pending JSON array of key.
 func (s Space) Items(key string) string { return s.base + "k:" + key }
 
-// ItemsPrefix is the common prefix of every Items key; Items(key) minus it is key.
-func (s Space) ItemsPrefix() string { return s.base + "k:" }
-
 // Count is the key holding how many items Items(key) holds.
 func (s Space) Count(key string) string { return s.base + "n:" + key }
 
