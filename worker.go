@@ -417,6 +417,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		hctx:   hctx,
 		stop:   ctx.Done(),
 		slots:  make(chan struct{}, w.concurrency),
+		acks:   make(chan ackReq),
 		active: make(map[*consumer.Batch]struct{}),
 	}
 	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
@@ -426,6 +427,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	extendDone := make(chan struct{})
 	var background sync.WaitGroup
 	background.Go(func() { r.extendLoop(extendDone) })
+	background.Go(func() { r.ackLoop(extendDone) })
 	background.Go(func() { r.reapLoop(ctx, queues) })
 
 	var fetchers sync.WaitGroup
@@ -452,6 +454,7 @@ type runner struct {
 	hctx    context.Context // handlers' parent context
 	stop    <-chan struct{} // closed when shutdown begins
 	slots   chan struct{}   // one token per running batch
+	acks    chan ackReq     // batches to settle, served by ackLoop
 	batches sync.WaitGroup
 
 	mu        sync.Mutex
@@ -723,9 +726,14 @@ func (r *runner) handle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 // batch is delivered again.
 func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 	for attempt := 1; ; attempt++ {
-		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
-		err := r.w.cons.Settle(ctx, b, out)
-		cancel()
+		var err error
+		if attempt == 1 {
+			err = r.ack(b, out)
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+			err = r.w.cons.Settle(ctx, b, out)
+			cancel()
+		}
 		if err == nil {
 			return
 		}
@@ -751,6 +759,60 @@ func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 		case <-r.hctx.Done():
 			t.Stop()
 		}
+	}
+}
+
+// ackReq asks the ack loop to settle a batch.
+type ackReq struct {
+	b    *consumer.Batch
+	out  []consumer.Outcome
+	done chan error
+}
+
+// maxAckGroup bounds the batches settled in one round trip.
+const maxAckGroup = 256
+
+// ack settles b through the ack loop, which settles together the batches
+// that finish while an earlier group is on its way: one round trip for
+// many acks under load, no added wait when idle.
+func (r *runner) ack(b *consumer.Batch, out []consumer.Outcome) error {
+	req := ackReq{b: b, out: out, done: make(chan error, 1)}
+	r.acks <- req
+	return <-req.done
+}
+
+// ackLoop serves ack until done is closed (after every batch has settled).
+func (r *runner) ackLoop(done <-chan struct{}) {
+	group := make([]ackReq, 0, maxAckGroup)
+	batches := make([]*consumer.Batch, 0, maxAckGroup)
+	outs := make([][]consumer.Outcome, 0, maxAckGroup)
+	for {
+		select {
+		case <-done:
+			return
+		case req := <-r.acks:
+			group = append(group[:0], req)
+		}
+	more:
+		for len(group) < maxAckGroup {
+			select {
+			case req := <-r.acks:
+				group = append(group, req)
+			default:
+				break more
+			}
+		}
+		batches, outs = batches[:0], outs[:0]
+		for _, req := range group {
+			batches, outs = append(batches, req.b), append(outs, req.out)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+		errs := r.w.cons.SettleAll(ctx, batches, outs)
+		cancel()
+		for i, req := range group {
+			req.done <- errs[i]
+		}
+		clear(group) // drop references to settled batches
 	}
 }
 

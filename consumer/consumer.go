@@ -473,6 +473,35 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 	return nil
 }
 
+// SettleAll settles many batches, each as Settle does, in one round trip:
+// errs[i] is what Settle would return for batches[i] and outcomes[i]. A
+// worker acks the batches that finish together this way.
+func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][]Outcome) (errs []error) {
+	errs = make([]error, len(batches))
+	sps := make([]keys.Space, 0, len(batches))
+	ss := make([]store.Settlement, 0, len(batches))
+	idx := make([]int, 0, len(batches))
+	for i, b := range batches {
+		s, err := c.settlement(b, outcomes[i], false)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		sps, ss, idx = append(sps, c.space(b.Queue, b.Shard)), append(ss, s), append(idx, i)
+	}
+	for j, err := range store.SettleMany(ctx, c.c, sps, ss) {
+		i := idx[j]
+		switch {
+		case errors.Is(err, ErrNotArray):
+			// Rare: Settle sends the unfinished items to the retry index.
+			errs[i] = c.Settle(ctx, batches[i], outcomes[i])
+		case err != nil:
+			errs[i] = fmt.Errorf("settle %s: %w", batches[i].Queue, err)
+		}
+	}
+	return errs
+}
+
 // settlement builds the settlement of b. With unfinishedAsRetries, or for a
 // batch of retries, unfinished items go to the retry index, due now, rather
 // than back in front of their key.

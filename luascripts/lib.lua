@@ -20,35 +20,40 @@ end
 -- the item count at nk. It costs the same whatever the size of the stored
 -- array: it reads two bytes and overwrites the closing bracket. With maxn or
 -- maxb above 0, it refuses to take the array past maxn items or maxb bytes.
--- It returns the stored length before the append, or nil and an error reply
--- (NOTARRAY, or FULL <items> <bytes>), storing nothing.
+-- It returns the stored length before the append, the item count after it
+-- and the length after it; or nil and an error reply (NOTARRAY, or FULL
+-- <items> <bytes>), storing nothing.
 local function append_items(ik, nk, items, n, maxn, maxb)
   local len = redis.pcall('STRLEN', ik)
   if type(len) == 'table' then
-    return nil, redis.error_reply('NOTARRAY the key holds a Redis value that is not a string')
-  end
-  if len > 0 and (len < 2 or redis.call('GETRANGE', ik, 0, 0) ~= '[' or redis.call('GETRANGE', ik, -1, -1) ~= ']') then
-    return nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
-  end
-  local count = 0
-  if len > 2 then
-    count = tonumber(redis.call('GET', nk) or '0') or 0
-  end
-  local newlen = #items + 2
-  if len > 2 then
-    newlen = len + #items + 1
-  end
-  if (maxn > 0 and count + n > maxn) or (maxb > 0 and newlen > maxb) then
-    return nil, redis.error_reply('FULL ' .. count .. ' ' .. len)
+    return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a Redis value that is not a string')
   end
   if len <= 2 then
+    if len == 1 or (len == 2 and redis.call('GET', ik) ~= '[]') then
+      return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
+    end
+    local newlen = #items + 2
+    if (maxn > 0 and n > maxn) or (maxb > 0 and newlen > maxb) then
+      return nil, nil, nil, redis.error_reply('FULL 0 ' .. len)
+    end
     redis.call('SET', ik, '[' .. items .. ']')
     redis.call('SET', nk, n)
-  else
-    redis.call('SETRANGE', ik, len - 1, ',' .. items .. ']')
-    redis.call('INCRBY', nk, n)
+    return len, n, newlen
   end
-  return len
+  if redis.call('GETRANGE', ik, 0, 0) ~= '[' or redis.call('GETRANGE', ik, -1, -1) ~= ']' then
+    return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
+  end
+  local newlen = len + #items + 1
+  -- The count is raised first and lowered again in the rare case that the
+  -- items do not fit: one call on the common path instead of a GET and an
+  -- INCRBY.
+  local count = redis.call('INCRBY', nk, n)
+  if (maxn > 0 and count > maxn) or (maxb > 0 and newlen > maxb) then
+    redis.call('DECRBY', nk, n)
+    return nil, nil, nil, redis.error_reply('FULL ' .. (count - n) .. ' ' .. len)
+  end
+  redis.call('SETRANGE', ik, len - 1, ',' .. items .. ']')
+  return len, count, newlen
 end
 
 -- can_prepend reports whether prepend_array(ik, ...) would succeed: ik is
@@ -87,6 +92,15 @@ end
 -- not.
 local function make_ready(ready, wake, due, key)
   if redis.call('ZADD', ready, 'NX', due, key) == 1 then
+    redis.call('LPUSH', wake, '1')
+    redis.call('LTRIM', wake, 0, 63)
+  end
+end
+
+-- make_due puts key on the ready index due at 'due', or moves it there
+-- when it is due later (LT), and wakes one idle worker when it did either.
+local function make_due(ready, wake, due, key)
+  if redis.call('ZADD', ready, 'LT', 'CH', due, key) == 1 then
     redis.call('LPUSH', wake, '1')
     redis.call('LTRIM', wake, 0, 63)
   end

@@ -58,10 +58,10 @@ elseif kind == 'd' and redis.call('EXISTS', KEYS[3]) == 1 then
     redis.call('SET', KEYS[9], n)
   else
     redis.call('ZADD', KEYS[1], 'XX', ARGV[5], token)
-    make_ready(KEYS[5], KEYS[6], now, ARGV[4])
+    make_due(KEYS[5], KEYS[6], now, ARGV[4])
     return 0
   end
-  make_ready(KEYS[5], KEYS[6], now, ARGV[4])
+  make_due(KEYS[5], KEYS[6], now, ARGV[4])
 elseif meta and kind ~= 'd' then
   return redis.error_reply('ERR batchq: unknown lease kind')
 end

@@ -18,11 +18,11 @@
 if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 0 then
   return 0
 end
-local _, err = append_items(KEYS[1], KEYS[6], ARGV[2], 1, 0, 0)
+local _, _, _, err = append_items(KEYS[1], KEYS[6], ARGV[2], 1, 0, 0)
 if err then
   return err
 end
-make_ready(KEYS[2], KEYS[3], ARGV[3], ARGV[4])
+make_due(KEYS[2], KEYS[3], ARGV[3], ARGV[4])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 return 1

@@ -70,7 +70,7 @@ if back ~= '' then
   prepend_array(KEYS[4], KEYS[14], back, tonumber(ARGV[5]))
 end
 if back ~= '' or string.find(ARGV[7], 'r', 1, true) then
-  make_ready(KEYS[5], KEYS[6], now, key)
+  make_due(KEYS[5], KEYS[6], now, key)
 end
 
 local i = 8

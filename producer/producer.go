@@ -5,8 +5,9 @@
 // round trip: the items are validated in Go, then one Lua script (sent with
 // EVALSHA, falling back to EVAL after a server restart) splices them onto
 // the stored array without decoding it, so an append costs the same whatever
-// the array holds, and marks the key ready for workers. Items are stored byte
-// for byte: numbers, unicode and key order survive as written.
+// the array holds, and marks the key ready for workers: due at once, or as
+// the queue's FlushPolicy says. Items are stored byte for byte: numbers,
+// unicode and key order survive as written.
 //
 // A Producer is safe for concurrent use; concurrent calls share connections
 // and are pipelined by the rueidis client. A nil error means the items are
@@ -90,7 +91,8 @@ type Producer struct {
 	shards  int
 	maxItem int
 	caps    store.Caps
-	linger  *linger // nil: every call is sent at once
+	flush   map[string]store.Flush // by queue; missing: due at once
+	linger  *linger                // nil: every call is sent at once
 }
 
 // Option configures a Producer.
@@ -259,7 +261,7 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string, n int)
 // send makes one merge call.
 func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
-	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps)
+	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps, p.flush[queue])
 	var full *store.FullError
 	switch {
 	case errors.As(err, &full):

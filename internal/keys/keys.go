@@ -7,6 +7,7 @@
 //
 //	<prefix>:{<queue>:<shard>}:k:<key>       pending items, a JSON array (string)
 //	<prefix>:{<queue>:<shard>}:n:<key>       how many items k:<key> holds (string)
+//	<prefix>:{<queue>:<shard>}:c:<key>       the latest due time of k:<key> under a quiet period (string, expires)
 //	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms)
 //	<prefix>:{<queue>:<shard>}:wake          LIST of wake-up tokens for idle workers
 //	<prefix>:{<queue>:<shard>}:leases        ZSET lease token -> deadline (ms)
@@ -94,6 +95,10 @@ func (s Space) Items(key string) string { return s.base + "k:" + key }
 
 // Count is the key holding how many items Items(key) holds.
 func (s Space) Count(key string) string { return s.base + "n:" + key }
+
+// Cap is the key holding the latest time key may be due at when its queue
+// has a flush policy with a quiet period.
+func (s Space) Cap(key string) string { return s.base + "c:" + key }
 
 // Ready is the ZSET of keys with pending items, scored by due time.
 func (s Space) Ready() string { return s.base + "ready" }

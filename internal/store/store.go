@@ -5,6 +5,8 @@ package store
 
 import (
 	"context"
+	"crypto/sha1"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -71,13 +73,23 @@ type Caps struct {
 	Bytes int
 }
 
+// Flush is a queue's flush policy, as the merge script takes it: when a key
+// with pending items is due. The zero Flush makes a key due at once.
+type Flush struct {
+	MaxAge int64 // ms: due at most this long after the first pending item (0: at once)
+	Quiet  int64 // ms: due once no item came for this long, up to MaxAge (0: none)
+	Items  int   // due at once when the key holds this many items (0: no limit)
+	Bytes  int   // due at once when the key's array is this long (0: no limit)
+}
+
 // Append splices n items (valid JSON values joined by commas) onto key's
-// array and makes the key ready, due at the server's time if it was not
-// ready yet. It returns the array's length in bytes before the append.
-func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, items string, n int, caps Caps) (int64, error) {
+// array and makes the key due as the flush policy says, by the server's
+// clock. It returns the array's length in bytes before the append.
+func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, items string, n int, caps Caps, f Flush) (int64, error) {
 	l, err := mergeScript.Exec(ctx, c,
-		[]string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake()},
-		[]string{items, strconv.Itoa(n), key, strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes)}).AsInt64()
+		[]string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake(), sp.Cap(key)},
+		[]string{items, strconv.Itoa(n), key, strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes),
+			ms(f.MaxAge), ms(f.Quiet), strconv.Itoa(f.Items), strconv.Itoa(f.Bytes)}).AsInt64()
 	return l, appendError(err)
 }
 
@@ -350,6 +362,41 @@ var (
 // settling again is safe: a leased batch is then refused with ErrLeaseLost,
 // and one without a lease is applied once.
 func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) error {
+	k, a := settleCall(sp, s)
+	return settleResult(settleScript.Exec(ctx, c, k, a).AsInt64())
+}
+
+// settleSHA is the SHA-1 of the settle script, for SettleMany's EVALSHAs.
+var settleSHA = func() string {
+	h := sha1.Sum([]byte(luascripts.Settle))
+	return hex.EncodeToString(h[:])
+}()
+
+// SettleMany applies many settlements, ss[i] in the queue shard sps[i], in
+// one round trip: one EVALSHA each, pipelined (on a Cluster, rueidis sends
+// each to its shard's master). errs[i] is what Settle would return for
+// ss[i]. Settlements that meet NOSCRIPT (a restarted or flushed server) are
+// sent again through Settle, which loads the script.
+func SettleMany(ctx context.Context, c rueidis.Client, sps []keys.Space, ss []Settlement) []error {
+	cmds := make(rueidis.Commands, len(ss))
+	for i, s := range ss {
+		k, a := settleCall(sps[i], s)
+		cmds[i] = c.B().Evalsha().Sha1(settleSHA).Numkeys(int64(len(k))).Key(k...).Arg(a...).Build()
+	}
+	errs := make([]error, len(ss))
+	for i, r := range c.DoMulti(ctx, cmds...) {
+		n, err := r.AsInt64()
+		if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
+			errs[i] = Settle(ctx, c, sps[i], ss[i])
+			continue
+		}
+		errs[i] = settleResult(n, err)
+	}
+	return errs
+}
+
+// settleCall returns the keys and args of the settle script for s.
+func settleCall(sp keys.Space, s Settlement) (k, args []string) {
 	src := sp.Lease(s.Token)
 	items := src
 	if s.Key != "" {
@@ -365,7 +412,7 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 	if s.MakeReady {
 		flags += "r"
 	}
-	args := make([]string, 0, 9+3*len(s.Retries)+2*len(s.Dead))
+	args = make([]string, 0, 9+3*len(s.Retries)+2*len(s.Dead))
 	args = append(args, s.Token, ms(s.Now), s.Key, s.Return, strconv.Itoa(s.ReturnN), strconv.Itoa(s.DeadCap), flags,
 		strconv.Itoa(len(s.Retries)))
 	for _, r := range s.Retries {
@@ -379,11 +426,13 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 	if s.Key != "" {
 		count = sp.Count(s.Key)
 	}
-	n, err := settleScript.Exec(ctx, c,
-		[]string{sp.Leases(), sp.LeaseMeta(), src, items, sp.Ready(), sp.Wake(),
-			sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(),
-			sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID), count, sp.LeaseCount(s.ID)},
-		args).AsInt64()
+	return []string{sp.Leases(), sp.LeaseMeta(), src, items, sp.Ready(), sp.Wake(),
+		sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(),
+		sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID), count, sp.LeaseCount(s.ID)}, args
+}
+
+// settleResult turns the settle script's reply into Settle's error.
+func settleResult(n int64, err error) error {
 	switch {
 	case err != nil:
 		return err
