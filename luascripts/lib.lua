@@ -105,3 +105,39 @@ local function make_due(ready, wake, due, key)
     redis.call('LTRIM', wake, 0, 63)
   end
 end
+
+-- merge_key appends the n items (JSON values joined by commas) to key,
+-- whose items, count and cap keys are ik, nk and ck, and makes the key due
+-- as the flush policy says (maxage, quiet, fitems, fbytes: see merge.lua),
+-- now being the server's time. It returns the stored array's length before
+-- the append, or nil and an error reply (NOTARRAY, FULL), storing nothing;
+-- the key is then due at once, so that a worker drains it.
+local function merge_key(ik, nk, ck, ready, wake, key, items, n, maxn, maxb, maxage, quiet, fitems, fbytes, now)
+  local len, count, size, err = append_items(ik, nk, items, n, maxn, maxb)
+  if maxage == 0 then
+    -- No flush policy: due at once. A key already on the index keeps its
+    -- due time, or the claim a worker has on it.
+    make_ready(ready, wake, now, key)
+    return len, err
+  end
+  if err then
+    make_due(ready, wake, now, key)
+    return nil, err
+  end
+  if (fitems > 0 and count >= fitems) or (fbytes > 0 and size >= fbytes) then
+    make_due(ready, wake, now, key)
+  elseif quiet == 0 then
+    make_ready(ready, wake, now + maxage, key)
+  elseif not redis.call('ZSCORE', ready, key) then
+    -- The key's first pending item: remember when it must be due at the
+    -- latest (the entry outlives that time by a minute, then expires).
+    redis.call('SET', ck, now + maxage, 'PX', maxage + 60000)
+    make_ready(ready, wake, now + math.min(quiet, maxage), key)
+  else
+    -- Debounce: each item pushes the due time back by the quiet period, up
+    -- to the cap set by the first.
+    local cap = tonumber(redis.call('GET', ck) or now)
+    redis.call('ZADD', ready, 'XX', math.min(now + quiet, cap), key)
+  end
+  return len
+end

@@ -25,38 +25,9 @@
 -- than a JSON array, or with FULL <items> <bytes> when the items would take
 -- the key past a cap; the key is made due at once either way, so that a
 -- worker drains it (or moves the bad value to dead letters).
-local ready, wake, key = KEYS[3], KEYS[4], ARGV[3]
-local len, count, size, err = append_items(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5]))
-local now = now_ms()
-local maxage = tonumber(ARGV[6])
-if maxage == 0 then
-  -- No flush policy: due at once. A key already on the index keeps its
-  -- due time, or the claim a worker has on it.
-  make_ready(ready, wake, now, key)
-  if err then
-    return err
-  end
-  return len
-end
+local len, err = merge_key(KEYS[1], KEYS[2], KEYS[5], KEYS[3], KEYS[4], ARGV[3], ARGV[1], tonumber(ARGV[2]),
+  tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), now_ms())
 if err then
-  make_due(ready, wake, now, key)
   return err
-end
-
-local quiet, fitems, fbytes = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-if (fitems > 0 and count >= fitems) or (fbytes > 0 and size >= fbytes) then
-  make_due(ready, wake, now, key)
-elseif quiet == 0 then
-  make_ready(ready, wake, now + maxage, key)
-elseif not redis.call('ZSCORE', ready, key) then
-  -- The key's first pending item: remember when it must be due at the
-  -- latest (the entry outlives that time by a minute, then expires).
-  redis.call('SET', KEYS[5], now + maxage, 'PX', maxage + 60000)
-  make_ready(ready, wake, now + math.min(quiet, maxage), key)
-else
-  -- Debounce: each item pushes the due time back by the quiet period, up to
-  -- the cap set by the first.
-  local cap = tonumber(redis.call('GET', KEYS[5]) or now)
-  redis.call('ZADD', ready, 'XX', math.min(now + quiet, cap), key)
 end
 return len

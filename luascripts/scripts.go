@@ -15,6 +15,8 @@ var lib string
 var (
 	//go:embed merge.lua
 	merge string
+	//go:embed mergemany.lua
+	mergeMany string
 	//go:embed claim.lua
 	claim string
 	//go:embed settle.lua
@@ -27,9 +29,10 @@ var (
 
 // The scripts' full source, with lib.lua in front.
 var (
-	Merge   = lib + merge
-	Claim   = claim
-	Settle  = lib + settle
-	Reap    = lib + reap
-	Requeue = lib + requeue
+	Merge     = lib + merge
+	MergeMany = lib + mergeMany
+	Claim     = claim
+	Settle    = lib + settle
+	Reap      = lib + reap
+	Requeue   = lib + requeue
 )

@@ -3,6 +3,7 @@ package producer_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -106,40 +107,43 @@ func evalshaStats(t testing.TB, be testredis.Backend) (calls, usec int64) {
 	return calls, usec
 }
 
-// BenchmarkAppendParallel appends one item per call from many goroutines to
-// 10 keys, without and with linger; redis-µs/op is the server's script time
-// per item. Linger gathers per key: it pays where keys are hot, as here; over
-// many cold keys it only adds its wait.
+// BenchmarkAppendParallel appends one item per call from many goroutines,
+// to 10 hot keys and to 1,000 keys, directly and with linger (a 2 ms wait,
+// and group commit); redis-µs/op is the server's script time per item.
+// Linger gathers per queue shard, whatever the keys.
 //
 //	go test -run '^$' -bench AppendParallel -count 6 ./producer/
 func BenchmarkAppendParallel(b *testing.B) {
 	be := testredis.Real(b)
 	ctx := context.Background()
 	item := json.RawMessage(`{"id":12345,"at":1764201600000,"email":"someone@example.com","note":"a payload of about 100 bytes"}`)
-	for _, c := range []struct {
-		name string
-		opts []producer.Option
-	}{
-		{"direct", nil},
-		{"linger_2ms", []producer.Option{producer.WithLinger(2*time.Millisecond, 256)}},
-	} {
-		b.Run(c.name, func(b *testing.B) {
-			p, err := producer.New(be.Client, append([]producer.Option{producer.WithPrefix(be.Prefix)}, c.opts...)...)
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.SetParallelism(32) // 32 goroutines per CPU, like web handlers
-			defer reportRedisTime(b, be)()
-			var next atomic.Int64
-			b.RunParallel(func(pb *testing.PB) {
-				for pb.Next() {
-					k := "k" + strconv.Itoa(int(next.Add(1)%10))
-					if err := p.AddRaw(ctx, "par", k, item); err != nil {
-						b.Error(err)
-						return
-					}
+	for _, nkeys := range []int64{10, 1000} {
+		for _, c := range []struct {
+			name string
+			opts []producer.Option
+		}{
+			{"direct", nil},
+			{"linger_2ms", []producer.Option{producer.WithLinger(2*time.Millisecond, 256)}},
+			{"linger_0", []producer.Option{producer.WithLinger(0, 256)}},
+		} {
+			b.Run(fmt.Sprintf("keys_%d/%s", nkeys, c.name), func(b *testing.B) {
+				p, err := producer.New(be.Client, append([]producer.Option{producer.WithPrefix(be.Prefix)}, c.opts...)...)
+				if err != nil {
+					b.Fatal(err)
 				}
+				b.SetParallelism(32) // 32 goroutines per CPU, like web handlers
+				defer reportRedisTime(b, be)()
+				var next atomic.Int64
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						k := "k" + strconv.FormatInt(next.Add(1)%nkeys, 10)
+						if err := p.AddRaw(ctx, "par", k, item); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
 			})
-		})
+		}
 	}
 }

@@ -9,12 +9,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
 
-// With linger, concurrent appends to a key go in one merge call once
-// maxItems are waiting, and every caller learns its own outcome.
+// With linger, concurrent appends to the keys of a shard go in one merge
+// call once maxItems are waiting, and every caller learns its own outcome.
 func TestLingerGathersAppends(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
@@ -36,8 +39,8 @@ func TestLingerGathersAppends(t *testing.T) {
 		}
 		// Counted on redis-server (INFO commandstats); miniredis counts every
 		// command of the client's connections, not script calls.
-		if calls := mergeCalls(t, b) - calls0; b.Real() && calls != nkeys {
-			t.Fatalf("%d appends to %d keys with maxItems 8 took %d merge calls, want %d", callers, nkeys, calls, nkeys)
+		if calls := mergeCalls(t, b) - calls0; b.Real() && calls != callers/8 {
+			t.Fatalf("%d appends to %d keys with maxItems 8 took %d merge calls, want %d", callers, nkeys, calls, callers/8)
 		}
 		seen := make(map[int]int)
 		for k := range nkeys {
@@ -59,12 +62,19 @@ func TestLingerGathersAppends(t *testing.T) {
 }
 
 // With linger, each caller's items keep their order, and every item is
-// stored once, however the calls gather them.
+// stored once, however the calls gather them: with a wait, and with group
+// commit (wait 0), over several shards.
 func TestLingerKeepsEachCallersOrder(t *testing.T) {
+	for _, wait := range []time.Duration{2 * time.Millisecond, 0} {
+		t.Run(wait.String(), func(t *testing.T) { testLingerOrder(t, wait) })
+	}
+}
+
+func testLingerOrder(t *testing.T, wait time.Duration) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
-		p := newProducer(t, b, producer.WithLinger(2*time.Millisecond, 64))
-		const callers, per, nkeys = 16, 20, 4
+		p := newProducer(t, b, producer.WithLinger(wait, 64), producer.WithShards(3))
+		const callers, per, nkeys = 16, 20, 7
 		var wg sync.WaitGroup
 		errs := make(chan error, callers*per)
 		for c := range callers {
@@ -84,7 +94,7 @@ func TestLingerKeepsEachCallersOrder(t *testing.T) {
 		}
 		seen := make(map[int]int)
 		for k := range nkeys {
-			v, _ := get(t, b, "q", "k"+strconv.Itoa(k))
+			v, _ := getSharded(t, b, "q", "k"+strconv.Itoa(k), 3)
 			var ids []int
 			if err := json.Unmarshal([]byte(v), &ids); err != nil {
 				t.Fatalf("key k%d: %v", k, err)
@@ -131,8 +141,13 @@ func TestLingerRespectsContext(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if _, err := producer.New(b.Client, producer.WithLinger(0, 1)); err == nil {
-		t.Fatal("WithLinger(0, 1) accepted")
+	for _, bad := range []struct {
+		wait time.Duration
+		max  int
+	}{{-time.Millisecond, 1}, {2 * time.Second, 1}, {time.Millisecond, 0}} {
+		if _, err := producer.New(b.Client, producer.WithLinger(bad.wait, bad.max)); err == nil {
+			t.Fatalf("WithLinger(%v, %d) accepted", bad.wait, bad.max)
+		}
 	}
 }
 
@@ -145,4 +160,105 @@ func mergeCalls(t *testing.T, b testredis.Backend) int {
 	}
 	calls, _ := evalshaStats(t, b)
 	return int(calls)
+}
+
+// With group commit (wait 0), appends that come while a call is in flight
+// ride on the next: far fewer calls than appends under load. A key refused
+// by its cap fails only its own callers; the other keys of the same call
+// are stored.
+func TestLingerGroupCommit(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b, producer.WithLinger(0, 1000), producer.WithMaxKeyItems(100))
+		const callers, per, nkeys = 32, 40, 64
+		calls0 := mergeCalls(t, b)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		full := 0
+		for c := range callers {
+			wg.Go(func() {
+				for i := range per {
+					key := "k" + strconv.Itoa((c*per+i)%nkeys)
+					if c == 0 && i == 0 {
+						key = "full"
+					}
+					err := p.Add(ctx, "q", key, c*per+i)
+					switch {
+					case errors.Is(err, producer.ErrKeyFull):
+						mu.Lock()
+						full++
+						mu.Unlock()
+					case err != nil:
+						t.Error(err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if full != 0 {
+			t.Fatalf("%d appends refused before the key filled up", full)
+		}
+		calls := mergeCalls(t, b) - calls0
+		if b.Real() && calls >= callers*per/2 {
+			t.Fatalf("%d appends took %d merge calls: group commit did not gather", callers*per, calls)
+		}
+		t.Logf("%d appends, %d merge calls", callers*per, calls)
+		total := 0
+		for k := range nkeys {
+			v, _ := get(t, b, "q", "k"+strconv.Itoa(k))
+			var ids []int
+			if err := json.Unmarshal([]byte(v), &ids); err != nil {
+				t.Fatalf("key k%d: %v", k, err)
+			}
+			total += len(ids)
+		}
+		if total != callers*per-1 {
+			t.Fatalf("stored %d items, want %d", total, callers*per-1)
+		}
+
+		// Fill "full" to its cap of 100, then append to it and to 7 other
+		// keys in one call (maxItems 8 with a long wait: the eighth append
+		// sends it): only the full key's caller is refused.
+		p = newProducer(t, b, producer.WithLinger(time.Second, 8), producer.WithMaxKeyItems(100))
+		raws := make([]json.RawMessage, 99)
+		for i := range raws {
+			raws[i] = json.RawMessage("0")
+		}
+		if err := p.AddRaw(ctx, "q", "full", raws...); err != nil {
+			t.Fatal(err)
+		}
+		errs := make([]error, 8)
+		for i := range errs {
+			wg.Go(func() {
+				key := "other" + strconv.Itoa(i)
+				if i == 3 {
+					key = "full"
+				}
+				errs[i] = p.Add(ctx, "q", key, i)
+			})
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if i == 3 && !errors.Is(err, producer.ErrKeyFull) {
+				t.Fatalf("append to the full key: %v, want ErrKeyFull", err)
+			}
+			if i != 3 && err != nil {
+				t.Fatalf("append %d beside a full key: %v", i, err)
+			}
+		}
+	})
+}
+
+// getSharded is get for a queue of n shards.
+func getSharded(t *testing.T, b testredis.Backend, queue, key string, n int) (string, bool) {
+	t.Helper()
+	ik := keys.For(b.Prefix, queue, keys.Shard(key, n)).Items(key)
+	v, err := b.Client.Do(context.Background(), b.Client.B().Get().Key(ik).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return "", false
+	}
+	if err != nil {
+		t.Fatalf("GET %s: %v", ik, err)
+	}
+	return v, true
 }

@@ -262,15 +262,7 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string, n int)
 func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
 	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps, p.flush[queue])
-	var full *store.FullError
-	switch {
-	case errors.As(err, &full):
-		return &KeyFullError{Queue: queue, Key: key, Items: full.Items, Bytes: full.Bytes, Adding: n,
-			MaxItems: p.caps.Items, MaxBytes: p.caps.Bytes}
-	case err != nil:
-		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
-	}
-	return nil
+	return p.keyError(queue, key, n, err)
 }
 
 func itemErr(queue, key string, i int, err error) error {

@@ -24,6 +24,7 @@ import (
 // retryable: a write that may have been applied is never sent twice.
 var (
 	mergeScript   = rueidis.NewLuaScript(luascripts.Merge)
+	mergeMany     = rueidis.NewLuaScript(luascripts.MergeMany)
 	claimScript   = rueidis.NewLuaScript(luascripts.Claim)
 	settleScript  = rueidis.NewLuaScript(luascripts.Settle)
 	reapScript    = rueidis.NewLuaScript(luascripts.Reap)
@@ -54,7 +55,15 @@ func appendError(err error) error {
 	if !ok {
 		return err
 	}
-	msg := re.Error()
+	if e := scriptError(re.Error()); e != nil {
+		return e
+	}
+	return err
+}
+
+// scriptError parses a NOTARRAY or FULL error text of the merge scripts; it
+// returns nil for any other text.
+func scriptError(msg string) error {
 	if rest, ok := strings.CutPrefix(msg, "NOTARRAY "); ok {
 		return fmt.Errorf("%w (%s)", ErrNotArray, rest)
 	}
@@ -64,7 +73,7 @@ func appendError(err error) error {
 			return &fe
 		}
 	}
-	return err
+	return nil
 }
 
 // Caps bound what one key may hold; 0 means no bound.
@@ -91,6 +100,46 @@ func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, items str
 		[]string{items, strconv.Itoa(n), key, strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes),
 			ms(f.MaxAge), ms(f.Quiet), strconv.Itoa(f.Items), strconv.Itoa(f.Bytes)}).AsInt64()
 	return l, appendError(err)
+}
+
+// KeyItems is what AppendMany appends to one key.
+type KeyItems struct {
+	Key   string
+	Items string // valid JSON values joined by commas
+	N     int    // how many
+}
+
+// AppendMany appends to several keys of one queue shard in one script call,
+// each as Append does (the caps and flush policy apply per key). errs[i] is
+// the outcome of ks[i] (ErrNotArray or *FullError: nothing stored for that
+// key) when the call itself succeeded; err is the call's own error, which
+// leaves every key's outcome unknown.
+func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyItems, caps Caps, f Flush) (errs []error, err error) {
+	kk := make([]string, 0, 2+3*len(ks))
+	kk = append(kk, sp.Ready(), sp.Wake())
+	args := make([]string, 0, 6+3*len(ks))
+	args = append(args, strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes),
+		ms(f.MaxAge), ms(f.Quiet), strconv.Itoa(f.Items), strconv.Itoa(f.Bytes))
+	for _, k := range ks {
+		kk = append(kk, sp.Items(k.Key), sp.Count(k.Key), sp.Cap(k.Key))
+		args = append(args, k.Key, strconv.Itoa(k.N), k.Items)
+	}
+	res, err := mergeMany.Exec(ctx, c, kk, args).ToArray()
+	if err != nil {
+		return nil, err
+	}
+	if len(res) != len(ks) {
+		return nil, fmt.Errorf("merge of %d keys returned %d replies", len(ks), len(res))
+	}
+	errs = make([]error, len(ks))
+	for i, r := range res {
+		if msg, err := r.ToString(); err == nil {
+			if errs[i] = scriptError(msg); errs[i] == nil {
+				errs[i] = errors.New(msg)
+			}
+		}
+	}
+	return errs, nil
 }
 
 // EvictionPolicy returns the server's maxmemory-policy.

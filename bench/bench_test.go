@@ -1,0 +1,102 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestQuick runs the whole program in -quick mode, with tiny sizes, on a
+// private redis-server, and checks that the JSON line reports every phase
+// of every system with items handled and none lost.
+func TestQuick(t *testing.T) {
+	addr := startRedis(t)
+	args := []string{"-redis", addr, "-quick",
+		"-n", "1000", "-keys", "50", "-producers", "8", "-concurrency", "8",
+		"-rate", "2000", "-rate-items", "400", "-hot-items", "500", "-group-hot-items", "200",
+		"-phase-timeout", "60s"}
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), args, &stdout, &stderr)
+	t.Logf("stderr:\n%s\nstdout:\n%s", stderr.String(), stdout.String())
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+
+	lines := strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n")
+	var rep struct {
+		Runs    int `json:"runs"`
+		Results map[string]map[string]struct {
+			ItemsPerS float64 `json:"items_per_s"`
+			Lost      *int64  `json:"lost"`
+		} `json:"results"`
+		Ratios map[string]map[string]struct {
+			ThroughputX float64 `json:"throughput_x"`
+		} `json:"ratios"`
+	}
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &rep); err != nil {
+		t.Fatalf("the last line is not the JSON report: %v", err)
+	}
+	if rep.Runs != 1 {
+		t.Errorf("runs = %d, want 1 (-quick)", rep.Runs)
+	}
+	for _, phase := range allPhases {
+		for _, system := range allSystems {
+			r, ok := rep.Results[phase][system]
+			switch {
+			case !ok:
+				t.Errorf("%s/%s: missing", phase, system)
+			case r.ItemsPerS <= 0:
+				t.Errorf("%s/%s: items_per_s = %v, want > 0", phase, system, r.ItemsPerS)
+			case r.Lost == nil || *r.Lost != 0:
+				t.Errorf("%s/%s: lost = %v, want 0", phase, system, r.Lost)
+			}
+		}
+		if _, ok := rep.Ratios[phase]["batchq/asynq-plain"]; !ok {
+			t.Errorf("%s: no batchq/asynq-plain ratio", phase)
+		}
+	}
+}
+
+// TestRefusesNonEmptyDatabase checks that the bench leaves a database that
+// holds keys alone without -force.
+func TestRefusesNonEmptyDatabase(t *testing.T) {
+	addr := startRedis(t)
+	st, err := dialStats(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.do("SET", "precious", "1"); err != nil {
+		t.Fatal(err)
+	}
+	err = run(context.Background(), []string{"-redis", addr, "-quick"}, new(bytes.Buffer), new(bytes.Buffer))
+	if err == nil || !strings.Contains(err.Error(), "-force") {
+		t.Fatalf("run on a non-empty database: %v, want a refusal naming -force", err)
+	}
+	if v, err := st.do("GET", "precious"); err != nil || v != "1" {
+		t.Fatalf("GET precious = %q, %v; want it kept", v, err)
+	}
+}
+
+// startRedis starts a private redis-server on a free loopback port and
+// returns its address; the server is killed at cleanup. Without
+// redis-server the test is skipped, or fails where CI=true.
+func startRedis(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("redis-server is not installed (required where CI=true)")
+		}
+		t.Skip("redis-server is not installed")
+	}
+	s, err := startServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.stop)
+	return s.addr
+}

@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// The phases, by the names the -phases flag and the report use.
+const (
+	phaseAppend    = "append"     // 1: producers only
+	phaseDrain     = "drain"      // 2: workers only, on what phase 1 appended
+	phaseSaturated = "saturated"  // 3: producers and workers at once, flat out
+	phaseRate      = "fixed-rate" // 4: a fixed offered rate; latency
+	phaseHotKey    = "hot-key"    // 5: every item to one key
+)
+
+// allPhases lists the phases in the order they run.
+var allPhases = []string{phaseAppend, phaseDrain, phaseSaturated, phaseRate, phaseHotKey}
+
+// hotKey is the one key of the hot-key phase.
+const hotKey = "hot"
+
+// result is what one phase measured on one system in one run.
+type result struct {
+	items      int           // items the phase offers
+	produced   int64         // appends that returned a nil error
+	appendErrs int64         // appends that returned an error
+	firstErr   error         // the first append error
+	handled    int64         // distinct items handled
+	duplicates int64         // handler calls beyond the first of an item
+	lost       int64         // phase 1: items whose append failed; others: items appended, never handled
+	elapsed    time.Duration // from the start of the phase until all were appended (phase 1) or handled
+	commands   int64         // commands the server processed during the phase
+	cpu        float64       // server CPU time during the phase, in seconds
+	latencies  []int64       // sorted append-to-handler latencies in ns; nil where not measured
+	timeout    bool          // the phase timeout cut the phase short
+}
+
+// count returns the items the phase's figures are per: the items appended
+// for phase 1, the items handled otherwise.
+func (r result) count(phase string) int64 {
+	if phase == phaseAppend {
+		return r.produced
+	}
+	return r.handled
+}
+
+// bench runs phases against one Redis server.
+type bench struct {
+	ctx   context.Context // cancelled: stop at once
+	cfg   *config
+	stats *statsConn
+}
+
+// measure reads the server's counters right before and right after fn and
+// stores their deltas and fn's duration in r. The INFO command sent before fn
+// is left out of the command count (INFO counts a command once it is done,
+// so the one after fn is not in its own reply).
+func (b *bench) measure(r *result, fn func() error) error {
+	before, err := b.stats.stats()
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	fnErr := fn()
+	r.elapsed = time.Since(start)
+	after, err := b.stats.stats()
+	if err != nil {
+		return err
+	}
+	r.commands = after.commands - before.commands - 1
+	r.cpu = after.cpu - before.cpu
+	return fnErr
+}
+
+// phaseContext bounds a phase by the phase timeout.
+func (b *bench) phaseContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(b.ctx, b.cfg.phaseTimeout)
+}
+
+// spreadKey returns the key of item i: i modulo the number of keys.
+func (b *bench) spreadKey(i int64) string {
+	return "k" + strconv.FormatInt(i%int64(b.cfg.keys), 10)
+}
+
+// appendOnly runs phase 1: the producers append n items, no worker runs.
+// The items stay in Redis for drainOnly. Its lost count is the items whose
+// append failed.
+func (b *bench) appendOnly(sys system, n int) (result, error) {
+	if err := b.stats.flush(); err != nil {
+		return result{}, err
+	}
+	add, closeProducer, err := sys.producer()
+	if err != nil {
+		return result{}, err
+	}
+	defer closeProducer()
+	ctx, cancel := b.phaseContext()
+	defer cancel()
+	r := result{items: n}
+	err = b.measure(&r, func() error {
+		p := produce(ctx, n, b.cfg.producers, 0, b.spreadKey, add)
+		r.produced, r.appendErrs, r.firstErr = p.ok, p.failed, p.err
+		return nil
+	})
+	r.lost = int64(r.items) - r.produced
+	r.timeout = r.produced+r.appendErrs < int64(r.items)
+	return r, err
+}
+
+// drainOnly runs phase 2: workers start on the n items phase 1 offered
+// (appended of them were stored) and run until all are handled.
+func (b *bench) drainOnly(sys system, n int, appended int64) (result, error) {
+	tr := newTracker(n)
+	tr.expect(appended)
+	start, stop, err := sys.worker(tr)
+	if err != nil {
+		return result{}, err
+	}
+	ctx, cancel := b.phaseContext()
+	defer cancel()
+	r := result{items: n, produced: appended}
+	err = b.measure(&r, func() error {
+		if err := start(); err != nil {
+			return err
+		}
+		r.timeout = tr.wait(ctx) != nil
+		return nil
+	})
+	stop()
+	b.settle(&r, tr, false)
+	return r, err
+}
+
+// concurrent runs phases 3 to 5: workers and producers start at once, the
+// producers append n items (rate per second in all, when rate > 0) with
+// key(i) the key of item i, and the phase ends when all are handled.
+func (b *bench) concurrent(sys system, n, rate int, key func(int64) string) (result, error) {
+	if err := b.stats.flush(); err != nil {
+		return result{}, err
+	}
+	tr := newTracker(n)
+	add, closeProducer, err := sys.producer()
+	if err != nil {
+		return result{}, err
+	}
+	defer closeProducer()
+	start, stop, err := sys.worker(tr)
+	if err != nil {
+		return result{}, err
+	}
+	ctx, cancel := b.phaseContext()
+	defer cancel()
+	r := result{items: n}
+	err = b.measure(&r, func() error {
+		if err := start(); err != nil {
+			return err
+		}
+		p := produce(ctx, n, b.cfg.producers, rate, key, add)
+		r.produced, r.appendErrs, r.firstErr = p.ok, p.failed, p.err
+		tr.expect(p.ok)
+		r.timeout = tr.wait(ctx) != nil
+		return nil
+	})
+	stop()
+	b.settle(&r, tr, true)
+	return r, err
+}
+
+// settle copies the tracker's counts into r, after the workers stopped (so
+// that late duplicates count too). Its lost count is the items appended
+// successfully but never handled.
+func (b *bench) settle(r *result, tr *tracker, latency bool) {
+	r.handled = tr.distinct.Load()
+	r.duplicates = tr.duplicates()
+	r.lost = max(r.produced-r.handled, 0)
+	if latency {
+		r.latencies = tr.latencies()
+	}
+}
+
+// runPhase runs phase on the system named name and returns its results by
+// phase name. Phase 2 needs phase 1's items, so drain runs right after
+// append on the same system (append runs unreported when only drain was
+// asked for); the caller passes phaseAppend for the pair.
+func (b *bench) runPhase(phase, name string) (map[string]result, error) {
+	sys, err := newSystem(name, b.cfg)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]result)
+	n := b.cfg.items(phase, name)
+	switch phase {
+	case phaseAppend:
+		r, err := b.appendOnly(sys, n)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", phaseAppend, name, err)
+		}
+		if b.cfg.phases[phaseAppend] {
+			out[phaseAppend] = r
+		}
+		if b.cfg.phases[phaseDrain] && b.ctx.Err() == nil {
+			d, err := b.drainOnly(sys, n, r.produced)
+			if err != nil {
+				return nil, fmt.Errorf("%s %s: %w", phaseDrain, name, err)
+			}
+			out[phaseDrain] = d
+		}
+	case phaseSaturated, phaseRate, phaseHotKey:
+		rate, key := 0, b.spreadKey
+		switch phase {
+		case phaseRate:
+			rate = b.cfg.rate
+		case phaseHotKey:
+			key = func(int64) string { return hotKey }
+		}
+		r, err := b.concurrent(sys, n, rate, key)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", phase, name, err)
+		}
+		out[phase] = r
+	default:
+		return nil, fmt.Errorf("unknown phase %q", phase)
+	}
+	return out, b.ctx.Err()
+}
