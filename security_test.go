@@ -44,7 +44,7 @@ import (
 var aclCommands = []string{
 	"evalsha", "eval", // the scripts, through rueidis' script helper
 	"multi", "exec", // the drain transactions, PurgeDead
-	"get", "set", "getdel", "strlen", "getrange", "setrange", "incrby", // items arrays and counts
+	"get", "set", "getdel", "strlen", "getrange", "setrange", "incrby", "decrby", // items arrays and counts
 	"del", "exists", "rename", "type", // leases, quarantine, cleanup
 	"zadd", "zrem", "zscore", "zcard", "zrange", "zrangebyscore", "zremrangebyrank", // ready, leases, retry, dead
 	"hset", "hget", "hmget", "hgetall", "hdel", "hexists", // leasemeta, retrydata, deaddata, retry leases
