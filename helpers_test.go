@@ -106,13 +106,13 @@ func pending(t testing.TB, b testredis.Backend, queue string, keyNames []string)
 }
 
 // leftKeys returns the keys of the test's prefix that hold data, leaving
-// out wake-up lists: a few wake-up tokens may outlive the workers (they are
-// capped at 64 and cost one spurious fetch).
+// out wake-up lists (a few wake-up tokens may outlive the workers: they are
+// capped at 64 and cost one spurious fetch) and the registry of queues.
 func leftKeys(t testing.TB, b testredis.Backend) []string {
 	t.Helper()
 	var out []string
 	for _, k := range testredis.Keys(t, b, b.Prefix+":*") {
-		if !strings.HasSuffix(k, ":wake") && !strings.Contains(k, ":test:") {
+		if !strings.HasSuffix(k, ":wake") && !strings.Contains(k, ":test:") && k != keys.Registry(b.Prefix) {
 			out = append(out, k)
 		}
 	}

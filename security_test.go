@@ -253,6 +253,17 @@ func TestACL(t *testing.T) {
 	add("poison", "p", 1, 2)
 	add("once", "o", 1, 2, 3)
 
+	// A producer with a cap, group-commit linger and a flush policy with a
+	// quiet period: an append the cap refuses takes its count back (DECRBY),
+	// the first item of a key sets its latest due time (SET PX).
+	capped, err := producer.New(uc, producer.WithPrefix(prefix), producer.WithMaxKeyItems(2), producer.WithLinger(0, 100),
+		producer.WithFlushPolicy("capped", producer.FlushPolicy{MaxAge: 50 * time.Millisecond, Quiet: 10 * time.Millisecond}))
+	must(t, err)
+	must(t, capped.Add(ctx, "capped", "c", secretItem{ID: 1, Token: payloadMarker}, secretItem{ID: 2, Token: payloadMarker}))
+	if err := capped.Add(ctx, "capped", "c", secretItem{ID: 3, Token: payloadMarker}); !errors.Is(err, producer.ErrKeyFull) {
+		t.Fatalf("append past the cap: %v, want ErrKeyFull", err)
+	}
+
 	var s callLog
 	log, logs := observed(t)
 	w := newWorker(t, u, batchq.WithLogger(log), batchq.WithShutdownTimeout(100*time.Millisecond), batchq.WithConcurrency(8))
@@ -261,6 +272,7 @@ func TestACL(t *testing.T) {
 	}
 	batchq.Handle(w, "ok", record("ok"))
 	batchq.Handle(w, "orphan", record("orphan"))
+	batchq.Handle(w, "capped", record("capped"))
 	batchq.Handle(w, "corrupt", record("corrupt"))
 	batchq.Handle(w, "flaky", func(ctx context.Context, it secretItem) error {
 		if s.add("flaky", it.ID) == 1 {
@@ -310,6 +322,7 @@ func TestACL(t *testing.T) {
 		return maps.Equal(s.get("ok"), map[int]int{1: 1, 2: 1, 3: 1, 4: 1}) &&
 			maps.Equal(s.get("flaky"), map[int]int{1: 2, 2: 2, 3: 2}) &&
 			maps.Equal(s.get("orphan"), map[int]int{1: 1, 2: 1}) &&
+			maps.Equal(s.get("capped"), map[int]int{1: 1, 2: 1}) &&
 			maps.Equal(s.get("once"), map[int]int{1: 1, 2: 1, 3: 1}) &&
 			count("poison") == 2 && count("corrupt") == 2 && count("once") == 1
 	})

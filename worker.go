@@ -60,6 +60,7 @@ type Worker struct {
 	log             *zap.Logger
 	concurrency     int
 	shutdownTimeout time.Duration
+	obs             Observer
 
 	mu      sync.Mutex
 	queues  map[string]*queue
@@ -74,6 +75,7 @@ type workerConfig struct {
 	concurrency     int
 	shutdownTimeout time.Duration
 	consumer        []consumer.Option
+	observer        Observer
 }
 
 // WithConcurrency sets how many batches a worker handles at once (default 16).
@@ -148,7 +150,7 @@ func withConsumer(o consumer.Option) Option {
 // NewWorker returns a Worker that uses rdb, which the caller keeps owning
 // (create it with DisableCache: true).
 func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
-	cfg := workerConfig{log: zap.NewNop(), concurrency: DefaultConcurrency, shutdownTimeout: DefaultShutdownTimeout}
+	cfg := workerConfig{log: zap.NewNop(), concurrency: DefaultConcurrency, shutdownTimeout: DefaultShutdownTimeout, observer: nopObserver{}}
 	for _, o := range opts {
 		if err := o(&cfg); err != nil {
 			return nil, err
@@ -163,6 +165,7 @@ func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
 		log:             cfg.log.Named("batchq"),
 		concurrency:     cfg.concurrency,
 		shutdownTimeout: cfg.shutdownTimeout,
+		obs:             cfg.observer,
 		queues:          make(map[string]*queue),
 	}, nil
 }
@@ -422,7 +425,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
 		zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
-	r.checkServer(ctx)
+	r.checkServer(ctx, queues)
 
 	extendDone := make(chan struct{})
 	var background sync.WaitGroup
@@ -552,6 +555,11 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		f, err := r.w.cons.Fetch(fctx, q.name, shard, n)
 		cancel()
 		for _, b := range f.Batches {
+			size := 0
+			for _, it := range b.Items {
+				size += len(it.Data)
+			}
+			r.w.obs.Fetched(q.name, len(b.Items), size, b.Retry())
 			r.start(q, b)
 		}
 		r.release(n - len(f.Batches))
@@ -582,12 +590,20 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 	}
 }
 
-// checkServer syncs the consumer's clock to the server's and warns about
-// server settings that lose items. Failures are logged, not fatal: Redis
-// may be down at start, and an ACL may deny CONFIG.
-func (r *runner) checkServer(ctx context.Context) {
+// checkServer records the queues in the registry, syncs the consumer's
+// clock to the server's and warns about server settings that lose items.
+// Failures are logged, not fatal: Redis may be down at start, and an ACL
+// may deny CONFIG.
+func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
+	names := make([]string, len(queues))
+	for i, q := range queues {
+		names[i] = q.name
+	}
+	if err := r.w.cons.Register(ctx, names...); err != nil {
+		r.w.log.Warn("cannot record the queues in the registry; the inspector finds them once a producer appends", zap.Error(err))
+	}
 	if !r.sync(ctx) {
 		r.w.log.Warn("cannot read the Redis server's clock; waiting for it before taking work")
 	} else if off := r.w.cons.Offset(); off > time.Second || off < -time.Second {
@@ -735,6 +751,11 @@ func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 			cancel()
 		}
 		if err == nil {
+			var n [4]int // by consumer.OutcomeKind
+			for _, o := range out {
+				n[o.Kind]++
+			}
+			r.w.obs.Settled(q.name, n[consumer.Done], n[consumer.Retry], n[consumer.Dead])
 			return
 		}
 		log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
@@ -854,23 +875,25 @@ func (r *runner) call(q *queue, info ItemInfo, fn func(context.Context) error) e
 		ctx, cancel = context.WithTimeout(ctx, q.timeout)
 	}
 	defer cancel()
+	start := time.Now()
 	done := make(chan error, 1)
 	go func() { done <- r.safe(ctx, info, fn) }()
+	var err error
 	select {
-	case err := <-done:
-		return err
+	case err = <-done:
 	case <-ctx.Done():
+		t := time.NewTimer(abandonGrace)
+		defer t.Stop()
+		select {
+		case err = <-done:
+		case <-t.C:
+			r.abandoned.Add(1)
+			r.w.log.Error("handler ignored its context; abandoned", zap.String("queue", info.Queue), zap.String("key", info.Key))
+			err = ErrHandlerTimeout
+		}
 	}
-	t := time.NewTimer(abandonGrace)
-	defer t.Stop()
-	select {
-	case err := <-done:
-		return err
-	case <-t.C:
-		r.abandoned.Add(1)
-		r.w.log.Error("handler ignored its context; abandoned", zap.String("queue", info.Queue), zap.String("key", info.Key))
-		return ErrHandlerTimeout
-	}
+	r.w.obs.Handled(q.name, time.Since(start), err)
+	return err
 }
 
 func (r *runner) safe(ctx context.Context, info ItemInfo, fn func(context.Context) error) (err error) {

@@ -201,6 +201,17 @@ func (c *Consumer) Now() time.Time { return c.now() }
 
 func (c *Consumer) now() time.Time { return c.clock().Add(time.Duration(c.offset.Load())) }
 
+// Register records queues, with the consumer's shard count, in the
+// registry of the consumer's prefix (<prefix>:queues), where the inspector
+// finds them. A Worker registers its queues when it starts; producers
+// register a queue at their first append to it.
+func (c *Consumer) Register(ctx context.Context, queues ...string) error {
+	if len(queues) == 0 {
+		return nil
+	}
+	return store.Register(ctx, c.c, c.prefix, c.shards, queues...)
+}
+
 // Shards returns the number of shards of every queue.
 func (c *Consumer) Shards() int { return c.shards }
 

@@ -1200,7 +1200,7 @@ func (m *model) final() {
 			m.fail("I2/I5: item %d handled %d times without a crash or a lost lease", it.n, it.handled)
 		}
 	}
-	allowed := map[string]bool{m.sp.Wake(): true}
+	allowed := map[string]bool{m.sp.Wake(): true, keys.Registry(m.b.Prefix): true}
 	if len(m.deadItems()) > 0 {
 		allowed[m.sp.Dead()], allowed[m.sp.DeadData()] = true, true
 	}

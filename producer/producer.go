@@ -27,6 +27,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/redis/rueidis"
 
@@ -93,6 +94,25 @@ type Producer struct {
 	caps    store.Caps
 	flush   map[string]store.Flush // by queue; missing: due at once
 	linger  *linger                // nil: every call is sent at once
+	known   sync.Map               // queue -> struct{}: recorded in the registry
+	obs     Observer               // nil: none
+}
+
+// Observer is told about appends, for metrics: the metrics package
+// implements it for Prometheus. Appended is called once per Add or AddRaw
+// whose items passed validation, after the items were stored (err nil) or
+// not, from the caller's goroutine; it must return quickly. It gets no
+// payload: bytes is the size of the items' JSON.
+type Observer interface {
+	Appended(queue string, items, bytes int, err error)
+}
+
+// WithObserver makes the producer report its appends to o.
+func WithObserver(o Observer) Option {
+	return func(pr *Producer) error {
+		pr.obs = o
+		return nil
+	}
 }
 
 // Option configures a Producer.
@@ -242,6 +262,14 @@ func (p *Producer) check(raw json.RawMessage) error {
 }
 
 func (p *Producer) append(ctx context.Context, queue, key, joined string, n int) error {
+	err := p.store(ctx, queue, key, joined, n)
+	if p.obs != nil && !errors.Is(err, keys.ErrQueueName) && !errors.Is(err, keys.ErrKeyName) {
+		p.obs.Appended(queue, n, len(joined), err)
+	}
+	return err
+}
+
+func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) error {
 	if err := keys.CheckQueue(queue); err != nil {
 		return err
 	}
@@ -251,6 +279,14 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string, n int)
 	if (p.caps.Items > 0 && n > p.caps.Items) || (p.caps.Bytes > 0 && len(joined)+2 > p.caps.Bytes) {
 		return fmt.Errorf("append to %s/%s: %w: %d items, %d bytes; cap %d items, %d bytes",
 			queue, key, ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
+	}
+	if _, ok := p.known.Load(queue); !ok {
+		// The first append to a queue records it for the inspector (one
+		// round trip, once per queue and producer).
+		if err := store.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
+			return fmt.Errorf("append to %s/%s: %w", queue, key, err)
+		}
+		p.known.Store(queue, struct{}{})
 	}
 	if p.linger != nil {
 		return p.linger.add(ctx, p, queue, key, joined, n)

@@ -21,6 +21,11 @@
 //	<prefix>:{<queue>:<shard>}:quarantine:<id> a value found under k:<key> that was not a string
 //	<prefix>:{<queue>:<shard>}:quarantined   SET of the quarantine keys
 //	<prefix>:{<queue>:<shard>}:settled:<id>  marks a batch without a lease as settled (expires in a day)
+//
+// Beside them, one key per prefix, outside every hash tag, written with a
+// plain HSET by producers and workers and read by the inspector:
+//
+//	<prefix>:queues                          HASH queue -> shards: the queues under the prefix
 package keys
 
 import (
@@ -79,6 +84,11 @@ func Shard(key string, n int) int {
 	h.Write([]byte(key))
 	return int(h.Sum32() % uint32(n))
 }
+
+// Registry is the hash of the queues under prefix: queue name -> shards.
+// Producers and workers write it; the inspector reads it. It is the one key
+// outside every queue's hash tag.
+func Registry(prefix string) string { return prefix + ":queues" }
 
 // Space names the keys of one queue shard.
 type Space struct {

@@ -577,6 +577,16 @@ func Wait(ctx context.Context, c rueidis.Client, sp keys.Space, timeout time.Dur
 	return err
 }
 
+// Register records queues and their shard counts in the prefix's registry,
+// for the inspector.
+func Register(ctx context.Context, c rueidis.Client, prefix string, shards int, queues ...string) error {
+	cmd := c.B().Hset().Key(keys.Registry(prefix)).FieldValue()
+	for _, q := range queues {
+		cmd = cmd.FieldValue(q, strconv.Itoa(shards))
+	}
+	return c.Do(ctx, cmd.Build()).Error()
+}
+
 // Type returns the Redis type of the value at key.
 func Type(ctx context.Context, c rueidis.Client, key string) (string, error) {
 	return c.Do(ctx, c.B().Type().Key(key).Build()).ToString()

@@ -1,0 +1,452 @@
+// Package inspect reads the state of batchq queues from Redis: how deep
+// they are, how late, which keys lag most, what a key holds, and the dead
+// letters. The metrics package, the batchq CLI and the status page are
+// built on it.
+//
+// The inspector finds queues in the registry producers and workers keep
+// under the prefix (<prefix>:queues, queue -> shards), never by SCAN. It
+// only reads, except through the dead-letter actions of the consumer it
+// hands out (Consumer).
+//
+// Reading pending item counts costs one command per ready key: Stats and
+// Keys look at most MaxKeysPerShard ready keys of each shard, and say so
+// when there were more.
+package inspect
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/store"
+)
+
+// MaxKeysPerShard bounds the ready keys of one shard that Stats and Keys
+// read item counts and sizes of.
+const MaxKeysPerShard = 10_000
+
+// ErrNoQueue reports a queue that is not in the registry of the prefix.
+var ErrNoQueue = errors.New("no such queue")
+
+// Inspector reads queues under one prefix. It is safe for concurrent use.
+type Inspector struct {
+	c      rueidis.Client
+	prefix string
+}
+
+// New returns an inspector of the queues under prefix (batchq's default
+// prefix when empty) that uses c, which the caller keeps owning.
+func New(c rueidis.Client, prefix string) (*Inspector, error) {
+	if prefix == "" {
+		prefix = keys.DefaultPrefix
+	}
+	if err := keys.CheckPrefix(prefix); err != nil {
+		return nil, err
+	}
+	return &Inspector{c: c, prefix: prefix}, nil
+}
+
+// Prefix returns the prefix the inspector reads.
+func (in *Inspector) Prefix() string { return in.prefix }
+
+// Queue is a queue found in the registry.
+type Queue struct {
+	Name   string `json:"name"`
+	Shards int    `json:"shards"`
+}
+
+// Queues returns the queues in the registry, sorted by name.
+func (in *Inspector) Queues(ctx context.Context) ([]Queue, error) {
+	m, err := in.c.Do(ctx, in.c.B().Hgetall().Key(keys.Registry(in.prefix)).Build()).AsStrMap()
+	if err != nil {
+		return nil, fmt.Errorf("read the queue registry: %w", err)
+	}
+	qs := make([]Queue, 0, len(m))
+	for name, v := range m {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("queue registry: queue %q has shard count %q", name, v)
+		}
+		qs = append(qs, Queue{Name: name, Shards: n})
+	}
+	slices.SortFunc(qs, func(a, b Queue) int { return cmp.Compare(a.Name, b.Name) })
+	return qs, nil
+}
+
+// Queue returns the registered queue called name, or ErrNoQueue.
+func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
+	if err := keys.CheckQueue(name); err != nil {
+		return Queue{}, err
+	}
+	v, err := in.c.Do(ctx, in.c.B().Hget().Key(keys.Registry(in.prefix)).Field(name).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return Queue{}, fmt.Errorf("%w %q under prefix %q", ErrNoQueue, name, in.prefix)
+	}
+	if err != nil {
+		return Queue{}, fmt.Errorf("read the queue registry: %w", err)
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		return Queue{}, fmt.Errorf("queue registry: queue %q has shard count %q", name, v)
+	}
+	return Queue{Name: name, Shards: n}, nil
+}
+
+// Stats is the state of a queue, summed over its shards.
+type Stats struct {
+	Queue  string `json:"queue"`
+	Shards int    `json:"shards"`
+	// ReadyKeys are keys with pending items (due or not yet due).
+	ReadyKeys int64 `json:"ready_keys"`
+	// PendingItems are the items waiting in those keys.
+	PendingItems int64 `json:"pending_items"`
+	// InFlightBatches and InFlightItems are leased to workers.
+	InFlightBatches int64 `json:"in_flight_batches"`
+	InFlightItems   int64 `json:"in_flight_items"`
+	// Retries wait for their next attempt; DeadLetters failed for good.
+	Retries     int64 `json:"retries"`
+	DeadLetters int64 `json:"dead_letters"`
+	// OldestDue is the due time of the key that has waited longest (zero
+	// when no key is pending). Lag is how long it has been due: the age of
+	// its oldest item when the queue has no flush policy.
+	OldestDue time.Time     `json:"oldest_due,omitzero"`
+	Lag       time.Duration `json:"lag_ns"`
+	// Partial is set when a shard had more than MaxKeysPerShard ready keys
+	// or leases: PendingItems and InFlightItems then count those only.
+	Partial bool `json:"partial,omitempty"`
+	// Now is the Redis server's time the stats were read at.
+	Now time.Time `json:"now"`
+}
+
+// Stats returns the state of a registered queue.
+func (in *Inspector) Stats(ctx context.Context, name string) (Stats, error) {
+	q, err := in.Queue(ctx, name)
+	if err != nil {
+		return Stats{}, err
+	}
+	return in.stats(ctx, q)
+}
+
+// AllStats returns the state of every registered queue.
+func (in *Inspector) AllStats(ctx context.Context) ([]Stats, error) {
+	qs, err := in.Queues(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Stats, 0, len(qs))
+	for _, q := range qs {
+		s, err := in.stats(ctx, q)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+func (in *Inspector) stats(ctx context.Context, q Queue) (Stats, error) {
+	now, err := store.Time(ctx, in.c)
+	if err != nil {
+		return Stats{}, fmt.Errorf("read the server's clock: %w", err)
+	}
+	st := Stats{Queue: q.Name, Shards: q.Shards, Now: now}
+	const per = 6
+	cmds := make(rueidis.Commands, 0, per*q.Shards)
+	for shard := range q.Shards {
+		sp := keys.For(in.prefix, q.Name, shard)
+		cmds = append(cmds,
+			in.c.B().Zcard().Key(sp.Ready()).Build(),
+			in.c.B().Zrange().Key(sp.Ready()).Min("0").Max("0").Withscores().Build(),
+			in.c.B().Zcard().Key(sp.Leases()).Build(),
+			in.c.B().Zcard().Key(sp.Retry()).Build(),
+			in.c.B().Zcard().Key(sp.Dead()).Build(),
+			in.c.B().Zrange().Key(sp.Ready()).Min("0").Max(strconv.Itoa(MaxKeysPerShard-1)).Build(),
+		)
+	}
+	res := in.c.DoMulti(ctx, cmds...)
+	readyKeys := make([][]string, q.Shards)
+	for shard := range q.Shards {
+		r := res[shard*per : shard*per+per]
+		var n [5]int64
+		for i, j := range []int{0, 2, 3, 4} {
+			if n[i], err = r[j].AsInt64(); err != nil {
+				return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
+			}
+		}
+		st.ReadyKeys += n[0]
+		st.InFlightBatches += n[1]
+		st.Retries += n[2]
+		st.DeadLetters += n[3]
+		head, err := r[1].AsZScores()
+		if err != nil {
+			return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
+		}
+		if len(head) > 0 {
+			due := time.UnixMilli(int64(head[0].Score))
+			if st.OldestDue.IsZero() || due.Before(st.OldestDue) {
+				st.OldestDue = due
+			}
+		}
+		if readyKeys[shard], err = r[5].AsStrSlice(); err != nil {
+			return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
+		}
+		st.Partial = st.Partial || n[0] > MaxKeysPerShard || n[1] > MaxKeysPerShard
+	}
+	if !st.OldestDue.IsZero() && now.After(st.OldestDue) {
+		st.Lag = now.Sub(st.OldestDue)
+	}
+	if st.PendingItems, err = in.sumCounts(ctx, q, readyKeys, func(sp keys.Space, k string) string { return sp.Count(k) }); err != nil {
+		return Stats{}, err
+	}
+	leases := make([][]string, q.Shards)
+	lcmds := make(rueidis.Commands, q.Shards)
+	for shard := range q.Shards {
+		lcmds[shard] = in.c.B().Zrange().Key(keys.For(in.prefix, q.Name, shard).Leases()).Min("0").Max(strconv.Itoa(MaxKeysPerShard - 1)).Build()
+	}
+	for shard, r := range in.c.DoMulti(ctx, lcmds...) {
+		if leases[shard], err = r.AsStrSlice(); err != nil {
+			return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
+		}
+	}
+	if st.InFlightItems, err = in.sumCounts(ctx, q, leases, func(sp keys.Space, tok string) string { return sp.LeaseCount(tok) }); err != nil {
+		return Stats{}, err
+	}
+	return st, nil
+}
+
+// sumCounts adds up the integer values of the count keys of names, per
+// shard (one MGET each, all in one round trip). A missing count is 0: a
+// lease of retries has none, and a key may be drained meanwhile.
+func (in *Inspector) sumCounts(ctx context.Context, q Queue, names [][]string, countKey func(keys.Space, string) string) (int64, error) {
+	counts, err := in.counts(ctx, q, names, countKey)
+	if err != nil {
+		return 0, err
+	}
+	var sum int64
+	for _, cs := range counts {
+		for _, n := range cs {
+			sum += n
+		}
+	}
+	return sum, nil
+}
+
+// counts reads the count key of each of names[shard], per shard.
+func (in *Inspector) counts(ctx context.Context, q Queue, names [][]string, countKey func(keys.Space, string) string) ([][]int64, error) {
+	var cmds rueidis.Commands
+	var shards []int
+	for shard, ns := range names {
+		if len(ns) == 0 {
+			continue
+		}
+		sp := keys.For(in.prefix, q.Name, shard)
+		ks := make([]string, len(ns))
+		for i, n := range ns {
+			ks[i] = countKey(sp, n)
+		}
+		cmds = append(cmds, in.c.B().Mget().Key(ks...).Build())
+		shards = append(shards, shard)
+	}
+	out := make([][]int64, len(names))
+	for i, r := range in.c.DoMulti(ctx, cmds...) {
+		vals, err := r.ToArray()
+		if err != nil {
+			return nil, fmt.Errorf("queue %s shard %d: %w", q.Name, shards[i], err)
+		}
+		cs := make([]int64, len(vals))
+		for j, v := range vals {
+			if n, err := v.AsInt64(); err == nil {
+				cs[j] = n
+			}
+		}
+		out[shards[i]] = cs
+	}
+	return out, nil
+}
+
+// KeyStats is one pending key of a queue.
+type KeyStats struct {
+	Key   string `json:"key"`
+	Shard int    `json:"shard"`
+	Items int64  `json:"items"`
+	Bytes int64  `json:"bytes"`
+	// Due is when the key is due for workers (or, while a worker drains
+	// it, when its claim ends); Lag how long it has been due, 0 if not yet.
+	Due time.Time     `json:"due"`
+	Lag time.Duration `json:"lag_ns"`
+}
+
+// SortBy orders the keys Keys returns.
+type SortBy string
+
+// Orders of Keys.
+const (
+	ByAge   SortBy = "age"   // longest due first
+	ByItems SortBy = "items" // most items first
+	ByBytes SortBy = "bytes" // largest first
+)
+
+// ParseSortBy parses "age", "items" or "bytes".
+func ParseSortBy(s string) (SortBy, error) {
+	switch b := SortBy(s); b {
+	case ByAge, ByItems, ByBytes:
+		return b, nil
+	}
+	return "", fmt.Errorf("unknown order %q: want age, items or bytes", s)
+}
+
+// Keys returns up to limit pending keys of a registered queue, ordered by.
+func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int) ([]KeyStats, error) {
+	q, err := in.Queue(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := ParseSortBy(string(by)); err != nil {
+		return nil, err
+	}
+	if limit < 1 {
+		return nil, fmt.Errorf("limit must be at least 1, got %d", limit)
+	}
+	now, err := store.Time(ctx, in.c)
+	if err != nil {
+		return nil, fmt.Errorf("read the server's clock: %w", err)
+	}
+	// By age, the limit oldest of each shard are enough; otherwise every
+	// ready key (up to the bound) is a candidate.
+	n := MaxKeysPerShard
+	if by == ByAge {
+		n = min(limit, MaxKeysPerShard)
+	}
+	cmds := make(rueidis.Commands, q.Shards)
+	for shard := range q.Shards {
+		cmds[shard] = in.c.B().Zrange().Key(keys.For(in.prefix, q.Name, shard).Ready()).Min("0").Max(strconv.Itoa(n - 1)).Withscores().Build()
+	}
+	var all []KeyStats
+	names := make([][]string, q.Shards)
+	for shard, r := range in.c.DoMulti(ctx, cmds...) {
+		zs, err := r.AsZScores()
+		if err != nil {
+			return nil, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
+		}
+		for _, z := range zs {
+			ks := KeyStats{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
+			if now.After(ks.Due) {
+				ks.Lag = now.Sub(ks.Due)
+			}
+			all = append(all, ks)
+			names[shard] = append(names[shard], z.Member)
+		}
+	}
+	if err := in.fill(ctx, q, all, names); err != nil {
+		return nil, err
+	}
+	switch by {
+	case ByAge:
+		slices.SortStableFunc(all, func(a, b KeyStats) int { return a.Due.Compare(b.Due) })
+	case ByItems:
+		slices.SortStableFunc(all, func(a, b KeyStats) int { return cmp.Compare(b.Items, a.Items) })
+	case ByBytes:
+		slices.SortStableFunc(all, func(a, b KeyStats) int { return cmp.Compare(b.Bytes, a.Bytes) })
+	}
+	return all[:min(limit, len(all))], nil
+}
+
+// fill reads the item counts and sizes of ks, whose names per shard are
+// names (in the same order as ks).
+func (in *Inspector) fill(ctx context.Context, q Queue, ks []KeyStats, names [][]string) error {
+	counts, err := in.counts(ctx, q, names, func(sp keys.Space, k string) string { return sp.Count(k) })
+	if err != nil {
+		return err
+	}
+	cmds := make(rueidis.Commands, 0, len(ks))
+	for _, k := range ks {
+		cmds = append(cmds, in.c.B().Strlen().Key(keys.For(in.prefix, q.Name, k.Shard).Items(k.Key)).Build())
+	}
+	res := in.c.DoMulti(ctx, cmds...)
+	next := make([]int, q.Shards)
+	for i := range ks {
+		sh := ks[i].Shard
+		ks[i].Items = counts[sh][next[sh]]
+		next[sh]++
+		// A key holding another Redis type answers WRONGTYPE: size 0.
+		ks[i].Bytes, _ = res[i].AsInt64()
+	}
+	return nil
+}
+
+// MaxPeekBytes bounds the array Peek returns.
+const MaxPeekBytes = 16 << 20
+
+// Peeked is what a key holds.
+type Peeked struct {
+	KeyStats
+	// Array is the pending JSON array, byte for byte (nil when the key
+	// holds nothing).
+	Array json.RawMessage `json:"array"`
+}
+
+// Peek returns the pending items of a key of a registered queue, without
+// taking them. A key holding more than MaxPeekBytes is an error, as is a
+// key holding something other than a string.
+func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error) {
+	q, err := in.Queue(ctx, name)
+	if err != nil {
+		return Peeked{}, err
+	}
+	if err := keys.CheckKey(key); err != nil {
+		return Peeked{}, err
+	}
+	shard := keys.Shard(key, q.Shards)
+	sp := keys.For(in.prefix, q.Name, shard)
+	res := in.c.DoMulti(ctx,
+		in.c.B().Strlen().Key(sp.Items(key)).Build(),
+		in.c.B().Get().Key(sp.Count(key)).Build(),
+		in.c.B().Zscore().Key(sp.Ready()).Member(key).Build())
+	p := Peeked{KeyStats: KeyStats{Key: key, Shard: shard}}
+	if p.Bytes, err = res[0].AsInt64(); err != nil {
+		t, _ := store.Type(ctx, in.c, sp.Items(key))
+		return Peeked{}, fmt.Errorf("key %s of queue %s holds a Redis %s, not a JSON array: %w", key, name, t, err)
+	}
+	p.Items, _ = res[1].AsInt64()
+	if score, err := res[2].AsFloat64(); err == nil {
+		p.Due = time.UnixMilli(int64(score))
+		if now, err := store.Time(ctx, in.c); err == nil && now.After(p.Due) {
+			p.Lag = now.Sub(p.Due)
+		}
+	}
+	if p.Bytes > MaxPeekBytes {
+		return Peeked{}, fmt.Errorf("key %s of queue %s holds %d bytes, more than Peek returns (%d)", key, name, p.Bytes, MaxPeekBytes)
+	}
+	if p.Bytes == 0 {
+		return p, nil
+	}
+	v, err := in.c.Do(ctx, in.c.B().Get().Key(sp.Items(key)).Build()).AsBytes()
+	if rueidis.IsRedisNil(err) {
+		return p, nil // drained meanwhile
+	}
+	if err != nil {
+		return Peeked{}, fmt.Errorf("read key %s of queue %s: %w", key, name, err)
+	}
+	p.Array, p.Bytes = v, int64(len(v))
+	return p, nil
+}
+
+// Consumer returns a consumer for the dead letters of a registered queue
+// (DeadLetters, CountDead, RequeueDead, PurgeDead), with the queue's shard
+// count and the inspector's prefix. It takes no work unless asked to.
+func (in *Inspector) Consumer(ctx context.Context, name string) (*consumer.Consumer, error) {
+	q, err := in.Queue(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return consumer.New(in.c, consumer.WithPrefix(in.prefix), consumer.WithShards(q.Shards))
+}

@@ -1,0 +1,194 @@
+package inspect_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The inspector reads a queue's real state: registered queues, depth, lag,
+// in-flight batches, retries and dead letters, the keys in each order, and
+// a key's items, on miniredis, a real redis-server and a Redis Cluster.
+func TestInspector(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testInspector(t, b, 1) })
+	t.Run("cluster", func(t *testing.T) { testInspector(t, testredis.Cluster(t), 4) })
+}
+
+func testInspector(t *testing.T, b testredis.Backend, shards int) {
+	ctx := context.Background()
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	must(t, err)
+	in, err := inspect.New(b.Client, b.Prefix)
+	must(t, err)
+
+	if qs, err := in.Queues(ctx); err != nil || len(qs) != 0 {
+		t.Fatalf("Queues before any append: %v, %v", qs, err)
+	}
+	if _, err := in.Stats(ctx, "orders"); !errors.Is(err, inspect.ErrNoQueue) {
+		t.Fatalf("Stats of an unknown queue: %v, want ErrNoQueue", err)
+	}
+
+	// orders: key a 3 items, key b 1 long item, key c 2 items.
+	must(t, p.AddRaw(ctx, "orders", "a", []byte(`1`), []byte(`2`), []byte(`3`)))
+	must(t, p.AddRaw(ctx, "orders", "b", []byte(`"`+strings.Repeat("x", 100)+`"`)))
+	must(t, p.AddRaw(ctx, "orders", "c", []byte(`4`), []byte(`5`)))
+	must(t, p.Add(ctx, "emails", "u", map[string]int{"id": 1}))
+
+	qs, err := in.Queues(ctx)
+	must(t, err)
+	if len(qs) != 2 || qs[0] != (inspect.Queue{Name: "emails", Shards: shards}) || qs[1] != (inspect.Queue{Name: "orders", Shards: shards}) {
+		t.Fatalf("Queues: %+v", qs)
+	}
+
+	time.Sleep(20 * time.Millisecond) // some lag to see
+	st, err := in.Stats(ctx, "orders")
+	must(t, err)
+	if st.ReadyKeys != 3 || st.PendingItems != 6 || st.InFlightBatches != 0 || st.Retries != 0 || st.DeadLetters != 0 || st.Partial {
+		t.Fatalf("Stats after appends: %+v", st)
+	}
+	if st.Lag < 20*time.Millisecond || st.Lag > time.Minute || st.OldestDue.IsZero() {
+		t.Fatalf("lag %v, oldest due %v", st.Lag, st.OldestDue)
+	}
+
+	byItems, err := in.Keys(ctx, "orders", inspect.ByItems, 2)
+	must(t, err)
+	if len(byItems) != 2 || byItems[0].Key != "a" || byItems[0].Items != 3 || byItems[1].Key != "c" || byItems[1].Items != 2 {
+		t.Fatalf("Keys by items: %+v", byItems)
+	}
+	byBytes, err := in.Keys(ctx, "orders", inspect.ByBytes, 10)
+	must(t, err)
+	if len(byBytes) != 3 || byBytes[0].Key != "b" || byBytes[0].Bytes != 104 || byBytes[0].Shard != keys.Shard("b", shards) {
+		t.Fatalf("Keys by bytes: %+v", byBytes)
+	}
+	byAge, err := in.Keys(ctx, "orders", inspect.ByAge, 10)
+	must(t, err)
+	if len(byAge) != 3 || byAge[0].Key != "a" || byAge[2].Key != "c" || byAge[0].Lag < byAge[2].Lag {
+		t.Fatalf("Keys by age: %+v", byAge)
+	}
+	if _, err := in.Keys(ctx, "orders", "size", 10); err == nil {
+		t.Fatal("Keys by an unknown order: no error")
+	}
+
+	pk, err := in.Peek(ctx, "orders", "a")
+	must(t, err)
+	if string(pk.Array) != "[1,2,3]" || pk.Items != 3 || pk.Bytes != 7 || pk.Due.IsZero() {
+		t.Fatalf("Peek a: %+v (%s)", pk, pk.Array)
+	}
+	if pk, err := in.Peek(ctx, "orders", "nothing"); err != nil || pk.Array != nil || pk.Items != 0 {
+		t.Fatalf("Peek of an empty key: %+v, %v", pk, err)
+	}
+
+	// A worker takes every key; one item fails for good, one for retry;
+	// key a's batch stays in flight.
+	c, err := in.Consumer(ctx, "orders")
+	must(t, err)
+	must(t, c.Sync(ctx))
+	var inflight int
+	var held []*consumer.Batch
+	for shard := range shards {
+		f, err := c.Fetch(ctx, "orders", shard, 10)
+		must(t, err)
+		for _, bt := range f.Batches {
+			out := make([]consumer.Outcome, len(bt.Items))
+			for i := range out {
+				out[i] = consumer.Outcome{Kind: consumer.Done}
+			}
+			switch bt.Key {
+			case "a":
+				held = append(held, bt)
+				inflight += len(bt.Items)
+				continue
+			case "b":
+				out[0] = consumer.Outcome{Kind: consumer.Dead, Err: errors.New("poison")}
+			case "c":
+				out[1] = consumer.Outcome{Kind: consumer.Retry, Err: errors.New("later"), Delay: time.Hour}
+			}
+			must(t, c.Settle(ctx, bt, out))
+		}
+	}
+	if len(held) != 1 {
+		t.Fatalf("key a fetched %d times", len(held))
+	}
+	st, err = in.Stats(ctx, "orders")
+	must(t, err)
+	if st.ReadyKeys != 0 || st.PendingItems != 0 || st.InFlightBatches != 1 || st.InFlightItems != 3 ||
+		st.Retries != 1 || st.DeadLetters != 1 || st.Lag != 0 {
+		t.Fatalf("Stats with a batch in flight: %+v", st)
+	}
+	all, err := in.AllStats(ctx)
+	must(t, err)
+	if len(all) != 2 || all[0].Queue != "emails" || all[0].PendingItems != 1 || all[1].DeadLetters != 1 {
+		t.Fatalf("AllStats: %+v", all)
+	}
+	must(t, c.Settle(ctx, held[0], []consumer.Outcome{{Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}}))
+
+	// A key holding another Redis type is reported, not misread.
+	sp := keys.For(b.Prefix, "orders", keys.Shard("h", shards))
+	must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(sp.Items("h")).FieldValue().FieldValue("f", "v").Build()).Error())
+	if _, err := in.Peek(ctx, "orders", "h"); err == nil || !strings.Contains(err.Error(), "hash") {
+		t.Fatalf("Peek of a hash: %v", err)
+	}
+}
+
+// Many keys over several shards: the counts add up.
+func TestInspectorCountsManyKeys(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		const shards, nkeys = 3, 300
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards), producer.WithLinger(0, 500))
+		must(t, err)
+		for i := range nkeys {
+			raws := make([]json.RawMessage, i%5+1)
+			for j := range raws {
+				raws[j] = json.RawMessage(strconv.Itoa(j))
+			}
+			must(t, p.AddRaw(ctx, "q", "k"+strconv.Itoa(i), raws...))
+		}
+		in, err := inspect.New(b.Client, b.Prefix)
+		must(t, err)
+		st, err := in.Stats(ctx, "q")
+		must(t, err)
+		want := int64(0)
+		for i := range nkeys {
+			want += int64(i%5 + 1)
+		}
+		if st.ReadyKeys != nkeys || st.PendingItems != want || st.Shards != shards {
+			t.Fatalf("Stats: %+v, want %d keys %d items", st, nkeys, want)
+		}
+		top, err := in.Keys(ctx, "q", inspect.ByItems, 5)
+		must(t, err)
+		for _, k := range top {
+			if k.Items != 5 {
+				t.Fatalf("top keys by items: %+v", top)
+			}
+		}
+	})
+}
+
+func TestNewRejectsBadPrefix(t *testing.T) {
+	b := testredis.Mini(t)
+	if _, err := inspect.New(b.Client, "bad{prefix}"); err == nil {
+		t.Fatal("a prefix with braces: no error")
+	}
+}
