@@ -15,7 +15,8 @@ type Observer interface {
 	Handled(queue string, d time.Duration, err error)
 	// Settled: the outcomes of a batch were recorded in Redis: done items,
 	// items scheduled for another attempt, and items moved to dead letters
-	// (items that did not decode included).
+	// (items that did not decode included). A fetch that moves corrupt
+	// values to dead letters reports them here too, one per value.
 	Settled(queue string, done, retried, dead int)
 }
 

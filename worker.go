@@ -566,6 +566,9 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		for _, d := range f.Dead {
 			log.Warn("moved a corrupt key to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
 		}
+		if len(f.Dead) > 0 {
+			r.w.obs.Settled(q.name, 0, 0, len(f.Dead)) // one dead letter per corrupt value
+		}
 		if err != nil {
 			failures++
 			r.redisFailed(err)
