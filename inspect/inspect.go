@@ -9,8 +9,8 @@
 // hands out (Consumer).
 //
 // Reading pending item counts costs one command per ready key: Stats and
-// Keys look at most MaxKeysPerShard ready keys of each shard, and say so
-// when there were more.
+// Keys look at most MaxKeysPerShard ready keys of each shard (Stats says so
+// in Partial when there were more; Keys then ranks those it looked at).
 package inspect
 
 import (
