@@ -19,6 +19,9 @@ import (
 	"github.com/batchq/batchq/internal/store"
 )
 
+// dueSlack is how early a key or retry may be claimed (see Fetch).
+const dueSlack = 2 * time.Millisecond
+
 // Defaults.
 const (
 	DefaultLeaseTTL        = 5 * time.Second
@@ -285,7 +288,12 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	deadline := now + c.leaseTTL.Milliseconds()
 	retryToken := newID()
 	cl, err := store.Claim(ctx, c.c, sp, store.ClaimArgs{
-		Now: now, MaxKeys: max, ClaimUntil: deadline,
+		// Keys are due by the server's clock (their appends read it), which
+		// the consumer knows only to within a fraction of a round trip: a
+		// key due within dueSlack counts as due, else a key appended just
+		// before a fetch could wait for the next one. Retries are due by the
+		// consumer's own reckoning of that clock.
+		Now: now, KeysDueBy: now + dueSlack.Milliseconds(), MaxKeys: max, ClaimUntil: deadline,
 		MaxRetries: c.retries, RetryToken: retryToken, RetryDeadline: deadline, Owner: c.name,
 	})
 	if err != nil {

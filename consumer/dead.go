@@ -132,7 +132,7 @@ func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int,
 		if d.Shard < 0 || d.Shard >= c.shards {
 			return n, fmt.Errorf("requeue %s: shard %d out of range", d.ID, d.Shard)
 		}
-		ok, err := store.Requeue(ctx, c.c, c.space(d.Queue, d.Shard), d.ID, d.Key, string(d.Item), c.nowMs())
+		ok, err := store.Requeue(ctx, c.c, c.space(d.Queue, d.Shard), d.ID, d.Key, string(d.Item))
 		if err != nil {
 			return n, fmt.Errorf("requeue %s: %w", d.ID, err)
 		}

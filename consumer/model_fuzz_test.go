@@ -969,11 +969,16 @@ func (m *model) requeue(mask byte, dup bool) {
 		m.fail("RequeueDead of %d letters: %d, %v; want %d", len(args), n, err, len(sel))
 	}
 	m.dirty = true
-	now := m.now()
 	for _, it := range sel {
 		it.state, it.attempts, it.lastErr = sPending, 0, ""
 		m.pending[it.key] = append(m.pending[it.key], it)
-		m.makeReady(it.key, now)
+		// Due now by the server's clock (ZADD LT): that moves a key made
+		// ready by the consumer's clock, always later, and keeps one made
+		// ready by a producer.
+		if r, ok := m.ready[it.key]; !ok || r.ms != 0 {
+			m.seq++
+			m.ready[it.key] = readyAt{ms: 0, seq: m.seq}
+		}
 	}
 }
 

@@ -6,7 +6,7 @@
 -- KEYS[4] leases ZSET     token -> deadline (ms)
 -- KEYS[5] leasemeta HASH  token -> lease kind
 -- KEYS[6] lease key for the retries claimed by this call
--- ARGV[1] now (ms)
+-- ARGV[1] now (ms): retries due by then are due
 -- ARGV[2] max batches to claim: keys, plus one batch of retries
 -- ARGV[3] claimed keys' new due time (ms): when they are due again should the
 --         claimer die before draining them
@@ -14,6 +14,8 @@
 -- ARGV[5] token of the retry lease
 -- ARGV[6] retry lease deadline (ms)
 -- ARGV[7] the retry lease's description (r:<consumer name>)
+-- ARGV[8] keys due by then (ms) are due: now plus the slack of a consumer
+--         that knows the server's clock, which timed the keys, only roughly
 --
 -- When retries are due, one of the max batches is theirs; with max 1, the
 -- batch goes to whichever has waited longer, the oldest due key or the
@@ -22,6 +24,7 @@
 -- Returns {keys, {id1, env1, id2, env2, ...}, next} where next is the earliest
 -- due time left on either index (ms, as a string), or "" when both are empty.
 local now = tonumber(ARGV[1])
+local know = tonumber(ARGV[8])
 local max = tonumber(ARGV[2])
 local maxr = tonumber(ARGV[4])
 
@@ -32,7 +35,7 @@ if retries_due then
   if max > 1 then
     kmax = max - 1
   else
-    local khead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
+    local khead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', know, 'WITHSCORES', 'LIMIT', 0, 1)
     if khead[2] == nil or tonumber(rhead[2]) <= tonumber(khead[2]) then
       kmax = 0
     else
@@ -43,7 +46,7 @@ end
 
 local keys = {}
 if kmax > 0 then
-  keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, kmax)
+  keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', know, 'LIMIT', 0, kmax)
   for _, k in ipairs(keys) do
     redis.call('ZADD', KEYS[1], 'XX', ARGV[3], k)
   end

@@ -8,8 +8,7 @@
 -- KEYS[6] count key of the dead letter's key
 -- ARGV[1] dead letter id
 -- ARGV[2] the item (one JSON value, validated by the caller)
--- ARGV[3] now (ms)
--- ARGV[4] the key, as a member of the ready index
+-- ARGV[3] the key, as a member of the ready index
 --
 -- Returns 1 when requeued, 0 when the dead letter is gone (requeued or purged
 -- by someone else). Errors with NOTARRAY, changing nothing, when the key holds
@@ -22,7 +21,7 @@ local _, _, _, err = append_items(KEYS[1], KEYS[6], ARGV[2], 1, 0, 0)
 if err then
   return err
 end
-make_due(KEYS[2], KEYS[3], ARGV[3], ARGV[4])
+make_due(KEYS[2], KEYS[3], now_ms(), ARGV[3]) -- due now by the server's clock, as appends
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 return 1

@@ -198,7 +198,8 @@ type Entry struct {
 
 // ClaimArgs are the arguments of Claim.
 type ClaimArgs struct {
-	Now           int64
+	Now           int64 // retries due by then are due
+	KeysDueBy     int64 // keys due by then are due
 	MaxKeys       int
 	ClaimUntil    int64 // claimed keys are due again at this time unless drained
 	MaxRetries    int
@@ -212,7 +213,7 @@ type ClaimArgs struct {
 func Claim(ctx context.Context, c rueidis.Client, sp keys.Space, a ClaimArgs) (Claimed, error) {
 	arr, err := claimScript.Exec(ctx, c,
 		[]string{sp.Ready(), sp.Retry(), sp.RetryData(), sp.Leases(), sp.LeaseMeta(), sp.Lease(a.RetryToken)},
-		[]string{ms(a.Now), strconv.Itoa(a.MaxKeys), ms(a.ClaimUntil), strconv.Itoa(a.MaxRetries), a.RetryToken, ms(a.RetryDeadline), RetryLease(a.Owner)},
+		[]string{ms(a.Now), strconv.Itoa(a.MaxKeys), ms(a.ClaimUntil), strconv.Itoa(a.MaxRetries), a.RetryToken, ms(a.RetryDeadline), RetryLease(a.Owner), ms(a.KeysDueBy)},
 	).ToArray()
 	if err != nil {
 		return Claimed{}, err
@@ -619,10 +620,10 @@ func CountDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, err
 
 // Requeue appends a dead letter's item to the end of its key and removes the
 // dead letter, atomically. It reports false when the dead letter was gone.
-func Requeue(ctx context.Context, c rueidis.Client, sp keys.Space, id, key, item string, now int64) (bool, error) {
+func Requeue(ctx context.Context, c rueidis.Client, sp keys.Space, id, key, item string) (bool, error) {
 	n, err := requeueScript.Exec(ctx, c,
 		[]string{sp.Items(key), sp.Ready(), sp.Wake(), sp.Dead(), sp.DeadData(), sp.Count(key)},
-		[]string{id, item, ms(now), key}).AsInt64()
+		[]string{id, item, key}).AsInt64()
 	return n == 1, appendError(err)
 }
 
