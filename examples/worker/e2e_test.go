@@ -139,6 +139,33 @@ func testEndToEnd(t *testing.T, b testredis.Backend, shards int) {
 		return nil
 	})
 
+	// Each worker serves its counters at /metrics and the queue's state
+	// (read from Redis) there and on the status page: together they handled
+	// the 30 items once each, and nothing is left pending.
+	waitUntil(t, 10*time.Second, func() error {
+		total := 0.0
+		for _, w := range workers {
+			body, err := httpGet(client, "http://"+w.metricsAddr+"/metrics")
+			if err != nil {
+				return err
+			}
+			if v := metricValue(body, `batchq_handled_items_total{queue="orders"}`); v > 0 {
+				total += v // absent (-1) in a worker that handled nothing
+			}
+			if v := metricValue(body, `batchq_pending_items{queue="orders"}`); v != 0 {
+				return fmt.Errorf("%s: batchq_pending_items %v", w.name, v)
+			}
+		}
+		if total != float64(len(want)) {
+			return fmt.Errorf("workers report %v handled items, want %d", total, len(want))
+		}
+		return nil
+	})
+	page, err := httpGet(client, "http://"+workers[0].metricsAddr+"/status/")
+	if err != nil || !strings.Contains(page, e2eQueue) {
+		t.Fatalf("status page: %v\n%s", err, page)
+	}
+
 	procs := append([]*proc{web}, workers...)
 	for _, p := range procs {
 		p.signal(t, syscall.SIGTERM)
@@ -219,17 +246,49 @@ func buildExamples(t *testing.T) string {
 
 func startWorker(t *testing.T, name, bin string, b testredis.Backend, shards int) *proc {
 	t.Helper()
-	return startProc(t, name, filepath.Join(bin, "worker"),
-		"-redis", b.Addr, "-prefix", b.Prefix, "-queue", e2eQueue, "-work", "2ms", "-fail", "0.2", "-shards", strconv.Itoa(shards))
+	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
+	p := startProc(t, name, filepath.Join(bin, "worker"),
+		"-redis", b.Addr, "-prefix", b.Prefix, "-queue", e2eQueue, "-work", "2ms", "-fail", "0.2", "-shards", strconv.Itoa(shards),
+		"-metrics", addr)
+	p.metricsAddr = addr
+	return p
+}
+
+// httpGet returns the body of a 200 answer to GET url.
+func httpGet(c *http.Client, url string) (string, error) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return string(body), err
+}
+
+// metricValue returns the value of the sample named series (name and
+// labels, as Prometheus' text format writes them) in body, or -1.
+func metricValue(body, series string) float64 {
+	for line := range strings.Lines(body) {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			if v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64); err == nil {
+				return v
+			}
+		}
+	}
+	return -1
 }
 
 // proc is a running example binary whose output, stdout and stderr, is
 // collected line by line.
 type proc struct {
-	name   string
-	cmd    *exec.Cmd
-	exited chan struct{} // closed once the process exited and its output was read
-	err    error         // what Wait returned; set before exited is closed
+	name        string
+	metricsAddr string // where a worker serves /metrics and /status/
+	cmd         *exec.Cmd
+	exited      chan struct{} // closed once the process exited and its output was read
+	err         error         // what Wait returned; set before exited is closed
 
 	mu    sync.Mutex
 	lines []string

@@ -13,6 +13,11 @@
 //
 //	{"level":"info","ts":...,"msg":"handled","queue":"orders","key":"user:42","attempt":0,"id":1}
 //
+// With -metrics ADDR it serves, on that address, Prometheus metrics at
+// /metrics (package metrics) and the status page at /status/ (package
+// statuspage): the depth, lag and dead letters of every queue under the
+// prefix, with requeue and purge buttons.
+//
 // SIGINT or SIGTERM stops it gracefully: it fetches no more, lets running
 // handlers finish for up to -shutdown-timeout, puts back the items it had
 // not started, and exits 0.
@@ -26,16 +31,24 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"net"
+	"net/http"
 	"os"
 	"syscall"
 	"time"
 
 	"github.com/oklog/run"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/rueidis"
 	"go.uber.org/zap"
 
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/embedded"
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/metrics"
+	"github.com/batchq/batchq/statuspage"
 )
 
 // config is what the flags set.
@@ -48,6 +61,7 @@ type config struct {
 	work        time.Duration
 	fail        float64
 	shutdown    time.Duration
+	metrics     string
 }
 
 func main() {
@@ -60,6 +74,7 @@ func main() {
 	flag.DurationVar(&cfg.work, "work", 0, "simulated time to handle one item")
 	flag.Float64Var(&cfg.fail, "fail", 0, "fraction (0 to 1) of first attempts that fail")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", batchq.DefaultShutdownTimeout, "how long running handlers may finish at shutdown")
+	flag.StringVar(&cfg.metrics, "metrics", "", "address to serve /metrics (Prometheus) and /status/ (the status page) on, e.g. :9090; empty: none")
 	flag.Parse()
 
 	// One line per item: turn off the production logger's sampling, which
@@ -87,13 +102,34 @@ func work(cfg config, log *zap.Logger) error {
 		return err
 	}
 	defer closeRedis()
-	w, err := batchq.NewWorker(rdb,
+	opts := []batchq.Option{
 		batchq.WithPrefix(cfg.prefix),
 		batchq.WithShards(cfg.shards),
 		batchq.WithConcurrency(cfg.concurrency),
 		batchq.WithShutdownTimeout(cfg.shutdown),
 		batchq.WithLogger(log),
-	)
+	}
+	var srv *http.Server
+	var ln net.Listener
+	if cfg.metrics != "" {
+		in, err := inspect.New(rdb, cfg.prefix)
+		if err != nil {
+			return err
+		}
+		m := metrics.New(in)
+		opts = append(opts, batchq.WithObserver(m))
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/status/", http.StripPrefix("/status", statuspage.New(in, statuspage.WithLogger(log))))
+		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		if ln, err = net.Listen("tcp", cfg.metrics); err != nil {
+			return fmt.Errorf("-metrics: %w", err)
+		}
+		log.Info("serving metrics and the status page", zap.String("addr", ln.Addr().String()))
+	}
+	w, err := batchq.NewWorker(rdb, opts...)
 	if err != nil {
 		return err
 	}
@@ -105,6 +141,18 @@ func work(cfg config, log *zap.Logger) error {
 	var g run.Group
 	g.Add(run.SignalHandler(ctx, os.Interrupt, syscall.SIGTERM))
 	g.Add(func() error { return w.Run(ctx) }, func(error) { cancel() })
+	if srv != nil {
+		g.Add(func() error {
+			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		}, func(error) {
+			sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer scancel()
+			srv.Shutdown(sctx)
+		})
+	}
 	err = g.Run()
 	if errors.Is(err, run.ErrSignal) {
 		log.Info("exiting", zap.String("reason", err.Error()))

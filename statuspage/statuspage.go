@@ -1,0 +1,588 @@
+package statuspage
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"embed"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"html/template"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/keys"
+)
+
+// Defaults of the options.
+const (
+	DefaultLaggingKeys = 10
+	DefaultDeadLetters = 50
+	DefaultTitle       = "batchq"
+	DefaultTimeout     = 10 * time.Second
+)
+
+// MaxListed bounds WithLaggingKeys and WithDeadLetters.
+const MaxListed = 1000
+
+// lookupLimit is how many dead letters of a queue a requeue of one id looks
+// through (the consumer has no lookup by id); requeueBatch how many one
+// pass of a requeue of all reads at a time.
+const (
+	lookupLimit  = MaxListed
+	requeueBatch = 500
+)
+
+// maxItemShown bounds the bytes of an item shown with WithShowItems.
+const maxItemShown = 1024
+
+// Option configures the handler New returns.
+type Option func(*page) error
+
+// WithLogger sets the logger (default none). The handler logs the dead
+// letters requeued and purged (info), refused POSTs (info) and Redis errors
+// (warn), never an item.
+func WithLogger(l *zap.Logger) Option {
+	return func(p *page) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		p.log = l
+		return nil
+	}
+}
+
+// WithLaggingKeys sets how many of a queue's pending keys, longest due
+// first, its page lists: 1 to MaxListed, DefaultLaggingKeys (10) by
+// default.
+func WithLaggingKeys(n int) Option {
+	return func(p *page) error {
+		if n < 1 || n > MaxListed {
+			return fmt.Errorf("lagging keys must be 1-%d, got %d", MaxListed, n)
+		}
+		p.laggingKeys = n
+		return nil
+	}
+}
+
+// WithDeadLetters sets how many of a queue's dead letters its page lists
+// (newest first per shard, shards in order): 1 to MaxListed,
+// DefaultDeadLetters (50) by default.
+func WithDeadLetters(n int) Option {
+	return func(p *page) error {
+		if n < 1 || n > MaxListed {
+			return fmt.Errorf("dead letters must be 1-%d, got %d", MaxListed, n)
+		}
+		p.deadLetters = n
+		return nil
+	}
+}
+
+// WithTitle sets the title of the pages (DefaultTitle, "batchq", by
+// default), for instance the name of the service or environment.
+func WithTitle(title string) Option {
+	return func(p *page) error {
+		if strings.TrimSpace(title) == "" {
+			return errors.New("empty title")
+		}
+		p.title = title
+		return nil
+	}
+}
+
+// WithShowItems shows the item of each dead letter (its first KiB) on the
+// queue's page. Items are hidden by default: they may hold personal data.
+func WithShowItems() Option {
+	return func(p *page) error {
+		p.showItems = true
+		return nil
+	}
+}
+
+// WithSecret sets the key of the form tokens, at least 32 bytes. By
+// default each handler draws its own at random, so a form posted to
+// another replica of a load-balanced service (or after a restart) is
+// refused with 403: replicas that share one page give them the same
+// secret.
+func WithSecret(key []byte) Option {
+	return func(p *page) error {
+		if len(key) < 32 {
+			return fmt.Errorf("secret must be at least 32 bytes, got %d", len(key))
+		}
+		p.secret = bytes.Clone(key)
+		return nil
+	}
+}
+
+// WithTimeout bounds the Redis work of one request (DefaultTimeout, 10s, by
+// default): an unreachable Redis costs a request that long, then a 503.
+func WithTimeout(d time.Duration) Option {
+	return func(p *page) error {
+		if d <= 0 {
+			return fmt.Errorf("timeout must be positive, got %v", d)
+		}
+		p.timeout = d
+		return nil
+	}
+}
+
+//go:embed layout.html index.html queue.html error.html style.css
+var files embed.FS
+
+var (
+	css     = template.CSS(must(files.ReadFile("style.css")))
+	cssHash = sha256.Sum256([]byte(css))
+	csp     = "default-src 'none'; style-src 'sha256-" + base64.StdEncoding.EncodeToString(cssHash[:]) + "'; " +
+		"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+	funcs = template.FuncMap{"lag": formatLag, "clock": formatClock, "rfc3339": formatRFC3339, "item": formatItem}
+
+	indexPage = parse("index.html")
+	queuePage = parse("queue.html")
+	errorPage = parse("error.html")
+)
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+func parse(content string) *template.Template {
+	return template.Must(template.New("layout").Funcs(funcs).ParseFS(files, "layout.html", content))
+}
+
+// page is the handler New returns.
+type page struct {
+	in          *inspect.Inspector
+	log         *zap.Logger
+	laggingKeys int
+	deadLetters int
+	title       string
+	showItems   bool
+	secret      []byte
+	timeout     time.Duration
+	h           http.Handler
+}
+
+// New returns a handler that serves the status page of the queues in reads
+// (see the package doc for its routes and mounting). It panics when in is
+// nil or an option is invalid. It is safe for concurrent use.
+func New(in *inspect.Inspector, opts ...Option) http.Handler {
+	if in == nil {
+		panic("statuspage: nil inspector")
+	}
+	p := &page{
+		in:          in,
+		log:         zap.NewNop(),
+		laggingKeys: DefaultLaggingKeys,
+		deadLetters: DefaultDeadLetters,
+		title:       DefaultTitle,
+		timeout:     DefaultTimeout,
+	}
+	for _, o := range opts {
+		if err := o(p); err != nil {
+			panic("statuspage: " + err.Error())
+		}
+	}
+	p.log = p.log.Named("statuspage")
+	if p.secret == nil {
+		p.secret = make([]byte, 32)
+		rand.Read(p.secret) // never fails (crypto/rand, Go 1.24+)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", p.index)
+	mux.HandleFunc("GET /queues/{queue}", p.queue)
+	mux.HandleFunc("POST /queues/{queue}/requeue", p.requeue)
+	mux.HandleFunc("POST /queues/{queue}/purge", p.purge)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		p.fail(w, r, http.StatusNotFound, "There is no page at this address.")
+	})
+	cop := http.NewCrossOriginProtection()
+	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.log.Info("refused a cross-origin request", zap.String("method", r.Method), zap.String("path", r.URL.Path),
+			zap.String("remote_addr", r.RemoteAddr))
+		p.fail(w, r, http.StatusForbidden, "Cross-origin request refused: post the forms of this page from this page.")
+	}))
+	p.h = cop.Handler(mux)
+	return p
+}
+
+// ServeHTTP sets the security headers every answer carries and serves r.
+func (p *page) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Security-Policy", csp)
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("Referrer-Policy", "same-origin")
+	h.Set("Cache-Control", "no-store")
+	ctx, cancel := context.WithTimeout(r.Context(), p.timeout)
+	defer cancel()
+	p.h.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// common is what every page shows.
+type common struct {
+	Title   string
+	Heading string // the page's own heading; "" on the index
+	Prefix  string
+	Home    string // the relative link to the index
+	CSS     template.CSS
+	Now     time.Time
+}
+
+func (p *page) common(r *http.Request, heading string) common {
+	return common{Title: p.title, Heading: heading, Prefix: p.in.Prefix(), Home: home(r), CSS: css}
+}
+
+// home returns the relative link from r's page to the index: the page is
+// as many directories deep as its path has slashes after the first.
+func home(r *http.Request) string {
+	if d := strings.Count(r.URL.EscapedPath(), "/") - 1; d > 0 {
+		return strings.Repeat("../", d)
+	}
+	return "./"
+}
+
+type queueRow struct {
+	inspect.Stats
+	Link string
+}
+
+func (p *page) index(w http.ResponseWriter, r *http.Request) {
+	all, err := p.in.AllStats(r.Context())
+	if err != nil {
+		p.redisError(w, r, "", err)
+		return
+	}
+	data := struct {
+		common
+		Queues  []queueRow
+		Partial bool
+	}{common: p.common(r, "")}
+	for _, s := range all {
+		data.Queues = append(data.Queues, queueRow{Stats: s, Link: "queues/" + url.PathEscape(s.Queue)})
+		data.Partial = data.Partial || s.Partial
+		data.Now = s.Now
+	}
+	p.render(w, r, http.StatusOK, indexPage, data)
+}
+
+func (p *page) queue(w http.ResponseWriter, r *http.Request) {
+	ctx, name := r.Context(), r.PathValue("queue")
+	st, err := p.in.Stats(ctx, name)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	ks, err := p.in.Keys(ctx, name, inspect.ByAge, p.laggingKeys)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	c, err := p.in.Consumer(ctx, name)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	dead, err := c.DeadLetters(ctx, name, p.deadLetters)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	data := struct {
+		common
+		Stats                    inspect.Stats
+		Keys                     []inspect.KeyStats
+		Dead                     []consumer.DeadLetter
+		ShowItems                bool
+		Flash                    string
+		Requeue, Purge           string
+		RequeueToken, PurgeToken string
+	}{
+		common: p.common(r, name), Stats: st, Keys: ks, Dead: dead, ShowItems: p.showItems, Flash: flash(r.URL.Query()),
+		Requeue: "./" + url.PathEscape(name) + "/requeue", Purge: "./" + url.PathEscape(name) + "/purge",
+		RequeueToken: p.token("requeue", name), PurgeToken: p.token("purge", name),
+	}
+	data.Now = st.Now
+	p.render(w, r, http.StatusOK, queuePage, data)
+}
+
+func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
+	name, c, ok := p.action(w, r, "requeue")
+	if !ok {
+		return
+	}
+	ctx := r.Context()
+	if err := c.Sync(ctx); err != nil { // requeued items are due by the server's clock
+		p.redisError(w, r, name, err)
+		return
+	}
+	if r.PostFormValue("all") == "1" {
+		n, skipped, err := requeueAll(ctx, c, name)
+		if n > 0 {
+			p.log.Info("requeued dead letters", zap.String("queue", name), zap.Int("count", n), zap.String("remote_addr", r.RemoteAddr))
+		}
+		if err != nil && n > 0 {
+			p.log.Warn("redis error", zap.String("path", r.URL.Path), zap.Error(err))
+			p.fail(w, r, http.StatusServiceUnavailable, fmt.Sprintf("Requeued %s, then: Redis error: %v", plural(n, "dead letter"), err))
+			return
+		}
+		if err != nil {
+			p.redisError(w, r, name, err)
+			return
+		}
+		p.done(w, name, "requeued", n, skipped)
+		return
+	}
+	id := r.PostFormValue("id")
+	if id == "" {
+		p.fail(w, r, http.StatusBadRequest, "Say which dead letter to requeue (id), or all=1.")
+		return
+	}
+	letters, err := c.DeadLetters(ctx, name, lookupLimit)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	i := -1
+	for j, d := range letters {
+		if d.ID == id {
+			i = j
+			break
+		}
+	}
+	if i < 0 {
+		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("Queue %s has no dead letter %s among its first %d: it was requeued or purged meanwhile.", name, id, lookupLimit))
+		return
+	}
+	if !requeueable(letters[i]) {
+		p.fail(w, r, http.StatusConflict, fmt.Sprintf("Dead letter %s of queue %s holds a corrupt value, not an item: it cannot be requeued, only purged.", id, name))
+		return
+	}
+	n, err := c.RequeueDead(ctx, letters[i])
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	if n == 0 {
+		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("Dead letter %s of queue %s was requeued or purged meanwhile.", id, name))
+		return
+	}
+	p.log.Info("requeued dead letters", zap.String("queue", name), zap.Int("count", n), zap.String("id", id), zap.String("remote_addr", r.RemoteAddr))
+	p.done(w, name, "requeued", n, 0)
+}
+
+// requeueAll requeues the dead letters of a queue, as many as it had when
+// it started (so items that die again meanwhile are not requeued in a
+// loop), in passes of requeueBatch. It skips corrupt values, which it
+// counts. DeadLetters lists the newest first: each pass requeues its
+// letters oldest first, so that the items of a batch that died together
+// go back in their order.
+func requeueAll(ctx context.Context, c *consumer.Consumer, queue string) (requeued, skipped int, err error) {
+	total, err := c.CountDead(ctx, queue)
+	if err != nil {
+		return 0, 0, err
+	}
+	for int64(requeued) < total {
+		// Corrupt values stay where they are: read past them.
+		limit := skipped + requeueBatch
+		letters, err := c.DeadLetters(ctx, queue, limit)
+		if err != nil {
+			return requeued, skipped, err
+		}
+		ok := make([]consumer.DeadLetter, 0, len(letters))
+		for _, d := range letters {
+			if requeueable(d) {
+				ok = append(ok, d)
+			}
+		}
+		skipped = len(letters) - len(ok)
+		ok = ok[:min(int64(len(ok)), total-int64(requeued))]
+		slices.Reverse(ok)
+		n, err := c.RequeueDead(ctx, ok...)
+		requeued += n
+		if err != nil || n == 0 || len(letters) < limit {
+			return requeued, skipped, err
+		}
+	}
+	return requeued, skipped, nil
+}
+
+func requeueable(d consumer.DeadLetter) bool { return !d.Corrupt && json.Valid(d.Item) }
+
+func (p *page) purge(w http.ResponseWriter, r *http.Request) {
+	name, c, ok := p.action(w, r, "purge")
+	if !ok {
+		return
+	}
+	if r.PostFormValue("confirm") != "1" {
+		p.fail(w, r, http.StatusBadRequest, "Tick the box to confirm that every dead letter of "+name+" is to be deleted.")
+		return
+	}
+	n, err := c.PurgeDead(r.Context(), name)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return
+	}
+	p.log.Info("purged dead letters", zap.String("queue", name), zap.Int64("count", n), zap.String("remote_addr", r.RemoteAddr))
+	p.done(w, name, "purged", int(n), 0)
+}
+
+// action checks a POST's form token for the action on its queue and
+// returns the queue with a consumer for it, or answers the request.
+func (p *page) action(w http.ResponseWriter, r *http.Request, action string) (string, *consumer.Consumer, bool) {
+	name := r.PathValue("queue")
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		p.fail(w, r, http.StatusBadRequest, "Unreadable form: "+err.Error())
+		return "", nil, false
+	}
+	if !hmac.Equal([]byte(r.PostForm.Get("token")), []byte(p.token(action, name))) {
+		p.log.Info("refused a form without a valid token", zap.String("action", action), zap.String("queue", name),
+			zap.String("remote_addr", r.RemoteAddr))
+		p.fail(w, r, http.StatusForbidden, "The form's token is missing or invalid: reload the page and try again.")
+		return "", nil, false
+	}
+	c, err := p.in.Consumer(r.Context(), name)
+	if err != nil {
+		p.redisError(w, r, name, err)
+		return "", nil, false
+	}
+	return name, c, true
+}
+
+// token returns the form token of action on queue: the HMAC-SHA256 of both
+// under the handler's secret.
+func (p *page) token(action, queue string) string {
+	m := hmac.New(sha256.New, p.secret)
+	m.Write([]byte(action))
+	m.Write([]byte{0})
+	m.Write([]byte(queue))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// done redirects a POST back to its queue's page (303: the browser GETs
+// it), saying what was done.
+func (p *page) done(w http.ResponseWriter, queue, what string, n, skipped int) {
+	v := url.Values{"done": {what}, "n": {strconv.Itoa(n)}}
+	if skipped > 0 {
+		v.Set("skipped", strconv.Itoa(skipped))
+	}
+	// A relative Location: http.Redirect would resolve it against the path
+	// after StripPrefix, which is not the browser's.
+	w.Header().Set("Location", "../"+url.PathEscape(queue)+"?"+v.Encode())
+	w.WriteHeader(http.StatusSeeOther)
+}
+
+// flash returns the message of a done redirect's query, built from known
+// words and numbers only (the query is not echoed).
+func flash(q url.Values) string {
+	n, err := strconv.Atoi(q.Get("n"))
+	if err != nil || n < 0 {
+		return ""
+	}
+	switch q.Get("done") {
+	case "requeued":
+		s := "Requeued " + plural(n, "dead letter") + "."
+		if k, _ := strconv.Atoi(q.Get("skipped")); k > 0 {
+			s += " Skipped " + plural(k, "dead letter") + " holding a corrupt value (purge only)."
+		}
+		return s
+	case "purged":
+		return "Purged " + plural(n, "dead letter") + "."
+	}
+	return ""
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return strconv.Itoa(n) + " " + what + "s"
+}
+
+// redisError answers a failed read or action on queue: 404 for a queue
+// that is not registered (or cannot be), else 503 with the error.
+func (p *page) redisError(w http.ResponseWriter, r *http.Request, queue string, err error) {
+	if errors.Is(err, inspect.ErrNoQueue) || errors.Is(err, keys.ErrQueueName) {
+		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("There is no queue %q under prefix %q.", queue, p.in.Prefix()))
+		return
+	}
+	if r.Context().Err() == nil || errors.Is(r.Context().Err(), context.DeadlineExceeded) {
+		p.log.Warn("redis error", zap.String("path", r.URL.Path), zap.Error(err))
+	}
+	p.fail(w, r, http.StatusServiceUnavailable, "Redis error: "+err.Error())
+}
+
+// fail answers with an error page.
+func (p *page) fail(w http.ResponseWriter, r *http.Request, status int, msg string) {
+	data := struct {
+		common
+		Status, Message string
+	}{p.common(r, http.StatusText(status)), strconv.Itoa(status) + " " + http.StatusText(status), msg}
+	p.render(w, r, status, errorPage, data)
+}
+
+// render executes t into a buffer, so that a failure sends no half page.
+func (p *page) render(w http.ResponseWriter, r *http.Request, status int, t *template.Template, data any) {
+	var b bytes.Buffer
+	if err := t.ExecuteTemplate(&b, "layout", data); err != nil {
+		p.log.Error("render page", zap.String("path", r.URL.Path), zap.Error(err))
+		http.Error(w, "statuspage: render: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(b.Len()))
+	w.WriteHeader(status)
+	w.Write(b.Bytes())
+}
+
+// formatLag rounds a lag for people: milliseconds under a second, tenths
+// of a second under a minute, seconds above.
+func formatLag(d time.Duration) string {
+	switch {
+	case d <= 0:
+		return "0s"
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	}
+	return d.Round(time.Second).String()
+}
+
+func formatClock(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format("2006-01-02 15:04:05 UTC")
+}
+
+func formatRFC3339(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000Z07:00") }
+
+// formatItem returns the first maxItemShown bytes of an item (cut at a
+// rune boundary).
+func formatItem(item json.RawMessage) string {
+	if len(item) <= maxItemShown {
+		return string(item)
+	}
+	cut := maxItemShown
+	for cut > 0 && !utf8.RuneStart(item[cut]) {
+		cut--
+	}
+	return string(item[:cut]) + "…"
+}
