@@ -1,6 +1,6 @@
 module github.com/batchq/batchq/bench
 
-go 1.26
+go 1.26.0
 
 replace github.com/batchq/batchq => ../
 
@@ -19,7 +19,7 @@ require (
 	github.com/spf13/cast v1.10.0 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
 	go.uber.org/zap v1.28.0 // indirect
-	golang.org/x/sys v0.47.0 // indirect
+	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/time v0.14.0 // indirect
-	google.golang.org/protobuf v1.36.10 // indirect
+	google.golang.org/protobuf v1.36.12 // indirect
 )

@@ -19,7 +19,7 @@ import (
 // With linger, concurrent appends to the keys of a shard go in one merge
 // call once maxItems are waiting, and every caller learns its own outcome.
 func TestLingerGathersAppends(t *testing.T) {
-	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+	eachPrivate(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		// A linger far longer than the test: only maxItems sends a call.
 		p := newProducer(t, b, producer.WithLinger(time.Second, 8))
@@ -167,7 +167,7 @@ func mergeCalls(t *testing.T, b testredis.Backend) int {
 // by its cap fails only its own callers; the other keys of the same call
 // are stored.
 func TestLingerGroupCommit(t *testing.T) {
-	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+	eachPrivate(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b, producer.WithLinger(0, 1000), producer.WithMaxKeyItems(100))
 		const callers, per, nkeys = 32, 40, 64
@@ -261,4 +261,13 @@ func getSharded(t *testing.T, b testredis.Backend, queue, key string, n int) (st
 		t.Fatalf("GET %s: %v", ik, err)
 	}
 	return v, true
+}
+
+// eachPrivate is testredis.Each with a redis-server of the test's own, for
+// tests that count the server's script calls: a shared server (CI's) counts
+// those of the other packages' tests too.
+func eachPrivate(t *testing.T, fn func(t *testing.T, b testredis.Backend)) {
+	t.Helper()
+	t.Run("miniredis", func(t *testing.T) { fn(t, testredis.Mini(t)) })
+	t.Run("redis", func(t *testing.T) { fn(t, testredis.Start(t).Backend(t)) })
 }
