@@ -15,15 +15,23 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- max_string is Redis' largest string, in bytes (proto-max-bulk-len's
+-- default): no array may grow past it.
+local max_string = 536870912
+
 -- append_items splices items (n JSON values joined by commas, never empty)
 -- onto the JSON array stored at ik, creating it if missing, and adds n to
 -- the item count at nk. It costs the same whatever the size of the stored
 -- array: it reads two bytes and overwrites the closing bracket. With maxn or
--- maxb above 0, it refuses to take the array past maxn items or maxb bytes.
--- It returns the stored length before the append, the item count after it
--- and the length after it; or nil and an error reply (NOTARRAY, or FULL
--- <items> <bytes>), storing nothing.
+-- maxb above 0, it refuses to take the array past maxn items or maxb bytes
+-- (and never past max_string). It returns the stored length before the
+-- append, the item count after it and the length after it; or nil and an
+-- error reply (NOTARRAY, or FULL <items> <bytes>), storing nothing. Every
+-- check that can fail comes before its first write.
 local function append_items(ik, nk, items, n, maxn, maxb)
+  if maxb <= 0 or maxb > max_string then
+    maxb = max_string
+  end
   local len = redis.pcall('STRLEN', ik)
   if type(len) == 'table' then
     return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a Redis value that is not a string')
@@ -33,7 +41,7 @@ local function append_items(ik, nk, items, n, maxn, maxb)
       return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
     end
     local newlen = #items + 2
-    if (maxn > 0 and n > maxn) or (maxb > 0 and newlen > maxb) then
+    if (maxn > 0 and n > maxn) or newlen > maxb then
       return nil, nil, nil, redis.error_reply('FULL 0 ' .. len)
     end
     redis.call('SET', ik, '[' .. items .. ']')
@@ -44,11 +52,17 @@ local function append_items(ik, nk, items, n, maxn, maxb)
     return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
   end
   local newlen = len + #items + 1
+  if newlen > maxb then
+    return nil, nil, nil, redis.error_reply('FULL ' .. (tonumber(redis.pcall('GET', nk)) or 0) .. ' ' .. len)
+  end
   -- The count is raised first and lowered again in the rare case that the
-  -- items do not fit: one call on the common path instead of a GET and an
-  -- INCRBY.
-  local count = redis.call('INCRBY', nk, n)
-  if (maxn > 0 and count > maxn) or (maxb > 0 and newlen > maxb) then
+  -- items are too many: one call on the common path, not a GET and an
+  -- INCRBY. The SETRANGE after it cannot fail: the length is checked.
+  local count = redis.pcall('INCRBY', nk, n)
+  if type(count) == 'table' then
+    return nil, nil, nil, redis.error_reply('NOTARRAY the item count of the key is not an integer')
+  end
+  if maxn > 0 and count > maxn then
     redis.call('DECRBY', nk, n)
     return nil, nil, nil, redis.error_reply('FULL ' .. (count - n) .. ' ' .. len)
   end
@@ -128,16 +142,20 @@ local function merge_key(ik, nk, ck, ready, wake, key, items, n, maxn, maxb, max
     make_due(ready, wake, now, key)
   elseif quiet == 0 then
     make_ready(ready, wake, now + maxage, key)
-  elseif not redis.call('ZSCORE', ready, key) then
-    -- The key's first pending item: remember when it must be due at the
-    -- latest (the entry outlives that time by a minute, then expires).
-    redis.call('SET', ck, now + maxage, 'PX', maxage + 60000)
-    make_ready(ready, wake, now + math.min(quiet, maxage), key)
   else
-    -- Debounce: each item pushes the due time back by the quiet period, up
-    -- to the cap set by the first.
-    local cap = tonumber(redis.call('GET', ck) or now)
-    redis.call('ZADD', ready, 'XX', math.min(now + quiet, cap), key)
+    local due = redis.call('ZSCORE', ready, key)
+    if not due then
+      -- The key's first pending item: remember when it must be due at the
+      -- latest (the entry outlives that time by a minute, then expires).
+      redis.call('SET', ck, now + maxage, 'PX', maxage + 60000)
+      make_ready(ready, wake, now + math.min(quiet, maxage), key)
+    elseif tonumber(due) > now then
+      -- Debounce: each item pushes the due time back by the quiet period,
+      -- up to the cap set by the first. A key already due stays due: it
+      -- may be full, or hold items put back by a worker.
+      local cap = tonumber(redis.call('GET', ck) or due)
+      redis.call('ZADD', ready, 'XX', math.min(now + quiet, cap), key)
+    end
   end
   return len
 end

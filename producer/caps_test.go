@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -118,5 +119,48 @@ func TestKeyCaps(t *testing.T) {
 			t.Fatalf("after the reap the key holds %s", got)
 		}
 		full(add(21), 6, 18)
+	})
+}
+
+// A key whose item count is not an integer (written by something other
+// than batchq) refuses appends with ErrNotArray and stores nothing, alone:
+// the other keys of a lingering producer's call are stored.
+func TestCorruptCountRefusesOnlyItsKey(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b, producer.WithLinger(time.Second, 2))
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(p.AddRaw(ctx, "q", "bad", json.RawMessage(`1`), json.RawMessage(`2`))) // maxItems 2: sent at once
+		sp := keys.For(b.Prefix, "q", 0)
+		must(b.Client.Do(ctx, b.Client.B().Set().Key(sp.Count("bad")).Value("many").Build()).Error())
+
+		errs := make(chan error, 2)
+		go func() { errs <- p.AddRaw(ctx, "q", "bad", json.RawMessage(`3`)) }()
+		go func() { errs <- p.AddRaw(ctx, "q", "good", json.RawMessage(`4`)) }()
+		var notArray, ok int
+		for range 2 {
+			switch err := <-errs; {
+			case errors.Is(err, producer.ErrNotArray):
+				notArray++
+			case err == nil:
+				ok++
+			default:
+				t.Fatalf("append: %v", err)
+			}
+		}
+		if notArray != 1 || ok != 1 {
+			t.Fatalf("%d ErrNotArray and %d stored, want one each", notArray, ok)
+		}
+		if v, _ := get(t, b, "q", "bad"); v != "[1,2]" {
+			t.Fatalf("the key with a corrupt count holds %s", v)
+		}
+		if v, _ := get(t, b, "q", "good"); v != "[4]" {
+			t.Fatalf("the other key holds %s", v)
+		}
 	})
 }

@@ -139,15 +139,20 @@ func TestFlushPolicyQuietPeriodIsCapped(t *testing.T) {
 func TestFlushPolicyRefusedAppendMakesKeyDue(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
-		p := newProducer(t, b, producer.WithMaxKeyItems(2),
+		p := newProducer(t, b, producer.WithMaxKeyItems(3),
 			producer.WithFlushPolicy("q", producer.FlushPolicy{MaxAge: time.Hour, Quiet: time.Minute}))
 		addAt(t, b, p, "q", "k", 1)
 		addAt(t, b, p, "q", "k", 2)
 		lo := serverMs(t, b)
-		if err := p.AddRaw(ctx, "q", "k", json.RawMessage("3")); err == nil {
+		if err := p.AddRaw(ctx, "q", "k", json.RawMessage("3"), json.RawMessage("4")); err == nil {
 			t.Fatal("append past the cap succeeded")
 		}
-		within(t, "full key", dueAt(t, b, "q", "k"), lo, serverMs(t, b))
+		hi := serverMs(t, b)
+		within(t, "full key", dueAt(t, b, "q", "k"), lo, hi)
+		// An item that still fits does not push the due key back by the
+		// quiet period.
+		addAt(t, b, p, "q", "k", 3)
+		within(t, "full key after one more item", dueAt(t, b, "q", "k"), lo, hi)
 
 		if err := b.Client.Do(ctx, b.Client.B().Set().Key(keys.For(b.Prefix, "q", 0).Items("bad")).Value("nope").Build()).Error(); err != nil {
 			t.Fatal(err)

@@ -40,6 +40,10 @@ const (
 	DefaultMaxItemBytes = 1 << 20   // one item
 	DefaultMaxKeyItems  = 1_000_000 // the pending items of one key
 	DefaultMaxKeyBytes  = 64 << 20  // the pending bytes of one key
+
+	// MaxKeyBytesLimit is Redis' largest string: no key's array may be
+	// longer, whatever its cap.
+	MaxKeyBytesLimit = 512 << 20
 )
 
 // Errors returned by Add and AddRaw, wrapped with the queue, key and item
@@ -166,12 +170,13 @@ func WithMaxKeyItems(n int) Option {
 }
 
 // WithMaxKeyBytes caps the pending bytes of one key, the size of its JSON
-// array (default 64 MiB; 0 for none, up to Redis' 512 MB string limit). An
-// append that would pass it fails with ErrKeyFull.
+// array (default 64 MiB; 0 for Redis' own limit on a string, 512 MiB, which
+// is also the highest cap). An append that would pass it fails with
+// ErrKeyFull.
 func WithMaxKeyBytes(n int) Option {
 	return func(pr *Producer) error {
-		if n < 0 {
-			return fmt.Errorf("producer: max key bytes must not be negative, got %d", n)
+		if n < 0 || n > MaxKeyBytesLimit {
+			return fmt.Errorf("producer: max key bytes must be 0-%d, got %d", MaxKeyBytesLimit, n)
 		}
 		pr.caps.Bytes = n
 		return nil
