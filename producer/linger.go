@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -28,10 +29,12 @@ const flushTimeout = 10 * time.Second
 //     before it was on its way.
 //
 // Each caller still learns whether its own items were stored: Add returns
-// once the call holding them has returned, with the outcome for its key (the
-// gathered items of one key are all stored, or none; one key refused by its
-// caps does not fail the others). Items of one caller keep their order;
-// items of concurrent callers to one key are stored in the order they
+// once the call holding them has returned, with its own outcome (one key
+// refused by its caps does not fail the others; when the gathered items of
+// a key pass its cap together, each caller's items are tried on their own).
+// A caller whose context ends before its items were sent takes them back:
+// they are not stored. Items of one caller keep their order; with wait ==
+// 0, items of concurrent callers to one key are stored in the order they
 // arrived.
 func WithLinger(wait time.Duration, maxItems int) Option {
 	return func(p *Producer) error {
@@ -69,17 +72,23 @@ type gathered struct {
 	keys  []*keyPart // in the order of their first append
 	n     int        // items, all keys
 	timer *time.Timer
-	done  chan struct{} // closed once err and the parts' errs are set
-	err   error         // the call's own error: every key's outcome unknown
+	sent  bool          // taken off its shard's queue to be sent: no caller may leave
+	done  chan struct{} // closed once the parts' errs are set
 }
 
 // keyPart is what a gathering appends to one key.
 type keyPart struct {
 	key   string
-	parts []string // each caller's items, joined by commas
+	parts []*part // in the order of their callers' arrival
 	n     int
 	bytes int // the array these items make, in bytes
-	err   error
+}
+
+// part is one caller's items.
+type part struct {
+	joined string // the items, joined by commas
+	n      int
+	err    error // set before the gathering's done is closed
 }
 
 // add queues the n items of joined for key and waits for the call that
@@ -100,6 +109,7 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 			// waits its turn.
 			if l.wait > 0 {
 				s.queue = s.queue[:len(s.queue)-1]
+				g.sent = true
 				go l.send(p, sk, g)
 			}
 			g = nil
@@ -118,7 +128,8 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 		g.byKey[key] = kp
 		g.keys = append(g.keys, kp)
 	}
-	kp.parts = append(kp.parts, joined)
+	pt := &part{joined: joined, n: n}
+	kp.parts = append(kp.parts, pt)
 	kp.n += n
 	kp.bytes += len(joined) + 1
 	g.n += n
@@ -129,21 +140,47 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 		go l.drive(p, sk, s)
 	case l.wait > 0 && full:
 		l.removeLocked(sk, g)
+		g.sent = true
 		go l.send(p, sk, g)
 	}
 	l.mu.Unlock()
 
 	select {
 	case <-g.done:
-		if g.err != nil {
-			return g.err
-		}
-		return kp.err
+		return pt.err
 	case <-ctx.Done():
-		// The items may still be stored by the call: the outcome is unknown,
-		// as with any Redis error.
-		return fmt.Errorf("append to %s/%s: %w", queue, key, ctx.Err())
 	}
+	if l.leave(sk, g, kp, pt) {
+		return fmt.Errorf("append to %s/%s: not sent: %w", queue, key, ctx.Err())
+	}
+	// The call holding the items is on its way: they may be stored, as with
+	// any Redis error the outcome is unknown.
+	return fmt.Errorf("append to %s/%s: %w", queue, key, ctx.Err())
+}
+
+// leave takes pt out of g unless g was sent already, and reports whether it
+// did. A gathering left empty is dropped.
+func (l *linger) leave(sk shardKey, g *gathered, kp *keyPart, pt *part) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if g.sent {
+		return false
+	}
+	kp.parts = slices.DeleteFunc(kp.parts, func(x *part) bool { return x == pt })
+	kp.n -= pt.n
+	kp.bytes -= len(pt.joined) + 1
+	g.n -= pt.n
+	if len(kp.parts) == 0 {
+		delete(g.byKey, kp.key)
+		g.keys = slices.DeleteFunc(g.keys, func(x *keyPart) bool { return x == kp })
+	}
+	if len(g.keys) == 0 {
+		l.removeLocked(sk, g)
+		if g.timer != nil {
+			g.timer.Stop()
+		}
+	}
+	return true
 }
 
 // fits reports whether n more items for key fit in g without passing
@@ -162,6 +199,9 @@ func (g *gathered) fits(p *Producer, maxItems int, key string, joined string, n 
 // removeLocked takes g off its shard's queue, if it is still there.
 func (l *linger) removeLocked(sk shardKey, g *gathered) bool {
 	s := l.shards[sk]
+	if s == nil {
+		return false
+	}
 	for i, x := range s.queue {
 		if x == g {
 			s.queue = append(s.queue[:i], s.queue[i+1:]...)
@@ -178,6 +218,7 @@ func (l *linger) removeLocked(sk shardKey, g *gathered) bool {
 func (l *linger) flush(p *Producer, sk shardKey, g *gathered) {
 	l.mu.Lock()
 	ok := l.removeLocked(sk, g)
+	g.sent = g.sent || ok
 	l.mu.Unlock()
 	if ok {
 		l.send(p, sk, g)
@@ -197,37 +238,68 @@ func (l *linger) drive(p *Producer, sk shardKey, s *shardState) {
 		}
 		g := s.queue[0]
 		s.queue = s.queue[1:]
+		g.sent = true
 		l.mu.Unlock()
 		l.send(p, sk, g)
 	}
 }
 
-// send makes g's merge call and hands each key's outcome to its callers.
+// send makes g's merge call and hands each caller its outcome.
 func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 	if g.timer != nil {
 		g.timer.Stop()
 	}
+	defer close(g.done)
 	ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
 	defer cancel()
-	defer close(g.done)
+	errs := make([]error, len(g.keys))
 	if len(g.keys) == 1 {
 		// One key: the plain merge script.
 		kp := g.keys[0]
-		kp.err = p.send(ctx, sk.queue, kp.key, strings.Join(kp.parts, ","), kp.n)
-		return
+		errs[0] = p.send(ctx, sk.queue, kp.key, kp.joined(), kp.n)
+	} else {
+		ks := make([]store.KeyItems, len(g.keys))
+		for i, kp := range g.keys {
+			ks[i] = store.KeyItems{Key: kp.key, Items: kp.joined(), N: kp.n}
+		}
+		kerrs, err := store.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue])
+		for i, kp := range g.keys {
+			if err != nil {
+				errs[i] = fmt.Errorf("append to %s/%s: %w", sk.queue, kp.key, err)
+			} else {
+				errs[i] = p.keyError(sk.queue, kp.key, kp.n, kerrs[i])
+			}
+		}
 	}
-	ks := make([]store.KeyItems, len(g.keys))
 	for i, kp := range g.keys {
-		ks[i] = store.KeyItems{Key: kp.key, Items: strings.Join(kp.parts, ","), N: kp.n}
+		if errors.Is(errs[i], ErrKeyFull) && len(kp.parts) > 1 {
+			// Together the callers' items pass the key's cap: each caller's
+			// may still fit on its own, in arrival order.
+			for _, pt := range kp.parts {
+				pt.err = p.send(ctx, sk.queue, kp.key, pt.joined, pt.n)
+			}
+			continue
+		}
+		for _, pt := range kp.parts {
+			pt.err = errs[i]
+		}
 	}
-	errs, err := store.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue])
-	if err != nil {
-		g.err = fmt.Errorf("append to %s (%d keys): %w", sk.queue, len(ks), err)
-		return
+}
+
+// joined returns the items of every part, joined by commas.
+func (kp *keyPart) joined() string {
+	if len(kp.parts) == 1 {
+		return kp.parts[0].joined
 	}
-	for i, kp := range g.keys {
-		kp.err = p.keyError(sk.queue, kp.key, kp.n, errs[i])
+	var b strings.Builder
+	b.Grow(kp.bytes)
+	for i, pt := range kp.parts {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(pt.joined)
 	}
+	return b.String()
 }
 
 // keyError wraps the outcome of an append of n items to a key as Add

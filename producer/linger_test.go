@@ -118,28 +118,27 @@ func testLingerOrder(t *testing.T, wait time.Duration) {
 }
 
 // A caller whose context ends while its items wait gets the context's
-// error; the others are not held up.
+// error and takes its items back: they are not stored. The others are not
+// held up.
 func TestLingerRespectsContext(t *testing.T) {
 	b := testredis.Mini(t)
-	p := newProducer(t, b, producer.WithLinger(time.Second, 1000))
+	p := newProducer(t, b, producer.WithLinger(200*time.Millisecond, 1000))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
 	start := time.Now()
 	err := p.Add(ctx, "q", "k", 1)
-	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 500*time.Millisecond {
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 150*time.Millisecond {
 		t.Fatalf("got %v after %v, want the context's deadline", err, time.Since(start))
 	}
-	// The gathered call still goes out after the linger: the outcome of a
-	// call whose context ended is unknown, not lost.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if v, ok := get(t, b, "q", "k"); ok && v == "[1]" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the gathered item was never stored")
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := p.Add(context.Background(), "q", "k2", 2); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // past the linger of the first call
+	if v, ok := get(t, b, "q", "k"); ok {
+		t.Fatalf("the item of a caller that gave up was stored: %s", v)
+	}
+	if v, _ := get(t, b, "q", "k2"); v != "[2]" {
+		t.Fatalf("k2 holds %q", v)
 	}
 	for _, bad := range []struct {
 		wait time.Duration
@@ -270,4 +269,42 @@ func eachPrivate(t *testing.T, fn func(t *testing.T, b testredis.Backend)) {
 	t.Helper()
 	t.Run("miniredis", func(t *testing.T) { fn(t, testredis.Mini(t)) })
 	t.Run("redis", func(t *testing.T) { fn(t, testredis.Start(t).Backend(t)) })
+}
+
+// When the gathered items of a key pass its cap together, each caller's
+// items are tried on their own: those that fit are stored, only the others
+// get ErrKeyFull.
+func TestLingerFullKeyTriesEachCaller(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b, producer.WithLinger(time.Second, 2), producer.WithMaxKeyItems(2))
+		if err := newProducer(t, b, producer.WithMaxKeyItems(2)).Add(ctx, "q", "k", 0); err != nil {
+			t.Fatal(err)
+		}
+		errs := make(chan error, 2)
+		for i := 1; i <= 2; i++ {
+			go func() { errs <- p.Add(ctx, "q", "k", i) }()
+		}
+		var full, ok int
+		for range 2 {
+			switch err := <-errs; {
+			case errors.Is(err, producer.ErrKeyFull):
+				full++
+				var kf *producer.KeyFullError
+				if !errors.As(err, &kf) || kf.Adding != 1 || kf.Items != 2 {
+					t.Fatalf("KeyFullError %+v, want one item refused by a key holding 2", kf)
+				}
+			case err == nil:
+				ok++
+			default:
+				t.Fatal(err)
+			}
+		}
+		if full != 1 || ok != 1 {
+			t.Fatalf("%d refused, %d stored; want one each", full, ok)
+		}
+		if v, _ := get(t, b, "q", "k"); v != "[0,1]" && v != "[0,2]" {
+			t.Fatalf("key holds %s", v)
+		}
+	})
 }
