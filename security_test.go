@@ -32,6 +32,7 @@ import (
 
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
@@ -44,7 +45,7 @@ import (
 var aclCommands = []string{
 	"evalsha", "eval", // the scripts, through rueidis' script helper
 	"multi", "exec", // the drain transactions, PurgeDead
-	"get", "set", "getdel", "strlen", "getrange", "setrange", "incrby", "decrby", // items arrays and counts
+	"get", "mget", "set", "getdel", "strlen", "getrange", "setrange", "incrby", "decrby", // items arrays and counts (MGET: the inspector)
 	"del", "exists", "rename", "type", // leases, quarantine, cleanup
 	"zadd", "zrem", "zscore", "zcard", "zrange", "zrangebyscore", "zremrangebyrank", // ready, leases, retry, dead
 	"hset", "hget", "hmget", "hgetall", "hdel", "hexists", // leasemeta, retrydata, deaddata, retry leases
@@ -375,6 +376,22 @@ func TestACL(t *testing.T) {
 	if !configDenied {
 		t.Error("no worker asked CONFIG GET: the test of its silent refusal proves nothing")
 	}
+	// The inspector (metrics, status page, CLI) reads every queue as the
+	// same user.
+	in, err := inspect.New(uc, prefix)
+	must(t, err)
+	all, err := in.AllStats(ctx)
+	must(t, err)
+	if len(all) == 0 {
+		t.Error("the inspector found no queue")
+	}
+	if _, err := in.Keys(ctx, "slow", inspect.ByItems, 10); err != nil {
+		t.Errorf("inspector Keys: %v", err)
+	}
+	if _, err := in.Peek(ctx, "slow", "s"); err != nil {
+		t.Errorf("inspector Peek: %v", err)
+	}
+
 	// The server ran exactly the rule's commands for the user.
 	used := commandStats(t, ac)
 	for _, c := range []string{"hello", "ping", "info", "config|resetstat", "acl|log", "client|setinfo"} {

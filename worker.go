@@ -604,8 +604,15 @@ func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 	for i, q := range queues {
 		names[i] = q.name
 	}
-	if err := r.w.cons.Register(ctx, names...); err != nil {
+	recorded, err := r.w.cons.Register(ctx, names...)
+	if err != nil {
 		r.w.log.Warn("cannot record the queues in the registry; the inspector finds them once a producer appends", zap.Error(err))
+	}
+	for i, n := range recorded {
+		if n > r.w.cons.Shards() {
+			r.w.log.Warn("a producer or worker split this queue into more shards than this worker drains: items in the other shards wait for a worker with as many (WithShards must match)",
+				zap.String("queue", names[i]), zap.Int("recorded_shards", n), zap.Int("shards", r.w.cons.Shards()))
+		}
 	}
 	if !r.sync(ctx) {
 		r.w.log.Warn("cannot read the Redis server's clock; waiting for it before taking work")

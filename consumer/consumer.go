@@ -206,11 +206,14 @@ func (c *Consumer) now() time.Time { return c.clock().Add(time.Duration(c.offset
 
 // Register records queues, with the consumer's shard count, in the
 // registry of the consumer's prefix (<prefix>:queues), where the inspector
-// finds them. A Worker registers its queues when it starts; producers
-// register a queue at their first append to it.
-func (c *Consumer) Register(ctx context.Context, queues ...string) error {
+// finds them. A queue keeps the largest shard count any producer or worker
+// recorded; Register returns those counts, in the order of queues, so that
+// a caller can see that others split a queue into more shards than it
+// drains. A Worker registers its queues when it starts; producers register
+// a queue at their first append to it.
+func (c *Consumer) Register(ctx context.Context, queues ...string) ([]int, error) {
 	if len(queues) == 0 {
-		return nil
+		return nil, nil
 	}
 	return store.Register(ctx, c.c, c.prefix, c.shards, queues...)
 }

@@ -186,6 +186,38 @@ func TestInspectorCountsManyKeys(t *testing.T) {
 	})
 }
 
+// The registry keeps the largest shard count recorded for a queue, so the
+// inspector reads every shard that may hold items.
+func TestRegistryKeepsMostShards(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		for _, n := range []int{3, 1, 2} {
+			p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(n))
+			must(t, err)
+			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(n), n))
+		}
+		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithShards(2))
+		must(t, err)
+		got, err := c.Register(ctx, "q", "other")
+		must(t, err)
+		if len(got) != 2 || got[0] != 3 || got[1] != 2 {
+			t.Fatalf("Register returned %v, want [3 2]", got)
+		}
+		in, err := inspect.New(b.Client, b.Prefix)
+		must(t, err)
+		q, err := in.Queue(ctx, "q")
+		must(t, err)
+		if q.Shards != 3 {
+			t.Fatalf("queue q has %d shards in the registry, want 3", q.Shards)
+		}
+		st, err := in.Stats(ctx, "q")
+		must(t, err)
+		if st.PendingItems != 3 {
+			t.Fatalf("pending items %d, want 3 over every shard", st.PendingItems)
+		}
+	})
+}
+
 func TestNewRejectsBadPrefix(t *testing.T) {
 	b := testredis.Mini(t)
 	if _, err := inspect.New(b.Client, "bad{prefix}"); err == nil {

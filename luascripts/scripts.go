@@ -25,6 +25,8 @@ var (
 	reap string
 	//go:embed requeue.lua
 	requeue string
+	//go:embed register.lua
+	register string
 )
 
 // The scripts' full source, with lib.lua in front.
@@ -35,4 +37,5 @@ var (
 	Settle    = lib + settle
 	Reap      = lib + reap
 	Requeue   = lib + requeue
+	Register  = register
 )

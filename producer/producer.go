@@ -288,7 +288,7 @@ func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) 
 	if _, ok := p.known.Load(queue); !ok {
 		// The first append to a queue records it for the inspector (one
 		// round trip, once per queue and producer).
-		if err := store.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
+		if _, err := store.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
 			return fmt.Errorf("append to %s/%s: %w", queue, key, err)
 		}
 		p.known.Store(queue, struct{}{})

@@ -328,10 +328,6 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	if err := c.Sync(ctx); err != nil { // requeued items are due by the server's clock
-		p.redisError(w, r, name, err)
-		return
-	}
 	if r.PostFormValue("all") == "1" {
 		n, skipped, err := requeueAll(ctx, c, name)
 		if n > 0 {

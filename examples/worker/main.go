@@ -16,7 +16,8 @@
 // With -metrics ADDR it serves, on that address, Prometheus metrics at
 // /metrics (package metrics) and the status page at /status/ (package
 // statuspage): the depth, lag and dead letters of every queue under the
-// prefix, with requeue and purge buttons.
+// prefix, with requeue and purge buttons. The page has no login of its
+// own: keep ADDR on loopback (127.0.0.1:9090) or behind a proxy that has.
 //
 // SIGINT or SIGTERM stops it gracefully: it fetches no more, lets running
 // handlers finish for up to -shutdown-timeout, puts back the items it had
@@ -74,7 +75,7 @@ func main() {
 	flag.DurationVar(&cfg.work, "work", 0, "simulated time to handle one item")
 	flag.Float64Var(&cfg.fail, "fail", 0, "fraction (0 to 1) of first attempts that fail")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", batchq.DefaultShutdownTimeout, "how long running handlers may finish at shutdown")
-	flag.StringVar(&cfg.metrics, "metrics", "", "address to serve /metrics (Prometheus) and /status/ (the status page) on, e.g. :9090; empty: none")
+	flag.StringVar(&cfg.metrics, "metrics", "", "address to serve /metrics (Prometheus) and /status/ (the status page, whose buttons requeue and purge dead letters) on, e.g. 127.0.0.1:9090; it has no login: keep it on loopback or behind one; empty: none")
 	flag.Parse()
 
 	// One line per item: turn off the production logger's sampling, which
@@ -124,14 +125,16 @@ func work(cfg config, log *zap.Logger) error {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		mux.Handle("/status/", http.StripPrefix("/status", statuspage.New(in, statuspage.WithLogger(log))))
 		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		if ln, err = net.Listen("tcp", cfg.metrics); err != nil {
-			return fmt.Errorf("-metrics: %w", err)
-		}
-		log.Info("serving metrics and the status page", zap.String("addr", ln.Addr().String()))
 	}
 	w, err := batchq.NewWorker(rdb, opts...)
 	if err != nil {
 		return err
+	}
+	if srv != nil {
+		if ln, err = net.Listen("tcp", cfg.metrics); err != nil {
+			return fmt.Errorf("-metrics: %w", err)
+		}
+		log.Info("serving metrics and the status page", zap.String("addr", ln.Addr().String()))
 	}
 	h := handler{work: cfg.work, fail: cfg.fail, log: log}
 	batchq.HandleRaw(w, cfg.queue, h.handle)

@@ -23,12 +23,13 @@ import (
 // NOSCRIPT reply (a restarted or flushed server). None of them is marked
 // retryable: a write that may have been applied is never sent twice.
 var (
-	mergeScript   = rueidis.NewLuaScript(luascripts.Merge)
-	mergeMany     = rueidis.NewLuaScript(luascripts.MergeMany)
-	claimScript   = rueidis.NewLuaScript(luascripts.Claim)
-	settleScript  = rueidis.NewLuaScript(luascripts.Settle)
-	reapScript    = rueidis.NewLuaScript(luascripts.Reap)
-	requeueScript = rueidis.NewLuaScript(luascripts.Requeue)
+	mergeScript    = rueidis.NewLuaScript(luascripts.Merge)
+	mergeMany      = rueidis.NewLuaScript(luascripts.MergeMany)
+	claimScript    = rueidis.NewLuaScript(luascripts.Claim)
+	settleScript   = rueidis.NewLuaScript(luascripts.Settle)
+	reapScript     = rueidis.NewLuaScript(luascripts.Reap)
+	requeueScript  = rueidis.NewLuaScript(luascripts.Requeue)
+	registerScript = rueidis.NewLuaScript(luascripts.Register)
 )
 
 // ErrNotArray reports that a key's items hold a value that is not a JSON
@@ -578,14 +579,19 @@ func Wait(ctx context.Context, c rueidis.Client, sp keys.Space, timeout time.Dur
 	return err
 }
 
-// Register records queues and their shard counts in the prefix's registry,
-// for the inspector.
-func Register(ctx context.Context, c rueidis.Client, prefix string, shards int, queues ...string) error {
-	cmd := c.B().Hset().Key(keys.Registry(prefix)).FieldValue()
-	for _, q := range queues {
-		cmd = cmd.FieldValue(q, strconv.Itoa(shards))
+// Register records queues with the caller's shard count in the prefix's
+// registry, for the inspector; a queue keeps the largest count recorded. It
+// returns the recorded counts, in the order of queues.
+func Register(ctx context.Context, c rueidis.Client, prefix string, shards int, queues ...string) ([]int, error) {
+	res, err := registerScript.Exec(ctx, c, []string{keys.Registry(prefix)}, append([]string{strconv.Itoa(shards)}, queues...)).AsIntSlice()
+	if err != nil {
+		return nil, err
 	}
-	return c.Do(ctx, cmd.Build()).Error()
+	out := make([]int, len(res))
+	for i, n := range res {
+		out[i] = int(n)
+	}
+	return out, nil
 }
 
 // Type returns the Redis type of the value at key.
