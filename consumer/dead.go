@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -115,29 +116,42 @@ func (c *Consumer) CountDead(ctx context.Context, queue string) (int64, error) {
 
 // RequeueDead appends each dead letter's item to the end of its key, as a
 // fresh item with no attempts, and removes the dead letter: atomically for
-// each. It returns how many it requeued; dead letters already gone are
-// skipped. It stops at the first error.
+// each, in the order given, all in one round trip (in chunks of 1,000). It
+// returns how many it requeued; dead letters already gone are skipped. A
+// letter that cannot be requeued (corrupt, or not of this consumer's
+// shards) is an error before anything is requeued; a Redis error stops it
+// at that letter's chunk.
 func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int, error) {
-	n := 0
-	for _, d := range letters {
+	rs := make([]store.Requeued, len(letters))
+	for i, d := range letters {
 		if d.Corrupt || len(d.Item) == 0 {
-			return n, fmt.Errorf("requeue %s: %w", d.ID, ErrNotRequeueable)
+			return 0, fmt.Errorf("requeue %s: %w", d.ID, ErrNotRequeueable)
 		}
 		if !json.Valid(d.Item) {
-			return n, fmt.Errorf("requeue %s: the item is not valid JSON", d.ID)
+			return 0, fmt.Errorf("requeue %s: the item is not valid JSON", d.ID)
 		}
 		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckKey(d.Key)); err != nil {
-			return n, fmt.Errorf("requeue %s: %w", d.ID, err)
+			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
 		}
 		if d.Shard < 0 || d.Shard >= c.shards {
-			return n, fmt.Errorf("requeue %s: shard %d out of range", d.ID, d.Shard)
+			return 0, fmt.Errorf("requeue %s: shard %d out of range", d.ID, d.Shard)
 		}
-		ok, err := store.Requeue(ctx, c.c, c.space(d.Queue, d.Shard), d.ID, d.Key, string(d.Item))
-		if err != nil {
-			return n, fmt.Errorf("requeue %s: %w", d.ID, err)
+		rs[i] = store.Requeued{Space: c.space(d.Queue, d.Shard), ID: d.ID, Key: d.Key, Item: string(d.Item)}
+	}
+	n := 0
+	for chunk := range slices.Chunk(rs, 1000) {
+		oks, errs := store.RequeueMany(ctx, c.c, chunk)
+		var first error
+		for i, ok := range oks {
+			if ok {
+				n++
+			}
+			if errs[i] != nil && first == nil {
+				first = fmt.Errorf("requeue %s: %w", chunk[i].ID, errs[i])
+			}
 		}
-		if ok {
-			n++
+		if first != nil {
+			return n, first
 		}
 	}
 	return n, nil

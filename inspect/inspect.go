@@ -136,7 +136,8 @@ func (in *Inspector) Stats(ctx context.Context, name string) (Stats, error) {
 	return in.stats(ctx, q)
 }
 
-// AllStats returns the state of every registered queue.
+// AllStats returns the state of every registered queue. On an error it
+// returns the queues it read before it, with the error.
 func (in *Inspector) AllStats(ctx context.Context) ([]Stats, error) {
 	qs, err := in.Queues(ctx)
 	if err != nil {
@@ -146,7 +147,7 @@ func (in *Inspector) AllStats(ctx context.Context) ([]Stats, error) {
 	for _, q := range qs {
 		s, err := in.stats(ctx, q)
 		if err != nil {
-			return nil, err
+			return out, err
 		}
 		out = append(out, s)
 	}

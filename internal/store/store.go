@@ -627,10 +627,45 @@ func CountDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, err
 // Requeue appends a dead letter's item to the end of its key and removes the
 // dead letter, atomically. It reports false when the dead letter was gone.
 func Requeue(ctx context.Context, c rueidis.Client, sp keys.Space, id, key, item string) (bool, error) {
-	n, err := requeueScript.Exec(ctx, c,
-		[]string{sp.Items(key), sp.Ready(), sp.Wake(), sp.Dead(), sp.DeadData(), sp.Count(key)},
-		[]string{id, item, key}).AsInt64()
-	return n == 1, appendError(err)
+	ok, err := RequeueMany(ctx, c, []Requeued{{Space: sp, ID: id, Key: key, Item: item}})
+	return ok[0], err[0]
+}
+
+// Requeued is a dead letter to requeue.
+type Requeued struct {
+	Space         keys.Space
+	ID, Key, Item string
+}
+
+// requeueSHA is the SHA-1 of the requeue script, for RequeueMany's EVALSHAs.
+var requeueSHA = func() string {
+	h := sha1.Sum([]byte(luascripts.Requeue))
+	return hex.EncodeToString(h[:])
+}()
+
+// RequeueMany requeues dead letters as Requeue does each, in one round trip
+// (pipelined EVALSHAs, run in order); those that meet NOSCRIPT are sent again
+// through the script helper. ok[i] and errs[i] are Requeue's answers for
+// rs[i].
+func RequeueMany(ctx context.Context, c rueidis.Client, rs []Requeued) (ok []bool, errs []error) {
+	cmds := make(rueidis.Commands, len(rs))
+	for i, r := range rs {
+		cmds[i] = c.B().Evalsha().Sha1(requeueSHA).Numkeys(6).
+			Key(r.Space.Items(r.Key), r.Space.Ready(), r.Space.Wake(), r.Space.Dead(), r.Space.DeadData(), r.Space.Count(r.Key)).
+			Arg(r.ID, r.Item, r.Key).Build()
+	}
+	ok, errs = make([]bool, len(rs)), make([]error, len(rs))
+	for i, res := range c.DoMulti(ctx, cmds...) {
+		n, err := res.AsInt64()
+		if re, isRe := rueidis.IsRedisErr(err); isRe && re.IsNoScript() {
+			r := rs[i]
+			n, err = requeueScript.Exec(ctx, c,
+				[]string{r.Space.Items(r.Key), r.Space.Ready(), r.Space.Wake(), r.Space.Dead(), r.Space.DeadData(), r.Space.Count(r.Key)},
+				[]string{r.ID, r.Item, r.Key}).AsInt64()
+		}
+		ok[i], errs[i] = n == 1, appendError(err)
+	}
+	return ok, errs
 }
 
 // PurgeDead deletes every dead letter of a shard, and the values kept in
