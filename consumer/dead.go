@@ -157,6 +157,49 @@ func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int,
 	return n, nil
 }
 
+// RequeueNewestDead requeues up to max of a queue's dead letters, newest
+// first (max <= 0: as many as the queue had when it started, so that items
+// failing again meanwhile are not requeued in a loop), as RequeueDead does,
+// in passes of 500. Within a pass letters go back oldest first, so the
+// items of a batch that died together keep their order in their key.
+// Letters that cannot be requeued (corrupt values, which PurgeDead deletes)
+// are left in place and counted in skipped.
+func (c *Consumer) RequeueNewestDead(ctx context.Context, queue string, max int) (requeued, skipped int, err error) {
+	total, err := c.CountDead(ctx, queue)
+	if err != nil {
+		return 0, 0, err
+	}
+	want := int(total)
+	if max > 0 {
+		want = min(want, max)
+	}
+	const pass = 500
+	for requeued < want {
+		// The letters skipped stay at the front of the list: read past them.
+		limit := skipped + min(pass, want-requeued)
+		letters, err := c.DeadLetters(ctx, queue, limit)
+		if err != nil {
+			return requeued, skipped, err
+		}
+		ok := make([]DeadLetter, 0, len(letters))
+		skipped = 0
+		for _, d := range letters {
+			if d.Corrupt || !json.Valid(d.Item) {
+				skipped++
+			} else if len(ok) < want-requeued {
+				ok = append(ok, d)
+			}
+		}
+		slices.Reverse(ok)
+		n, err := c.RequeueDead(ctx, ok...)
+		requeued += n
+		if err != nil || n == 0 || len(letters) < limit {
+			return requeued, skipped, err
+		}
+	}
+	return requeued, skipped, nil
+}
+
 // PurgeDead deletes every dead letter of a queue, and the values kept in
 // quarantine, and returns how many dead letters there were.
 func (c *Consumer) PurgeDead(ctx context.Context, queue string) (int64, error) {

@@ -421,3 +421,37 @@ func TestPurgeDeadDeletesQuarantine(t *testing.T) {
 		}
 	})
 }
+
+// RequeueNewestDead puts back the newest dead letters first, at most max,
+// and the items of a batch that died together keep their order.
+func TestRequeueNewestDead(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b)
+		clk := withFakeClock(c)
+		boom := consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")}
+		addRaw(t, p, "old", `0`)
+		settle(t, c, fetchOne(t, c), boom)
+		clk.Advance(time.Second) // the batch of k dies later
+		addRaw(t, p, "k", `1`, `2`, `3`)
+		settle(t, c, fetchOne(t, c), boom, boom, boom)
+
+		n, skipped, err := c.RequeueNewestDead(ctx, queue, 3)
+		if err != nil || n != 3 || skipped != 0 {
+			t.Fatalf("RequeueNewestDead(3) = %d, %d, %v; want 3, 0", n, skipped, err)
+		}
+		if v, _ := stored(t, b, "k"); v != `[1,2,3]` {
+			t.Fatalf("key k holds %s, want its items in order", v)
+		}
+		if v, ok := stored(t, b, "old"); ok {
+			t.Fatalf("the older dead letter was requeued too: %s", v)
+		}
+		if n, _, err := c.RequeueNewestDead(ctx, queue, 0); err != nil || n != 1 {
+			t.Fatalf("RequeueNewestDead(0) = %d, %v; want the 1 left", n, err)
+		}
+		if n := countDead(t, c); n != 0 {
+			t.Fatalf("%d dead letters left", n)
+		}
+	})
+}

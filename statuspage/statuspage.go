@@ -14,7 +14,6 @@ import (
 	"html/template"
 	"net/http"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -39,12 +38,8 @@ const (
 const MaxListed = 1000
 
 // lookupLimit is how many dead letters of a queue a requeue of one id looks
-// through (the consumer has no lookup by id); requeueBatch how many one
-// pass of a requeue of all reads at a time.
-const (
-	lookupLimit  = MaxListed
-	requeueBatch = 500
-)
+// through (the consumer has no lookup by id).
+const lookupLimit = MaxListed
 
 // maxItemShown bounds the bytes of an item shown with WithShowItems.
 const maxItemShown = 1024
@@ -329,7 +324,7 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	if r.PostFormValue("all") == "1" {
-		n, skipped, err := requeueAll(ctx, c, name)
+		n, skipped, err := c.RequeueNewestDead(ctx, name, 0)
 		if n > 0 {
 			p.log.Info("requeued dead letters", zap.String("queue", name), zap.Int("count", n), zap.String("remote_addr", r.RemoteAddr))
 		}
@@ -381,42 +376,6 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 	}
 	p.log.Info("requeued dead letters", zap.String("queue", name), zap.Int("count", n), zap.String("id", id), zap.String("remote_addr", r.RemoteAddr))
 	p.done(w, name, "requeued", n, 0)
-}
-
-// requeueAll requeues the dead letters of a queue, as many as it had when
-// it started (so items that die again meanwhile are not requeued in a
-// loop), in passes of requeueBatch. It skips corrupt values, which it
-// counts. DeadLetters lists the newest first: each pass requeues its
-// letters oldest first, so that the items of a batch that died together
-// go back in their order.
-func requeueAll(ctx context.Context, c *consumer.Consumer, queue string) (requeued, skipped int, err error) {
-	total, err := c.CountDead(ctx, queue)
-	if err != nil {
-		return 0, 0, err
-	}
-	for int64(requeued) < total {
-		// Corrupt values stay where they are: read past them.
-		limit := skipped + requeueBatch
-		letters, err := c.DeadLetters(ctx, queue, limit)
-		if err != nil {
-			return requeued, skipped, err
-		}
-		ok := make([]consumer.DeadLetter, 0, len(letters))
-		for _, d := range letters {
-			if requeueable(d) {
-				ok = append(ok, d)
-			}
-		}
-		skipped = len(letters) - len(ok)
-		ok = ok[:min(int64(len(ok)), total-int64(requeued))]
-		slices.Reverse(ok)
-		n, err := c.RequeueDead(ctx, ok...)
-		requeued += n
-		if err != nil || n == 0 || len(letters) < limit {
-			return requeued, skipped, err
-		}
-	}
-	return requeued, skipped, nil
 }
 
 func requeueable(d consumer.DeadLetter) bool { return !d.Corrupt && json.Valid(d.Item) }

@@ -387,36 +387,14 @@ func deadRequeue(ctx context.Context, s *session, args []string) error {
 			return fmt.Errorf("would requeue %s of queue %s; run again with -yes", plural(want, "dead letter"), cell(queue))
 		}
 	}
-	// Corrupt dead letters stay where they are, among the first ones
-	// DeadLetters returns: read past those seen, up to want in all (the
-	// count at the start, so that letters failing again meanwhile are not
-	// requeued in a loop).
+	// want is at most the count at the start, so that letters failing
+	// again meanwhile are not requeued in a loop.
 	var requeued, skipped int64
-	for requeued+skipped < want {
-		left := want - requeued - skipped
-		dl, err := c.DeadLetters(ctx, queue, int(skipped+min(left, requeuePage)))
+	if want > 0 {
+		r, sk, err := c.RequeueNewestDead(ctx, queue, int(want))
+		requeued, skipped = int64(r), int64(sk)
 		if err != nil {
 			return fmt.Errorf("requeued %d, then: %w", requeued, err)
-		}
-		var ok []consumer.DeadLetter
-		skipped = 0
-		for _, d := range dl {
-			if d.Corrupt || len(d.Item) == 0 {
-				skipped++
-			} else if int64(len(ok)) < left {
-				ok = append(ok, d)
-			}
-		}
-		if len(ok) == 0 {
-			break
-		}
-		n, err := c.RequeueDead(ctx, ok...)
-		requeued += int64(n)
-		if err != nil {
-			return fmt.Errorf("requeued %d, then: %w", requeued, err)
-		}
-		if n == 0 {
-			break // gone meanwhile
 		}
 	}
 	if s.cfg.json {
