@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
@@ -74,28 +75,38 @@ func decodeDead(env string) (DeadLetter, error) {
 // key's corrupt value).
 var ErrNotRequeueable = errors.New("consumer: dead letter holds a corrupt value, not an item")
 
-// DeadLetters returns up to limit dead letters of a queue, newest first per
-// shard, shards in order.
+// DeadLetters returns up to limit dead letters of a queue, newest first
+// (over all its shards).
 func (c *Consumer) DeadLetters(ctx context.Context, queue string, limit int) ([]DeadLetter, error) {
 	if err := keys.CheckQueue(queue); err != nil {
 		return nil, err
 	}
 	var out []DeadLetter
-	for shard := 0; shard < c.shards && len(out) < limit; shard++ {
-		envs, err := store.ListDead(ctx, c.c, c.space(queue, shard), 0, limit-len(out))
+	for shard := range c.shards {
+		envs, err := store.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
 		if err != nil {
-			return out, fmt.Errorf("dead letters of %s: %w", queue, err)
+			return nil, fmt.Errorf("dead letters of %s: %w", queue, err)
 		}
 		for _, env := range envs {
 			d, err := decodeDead(env)
 			if err != nil {
-				return out, fmt.Errorf("dead letters of %s: bad envelope: %w", queue, err)
+				return nil, fmt.Errorf("dead letters of %s: bad envelope: %w", queue, err)
 			}
 			d.Shard = shard
 			out = append(out, d)
 		}
 	}
-	return out, nil
+	if c.shards > 1 {
+		// Each shard's list is newest first (ties: the later id first, so
+		// the items of one batch, which share a time, list last first).
+		slices.SortStableFunc(out, func(a, b DeadLetter) int {
+			if n := b.FailedAt.Compare(a.FailedAt); n != 0 {
+				return n
+			}
+			return strings.Compare(b.ID, a.ID)
+		})
+	}
+	return out[:min(limit, len(out))], nil
 }
 
 // CountDead returns the number of dead letters of a queue.
@@ -158,13 +169,14 @@ func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int,
 }
 
 // RequeueNewestDead requeues up to max of a queue's dead letters, newest
-// first (max <= 0: as many as the queue had when it started, so that items
-// failing again meanwhile are not requeued in a loop), as RequeueDead does,
-// in passes of 500. Within a pass letters go back oldest first, so the
-// items of a batch that died together keep their order in their key.
-// Letters that cannot be requeued (corrupt values, which PurgeDead deletes)
-// are left in place and counted in skipped.
+// first (max <= 0: all), as RequeueDead does, in passes of 500. Only
+// letters that died before it started count: items that fail again while
+// it runs are not requeued in a loop. Within a pass letters go back oldest
+// first, so the items of a batch that died together keep their order in
+// their key. Letters that cannot be requeued (corrupt values, which
+// PurgeDead deletes) are left in place and counted in skipped.
 func (c *Consumer) RequeueNewestDead(ctx context.Context, queue string, max int) (requeued, skipped int, err error) {
+	start := c.now() // dead letters are stamped by their workers' reckoning of the server's clock
 	total, err := c.CountDead(ctx, queue)
 	if err != nil {
 		return 0, 0, err
@@ -175,26 +187,42 @@ func (c *Consumer) RequeueNewestDead(ctx context.Context, queue string, max int)
 	}
 	const pass = 500
 	for requeued < want {
-		// The letters skipped stay at the front of the list: read past them.
-		limit := skipped + min(pass, want-requeued)
-		letters, err := c.DeadLetters(ctx, queue, limit)
-		if err != nil {
-			return requeued, skipped, err
-		}
-		ok := make([]DeadLetter, 0, len(letters))
-		skipped = 0
-		for _, d := range letters {
-			if d.Corrupt || !json.Valid(d.Item) {
-				skipped++
-			} else if len(ok) < want-requeued {
-				ok = append(ok, d)
+		// Letters left in place (corrupt ones, and those that died since
+		// the start) stay at the front of the list: read past them.
+		read := skipped + min(pass, want-requeued)
+		for {
+			letters, err := c.DeadLetters(ctx, queue, read)
+			if err != nil {
+				return requeued, skipped, err
 			}
-		}
-		slices.Reverse(ok)
-		n, err := c.RequeueDead(ctx, ok...)
-		requeued += n
-		if err != nil || n == 0 || len(letters) < limit {
-			return requeued, skipped, err
+			ok := make([]DeadLetter, 0, len(letters))
+			fresh := 0
+			skipped = 0
+			for _, d := range letters {
+				switch {
+				case d.FailedAt.After(start):
+					fresh++
+				case d.Corrupt || !json.Valid(d.Item):
+					skipped++
+				case len(ok) < want-requeued:
+					ok = append(ok, d)
+				}
+			}
+			end := len(letters) < read // nothing more to read
+			if len(ok) == 0 {
+				if end {
+					return requeued, skipped, nil
+				}
+				read = skipped + fresh + pass // only letters left in place so far: read on
+				continue
+			}
+			slices.Reverse(ok)
+			n, err := c.RequeueDead(ctx, ok...)
+			requeued += n
+			if err != nil || n == 0 || end {
+				return requeued, skipped, err
+			}
+			break
 		}
 	}
 	return requeued, skipped, nil

@@ -455,3 +455,48 @@ func TestRequeueNewestDead(t *testing.T) {
 		}
 	})
 }
+
+// RequeueNewestDead reads past corrupt letters at the front of the list,
+// and leaves letters that died after it started (by the consumer's clock)
+// where they are.
+func TestRequeueNewestDeadSkipsCorruptAndFresh(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b)
+		clk := withFakeClock(c)
+		boom := consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")}
+		addRaw(t, p, "old", `1`)
+		settle(t, c, fetchOne(t, c), boom)
+		clk.Advance(time.Second)
+		// A newer corrupt letter: a key holding a string that is no array.
+		if err := b.Client.Do(ctx, b.Client.B().Set().Key(space(b).Items("bad")).Value("hello").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Client.Do(ctx, b.Client.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, "bad").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		if f := fetch(t, c, 10); len(f.Dead) != 1 {
+			t.Fatalf("fetched %s, want the corrupt key in dead letters", describe(f))
+		}
+		// A letter that dies "after" the requeue starts.
+		clk.Advance(10 * time.Second)
+		addRaw(t, p, "fresh", `2`)
+		settle(t, c, fetchOne(t, c), boom)
+		clk.Advance(-5 * time.Second)
+
+		n, skipped, err := c.RequeueNewestDead(ctx, queue, 1)
+		if err != nil || n != 1 || skipped != 1 {
+			t.Fatalf("RequeueNewestDead(1) = %d, %d, %v; want 1 requeued past 1 corrupt", n, skipped, err)
+		}
+		if v, _ := stored(t, b, "old"); v != `[1]` {
+			t.Fatalf("key old holds %q, want its item back", v)
+		}
+		if v, ok := stored(t, b, "fresh"); ok {
+			t.Fatalf("the letter that died after the start was requeued: %s", v)
+		}
+		if n := countDead(t, c); n != 2 {
+			t.Fatalf("%d dead letters left, want the corrupt one and the fresh one", n)
+		}
+	})
+}

@@ -89,6 +89,7 @@ type part struct {
 	joined string // the items, joined by commas
 	n      int
 	err    error // set before the gathering's done is closed
+	gone   bool  // the caller gave up while the call was on its way (under linger.mu)
 }
 
 // add queues the n items of joined for key and waits for the call that
@@ -150,6 +151,11 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 		return pt.err
 	case <-ctx.Done():
 	}
+	select {
+	case <-g.done: // both at once: the outcome is known
+		return pt.err
+	default:
+	}
 	if l.leave(sk, g, kp, pt) {
 		return fmt.Errorf("append to %s/%s: not sent: %w", queue, key, ctx.Err())
 	}
@@ -159,11 +165,13 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 }
 
 // leave takes pt out of g unless g was sent already, and reports whether it
-// did. A gathering left empty is dropped.
+// did; if g was sent, it marks pt gone so that no second call is made for
+// it. A gathering left empty is dropped.
 func (l *linger) leave(sk shardKey, g *gathered, kp *keyPart, pt *part) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if g.sent {
+		pt.gone = true
 		return false
 	}
 	kp.parts = slices.DeleteFunc(kp.parts, func(x *part) bool { return x == pt })
@@ -274,9 +282,20 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 	for i, kp := range g.keys {
 		if errors.Is(errs[i], ErrKeyFull) && len(kp.parts) > 1 {
 			// Together the callers' items pass the key's cap: each caller's
-			// may still fit on its own, in arrival order.
-			for _, pt := range kp.parts {
-				pt.err = p.send(ctx, sk.queue, kp.key, pt.joined, pt.n)
+			// may still fit on its own, in arrival order; not those of
+			// callers who gave up meanwhile, which must not be stored
+			// behind their backs.
+			l.mu.Lock()
+			gone := make([]bool, len(kp.parts))
+			for j, pt := range kp.parts {
+				gone[j] = pt.gone
+			}
+			l.mu.Unlock()
+			for j, pt := range kp.parts {
+				pt.err = errs[i]
+				if !gone[j] {
+					pt.err = p.send(ctx, sk.queue, kp.key, pt.joined, pt.n)
+				}
 			}
 			continue
 		}

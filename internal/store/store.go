@@ -427,23 +427,54 @@ var settleSHA = func() string {
 // one round trip: one EVALSHA each, pipelined (on a Cluster, rueidis sends
 // each to its shard's master). errs[i] is what Settle would return for
 // ss[i]. Settlements that meet NOSCRIPT (a restarted or flushed server) are
-// sent again through Settle, which loads the script.
+// sent again once the script is loaded (see evalMany).
 func SettleMany(ctx context.Context, c rueidis.Client, sps []keys.Space, ss []Settlement) []error {
-	cmds := make(rueidis.Commands, len(ss))
+	calls := make([]scriptCall, len(ss))
 	for i, s := range ss {
-		k, a := settleCall(sps[i], s)
-		cmds[i] = c.B().Evalsha().Sha1(settleSHA).Numkeys(int64(len(k))).Key(k...).Arg(a...).Build()
+		calls[i].keys, calls[i].args = settleCall(sps[i], s)
 	}
 	errs := make([]error, len(ss))
-	for i, r := range c.DoMulti(ctx, cmds...) {
-		n, err := r.AsInt64()
-		if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
-			errs[i] = Settle(ctx, c, sps[i], ss[i])
-			continue
-		}
-		errs[i] = settleResult(n, err)
+	for i, r := range evalMany(ctx, c, settleScript, settleSHA, calls) {
+		errs[i] = settleResult(r.AsInt64())
 	}
 	return errs
+}
+
+// scriptCall is the KEYS and ARGV of one script call.
+type scriptCall struct{ keys, args []string }
+
+// evalMany runs script once per call, all in one round trip (pipelined
+// EVALSHAs, run in order on each node), and returns the replies in order.
+// Calls that met NOSCRIPT (a restarted or flushed server) go once more: the
+// first through the script helper, which loads the script, the others
+// pipelined again.
+func evalMany(ctx context.Context, c rueidis.Client, script *rueidis.Lua, sha string, calls []scriptCall) []rueidis.RedisResult {
+	send := func(idx []int) []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, len(idx))
+		for j, i := range idx {
+			cmds[j] = c.B().Evalsha().Sha1(sha).Numkeys(int64(len(calls[i].keys))).Key(calls[i].keys...).Arg(calls[i].args...).Build()
+		}
+		return c.DoMulti(ctx, cmds...)
+	}
+	all := make([]int, len(calls))
+	for i := range all {
+		all[i] = i
+	}
+	res := send(all)
+	var again []int
+	for i, r := range res {
+		if re, ok := rueidis.IsRedisErr(r.Error()); ok && re.IsNoScript() {
+			again = append(again, i)
+		}
+	}
+	if len(again) == 0 {
+		return res
+	}
+	res[again[0]] = script.Exec(ctx, c, calls[again[0]].keys, calls[again[0]].args)
+	for j, r := range send(again[1:]) {
+		res[again[1+j]] = r
+	}
+	return res
 }
 
 // settleCall returns the keys and args of the settle script for s.
@@ -645,24 +676,19 @@ var requeueSHA = func() string {
 
 // RequeueMany requeues dead letters as Requeue does each, in one round trip
 // (pipelined EVALSHAs, run in order); those that meet NOSCRIPT are sent again
-// through the script helper. ok[i] and errs[i] are Requeue's answers for
-// rs[i].
+// once the script is loaded (see evalMany). ok[i] and errs[i] are Requeue's
+// answers for rs[i].
 func RequeueMany(ctx context.Context, c rueidis.Client, rs []Requeued) (ok []bool, errs []error) {
-	cmds := make(rueidis.Commands, len(rs))
+	calls := make([]scriptCall, len(rs))
 	for i, r := range rs {
-		cmds[i] = c.B().Evalsha().Sha1(requeueSHA).Numkeys(6).
-			Key(r.Space.Items(r.Key), r.Space.Ready(), r.Space.Wake(), r.Space.Dead(), r.Space.DeadData(), r.Space.Count(r.Key)).
-			Arg(r.ID, r.Item, r.Key).Build()
+		calls[i] = scriptCall{
+			keys: []string{r.Space.Items(r.Key), r.Space.Ready(), r.Space.Wake(), r.Space.Dead(), r.Space.DeadData(), r.Space.Count(r.Key)},
+			args: []string{r.ID, r.Item, r.Key},
+		}
 	}
 	ok, errs = make([]bool, len(rs)), make([]error, len(rs))
-	for i, res := range c.DoMulti(ctx, cmds...) {
+	for i, res := range evalMany(ctx, c, requeueScript, requeueSHA, calls) {
 		n, err := res.AsInt64()
-		if re, isRe := rueidis.IsRedisErr(err); isRe && re.IsNoScript() {
-			r := rs[i]
-			n, err = requeueScript.Exec(ctx, c,
-				[]string{r.Space.Items(r.Key), r.Space.Ready(), r.Space.Wake(), r.Space.Dead(), r.Space.DeadData(), r.Space.Count(r.Key)},
-				[]string{r.ID, r.Item, r.Key}).AsInt64()
-		}
 		ok[i], errs[i] = n == 1, appendError(err)
 	}
 	return ok, errs
