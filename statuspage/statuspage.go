@@ -73,9 +73,8 @@ func WithLaggingKeys(n int) Option {
 	}
 }
 
-// WithDeadLetters sets how many of a queue's dead letters its page lists
-// (newest first per shard, shards in order): 1 to MaxListed,
-// DefaultDeadLetters (50) by default.
+// WithDeadLetters sets how many of a queue's dead letters its page lists,
+// newest first: 1 to MaxListed, DefaultDeadLetters (50) by default.
 func WithDeadLetters(n int) Option {
 	return func(p *page) error {
 		if n < 1 || n > MaxListed {
