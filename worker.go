@@ -365,6 +365,9 @@ type queue struct {
 	// handle fills out[i] with the outcome of b.Items[i]; entries it leaves
 	// untouched are Unfinished.
 	handle func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome)
+	// warnedShards is the registry's shard count last warned about (see
+	// runner.register; written at start, then by the reap loop only).
+	warnedShards int
 }
 
 func (w *Worker) register(name string, opts []QueueOption, handle func(*runner, *queue, *consumer.Batch, []consumer.Outcome)) {
@@ -600,19 +603,8 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
-	names := make([]string, len(queues))
-	for i, q := range queues {
-		names[i] = q.name
-	}
-	recorded, err := r.w.cons.Register(ctx, names...)
-	if err != nil {
+	if err := r.register(ctx, queues); err != nil {
 		r.w.log.Warn("cannot record the queues in the registry; the inspector finds them once a producer appends", zap.Error(err))
-	}
-	for i, n := range recorded {
-		if n > r.w.cons.Shards() {
-			r.w.log.Warn("a producer or worker split this queue into more shards than this worker drains: items in the other shards wait for a worker with as many (WithShards must match)",
-				zap.String("queue", names[i]), zap.Int("recorded_shards", n), zap.Int("shards", r.w.cons.Shards()))
-		}
 	}
 	if !r.sync(ctx) {
 		r.w.log.Warn("cannot read the Redis server's clock; waiting for it before taking work")
@@ -624,6 +616,27 @@ func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 		r.w.log.Warn("Redis may evict keys, and with them items: set maxmemory-policy noeviction",
 			zap.String("maxmemory_policy", policy))
 	}
+}
+
+// register records the worker's queues in the registry and warns, once per
+// count, about a queue that producers or other workers split into more
+// shards than this worker drains: items in the other shards would wait for
+// a worker with as many. The worker registers at start and with every clock
+// sync, so that it learns of producers deployed after it.
+func (r *runner) register(ctx context.Context, queues []*queue) error {
+	names := make([]string, len(queues))
+	for i, q := range queues {
+		names[i] = q.name
+	}
+	recorded, err := r.w.cons.Register(ctx, names...)
+	for i, n := range recorded {
+		if q := queues[i]; n > r.w.cons.Shards() && n != q.warnedShards {
+			q.warnedShards = n
+			r.w.log.Warn("a producer or worker split this queue into more shards than this worker drains: items in the other shards wait for a worker with as many (WithShards must match)",
+				zap.String("queue", q.name), zap.Int("recorded_shards", n), zap.Int("shards", r.w.cons.Shards()))
+		}
+	}
+	return err
 }
 
 // sync syncs the consumer's clock to the server's and reports whether it
@@ -658,6 +671,9 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 		if !r.synced.Load() || time.Since(lastSync) >= syncEvery {
 			if r.sync(ctx) {
 				lastSync = time.Now()
+				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+				r.register(rctx, queues) // failures show in the next fetch or reap
+				cancel()
 			}
 		}
 		if !r.calm() {
