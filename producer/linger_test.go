@@ -317,3 +317,30 @@ func TestLingerFullKeyTriesEachCaller(t *testing.T) {
 		}
 	})
 }
+
+// The first appends to a queue record it in the registry once, however
+// many come at the same time: one script call more than the merges.
+func TestRegistryWrittenOncePerQueue(t *testing.T) {
+	eachPrivate(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		const callers = 32
+		calls0 := mergeCalls(t, b)
+		var wg sync.WaitGroup
+		for i := range callers {
+			wg.Go(func() {
+				if err := p.Add(ctx, "q", "k"+strconv.Itoa(i), i); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		if calls := mergeCalls(t, b) - calls0; b.Real() && calls != callers+1 {
+			t.Fatalf("%d first appends made %d script calls, want %d merges and 1 registry write", callers, calls, callers+1)
+		}
+		v, err := b.Client.Do(ctx, b.Client.B().Hget().Key(keys.Registry(b.Prefix)).Field("q").Build()).ToString()
+		if err != nil || v != "1" {
+			t.Fatalf("registry holds %q for q (%v), want 1 shard", v, err)
+		}
+	})
+}

@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/redis/rueidis"
 
@@ -98,7 +99,7 @@ type Producer struct {
 	caps    store.Caps
 	flush   map[string]store.Flush // by queue; missing: due at once
 	linger  *linger                // nil: every call is sent at once
-	known   sync.Map               // queue -> struct{}: recorded in the registry
+	known   sync.Map               // queue -> *registration
 	obs     Observer               // nil: none
 }
 
@@ -285,18 +286,48 @@ func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) 
 		return fmt.Errorf("append to %s/%s: %w: %d items, %d bytes; cap %d items, %d bytes",
 			queue, key, ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
 	}
-	if _, ok := p.known.Load(queue); !ok {
-		// The first append to a queue records it for the inspector (one
-		// round trip, once per queue and producer).
-		if _, err := store.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
-			return fmt.Errorf("append to %s/%s: %w", queue, key, err)
-		}
-		p.known.Store(queue, struct{}{})
+	if err := p.register(ctx, queue); err != nil {
+		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
 	}
 	if p.linger != nil {
 		return p.linger.add(ctx, p, queue, key, joined, n)
 	}
 	return p.send(ctx, queue, key, joined, n)
+}
+
+// registration is whether a producer recorded a queue in the registry.
+type registration struct {
+	done    atomic.Bool
+	writing chan struct{} // holds a token while one caller writes it
+}
+
+// register records queue in the registry for the inspector, once per
+// producer: the first appends to a queue wait for one write (one round
+// trip, or their context) rather than each making its own; later ones pay
+// a map load and an atomic load.
+func (p *Producer) register(ctx context.Context, queue string) error {
+	v, ok := p.known.Load(queue)
+	if !ok {
+		v, _ = p.known.LoadOrStore(queue, &registration{writing: make(chan struct{}, 1)})
+	}
+	r := v.(*registration)
+	if r.done.Load() {
+		return nil
+	}
+	select {
+	case r.writing <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-r.writing }()
+	if r.done.Load() {
+		return nil
+	}
+	if _, err := store.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
+		return err
+	}
+	r.done.Store(true)
+	return nil
 }
 
 // send makes one merge call.
