@@ -430,12 +430,9 @@ func TestRequeueNewestDead(t *testing.T) {
 		p := newProducer(t, b)
 		c := newConsumer(t, b)
 		clk := withFakeClock(c)
-		boom := consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")}
-		addRaw(t, p, "old", `0`)
-		settle(t, c, fetchOne(t, c), boom)
+		die(t, p, c, "old", `0`)
 		clk.Advance(time.Second) // the batch of k dies later
-		addRaw(t, p, "k", `1`, `2`, `3`)
-		settle(t, c, fetchOne(t, c), boom, boom, boom)
+		die(t, p, c, "k", `1`, `2`, `3`)
 
 		n, skipped, err := c.RequeueNewestDead(ctx, queue, 3)
 		if err != nil || n != 3 || skipped != 0 {
@@ -465,9 +462,7 @@ func TestRequeueNewestDeadSkipsCorruptAndFresh(t *testing.T) {
 		p := newProducer(t, b)
 		c := newConsumer(t, b)
 		clk := withFakeClock(c)
-		boom := consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")}
-		addRaw(t, p, "old", `1`)
-		settle(t, c, fetchOne(t, c), boom)
+		die(t, p, c, "old", `1`)
 		clk.Advance(time.Second)
 		// A newer corrupt letter: a key holding a string that is no array.
 		if err := b.Client.Do(ctx, b.Client.B().Set().Key(space(b).Items("bad")).Value("hello").Build()).Error(); err != nil {
@@ -481,8 +476,7 @@ func TestRequeueNewestDeadSkipsCorruptAndFresh(t *testing.T) {
 		}
 		// A letter that dies "after" the requeue starts.
 		clk.Advance(10 * time.Second)
-		addRaw(t, p, "fresh", `2`)
-		settle(t, c, fetchOne(t, c), boom)
+		die(t, p, c, "fresh", `2`)
 		clk.Advance(-5 * time.Second)
 
 		n, skipped, err := c.RequeueNewestDead(ctx, queue, 1)
@@ -499,4 +493,12 @@ func TestRequeueNewestDeadSkipsCorruptAndFresh(t *testing.T) {
 			t.Fatalf("%d dead letters left, want the corrupt one and the fresh one", n)
 		}
 	})
+}
+
+// die appends items to key, takes the key's batch and settles every item
+// as dead.
+func die(t *testing.T, p *producer.Producer, c *consumer.Consumer, key string, items ...string) {
+	t.Helper()
+	addRaw(t, p, key, items...)
+	settle(t, c, fetchOne(t, c), all(len(items), consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")})...)
 }

@@ -16,7 +16,6 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/batchq/batchq/consumer"
-	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 	"github.com/batchq/batchq/statuspage"
@@ -50,15 +49,7 @@ func chromium(t *testing.T) string {
 func showcase(t *testing.T, b testredis.Backend) *fixture {
 	t.Helper()
 	ctx := context.Background()
-	f := &fixture{b: b}
-	var err error
-	f.p, err = producer.New(b.Client, producer.WithPrefix(b.Prefix))
-	must(t, err)
-	f.c, err = consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
-	must(t, err)
-	must(t, f.c.Sync(ctx))
-	f.in, err = inspect.New(b.Client, b.Prefix)
-	must(t, err)
+	f := newFixture(t, b)
 
 	hook := func(ev string, order int) map[string]any { return map[string]any{"event": ev, "order": order} }
 	// fail appends items to a key and fails them attempts times, the last

@@ -51,6 +51,22 @@ type fixture struct {
 	c  *consumer.Consumer
 }
 
+// newFixture returns a producer, a synced consumer and an inspector on b,
+// under b's prefix, with nothing in Redis yet.
+func newFixture(t testing.TB, b testredis.Backend) *fixture {
+	t.Helper()
+	f := &fixture{b: b}
+	var err error
+	f.p, err = producer.New(b.Client, producer.WithPrefix(b.Prefix))
+	must(t, err)
+	f.c, err = consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, f.c.Sync(context.Background()))
+	f.in, err = inspect.New(b.Client, b.Prefix)
+	must(t, err)
+	return f
+}
+
 // The items of the dead letters: payloads the page must not show.
 const (
 	itemX  = `{"card":"s3cr3t-x"}`
@@ -67,15 +83,7 @@ const (
 func seed(t testing.TB, b testredis.Backend) *fixture {
 	t.Helper()
 	ctx := context.Background()
-	f := &fixture{b: b}
-	var err error
-	f.p, err = producer.New(b.Client, producer.WithPrefix(b.Prefix))
-	must(t, err)
-	f.c, err = consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
-	must(t, err)
-	must(t, f.c.Sync(ctx))
-	f.in, err = inspect.New(b.Client, b.Prefix)
-	must(t, err)
+	f := newFixture(t, b)
 
 	must(t, f.p.AddRaw(ctx, "orders", "x", json.RawMessage(itemX)))
 	must(t, f.p.AddRaw(ctx, "orders", "y", json.RawMessage(itemY1), json.RawMessage(itemY2)))
