@@ -567,7 +567,7 @@ func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 		}
 		r.release(n - len(f.Batches))
 		for _, d := range f.Dead {
-			log.Warn("moved a corrupt key to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
+			log.Warn("moved a corrupt value to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
 		}
 		if len(f.Dead) > 0 {
 			r.w.obs.Settled(q.name, 0, 0, len(f.Dead)) // one dead letter per corrupt value

@@ -15,6 +15,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/batchq/batchq/internal/jsonarray"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/store"
 )
@@ -361,7 +362,10 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 }
 
 // collect turns one drained key into a batch, or into a dead letter when
-// its value is not a JSON array.
+// its value is not a JSON array. The array is split element by element, so
+// an element that is not valid JSON, or nests deeper than producers allow,
+// becomes a dead letter of its own (stored when the batch is settled) and
+// its siblings are handled.
 func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard int, d store.Drained) {
 	if d.Missing {
 		return
@@ -372,30 +376,20 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 	}
 	var reason string
 	var raw json.RawMessage
-	switch {
-	case d.WrongType:
+	if d.WrongType {
 		typ, _ := store.Type(ctx, c.c, c.itemsOrLease(b))
 		reason = fmt.Sprintf("the key held a Redis %s, not a JSON array; it is kept under %s", typ, c.space(queue, shard).Quarantine(b.id))
-	default:
-		var items []json.RawMessage
-		err := json.Unmarshal(d.Data, &items)
-		if err == nil && items == nil {
-			err = errors.New("it is null") // json.Unmarshal takes null for an empty slice
+	} else {
+		parts, err := jsonarray.Split(d.Data)
+		if err == nil {
+			c.collectParts(ctx, f, b, parts)
+			return
 		}
-		if err != nil {
-			reason = "the key held a string that is not a JSON array: " + err.Error()
-			raw = d.Data
-			if !json.Valid(raw) {
-				raw = jsonString(string(d.Data))
-			}
-			break
+		reason = "the key held a string that is not a JSON array"
+		raw = d.Data
+		if !json.Valid(raw) {
+			raw = jsonString(string(d.Data))
 		}
-		b.Items = make([]Item, len(items))
-		for i, it := range items {
-			b.Items[i] = Item{Key: d.Key, Data: it}
-		}
-		f.Batches = append(f.Batches, b)
-		return
 	}
 	dl := DeadLetter{
 		ID: b.id, Queue: queue, Shard: shard, Key: d.Key, Item: raw,
@@ -412,6 +406,41 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 		return
 	}
 	f.Dead = append(f.Dead, dl)
+}
+
+// collectParts makes b's items of the parts of its key's array. Bad parts
+// become dead letters, stored with b's settlement, or at once when no part
+// is good.
+func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, parts []jsonarray.Part) {
+	b.Items = make([]Item, 0, len(parts))
+	var bad []DeadLetter
+	for i, p := range parts {
+		var reason string
+		switch {
+		case p.Depth > jsonarray.MaxDepth:
+			reason = fmt.Sprintf("item %d of the key's array is nested %d levels deep, more than %d", i, p.Depth, jsonarray.MaxDepth)
+		case p.Err != nil:
+			reason = fmt.Sprintf("item %d of the key's array is not valid JSON: %v", i, p.Err)
+		default:
+			b.Items = append(b.Items, Item{Key: b.Key, Data: p.Raw})
+			continue
+		}
+		// Kept as a JSON string: as it is, it could not be part of the
+		// dead letter's envelope, or would make it too deep to decode.
+		d := DeadLetter{ID: fmt.Sprintf("%s-%07d-bad", b.id, i), Queue: b.Queue, Shard: b.Shard, Key: b.Key,
+			Item: jsonString(string(p.Raw)), Error: reason, FailedAt: c.now(), Corrupt: true}
+		bad = append(bad, d)
+		b.dead = append(b.dead, store.Entry{ID: d.ID, Env: string(d.encode())})
+	}
+	if len(b.Items) > 0 || len(bad) == 0 {
+		f.Batches = append(f.Batches, b)
+		f.Dead = append(f.Dead, bad...)
+		return
+	}
+	s := store.Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+	if err := store.Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err == nil {
+		f.Dead = append(f.Dead, bad...)
+	} // else the batch is found again after its lease or claim deadline
 }
 
 func (c *Consumer) itemsOrLease(b *Batch) string {

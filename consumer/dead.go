@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/batchq/batchq/internal/jsonarray"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/store"
 )
@@ -27,6 +28,24 @@ type DeadLetter struct {
 	// Corrupt marks a key's whole value that was not a JSON array; Item holds
 	// it (as a JSON string when it was not JSON). It cannot be requeued.
 	Corrupt bool `json:"corrupt,omitempty"`
+}
+
+// Requeueable reports whether d holds an item that RequeueDead can put
+// back: not a corrupt value, and an item a producer would take (valid JSON,
+// nested at most producer.MaxItemDepth levels).
+func (d DeadLetter) Requeueable() bool { return d.requeueError() == nil }
+
+func (d DeadLetter) requeueError() error {
+	switch {
+	case d.Corrupt || len(d.Item) == 0:
+		return ErrNotRequeueable
+	case !json.Valid(d.Item):
+		return fmt.Errorf("%w: the item is not valid JSON", ErrNotRequeueable)
+	}
+	if err := jsonarray.CheckDepth(d.Item, jsonarray.MaxDepth); err != nil {
+		return fmt.Errorf("%w: the item is %v", ErrNotRequeueable, err)
+	}
+	return nil
 }
 
 // deadEnvelope is the stored form of a DeadLetter.
@@ -71,8 +90,9 @@ func decodeDead(env string) (DeadLetter, error) {
 	return d, nil
 }
 
-// ErrNotRequeueable reports a dead letter that holds no appended item (a
-// key's corrupt value).
+// ErrNotRequeueable reports a dead letter that holds no item a producer
+// would take: a key's corrupt value, or an item that is not valid JSON or
+// nests too deeply.
 var ErrNotRequeueable = errors.New("consumer: dead letter holds a corrupt value, not an item")
 
 // DeadLetters returns up to limit dead letters of a queue, newest first
@@ -135,11 +155,8 @@ func (c *Consumer) CountDead(ctx context.Context, queue string) (int64, error) {
 func (c *Consumer) RequeueDead(ctx context.Context, letters ...DeadLetter) (int, error) {
 	rs := make([]store.Requeued, len(letters))
 	for i, d := range letters {
-		if d.Corrupt || len(d.Item) == 0 {
-			return 0, fmt.Errorf("requeue %s: %w", d.ID, ErrNotRequeueable)
-		}
-		if !json.Valid(d.Item) {
-			return 0, fmt.Errorf("requeue %s: the item is not valid JSON", d.ID)
+		if err := d.requeueError(); err != nil {
+			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
 		}
 		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckKey(d.Key)); err != nil {
 			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
@@ -202,7 +219,7 @@ func (c *Consumer) RequeueNewestDead(ctx context.Context, queue string, max int)
 				switch {
 				case d.FailedAt.After(start):
 					fresh++
-				case d.Corrupt || !json.Valid(d.Item):
+				case !d.Requeueable():
 					skipped++
 				case len(ok) < want-requeued:
 					ok = append(ok, d)

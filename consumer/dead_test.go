@@ -162,6 +162,49 @@ func TestCorruptKeys(t *testing.T) {
 	eachMode(t, testCorruptKeys)
 }
 
+// An element of a key's array that is not valid JSON, or nests deeper than
+// producers allow, goes to dead letters on its own, as a JSON string that
+// cannot be requeued; the other elements are delivered. A key with only bad
+// elements is released at once.
+func TestBadItemsAreIsolated(t *testing.T) {
+	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
+		ctx := context.Background()
+		c := newConsumer(t, b, opts...)
+		r := b.Client
+		sp := space(b)
+		deep := strings.Repeat("[", 600) + strings.Repeat("]", 600)
+		for k, v := range map[string]string{
+			"mixed":  `[1,{"x":,},2,` + deep + `,3]`,
+			"allbad": `[tru]`,
+		} {
+			for _, cmd := range []rueidis.Completed{
+				r.B().Set().Key(sp.Items(k)).Value(v).Build(),
+				r.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, k).Build(),
+			} {
+				if err := r.Do(ctx, cmd).Error(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		f := fetch(t, c, 10)
+		if len(f.Batches) != 1 || f.Batches[0].Key != "mixed" || itemsOf(f.Batches[0]) != `[1,2,3]` || len(f.Dead) != 3 {
+			t.Fatalf("fetched %s, want mixed [1,2,3] and 3 dead letters", describe(f))
+		}
+		settle(t, c, f.Batches[0], all(3, done)...)
+		noLeases(t, b)
+		ds := deadLetters(t, c)
+		if len(ds) != 3 {
+			t.Fatalf("dead letters %+v, want 3", ds)
+		}
+		want := map[string]string{`"{\"x\":,}"`: "item 1 of the key's array is not valid JSON", `"` + deep + `"`: "item 3 of the key's array is nested 600 levels deep", `"tru"`: "item 0 of the key's array is not valid JSON"}
+		for _, d := range ds {
+			if w, ok := want[string(d.Item)]; !ok || !strings.HasPrefix(d.Error, w) || !d.Corrupt || d.Requeueable() {
+				t.Errorf("dead letter %s: item %.40s error %q corrupt %v", d.Key, d.Item, d.Error, d.Corrupt)
+			}
+		}
+	})
+}
+
 // eachMode runs fn with leases and at-most-once, each on miniredis and on
 // redis-server; opts selects the mode.
 func eachMode(t *testing.T, fn func(t *testing.T, b testredis.Backend, opts ...consumer.Option)) {

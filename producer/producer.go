@@ -11,8 +11,8 @@
 //
 // A Producer is safe for concurrent use; concurrent calls share connections
 // and are pipelined by the rueidis client. A nil error means the items are
-// stored in Redis. A validation error (ErrInvalidJSON, ErrItemTooLarge,
-// ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull or
+// stored in Redis. A validation error (ErrInvalidJSON, ErrTooDeep,
+// ErrItemTooLarge, ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull or
 // ErrNotArray means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
 // unknown: the script may have run before the reply was lost, so adding the
 // items again may store them twice.
@@ -32,6 +32,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/batchq/batchq/internal/jsonarray"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/store"
 )
@@ -45,6 +46,11 @@ const (
 	// MaxKeyBytesLimit is Redis' largest string: no key's array may be
 	// longer, whatever its cap.
 	MaxKeyBytesLimit = 512 << 20
+
+	// MaxItemDepth is how deeply an item may nest arrays and objects: 1 for
+	// {"a":1}, 2 for {"a":[1]}. Deeper items fail with ErrTooDeep. (Workers
+	// send deeper items that reach a key another way to dead letters, alone.)
+	MaxItemDepth = jsonarray.MaxDepth
 )
 
 // Errors returned by Add and AddRaw, wrapped with the queue, key and item
@@ -52,6 +58,8 @@ const (
 var (
 	// ErrInvalidJSON: a raw item is not one valid JSON value.
 	ErrInvalidJSON = errors.New("invalid JSON")
+	// ErrTooDeep: an item nests arrays and objects deeper than MaxItemDepth.
+	ErrTooDeep = errors.New("item nested too deeply")
 	// ErrItemTooLarge: an item is larger than the producer's limit.
 	ErrItemTooLarge = errors.New("item too large")
 	// ErrMarshal: a value could not be encoded as JSON.
@@ -229,6 +237,9 @@ func (p *Producer) Add(ctx context.Context, queue, key string, items ...any) err
 		if n := buf.Len() - start; n > p.maxItem {
 			return itemErr(queue, key, i, fmt.Errorf("%w: %d bytes, limit %d", ErrItemTooLarge, n, p.maxItem))
 		}
+		if err := checkDepth(buf.Bytes()[start:]); err != nil {
+			return itemErr(queue, key, i, err)
+		}
 	}
 	return p.append(ctx, queue, key, buf.String(), len(items))
 }
@@ -263,6 +274,13 @@ func (p *Producer) check(raw json.RawMessage) error {
 	}
 	if !json.Valid(raw) {
 		return ErrInvalidJSON
+	}
+	return checkDepth(raw)
+}
+
+func checkDepth(item []byte) error {
+	if err := jsonarray.CheckDepth(item, MaxItemDepth); err != nil {
+		return fmt.Errorf("%w: %v", ErrTooDeep, err)
 	}
 	return nil
 }

@@ -126,6 +126,7 @@ func TestBadInputStoresNothing(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b, producer.WithMaxItemBytes(64))
+		deep := newProducer(t, b) // items of any size but 1 MiB
 		cases := []struct {
 			name string
 			add  func() error
@@ -146,6 +147,19 @@ func TestBadInputStoresNothing(t *testing.T) {
 			{"bad queue", func() error { return p.Add(ctx, "a{b}", "k", 1) }, producer.ErrQueueName},
 			{"queue with colon", func() error { return p.Add(ctx, "a:b", "k", 1) }, producer.ErrQueueName},
 			{"empty key", func() error { return p.Add(ctx, "q", "", 1) }, producer.ErrKeyName},
+			{"too deep raw", func() error {
+				return deep.AddRaw(ctx, "q", "k", json.RawMessage(`1`), json.RawMessage(nestedArray(producer.MaxItemDepth+1)))
+			}, producer.ErrTooDeep},
+			{"too deep value", func() error {
+				var v any = 1
+				for range producer.MaxItemDepth + 1 {
+					v = []any{v}
+				}
+				return deep.Add(ctx, "q", "k", v)
+			}, producer.ErrTooDeep},
+			{"deeper than encoding/json allows inside an array", func() error {
+				return deep.AddRaw(ctx, "q", "k", json.RawMessage(nestedArray(10_000)))
+			}, producer.ErrTooDeep},
 		}
 		for _, c := range cases {
 			err := c.add()
@@ -158,6 +172,23 @@ func TestBadInputStoresNothing(t *testing.T) {
 		}
 		if ks := testredis.Keys(t, b, b.Prefix+":*"); len(ks) != 0 {
 			t.Fatalf("bad input left keys %v", ks)
+		}
+	})
+}
+
+// nestedArray returns a JSON array nested n levels deep: [[...[]...]].
+func nestedArray(n int) string { return strings.Repeat("[", n) + strings.Repeat("]", n) }
+
+// Items up to MaxItemDepth levels deep are stored, and come back whole.
+func TestItemAtMaxDepthIsStored(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		deep := nestedArray(producer.MaxItemDepth)
+		if err := p.AddRaw(context.Background(), "q", "k", json.RawMessage(deep)); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := get(t, b, "q", "k"); got != "["+deep+"]" {
+			t.Errorf("stored %.40s..., want the item", got)
 		}
 	})
 }

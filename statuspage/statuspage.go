@@ -360,7 +360,7 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("Queue %s has no dead letter %s among its first %d: it was requeued or purged meanwhile.", name, id, lookupLimit))
 		return
 	}
-	if !requeueable(letters[i]) {
+	if !letters[i].Requeueable() {
 		p.fail(w, r, http.StatusConflict, fmt.Sprintf("Dead letter %s of queue %s holds a corrupt value, not an item: it cannot be requeued, only purged.", id, name))
 		return
 	}
@@ -376,8 +376,6 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 	p.log.Info("requeued dead letters", zap.String("queue", name), zap.Int("count", n), zap.String("id", id), zap.String("remote_addr", r.RemoteAddr))
 	p.done(w, name, "requeued", n, 0)
 }
-
-func requeueable(d consumer.DeadLetter) bool { return !d.Corrupt && json.Valid(d.Item) }
 
 func (p *page) purge(w http.ResponseWriter, r *http.Request) {
 	name, c, ok := p.action(w, r, "purge")

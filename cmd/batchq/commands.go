@@ -338,7 +338,7 @@ func deadList(ctx context.Context, s *session, args []string) error {
 	t := newTable(s.out, head...)
 	for _, d := range dl {
 		e := d.Error
-		if d.Corrupt {
+		if !d.Requeueable() {
 			e = "[corrupt value, cannot be requeued] " + e
 		}
 		row := []string{cell(d.ID), cell(d.Key), num(int64(d.Attempts)), stamp(d.FailedAt), clip(cell(e), maxErrorCell)}

@@ -1,0 +1,68 @@
+package batchq_test
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
+)
+
+// nested returns a JSON object nested n levels deep: {"a":{"a":...1...}}.
+func nested(n int) string {
+	return strings.Repeat(`{"a":`, n) + "1" + strings.Repeat("}", n)
+}
+
+// A deeply nested item that reached a key without the producer's check (a
+// raw SET of the whole array) must not take the other items of its batch
+// down with it: they are handled, and the deep item goes to dead letters on
+// its own. At 10,000 levels the item is valid JSON on its own but not inside
+// the array; at 20,000 it is not valid for encoding/json at all.
+func TestDeepItemIsIsolated(t *testing.T) {
+	for _, depth := range []int{10_000, 20_000} {
+		t.Run(strconv.Itoa(depth), func(t *testing.T) {
+			testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+				ctx := context.Background()
+				var mu sync.Mutex
+				seen := make(map[string]int)
+				w := newWorker(t, b)
+				batchq.Handle(w, "deep", func(_ context.Context, it struct{ ID string }) error {
+					mu.Lock()
+					defer mu.Unlock()
+					seen[it.ID]++
+					return nil
+				})
+				sp := keys.For(b.Prefix, "deep", 0)
+				c := b.Client
+				array := `[{"ID":"good-1"},` + nested(depth) + `,{"ID":"good-3"}]`
+				must(t, c.Do(ctx, c.B().Set().Key(sp.Items("k")).Value(array).Build()).Error())
+				must(t, c.Do(ctx, c.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, "k").Build()).Error())
+				run(t, w)
+
+				cons := newConsumer(t, b)
+				eventually(t, 20*time.Second, "both good items handled and one dead letter", func() bool {
+					n, err := cons.CountDead(ctx, "deep")
+					mu.Lock()
+					defer mu.Unlock()
+					return err == nil && n == 1 && seen["good-1"] == 1 && seen["good-3"] == 1
+				})
+				dead, err := cons.DeadLetters(ctx, "deep", 10)
+				must(t, err)
+				d := dead[0]
+				if d.Key != "k" || !d.Corrupt || !strings.Contains(d.Error, "item 1 ") || !strings.Contains(d.Error, "levels deep") {
+					t.Errorf("dead letter: key %q corrupt %v error %q; want key k, corrupt, an error about item 1's depth", d.Key, d.Corrupt, d.Error)
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				if len(seen) != 2 {
+					t.Errorf("handled %v, want good-1 and good-3 only", seen)
+				}
+			})
+		})
+	}
+}
