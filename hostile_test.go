@@ -2,6 +2,8 @@ package batchq_test
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"strconv"
 	"strings"
 	"sync"
@@ -11,6 +13,7 @@ import (
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
 )
 
 // nested returns a JSON object nested n levels deep: {"a":{"a":...1...}}.
@@ -65,4 +68,66 @@ func TestDeepItemIsIsolated(t *testing.T) {
 			})
 		})
 	}
+}
+
+// A value another program left under a key, however much it looks like an
+// array, never takes in an item whose append returned nil: the append is
+// refused with ErrNotArray until a worker has moved the value out of the
+// way, and the item appended then is handled, never dead-lettered with the
+// foreign value.
+func TestForeignValueNeverSwallowsAnAppend(t *testing.T) {
+	foreign := map[string]string{"blank": `[ ]`, "newline": "[\n]", "bracket": `[1,2]]`, "comma": `[1,2,]`, "text": `hello`}
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		var mu sync.Mutex
+		handled := make(map[string]int)
+		w := newWorker(t, b)
+		batchq.HandleRaw(w, "foreign", func(_ context.Context, it json.RawMessage) error {
+			mu.Lock()
+			defer mu.Unlock()
+			handled[string(it)]++
+			return nil
+		})
+		p := newProducer(t, b)
+		sp := keys.For(b.Prefix, "foreign", 0)
+		c := b.Client
+		for k, v := range foreign {
+			must(t, c.Do(ctx, c.B().Set().Key(sp.Items(k)).Value(v).Build()).Error())
+			if err := p.Add(ctx, "foreign", k, "early-"+k); !errors.Is(err, producer.ErrNotArray) {
+				t.Fatalf("%s: append onto %q: got %v, want ErrNotArray", k, v, err)
+			}
+		}
+		run(t, w)
+		for k := range foreign {
+			eventually(t, 10*time.Second, "the foreign value of "+k+" moved away", func() bool {
+				n, err := c.Do(ctx, c.B().Exists().Key(sp.Items(k)).Build()).AsInt64()
+				return err == nil && n == 0
+			})
+			must(t, p.Add(ctx, "foreign", k, "good-"+k))
+		}
+		eventually(t, 10*time.Second, "every good item handled", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			for k := range foreign {
+				if handled[`"good-`+k+`"`] != 1 {
+					return false
+				}
+			}
+			return true
+		})
+		dead, err := newConsumer(t, b).DeadLetters(ctx, "foreign", 100)
+		must(t, err)
+		for _, d := range dead {
+			if strings.Contains(string(d.Item), "good-") || strings.Contains(string(d.Item), "early-") {
+				t.Errorf("dead letter %s holds an appended item: %s", d.ID, d.Item)
+			}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for it, n := range handled {
+			if strings.Contains(it, "early-") || strings.Contains(it, "good-") && n != 1 {
+				t.Errorf("handled %s %d times", it, n)
+			}
+		}
+	})
 }

@@ -27,7 +27,13 @@ local max_string = 536870912
 -- (and never past max_string). It returns the stored length before the
 -- append, the item count after it and the length after it; or nil and an
 -- error reply (NOTARRAY, or FULL <items> <bytes>), storing nothing. Every
--- check that can fail comes before its first write.
+-- check that can fail comes before its first write, or undoes it.
+--
+-- An array batchq wrote always has its item count beside it, and only
+-- batchq writes counts: a value without one was written by another program,
+-- however much it looks like an array ("[ ]", "[1,2]]"), and is refused.
+-- The count is read by the INCRBY the append makes anyway: the check is
+-- free.
 local function append_items(ik, nk, items, n, maxn, maxb)
   if maxb <= 0 or maxb > max_string then
     maxb = max_string
@@ -36,15 +42,14 @@ local function append_items(ik, nk, items, n, maxn, maxb)
   if type(len) == 'table' then
     return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a Redis value that is not a string')
   end
-  if len <= 2 then
-    if len == 1 or (len == 2 and redis.call('GET', ik) ~= '[]') then
-      return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a string that is not a JSON array')
-    end
+  if len == 0 then
     local newlen = #items + 2
     if (maxn > 0 and n > maxn) or newlen > maxb then
-      return nil, nil, nil, redis.error_reply('FULL 0 ' .. len)
+      return nil, nil, nil, redis.error_reply('FULL 0 0')
     end
-    redis.call('SET', ik, '[' .. items .. ']')
+    if not redis.call('SET', ik, '[' .. items .. ']', 'NX') then
+      return nil, nil, nil, redis.error_reply('NOTARRAY the key holds an empty string, not a JSON array')
+    end
     redis.call('SET', nk, n)
     return len, n, newlen
   end
@@ -62,6 +67,10 @@ local function append_items(ik, nk, items, n, maxn, maxb)
   if type(count) == 'table' then
     return nil, nil, nil, redis.error_reply('NOTARRAY the item count of the key is not an integer')
   end
+  if count == n then
+    redis.call('DEL', nk)
+    return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a value batchq did not write (it has no item count)')
+  end
   if maxn > 0 and count > maxn then
     redis.call('DECRBY', nk, n)
     return nil, nil, nil, redis.error_reply('FULL ' .. (count - n) .. ' ' .. len)
@@ -70,33 +79,37 @@ local function append_items(ik, nk, items, n, maxn, maxb)
   return len, count, newlen
 end
 
--- can_prepend reports whether prepend_array(ik, ...) would succeed: ik is
--- missing or holds a JSON array string.
-local function can_prepend(ik)
+-- ours reports whether the string cur, read from ik, can take items back:
+-- it is missing, or an array batchq wrote (with an item count at nk).
+local function ours(cur, nk)
+  return not cur or (is_array(cur) and redis.call('EXISTS', nk) == 1)
+end
+
+-- can_prepend reports whether prepend_array(ik, nk, ...) would succeed: ik
+-- is missing or holds an array batchq wrote.
+local function can_prepend(ik, nk)
   local ok, cur = pcall(redis.call, 'GET', ik)
-  return ok and (not cur or is_array(cur))
+  return ok and ours(cur, nk)
 end
 
 -- prepend_array puts the n items of the JSON array arr in front of those
 -- stored at ik (returned items were appended before the stored ones) and
 -- adds n to the item count at nk. It returns false, changing nothing, when
--- ik holds something that is not a JSON array string.
+-- ik holds something other than an array batchq wrote.
 local function prepend_array(ik, nk, arr, n)
   if arr == '[]' then
     return true
   end
   local ok, cur = pcall(redis.call, 'GET', ik)
-  if not ok then
+  if not ok or not ours(cur, nk) then
     return false
   end
-  if not cur or cur == '[]' then
+  if not cur then
     redis.call('SET', ik, arr)
     redis.call('SET', nk, n)
-  elseif is_array(cur) then
+  else
     redis.call('SET', ik, string.sub(arr, 1, -2) .. ',' .. string.sub(cur, 2))
     redis.call('INCRBY', nk, n)
-  else
-    return false
   end
   return true
 end

@@ -50,12 +50,17 @@ if kind == 'r' then
 elseif kind == 'd' and redis.call('EXISTS', KEYS[3]) == 1 then
   local n = tonumber(redis.call('GET', KEYS[10]) or '0') or 0
   local ok, val = pcall(redis.call, 'GET', KEYS[3])
-  if ok and is_array(val) and can_prepend(KEYS[4]) then
+  -- A lease without a count holds a value another program wrote: it goes
+  -- back as it was, still without a count, and is never merged into an
+  -- array batchq wrote.
+  if n > 0 and ok and is_array(val) and can_prepend(KEYS[4], KEYS[9]) then
     prepend_array(KEYS[4], KEYS[9], val, n)
     redis.call('DEL', KEYS[3])
   elseif redis.call('EXISTS', KEYS[4]) == 0 then
     redis.call('RENAME', KEYS[3], KEYS[4])
-    redis.call('SET', KEYS[9], n)
+    if n > 0 then
+      redis.call('SET', KEYS[9], n)
+    end
   else
     redis.call('ZADD', KEYS[1], 'XX', ARGV[5], token)
     make_due(KEYS[5], KEYS[6], now, ARGV[4])

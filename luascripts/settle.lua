@@ -42,7 +42,7 @@ end
 if token == '' and redis.call('EXISTS', KEYS[13]) == 1 then
   return 1
 end
-if back ~= '' and not can_prepend(KEYS[4]) then
+if back ~= '' and not can_prepend(KEYS[4], KEYS[14]) then
   return -1
 end
 local quarantine = string.find(ARGV[7], 'q', 1, true) ~= nil

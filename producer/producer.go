@@ -64,8 +64,11 @@ var (
 	ErrItemTooLarge = errors.New("item too large")
 	// ErrMarshal: a value could not be encoded as JSON.
 	ErrMarshal = errors.New("cannot encode item as JSON")
-	// ErrNotArray: the key holds a value batchq did not write. It is made
-	// ready, so that a worker moves it to dead letters; appends then work again.
+	// ErrNotArray: the key holds a value batchq did not write, however much
+	// it looks like a JSON array ("[ ]", "[1,2]]"): batchq knows its arrays
+	// by the item count it keeps beside each. The key is made ready, so that
+	// a worker moves the value to dead letters; appends then work again. An
+	// item whose append returned nil never ends up inside such a value.
 	ErrNotArray = store.ErrNotArray
 	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.
 	ErrQueueName = keys.ErrQueueName

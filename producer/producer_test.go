@@ -194,37 +194,58 @@ func TestItemAtMaxDepthIsStored(t *testing.T) {
 }
 
 // Appending onto a key that holds something batchq did not write fails
-// with ErrNotArray and changes nothing.
+// with ErrNotArray and changes nothing, however much the value looks like
+// an array: batchq knows its own keys by their item count, which only it
+// writes.
 func TestAppendToCorruptKey(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
 		sp := keys.For(b.Prefix, "q", 0)
 		c := b.Client
-		for _, cmd := range []struct {
+		set := func(v string) func(k string) error {
+			return func(k string) error { return c.Do(ctx, c.B().Set().Key(k).Value(v).Build()).Error() }
+		}
+		cases := []struct {
 			key string
 			set func(k string) error
 		}{
-			{"str", func(k string) error { return c.Do(ctx, c.B().Set().Key(k).Value(`{"a":1}`).Build()).Error() }},
-			{"short", func(k string) error { return c.Do(ctx, c.B().Set().Key(k).Value(`x`).Build()).Error() }},
+			{"str", set(`{"a":1}`)},
+			{"short", set(`x`)},
+			{"empty string", set(``)},
+			{"empty array", set(`[]`)},
+			{"blank array", set(`[ ]`)},
+			{"newline array", set("[\n]")},
+			{"extra bracket", set(`[1,2]]`)},
+			{"trailing comma", set(`[1,2,]`)},
+			{"valid array", set(`[1,2]`)},
 			{"hash", func(k string) error {
 				return c.Do(ctx, c.B().Hset().Key(k).FieldValue().FieldValue("f", "v").Build()).Error()
 			}},
-		} {
+		}
+		for _, cmd := range cases {
 			if err := cmd.set(sp.Items(cmd.key)); err != nil {
 				t.Fatal(err)
 			}
-			err := p.Add(ctx, "q", cmd.key, 1)
-			if !errors.Is(err, producer.ErrNotArray) {
-				t.Fatalf("%s: got %v, want ErrNotArray", cmd.key, err)
+			for range 2 { // refused again before a worker has looked at it
+				err := p.Add(ctx, "q", cmd.key, 1)
+				if !errors.Is(err, producer.ErrNotArray) {
+					t.Fatalf("%s: got %v, want ErrNotArray", cmd.key, err)
+				}
 			}
 			// It is made ready so that a worker dead-letters the value.
 			if _, err := c.Do(ctx, c.B().Zscore().Key(sp.Ready()).Member(cmd.key).Build()).AsFloat64(); err != nil {
 				t.Fatalf("%s: corrupt key not made ready: %v", cmd.key, err)
 			}
+			// And no count is left behind for it.
+			if n, err := c.Do(ctx, c.B().Exists().Key(sp.Count(cmd.key)).Build()).AsInt64(); err != nil || n != 0 {
+				t.Fatalf("%s: count key exists (%d, %v)", cmd.key, n, err)
+			}
 		}
-		if v, _ := get(t, b, "q", "str"); v != `{"a":1}` {
-			t.Fatalf("corrupt value changed to %s", v)
+		for _, v := range []struct{ key, want string }{{"str", `{"a":1}`}, {"blank array", `[ ]`}, {"extra bracket", `[1,2]]`}, {"valid array", `[1,2]`}} {
+			if got, _ := get(t, b, "q", v.key); got != v.want {
+				t.Errorf("%s: corrupt value changed to %s", v.key, got)
+			}
 		}
 	})
 }
