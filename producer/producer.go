@@ -358,6 +358,14 @@ func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) e
 	return p.keyError(queue, key, n, err)
 }
 
+// CheckQueue returns an ErrQueueName error when name cannot be a queue's
+// name, and nil when it can: for checking names that come from outside
+// before use.
+func CheckQueue(name string) error { return keys.CheckQueue(name) }
+
+// CheckKey returns an ErrKeyName error when k cannot be a key of a queue.
+func CheckKey(k string) error { return keys.CheckKey(k) }
+
 func itemErr(queue, key string, i int, err error) error {
 	return fmt.Errorf("append to %s/%s: item %d: %w", queue, key, i, err)
 }

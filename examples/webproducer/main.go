@@ -19,14 +19,33 @@
 //	curl -d '[[1,2,3]]'           localhost:8080/queues/orders/keys/user:42  # 1 item: [1,2,3]
 //
 // Items are stored byte for byte as sent. A key holding a slash is sent
-// escaped (user%2F42). Answers:
+// escaped (user%2F42). With -queues, only the queues listed are served;
+// without it, any queue name is taken, so that anyone who can post creates
+// queues (it warns at start).
 //
-//	202 {"queued":n}   the n items are stored
-//	400 {"error":...}  invalid JSON, queue name or key; nothing is stored
-//	413 {"error":...}  the body is larger than -max-body-bytes, or an item
-//	                   larger than -max-item-bytes; nothing is stored
-//	503 {"error":...}  Redis did not answer within 2s; nothing is stored
-//	405                another method than POST
+// Every answer but 202 has the body {"error": "...", "stored": "none"} or
+// {"error": "...", "stored": "unknown"}: "none" means nothing of the request
+// is stored, "unknown" that the items may be stored, so that sending them
+// again may store them twice.
+//
+//	202 {"queued":n}  the n items are stored
+//	400 none          invalid JSON, an item nested more than 512 levels
+//	                  deep, or an invalid queue name or key
+//	404 none          a queue not in -queues
+//	405               another method than POST
+//	408 none          the body did not arrive within -read-timeout
+//	409 none          the key holds a value batchq did not write; a worker
+//	                  moves it to dead letters, and the key takes items again
+//	413 none          the body is larger than -max-body-bytes, an item larger
+//	                  than -max-item-bytes, or the items more than a key may
+//	                  hold: never storable as sent
+//	503 none          the key is full, or Redis cannot be reached: try again
+//	                  (Retry-After: 1)
+//	503 unknown       Redis did not answer within 2s, or the connection broke:
+//	                  the items may be stored (no Retry-After)
+//
+// Requests must arrive within -read-timeout (10s), headers within 5s: a
+// client that trickles its body is cut off.
 //
 // SIGINT or SIGTERM stops it gracefully: requests under way are finished.
 package main
@@ -42,6 +61,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -55,13 +75,15 @@ import (
 
 // config is what the flags set.
 type config struct {
-	addr     string
-	redis    string
-	prefix   string
-	shards   int
-	maxItem  int
-	maxBody  int64
-	shutdown time.Duration
+	addr        string
+	redis       string
+	prefix      string
+	shards      int
+	queues      string // comma-separated; empty: any queue
+	maxItem     int
+	maxBody     int64
+	readTimeout time.Duration
+	shutdown    time.Duration
 }
 
 func main() {
@@ -70,8 +92,10 @@ func main() {
 	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, or a seed of a Redis Cluster; $REDIS_ADDR by default; empty starts an embedded in-process Redis")
 	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the workers'")
 	flag.IntVar(&cfg.shards, "shards", 1, "shards of every queue, each its own hash slot on a Redis Cluster (at least 4x its masters); must match the workers'")
+	flag.StringVar(&cfg.queues, "queues", "", "comma-separated queues to serve, others get 404 (say orders,emails); empty serves any queue, so that anyone who can post creates queues")
 	flag.IntVar(&cfg.maxItem, "max-item-bytes", producer.DefaultMaxItemBytes, "size limit of one item")
 	flag.Int64Var(&cfg.maxBody, "max-body-bytes", 16<<20, "size limit of a request body")
+	flag.DurationVar(&cfg.readTimeout, "read-timeout", 10*time.Second, "how long a request, body included, may take to arrive")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", 10*time.Second, "how long requests under way may take at shutdown")
 	flag.Parse()
 
@@ -91,6 +115,16 @@ func serve(cfg config, log *zap.Logger) error {
 	if cfg.maxBody < 1 {
 		return fmt.Errorf("-max-body-bytes must be positive, got %d", cfg.maxBody)
 	}
+	if cfg.readTimeout <= 0 {
+		return fmt.Errorf("-read-timeout must be positive, got %v", cfg.readTimeout)
+	}
+	queues, err := parseQueues(cfg.queues)
+	if err != nil {
+		return err
+	}
+	if queues == nil {
+		log.Warn("no -queues: any queue name is served, so anyone who can post creates queues, each in the registry, the metrics and the status page")
+	}
 	rdb, closeRedis, err := connect(cfg.redis, log)
 	if err != nil {
 		return err
@@ -100,13 +134,13 @@ func serve(cfg config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	a := &api{p: p, maxBody: cfg.maxBody, timeout: 2 * time.Second, log: log}
+	a := &api{p: p, queues: queues, maxBody: cfg.maxBody, timeout: 2 * time.Second, log: log}
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: a.routes(), ReadHeaderTimeout: 5 * time.Second}
+	srv := newServer(a, cfg.readTimeout)
 	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("prefix", cfg.prefix))
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -133,6 +167,35 @@ func serve(cfg config, log *zap.Logger) error {
 	return err
 }
 
+// newServer returns the HTTP server of a: it cuts off a client whose
+// headers take more than 5s, or whose request takes more than readTimeout.
+func newServer(a *api, readTimeout time.Duration) *http.Server {
+	return &http.Server{
+		Handler:           a.routes(),
+		ReadHeaderTimeout: min(5*time.Second, readTimeout),
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      readTimeout + a.timeout + 5*time.Second,
+		IdleTimeout:       time.Minute,
+	}
+}
+
+// parseQueues parses -queues: nil when empty (any queue), else the set of
+// the names, each checked.
+func parseQueues(list string) (map[string]bool, error) {
+	if strings.TrimSpace(list) == "" {
+		return nil, nil
+	}
+	queues := make(map[string]bool)
+	for name := range strings.SplitSeq(list, ",") {
+		name = strings.TrimSpace(name)
+		if err := producer.CheckQueue(name); err != nil {
+			return nil, fmt.Errorf("-queues: %w", err)
+		}
+		queues[name] = true
+	}
+	return queues, nil
+}
+
 // connect returns a client of the Redis at addr or, when addr is empty, of
 // an embedded in-process Redis, and a function that closes it.
 func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
@@ -156,8 +219,9 @@ func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
 // api is the HTTP API of a producer.
 type api struct {
 	p       *producer.Producer
-	maxBody int64         // request body limit, in bytes
-	timeout time.Duration // how long one append may wait for Redis
+	queues  map[string]bool // the queues served; nil: any
+	maxBody int64           // request body limit, in bytes
+	timeout time.Duration   // how long one append may wait for Redis
 	log     *zap.Logger
 }
 
@@ -172,10 +236,18 @@ func (a *api) routes() http.Handler {
 // add appends the items of the body to the key of a queue.
 func (a *api) add(w http.ResponseWriter, r *http.Request) {
 	queue, key := r.PathValue("queue"), r.PathValue("key")
+	if a.queues != nil && !a.queues[queue] {
+		reply(w, http.StatusNotFound, fmt.Errorf("no queue %q here", queue))
+		return
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, a.maxBody))
 	var tooLarge *http.MaxBytesError
 	if errors.As(err, &tooLarge) {
 		reply(w, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", a.maxBody))
+		return
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		reply(w, http.StatusRequestTimeout, errors.New("the body did not arrive in time"))
 		return
 	}
 	if err != nil {
@@ -188,18 +260,66 @@ func (a *api) add(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 		err = a.p.AddRaw(ctx, queue, key, items...)
 	}
-	switch {
-	case errors.Is(err, producer.ErrInvalidJSON), errors.Is(err, producer.ErrQueueName), errors.Is(err, producer.ErrKeyName):
-		reply(w, http.StatusBadRequest, err)
-	case errors.Is(err, producer.ErrItemTooLarge):
-		reply(w, http.StatusRequestEntityTooLarge, err)
-	case err != nil:
-		a.log.Warn("append failed", zap.String("queue", queue), zap.String("key", key), zap.Error(err))
-		w.Header().Set("Retry-After", "1")
-		reply(w, http.StatusServiceUnavailable, errors.New("cannot store items now; try again"))
-	default:
+	if err == nil {
 		reply(w, http.StatusAccepted, map[string]int{"queued": len(items)})
+		return
 	}
+	ans := answerFor(err)
+	if ans.status == http.StatusServiceUnavailable {
+		a.log.Warn("append failed", zap.String("queue", queue), zap.String("key", key), zap.String("stored", ans.stored), zap.Error(err))
+	}
+	if ans.retryAfter {
+		w.Header().Set("Retry-After", "1")
+	}
+	reply(w, ans.status, failure{Error: ans.message + ": " + err.Error(), Stored: ans.stored})
+}
+
+// Values of failure.Stored.
+const (
+	storedNone    = "none"    // nothing of the request is stored
+	storedUnknown = "unknown" // the items may or may not be stored
+)
+
+// failure is the body of an answer other than 202.
+type failure struct {
+	Error  string `json:"error"`
+	Stored string `json:"stored"`
+}
+
+// answer is how the API answers a failed append.
+type answer struct {
+	status     int
+	message    string
+	stored     string // storedNone or storedUnknown
+	retryAfter bool   // the same request may succeed in a moment
+}
+
+// answerFor returns the answer to an append that failed with err. Only the
+// producer's own errors say that nothing was stored; any other error (a
+// timeout, a lost connection) leaves it unknown, and the answer says so, so
+// that a client does not retry blindly and store the items twice.
+func answerFor(err error) answer {
+	switch {
+	case errors.Is(err, producer.ErrInvalidJSON), errors.Is(err, producer.ErrTooDeep),
+		errors.Is(err, producer.ErrQueueName), errors.Is(err, producer.ErrKeyName):
+		return answer{http.StatusBadRequest, "invalid request; nothing is stored", storedNone, false}
+	case errors.Is(err, producer.ErrItemTooLarge), errors.Is(err, producer.ErrTooMany):
+		return answer{http.StatusRequestEntityTooLarge, "too large to store, now or later; nothing is stored", storedNone, false}
+	case errors.Is(err, producer.ErrNotArray):
+		return answer{http.StatusConflict, "the key holds a value batchq did not write; nothing is stored (a worker moves the value to dead letters, then the key takes items again)", storedNone, false}
+	case errors.Is(err, producer.ErrKeyFull):
+		return answer{http.StatusServiceUnavailable, "the key is full; nothing is stored; try again once a worker has drained it", storedNone, true}
+	case notSent(err):
+		return answer{http.StatusServiceUnavailable, "cannot reach Redis; nothing is stored; try again", storedNone, true}
+	}
+	return answer{http.StatusServiceUnavailable, "unknown whether the items are stored: retrying may store them twice", storedUnknown, false}
+}
+
+// notSent reports whether err says that the append never left this
+// process: no connection to Redis could be made.
+func notSent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 // split returns the items of a body: the elements of a JSON array, byte for
@@ -219,10 +339,11 @@ func split(body []byte) ([]json.RawMessage, error) {
 	return items, nil
 }
 
-// reply writes v as a JSON body, or {"error": v} when v is an error.
+// reply writes v as a JSON body, or {"error": v, "stored": "none"} when v
+// is an error.
 func reply(w http.ResponseWriter, code int, v any) {
 	if err, ok := v.(error); ok {
-		v = map[string]string{"error": err.Error()}
+		v = failure{Error: err.Error(), Stored: storedNone}
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)

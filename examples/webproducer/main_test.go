@@ -3,16 +3,25 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/batchq/batchq/embedded"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
 
@@ -29,23 +38,36 @@ const (
 )
 
 // newAPI returns the routes of an api backed by a fresh embedded Redis.
-func newAPI(t *testing.T) (*embedded.Redis, http.Handler) {
+func newAPI(t *testing.T, opts ...producer.Option) (*embedded.Redis, http.Handler) {
 	t.Helper()
 	r, err := embedded.Start()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.Close)
-	p, err := producer.New(r.Client, producer.WithMaxItemBytes(testMaxItem))
+	return r, newAPIOn(t, r.Client, opts...)
+}
+
+// newAPIOn returns the routes of an api that appends through c.
+func newAPIOn(t *testing.T, c rueidis.Client, opts ...producer.Option) http.Handler {
+	t.Helper()
+	p, err := producer.New(c, append([]producer.Option{producer.WithMaxItemBytes(testMaxItem)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := &api{p: p, maxBody: testMaxBody, timeout: 500 * time.Millisecond, log: zaptest.NewLogger(t)}
-	return r, a.routes()
+	return a.routes()
 }
 
 // do sends one request and returns the status and the decoded JSON body.
 func do(t *testing.T, h http.Handler, method, path, body string) (int, map[string]any) {
+	t.Helper()
+	code, got, _ := doHeader(t, h, method, path, body)
+	return code, got
+}
+
+// doHeader is do that returns the answer's header too.
+func doHeader(t *testing.T, h http.Handler, method, path, body string) (int, map[string]any, http.Header) {
 	t.Helper()
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest(method, path, strings.NewReader(body)))
@@ -55,7 +77,7 @@ func do(t *testing.T, h http.Handler, method, path, body string) (int, map[strin
 			t.Fatalf("%s %s: body %q: %v", method, path, rec.Body, err)
 		}
 	}
-	return rec.Code, got
+	return rec.Code, got, rec.Header()
 }
 
 func TestAccepted(t *testing.T) {
@@ -121,8 +143,8 @@ func TestRejected(t *testing.T) {
 			if code != tt.want {
 				t.Fatalf("%d %v, want %d", code, got, tt.want)
 			}
-			if code != http.StatusMethodNotAllowed && got["error"] == "" {
-				t.Errorf("no error message: %v", got)
+			if code != http.StatusMethodNotAllowed && (got["error"] == "" || got["stored"] != "none") {
+				t.Errorf("want an error message and stored none: %v", got)
 			}
 			t.Logf("%d %v", code, got)
 			if keys := r.Server.Keys(); len(keys) > 0 {
@@ -132,12 +154,201 @@ func TestRejected(t *testing.T) {
 	}
 }
 
+// Each error of the producer gets the answer its meaning deserves: whether
+// anything was stored, and whether the same request can succeed later.
+func TestAppendErrors(t *testing.T) {
+	t.Parallel()
+	r, h := newAPI(t, producer.WithMaxKeyItems(2))
+	sp := keys.For(keys.DefaultPrefix, "orders", 0)
+	must(t, r.Client.Do(context.Background(), r.Client.B().Set().Key(sp.Items("foreign")).Value("[1,2]]").Build()).Error())
+	if code, _ := do(t, h, "POST", "/queues/orders/keys/full", `[1,2]`); code != http.StatusAccepted {
+		t.Fatalf("filling the key: %d", code)
+	}
+	deep := strings.Repeat(`{"a":`, producer.MaxItemDepth+1) + "1" + strings.Repeat("}", producer.MaxItemDepth+1)
+	big := &api{p: must2(producer.New(r.Client)), maxBody: 1 << 20, timeout: time.Second, log: zaptest.NewLogger(t)}
+	tests := []struct {
+		name, key, body string
+		status          int
+		retryAfter      string
+		h               http.Handler // nil: h
+	}{
+		{"nested too deeply", "deep", deep, http.StatusBadRequest, "", big.routes()},
+		{"more items than a key may hold: never storable", "other", `[1,2,3]`, http.StatusRequestEntityTooLarge, "", nil},
+		{"key full: try again later", "full", `3`, http.StatusServiceUnavailable, "1", nil},
+		{"a value batchq did not write", "foreign", `3`, http.StatusConflict, "", nil},
+	}
+	for _, tt := range tests {
+		h := h
+		if tt.h != nil {
+			h = tt.h
+		}
+		code, got, hdr := doHeader(t, h, "POST", "/queues/orders/keys/"+tt.key, tt.body)
+		if code != tt.status || got["stored"] != "none" || hdr.Get("Retry-After") != tt.retryAfter {
+			t.Errorf("%s: %d %v Retry-After %q; want %d, stored none, Retry-After %q", tt.name, code, got, hdr.Get("Retry-After"), tt.status, tt.retryAfter)
+		}
+	}
+}
+
+// An append that Redis does not answer in time may still be stored: the
+// answer says it is unknown, and does not invite a retry. Here the item is
+// stored once Redis resumes, so "nothing is stored" would have been a lie.
+func TestRedisTimeoutIsUnknown(t *testing.T) {
+	t.Parallel()
+	srv := testredis.Start(t)
+	b := srv.Backend(t)
+	h := newAPIOn(t, b.Client)
+	// Concurrent requests first, as a busy service makes: rueidis then
+	// pipelines (a client used one call at a time closes its connection on
+	// a timeout, and the server drops what it had not read yet).
+	var wg sync.WaitGroup
+	for i := range 32 {
+		wg.Go(func() { do(t, h, "POST", "/queues/orders/keys/warm"+strconv.Itoa(i), `0`) })
+	}
+	wg.Wait()
+	srv.Pause(t)
+	code, got, hdr := doHeader(t, h, "POST", "/queues/orders/keys/k", `{"id":1}`)
+	srv.Resume(t)
+	if code != http.StatusServiceUnavailable || got["stored"] != "unknown" || hdr.Get("Retry-After") != "" {
+		t.Fatalf("%d %v Retry-After %q; want 503, stored unknown, no Retry-After", code, got, hdr.Get("Retry-After"))
+	}
+	ik := keys.For(keys.DefaultPrefix, "orders", 0).Items("k")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		v, err := b.Client.Do(context.Background(), b.Client.B().Get().Key(ik).Build()).ToString()
+		if err == nil && v == `[{"id":1}]` {
+			return // stored after all
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the item was not stored after Redis resumed: %q %v", v, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// With Redis gone, nothing can be sent: once the client finds no server to
+// dial, the answer says that nothing is stored, and to try again. Requests
+// written to a connection the server dropped before that are answered
+// "unknown" (EOF): the client cannot tell whether the server ran them.
 func TestRedisDown(t *testing.T) {
 	t.Parallel()
-	r, h := newAPI(t)
-	r.Server.Close()
-	code, got := do(t, h, http.MethodPost, "/queues/orders/keys/k", `{"id":1}`)
-	if code != http.StatusServiceUnavailable || got["error"] == "" {
-		t.Fatalf("%d %v, want 503 with a message", code, got)
+	srv := testredis.Start(t)
+	h := newAPIOn(t, srv.Backend(t).Client)
+	srv.Stop()
+	for i := range 20 {
+		code, got, hdr := doHeader(t, h, http.MethodPost, "/queues/orders/keys/k", `{"id":1}`)
+		switch {
+		case code == http.StatusServiceUnavailable && got["stored"] == "none" && hdr.Get("Retry-After") == "1":
+			return
+		case code == http.StatusServiceUnavailable && got["stored"] == "unknown" && hdr.Get("Retry-After") == "":
+			t.Logf("request %d: %v", i, got["error"])
+		default:
+			t.Fatalf("%d %v Retry-After %q, want 503, stored none, Retry-After 1 (or unknown)", code, got, hdr.Get("Retry-After"))
+		}
 	}
+	t.Fatal("20 requests after Redis stopped, and none was answered 'nothing is stored'")
+}
+
+func must2[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// With -queues, other queues are refused with 404 and nothing is stored.
+func TestQueueAllowList(t *testing.T) {
+	t.Parallel()
+	queues, err := parseQueues(" orders , emails")
+	must(t, err)
+	r, err := embedded.Start()
+	must(t, err)
+	t.Cleanup(r.Close)
+	a := &api{p: must2(producer.New(r.Client)), queues: queues, maxBody: testMaxBody, timeout: time.Second, log: zaptest.NewLogger(t)}
+	h := a.routes()
+	if code, got := do(t, h, "POST", "/queues/spam00001/keys/k", `1`); code != http.StatusNotFound || got["stored"] != "none" {
+		t.Errorf("unknown queue: %d %v, want 404 stored none", code, got)
+	}
+	if keys := r.Server.Keys(); len(keys) > 0 {
+		t.Errorf("a refused queue left %v", keys)
+	}
+	for _, q := range []string{"orders", "emails"} {
+		if code, _ := do(t, h, "POST", "/queues/"+q+"/keys/k", `1`); code != http.StatusAccepted {
+			t.Errorf("%s: %d, want 202", q, code)
+		}
+	}
+	for _, bad := range []string{"a,b:c", "a,,b", "x{y}"} {
+		if _, err := parseQueues(bad); !errors.Is(err, producer.ErrQueueName) {
+			t.Errorf("parseQueues(%q): %v, want ErrQueueName", bad, err)
+		}
+	}
+	if q, err := parseQueues(""); q != nil || err != nil {
+		t.Errorf("parseQueues(\"\") = %v, %v; want any queue", q, err)
+	}
+}
+
+// A client that trickles its body is cut off after the read timeout, with
+// nothing stored; one that sends in time is served on the same server.
+func TestSlowClientIsCut(t *testing.T) {
+	t.Parallel()
+	r, err := embedded.Start()
+	must(t, err)
+	t.Cleanup(r.Close)
+	a := &api{p: must2(producer.New(r.Client)), maxBody: testMaxBody, timeout: time.Second, log: zaptest.NewLogger(t)}
+	srv := newServer(a, 300*time.Millisecond)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	must(t, err)
+	defer conn.Close()
+	_, err = fmt.Fprintf(conn, "POST /queues/orders/keys/k HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n[1")
+	must(t, err)
+	cut := make(chan string, 1)
+	go func() {
+		answer, _ := io.ReadAll(conn) // until the server closes the connection
+		cut <- string(answer)
+	}()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.After(10 * time.Second)
+	for sent := 0; ; sent++ {
+		select {
+		case answer := <-cut:
+			if !strings.Contains(answer, "408") {
+				t.Errorf("cut off with %q, want a 408 answer", answer)
+			}
+			if keys := r.Server.Keys(); len(keys) > 0 {
+				t.Errorf("a cut request stored %v", keys)
+			}
+			if code, _ := doReal(t, ln.Addr().String(), `1`); code != http.StatusAccepted {
+				t.Errorf("a prompt client after it: %d, want 202", code)
+			}
+			return
+		case <-timeout:
+			t.Fatalf("a client trickling its body was not cut off in 10s (%d bytes sent)", sent)
+		case <-tick.C:
+			conn.Write([]byte(",1")) // an error means it was cut: the read above says how
+		}
+	}
+}
+
+// doReal posts body over TCP to the server at addr.
+func doReal(t *testing.T, addr, body string) (int, error) {
+	t.Helper()
+	resp, err := http.Post("http://"+addr+"/queues/orders/keys/k2", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, nil
 }
