@@ -736,3 +736,40 @@ func TestInvalidOptions(t *testing.T) {
 	}()
 	statuspage.New(in, statuspage.WithLaggingKeys(1), statuspage.WithDeadLetters(statuspage.MaxListed)) // valid
 }
+
+// Every name a queue may have round-trips as a path segment: its link on
+// the index leads to its own page. Names that could not, "." and ".." (dot
+// segments, which browsers and ServeMux resolve), are refused by the
+// producer, as are names with control characters or invalid UTF-8.
+func TestQueueNamesRoundTrip(t *testing.T) {
+	b := testredis.Mini(t)
+	f := newFixture(t, b)
+	s := serve(t, statuspage.New(f.in), "/ops/")
+	names := []string{"...", "a.", ".a", "a..b", "a/b", "a/b/", "/a", "a//b", "%", "%2e", "%2e%2e", "%2F", "a%2Fb", `\`, `a\..\b`,
+		"a b", "a+b", "a?b", "a#b", "a;b", "a&b", "a=b", "ü日本", "<a>", `"q"`, "'q'", "~", "@", "a,b", "*",
+		"a/..", "a/.", "../a", "./a", "a/../b", "a/./b"}
+	refused := []string{".", "..", "a\x00b", "a\nb", "a\tb", "a\x1b[31mb", "a\u0085b", "\xff", "a\xc3"}
+	for _, name := range refused {
+		if err := producer.CheckQueue(name); !errors.Is(err, producer.ErrQueueName) {
+			t.Errorf("CheckQueue(%q) = %v, want ErrQueueName", name, err)
+		}
+	}
+	for _, name := range names {
+		if err := f.p.Add(context.Background(), name, "k", 1); err != nil {
+			t.Fatalf("Add to %q: %v", name, err)
+		}
+	}
+	idx := s.get("").want(t, http.StatusOK)
+	links := hrefRe.FindAllStringSubmatch(idx.body, -1)
+	if len(links) != len(names) {
+		t.Fatalf("%d links for %d queues", len(links), len(names))
+	}
+	for _, l := range links {
+		u := s.url(idx.url, htmlUnescape(l[1]))
+		req, _ := http.NewRequest(http.MethodGet, u.String(), nil)
+		q := s.do(req)
+		if q.status != http.StatusOK || !strings.Contains(q.body, "<caption>Queue "+l[2]+"</caption>") {
+			t.Errorf("queue %q: its link %s answers %d, not its page", htmlUnescape(l[2]), u, q.status)
+		}
+	}
+}

@@ -187,7 +187,7 @@ func (s *session) noQueue(ctx context.Context, queue string) error {
 	}
 	names := make([]string, len(qs))
 	for i, q := range qs {
-		names[i] = q.Name
+		names[i] = cell(q.Name)
 	}
 	return fmt.Errorf("%s; known queues: %s", msg, strings.Join(names, ", "))
 }

@@ -765,3 +765,42 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("an unknown command: %v, %q", err, stderr.String())
 	}
 }
+
+// Queue names come from whoever wrote the registry: a name holding a
+// terminal escape or a newline (refused by producers now, but possibly in
+// the registry already) reaches no output raw, on any path.
+func TestHostileNamesAreQuoted(t *testing.T) {
+	b := testredis.Real(t)
+	fixture(t, b, 1)
+	ctx := context.Background()
+	hostile := []string{"esc\x1b[31mRED", "evil\nbatchq: forged line", "tab\there"}
+	for _, q := range hostile {
+		must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue(q, "1").Build()).Error())
+	}
+	clean := func(name, out string) {
+		t.Helper()
+		if strings.ContainsAny(out, "\x1b\t") || strings.Contains(out, "\nbatchq: forged") {
+			t.Errorf("%s printed a name raw:\n%q", name, out)
+		}
+	}
+	r := cli(t, "-redis", b.Addr, "-prefix", b.Prefix, "stats", "nosuch")
+	if r.code != 1 || !strings.Contains(r.stderr, `"esc\x1b[31mRED"`) {
+		t.Errorf("stats nosuch: exit %d, stderr %q; want the known queues quoted", r.code, r.stderr)
+	}
+	clean("stats nosuch", r.stderr)
+	clean("stats", ok(t, b, "stats"))
+}
+
+func TestEscapeControls(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain: ü日本 \"q\"": "plain: ü日本 \"q\"",
+		"a\x1b[31mb":         `a\x1b[31mb`,
+		"a\nb\tc\r":          `a\nb\tc\r`,
+		"a\u0085b\x7f":       `a\u0085b\x7f`,
+		"a\xffb":             `a\xffb`,
+	} {
+		if got := escapeControls(in); got != want {
+			t.Errorf("escapeControls(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -116,6 +116,28 @@ func cell(s string) string {
 	return s
 }
 
+// escapeControls returns s with its control characters and invalid UTF-8
+// escaped as in Go strings (\n, \x1b, \xff), and the rest as it is: error
+// messages may quote names that came from users, and none of them may reach
+// a terminal raw.
+func escapeControls(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && n == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case unicode.IsControl(r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteString(s[i : i+n])
+		}
+		i += n
+	}
+	return b.String()
+}
+
 // maxErrorCell bounds the error text in dead list's table, in runes.
 const maxErrorCell = 72
 

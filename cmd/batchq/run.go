@@ -125,9 +125,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 // message is the text of err, without the "batchq: " that batchq's
-// validation errors start with (the program name already says it).
+// validation errors start with (the program name already says it), and
+// with control characters escaped (see escapeControls).
 func message(err error) string {
-	return strings.TrimPrefix(err.Error(), "batchq: ")
+	return escapeControls(strings.TrimPrefix(err.Error(), "batchq: "))
 }
 
 // execute connects to Redis and runs the command.

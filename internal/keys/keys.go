@@ -34,6 +34,8 @@ import (
 	"hash/fnv"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 // DefaultPrefix is the key prefix used when none is configured.
@@ -57,13 +59,30 @@ func CheckPrefix(p string) error {
 	return nil
 }
 
-// CheckQueue reports whether q can be used as a queue name. Queue names are
-// part of the hash tag, so they may not hold braces or colons.
+// CheckQueue reports whether q can be used as a queue name: 1-512 bytes of
+// UTF-8 without braces or colons (a queue name is part of the hash tag),
+// without control characters (names are printed and logged), and neither
+// "." nor ".." (a queue's name is a path segment of the status page, and
+// those are dot segments, which browsers and ServeMux resolve away).
 func CheckQueue(q string) error {
-	if q == "" || len(q) > MaxNameLen || strings.ContainsAny(q, "{}:") {
-		return fmt.Errorf("%w %q: must be 1-%d bytes without braces or colons", ErrQueueName, q, MaxNameLen)
+	if q == "" || len(q) > MaxNameLen || strings.ContainsAny(q, "{}:") || q == "." || q == ".." || !printable(q) {
+		return fmt.Errorf("%w %.64q: must be 1-%d bytes of UTF-8 without braces, colons or control characters, and not . or ..",
+			ErrQueueName, q, MaxNameLen)
 	}
 	return nil
+}
+
+// printable reports whether s is valid UTF-8 without control characters.
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
 }
 
 // CheckKey reports whether k can be used as a key of a queue.
