@@ -26,7 +26,11 @@
 // # Security
 //
 // The page has no authentication of its own: mount it behind whatever
-// guards the service's other admin endpoints. Every POST must pass two
+// guards the service's other admin endpoints. It answers only requests
+// whose Host header is an IP address, localhost, or a name given to
+// WithAllowedHosts, and others with 421 Misdirected Request: a web page
+// elsewhere cannot reach it through a DNS name that resolves to its address
+// (DNS rebinding) to read its tokens or post its forms. Every POST must pass two
 // checks, each of which answers 403 on failure: net/http's
 // CrossOriginProtection (the browser's Sec-Fetch-Site or Origin header
 // must say the request comes from the page's own origin), and a form token,

@@ -12,7 +12,9 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -121,6 +123,25 @@ func WithSecret(key []byte) Option {
 	}
 }
 
+// WithAllowedHosts adds host names the page answers to. By default it
+// answers only requests whose Host is an IP address or localhost, so that a
+// web page elsewhere cannot reach it through a DNS name that resolves to the
+// page's address (DNS rebinding) and read its tokens or post its forms.
+// Requests for other hosts get 421 Misdirected Request. Give the names the
+// page is reached by, say the name of a reverse proxy in front of it; a port
+// in the Host header is ignored, and names match regardless of case.
+func WithAllowedHosts(hosts ...string) Option {
+	return func(p *page) error {
+		for _, h := range hosts {
+			if h == "" || strings.ContainsAny(h, ":/ ") {
+				return fmt.Errorf("allowed host %q: want a host name without port or scheme", h)
+			}
+			p.hosts[strings.ToLower(h)] = true
+		}
+		return nil
+	}
+}
+
 // WithTimeout bounds the Redis work of one request (DefaultTimeout, 10s, by
 // default): an unreachable Redis costs a request that long, then a 503.
 func WithTimeout(d time.Duration) Option {
@@ -169,6 +190,7 @@ type page struct {
 	showItems   bool
 	secret      []byte
 	timeout     time.Duration
+	hosts       map[string]bool // names answered to besides IP addresses
 	h           http.Handler
 }
 
@@ -186,6 +208,7 @@ func New(in *inspect.Inspector, opts ...Option) http.Handler {
 		deadLetters: DefaultDeadLetters,
 		title:       DefaultTitle,
 		timeout:     DefaultTimeout,
+		hosts:       map[string]bool{"localhost": true},
 	}
 	for _, o := range opts {
 		if err := o(p); err != nil {
@@ -215,7 +238,8 @@ func New(in *inspect.Inspector, opts ...Option) http.Handler {
 	return p
 }
 
-// ServeHTTP sets the security headers every answer carries and serves r.
+// ServeHTTP sets the security headers every answer carries and serves r,
+// if it is for an allowed host.
 func (p *page) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("Content-Type", "text/html; charset=utf-8")
@@ -224,9 +248,28 @@ func (p *page) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.Set("X-Frame-Options", "DENY")
 	h.Set("Referrer-Policy", "same-origin")
 	h.Set("Cache-Control", "no-store")
+	if !p.allowedHost(r.Host) {
+		p.log.Info("refused a request for another host", zap.String("host", r.Host), zap.String("path", r.URL.Path),
+			zap.String("remote_addr", r.RemoteAddr))
+		p.fail(w, r, http.StatusMisdirectedRequest, "This page does not answer to that host name (see statuspage.WithAllowedHosts).")
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), p.timeout)
 	defer cancel()
 	p.h.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// allowedHost reports whether the page answers to a request whose Host
+// header is host: an IP address, or an allowed name.
+func (p *page) allowedHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if _, err := netip.ParseAddr(host); err == nil {
+		return true
+	}
+	return p.hosts[strings.ToLower(strings.TrimSuffix(host, "."))]
 }
 
 // common is what every page shows.

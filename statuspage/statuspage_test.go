@@ -773,3 +773,59 @@ func TestQueueNamesRoundTrip(t *testing.T) {
 		}
 	}
 }
+
+// The page answers only requests for its own host: an IP address,
+// localhost, or a name given to WithAllowedHosts. A DNS name of an
+// attacker's that resolves to the page's address (DNS rebinding) gets 421,
+// with no token to read, and its same-origin POSTs change nothing.
+func TestAllowedHosts(t *testing.T) {
+	f := seed(t, testredis.Mini(t))
+	s := serve(t, statuspage.New(f.in, statuspage.WithAllowedHosts("ops.example.com")), "/batchq/")
+	q := s.get("queues/orders").want(t, http.StatusOK)
+	purgeTok := q.forms()["./orders/purge"]
+	before := f.snapshot(t)
+	withHost := func(method, host string, form url.Values) page {
+		t.Helper()
+		u := s.url(nil, "queues/orders")
+		var body io.Reader
+		if form != nil {
+			u = s.url(nil, "queues/orders/purge")
+			body = strings.NewReader(form.Encode())
+		}
+		req, err := http.NewRequest(method, u.String(), body)
+		must(t, err)
+		req.Host = host
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			req.Header.Set("Sec-Fetch-Site", "same-origin")
+		}
+		return s.do(req)
+	}
+	for _, host := range []string{"evil.example", "evil.example:" + s.base.Port(), "localhost.evil.example", "ops.example.com.evil"} {
+		p := withHost(http.MethodGet, host, nil)
+		if p.status != http.StatusMisdirectedRequest || strings.Contains(p.body, purgeTok) || strings.Contains(p.body, "token") {
+			t.Errorf("GET for %s: %d, want 421 without a token\n%s", host, p.status, p.body)
+		}
+		if p := withHost(http.MethodPost, host, url.Values{"confirm": {"1"}, "token": {purgeTok}}); p.status != http.StatusMisdirectedRequest {
+			t.Errorf("POST for %s: %d, want 421", host, p.status)
+		}
+	}
+	if after := f.snapshot(t); !reflect.DeepEqual(before, after) {
+		t.Errorf("refused requests changed Redis:\n%v\n%v", before, after)
+	}
+	for _, host := range []string{"127.0.0.1:" + s.base.Port(), "localhost", "LOCALHOST:80", "[::1]:9090", "10.1.2.3", "ops.example.com", "OPS.Example.com:8443"} {
+		if p := withHost(http.MethodGet, host, nil); p.status != http.StatusOK {
+			t.Errorf("GET for %s: %d, want 200", host, p.status)
+		}
+	}
+	for _, bad := range []string{"", "a:80", "http://a", "a b"} {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("WithAllowedHosts(%q) did not panic", bad)
+				}
+			}()
+			statuspage.New(f.in, statuspage.WithAllowedHosts(bad))
+		}()
+	}
+}

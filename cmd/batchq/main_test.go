@@ -794,10 +794,10 @@ func TestHostileNamesAreQuoted(t *testing.T) {
 func TestEscapeControls(t *testing.T) {
 	for in, want := range map[string]string{
 		"plain: ü日本 \"q\"": "plain: ü日本 \"q\"",
-		"a\x1b[31mb":         `a\x1b[31mb`,
-		"a\nb\tc\r":          `a\nb\tc\r`,
-		"a\u0085b\x7f":       `a\u0085b\x7f`,
-		"a\xffb":             `a\xffb`,
+		"a\x1b[31mb":       `a\x1b[31mb`,
+		"a\nb\tc\r":        `a\nb\tc\r`,
+		"a\u0085b\x7f":     `a\u0085b\x7f`,
+		"a\xffb":           `a\xffb`,
 	} {
 		if got := escapeControls(in); got != want {
 			t.Errorf("escapeControls(%q) = %q, want %q", in, got, want)

@@ -165,6 +165,20 @@ func testEndToEnd(t *testing.T, b testredis.Backend, shards int) {
 	if err != nil || !strings.Contains(page, e2eQueue) {
 		t.Fatalf("status page: %v\n%s", err, page)
 	}
+	// The status page answers its own address and localhost only: a DNS
+	// name of someone else's that points at it (DNS rebinding) gets 421.
+	for host, want := range map[string]int{"evil.example": http.StatusMisdirectedRequest, "localhost": http.StatusOK} {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+workers[0].metricsAddr+"/status/", nil)
+		req.Host = host
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("status page for Host %s: %s, want %d", host, resp.Status, want)
+		}
+	}
 
 	procs := append([]*proc{web}, workers...)
 	for _, p := range procs {
@@ -482,4 +496,21 @@ func mustJSON(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func TestStatusHosts(t *testing.T) {
+	for _, c := range []struct {
+		listen, extra string
+		want          []string
+	}{
+		{"127.0.0.1:9090", "", nil},
+		{"[::1]:9090", "", nil},
+		{":9090", "", nil},
+		{"ops.internal:9090", "", []string{"ops.internal"}},
+		{"127.0.0.1:9090", " proxy.example.com ,status.example.com,", []string{"proxy.example.com", "status.example.com"}},
+	} {
+		if got := statusHosts(c.listen, c.extra); !slices.Equal(got, c.want) {
+			t.Errorf("statusHosts(%q, %q) = %q, want %q", c.listen, c.extra, got, c.want)
+		}
+	}
 }

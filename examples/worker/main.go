@@ -18,6 +18,9 @@
 // statuspage): the depth, lag and dead letters of every queue under the
 // prefix, with requeue and purge buttons. The page has no login of its
 // own: keep ADDR on loopback (127.0.0.1:9090) or behind a proxy that has.
+// It answers requests for IP addresses, localhost and the host name of
+// ADDR; -status-hosts names more (a proxy's, say): others get 421, so that
+// no web page can reach it through a DNS name of its own (DNS rebinding).
 //
 // SIGINT or SIGTERM stops it gracefully: it fetches no more, lets running
 // handlers finish for up to -shutdown-timeout, puts back the items it had
@@ -34,7 +37,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -63,6 +68,7 @@ type config struct {
 	fail        float64
 	shutdown    time.Duration
 	metrics     string
+	statusHosts string
 }
 
 func main() {
@@ -76,6 +82,7 @@ func main() {
 	flag.Float64Var(&cfg.fail, "fail", 0, "fraction (0 to 1) of first attempts that fail")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", batchq.DefaultShutdownTimeout, "how long running handlers may finish at shutdown")
 	flag.StringVar(&cfg.metrics, "metrics", "", "address to serve /metrics (Prometheus) and /status/ (the status page, whose buttons requeue and purge dead letters) on, e.g. 127.0.0.1:9090; it has no login: keep it on loopback or behind one; empty: none")
+	flag.StringVar(&cfg.statusHosts, "status-hosts", "", "comma-separated host names the status page answers to besides IP addresses, localhost and the host of -metrics (say the name of a proxy in front of it)")
 	flag.Parse()
 
 	// One line per item: turn off the production logger's sampling, which
@@ -123,7 +130,8 @@ func work(cfg config, log *zap.Logger) error {
 		reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		mux.Handle("/status/", http.StripPrefix("/status", statuspage.New(in, statuspage.WithLogger(log))))
+		mux.Handle("/status/", http.StripPrefix("/status", statuspage.New(in, statuspage.WithLogger(log),
+			statuspage.WithAllowedHosts(statusHosts(cfg.metrics, cfg.statusHosts)...))))
 		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	}
 	w, err := batchq.NewWorker(rdb, opts...)
@@ -162,6 +170,24 @@ func work(cfg config, log *zap.Logger) error {
 		return nil
 	}
 	return err
+}
+
+// statusHosts returns the host names the status page answers to besides IP
+// addresses and localhost: the host of the address it listens on, when that
+// is a name, and those listed in extra (comma-separated).
+func statusHosts(listen, extra string) []string {
+	var hosts []string
+	if h, _, err := net.SplitHostPort(listen); err == nil && h != "" {
+		if _, err := netip.ParseAddr(strings.Trim(h, "[]")); err != nil {
+			hosts = append(hosts, h)
+		}
+	}
+	for h := range strings.SplitSeq(extra, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			hosts = append(hosts, h)
+		}
+	}
+	return hosts
 }
 
 // connect returns a client of the Redis at addr or, when addr is empty, of
