@@ -5,8 +5,9 @@
 //
 // The inspector finds queues in the registry producers and workers keep
 // under the prefix (<prefix>:queues, queue -> shards), never by SCAN. It
-// only reads, except through the dead-letter actions of the consumer it
-// hands out (Consumer).
+// only reads, except for Forget, which takes an empty queue out of the
+// registry, and the dead-letter actions of the consumer it hands out
+// (Consumer).
 //
 // Reading pending item counts costs one command per ready key: Stats and
 // Keys look at most MaxKeysPerShard ready keys of each shard (Stats says so
@@ -36,6 +37,9 @@ const MaxKeysPerShard = 10_000
 
 // ErrNoQueue reports a queue that is not in the registry of the prefix.
 var ErrNoQueue = errors.New("no such queue")
+
+// ErrNotEmpty reports a queue that Forget keeps: it holds items.
+var ErrNotEmpty = errors.New("the queue holds items")
 
 // Inspector reads queues under one prefix. It is safe for concurrent use.
 type Inspector struct {
@@ -101,6 +105,45 @@ func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 	return Queue{Name: name, Shards: n}, nil
 }
 
+// Forget takes a queue out of the registry, so that the tools, the metrics
+// and the status page no longer list it, after checking that it holds
+// nothing: no pending key, batch in flight, retry or dead letter (purge
+// those first). It returns ErrNoQueue for a queue not registered, and
+// ErrNotEmpty, changing nothing, for one that holds items. If items arrive
+// while it forgets, it registers the queue again and returns ErrNotEmpty.
+// A running producer or worker of the queue registers it again (a worker
+// every 30 seconds, a producer when it restarts).
+func (in *Inspector) Forget(ctx context.Context, name string) error {
+	q, err := in.Queue(ctx, name)
+	if err != nil {
+		return err
+	}
+	empty := func() error {
+		st, err := in.StatsOf(ctx, q)
+		if err != nil {
+			return err
+		}
+		if s := st[0]; s.ReadyKeys+s.InFlightBatches+s.Retries+s.DeadLetters > 0 {
+			return fmt.Errorf("%w: queue %q has %d pending keys, %d batches in flight, %d retries and %d dead letters",
+				ErrNotEmpty, name, s.ReadyKeys, s.InFlightBatches, s.Retries, s.DeadLetters)
+		}
+		return nil
+	}
+	if err := empty(); err != nil {
+		return err
+	}
+	if err := in.c.Do(ctx, in.c.B().Hdel().Key(keys.Registry(in.prefix)).Field(name).Build()).Error(); err != nil {
+		return fmt.Errorf("forget queue %q: %w", name, err)
+	}
+	if err := empty(); err != nil {
+		if _, rerr := store.Register(ctx, in.c, in.prefix, q.Shards, name); rerr != nil {
+			return fmt.Errorf("%w; registering it again failed: %v", err, rerr)
+		}
+		return err
+	}
+	return nil
+}
+
 // Stats is the state of a queue, summed over its shards.
 type Stats struct {
 	Queue  string `json:"queue"`
@@ -133,135 +176,146 @@ func (in *Inspector) Stats(ctx context.Context, name string) (Stats, error) {
 	if err != nil {
 		return Stats{}, err
 	}
-	return in.stats(ctx, q)
+	all, err := in.StatsOf(ctx, q)
+	if err != nil {
+		return Stats{}, err
+	}
+	return all[0], nil
 }
 
-// AllStats returns the state of every registered queue. On an error it
-// returns the queues it read before it, with the error.
+// AllStats returns the state of every registered queue, sorted by name.
 func (in *Inspector) AllStats(ctx context.Context) ([]Stats, error) {
 	qs, err := in.Queues(ctx)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]Stats, 0, len(qs))
+	return in.StatsOf(ctx, qs...)
+}
+
+// StatsOf returns the state of the queues qs (as Queues returns them), in
+// their order. It reads them all together, in four round trips whatever
+// their number (two when they are all empty): a page of many queues costs
+// little more than one.
+func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) {
+	if len(qs) == 0 {
+		return nil, nil
+	}
+	now, err := store.Time(ctx, in.c) // alone: rueidis takes no keyless command in a cross-slot DoMulti
+	if err != nil {
+		return nil, fmt.Errorf("read the server's clock: %w", err)
+	}
+	const per = 7
+	var cmds rueidis.Commands
 	for _, q := range qs {
-		s, err := in.stats(ctx, q)
-		if err != nil {
-			return out, err
+		for shard := range q.Shards {
+			sp := keys.For(in.prefix, q.Name, shard)
+			cmds = append(cmds,
+				in.c.B().Zcard().Key(sp.Ready()).Build(),
+				in.c.B().Zrange().Key(sp.Ready()).Min("0").Max("0").Withscores().Build(),
+				in.c.B().Zcard().Key(sp.Leases()).Build(),
+				in.c.B().Zcard().Key(sp.Retry()).Build(),
+				in.c.B().Zcard().Key(sp.Dead()).Build(),
+				in.c.B().Zrange().Key(sp.Ready()).Min("0").Max(strconv.Itoa(MaxKeysPerShard-1)).Build(),
+				in.c.B().Zrange().Key(sp.Leases()).Min("0").Max(strconv.Itoa(MaxKeysPerShard-1)).Build(),
+			)
 		}
-		out = append(out, s)
+	}
+	res := in.c.DoMulti(ctx, cmds...)
+	out := make([]Stats, len(qs))
+	readyKeys := make([][][]string, len(qs)) // by queue, then shard
+	leases := make([][][]string, len(qs))
+	i := 0
+	for qi, q := range qs {
+		st := Stats{Queue: q.Name, Shards: q.Shards, Now: now}
+		readyKeys[qi], leases[qi] = make([][]string, q.Shards), make([][]string, q.Shards)
+		for shard := range q.Shards {
+			r := res[i : i+per]
+			i += per
+			var n [4]int64
+			for k, j := range []int{0, 2, 3, 4} {
+				if n[k], err = r[j].AsInt64(); err != nil {
+					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+				}
+			}
+			st.ReadyKeys += n[0]
+			st.InFlightBatches += n[1]
+			st.Retries += n[2]
+			st.DeadLetters += n[3]
+			head, err := r[1].AsZScores()
+			if err != nil {
+				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			}
+			if len(head) > 0 {
+				due := time.UnixMilli(int64(head[0].Score))
+				if st.OldestDue.IsZero() || due.Before(st.OldestDue) {
+					st.OldestDue = due
+				}
+			}
+			if readyKeys[qi][shard], err = r[5].AsStrSlice(); err != nil {
+				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			}
+			if leases[qi][shard], err = r[6].AsStrSlice(); err != nil {
+				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			}
+			st.Partial = st.Partial || n[0] > MaxKeysPerShard || n[1] > MaxKeysPerShard
+		}
+		if !st.OldestDue.IsZero() && now.After(st.OldestDue) {
+			st.Lag = now.Sub(st.OldestDue)
+		}
+		out[qi] = st
+	}
+	pending, err := in.counts(ctx, qs, readyKeys, func(sp keys.Space, k string) string { return sp.Count(k) })
+	if err != nil {
+		return nil, err
+	}
+	inFlight, err := in.counts(ctx, qs, leases, func(sp keys.Space, tok string) string { return sp.LeaseCount(tok) })
+	if err != nil {
+		return nil, err
+	}
+	for qi := range out {
+		out[qi].PendingItems, out[qi].InFlightItems = sum(pending[qi]), sum(inFlight[qi])
 	}
 	return out, nil
 }
 
-func (in *Inspector) stats(ctx context.Context, q Queue) (Stats, error) {
-	now, err := store.Time(ctx, in.c)
-	if err != nil {
-		return Stats{}, fmt.Errorf("read the server's clock: %w", err)
-	}
-	st := Stats{Queue: q.Name, Shards: q.Shards, Now: now}
-	const per = 6
-	cmds := make(rueidis.Commands, 0, per*q.Shards)
-	for shard := range q.Shards {
-		sp := keys.For(in.prefix, q.Name, shard)
-		cmds = append(cmds,
-			in.c.B().Zcard().Key(sp.Ready()).Build(),
-			in.c.B().Zrange().Key(sp.Ready()).Min("0").Max("0").Withscores().Build(),
-			in.c.B().Zcard().Key(sp.Leases()).Build(),
-			in.c.B().Zcard().Key(sp.Retry()).Build(),
-			in.c.B().Zcard().Key(sp.Dead()).Build(),
-			in.c.B().Zrange().Key(sp.Ready()).Min("0").Max(strconv.Itoa(MaxKeysPerShard-1)).Build(),
-		)
-	}
-	res := in.c.DoMulti(ctx, cmds...)
-	readyKeys := make([][]string, q.Shards)
-	for shard := range q.Shards {
-		r := res[shard*per : shard*per+per]
-		var n [5]int64
-		for i, j := range []int{0, 2, 3, 4} {
-			if n[i], err = r[j].AsInt64(); err != nil {
-				return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
-			}
-		}
-		st.ReadyKeys += n[0]
-		st.InFlightBatches += n[1]
-		st.Retries += n[2]
-		st.DeadLetters += n[3]
-		head, err := r[1].AsZScores()
-		if err != nil {
-			return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
-		}
-		if len(head) > 0 {
-			due := time.UnixMilli(int64(head[0].Score))
-			if st.OldestDue.IsZero() || due.Before(st.OldestDue) {
-				st.OldestDue = due
-			}
-		}
-		if readyKeys[shard], err = r[5].AsStrSlice(); err != nil {
-			return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
-		}
-		st.Partial = st.Partial || n[0] > MaxKeysPerShard || n[1] > MaxKeysPerShard
-	}
-	if !st.OldestDue.IsZero() && now.After(st.OldestDue) {
-		st.Lag = now.Sub(st.OldestDue)
-	}
-	if st.PendingItems, err = in.sumCounts(ctx, q, readyKeys, func(sp keys.Space, k string) string { return sp.Count(k) }); err != nil {
-		return Stats{}, err
-	}
-	leases := make([][]string, q.Shards)
-	lcmds := make(rueidis.Commands, q.Shards)
-	for shard := range q.Shards {
-		lcmds[shard] = in.c.B().Zrange().Key(keys.For(in.prefix, q.Name, shard).Leases()).Min("0").Max(strconv.Itoa(MaxKeysPerShard - 1)).Build()
-	}
-	for shard, r := range in.c.DoMulti(ctx, lcmds...) {
-		if leases[shard], err = r.AsStrSlice(); err != nil {
-			return Stats{}, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
-		}
-	}
-	if st.InFlightItems, err = in.sumCounts(ctx, q, leases, func(sp keys.Space, tok string) string { return sp.LeaseCount(tok) }); err != nil {
-		return Stats{}, err
-	}
-	return st, nil
-}
-
-// sumCounts adds up the integer values of the count keys of names, per
-// shard (one MGET each, all in one round trip). A missing count is 0: a
-// lease of retries has none, and a key may be drained meanwhile.
-func (in *Inspector) sumCounts(ctx context.Context, q Queue, names [][]string, countKey func(keys.Space, string) string) (int64, error) {
-	counts, err := in.counts(ctx, q, names, countKey)
-	if err != nil {
-		return 0, err
-	}
-	var sum int64
+func sum(counts [][]int64) int64 {
+	var n int64
 	for _, cs := range counts {
-		for _, n := range cs {
-			sum += n
+		for _, c := range cs {
+			n += c
 		}
 	}
-	return sum, nil
+	return n
 }
 
-// counts reads the count key of each of names[shard], per shard.
-func (in *Inspector) counts(ctx context.Context, q Queue, names [][]string, countKey func(keys.Space, string) string) ([][]int64, error) {
+// counts reads the integer value of the count key of each of
+// names[queue][shard]: one MGET per queue shard, all in one round trip. A
+// missing count is 0: a lease of retries has none, and a key may be drained
+// meanwhile.
+func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string, countKey func(keys.Space, string) string) ([][][]int64, error) {
+	type at struct{ q, shard int }
 	var cmds rueidis.Commands
-	var shards []int
-	for shard, ns := range names {
-		if len(ns) == 0 {
-			continue
+	var where []at
+	out := make([][][]int64, len(qs))
+	for qi, q := range qs {
+		out[qi] = make([][]int64, q.Shards)
+		for shard, ns := range names[qi] {
+			if len(ns) == 0 {
+				continue
+			}
+			sp := keys.For(in.prefix, q.Name, shard)
+			ks := make([]string, len(ns))
+			for i, n := range ns {
+				ks[i] = countKey(sp, n)
+			}
+			cmds = append(cmds, in.c.B().Mget().Key(ks...).Build())
+			where = append(where, at{qi, shard})
 		}
-		sp := keys.For(in.prefix, q.Name, shard)
-		ks := make([]string, len(ns))
-		for i, n := range ns {
-			ks[i] = countKey(sp, n)
-		}
-		cmds = append(cmds, in.c.B().Mget().Key(ks...).Build())
-		shards = append(shards, shard)
 	}
-	out := make([][]int64, len(names))
 	for i, r := range in.c.DoMulti(ctx, cmds...) {
 		vals, err := r.ToArray()
 		if err != nil {
-			return nil, fmt.Errorf("queue %s shard %d: %w", q.Name, shards[i], err)
+			return nil, fmt.Errorf("queue %q shard %d: %w", qs[where[i].q].Name, where[i].shard, err)
 		}
 		cs := make([]int64, len(vals))
 		for j, v := range vals {
@@ -269,7 +323,55 @@ func (in *Inspector) counts(ctx context.Context, q Queue, names [][]string, coun
 				cs[j] = n
 			}
 		}
-		out[shards[i]] = cs
+		out[where[i].q][where[i].shard] = cs
+	}
+	return out, nil
+}
+
+// DueKey is a pending key and when it is due.
+type DueKey struct {
+	Key   string `json:"key"`
+	Shard int    `json:"shard"`
+	// Due is when the key is due for workers (or, while a worker drains it,
+	// when its claim ends); Lag how long it has been due at now, 0 if not yet.
+	Due time.Time     `json:"due"`
+	Lag time.Duration `json:"lag_ns"`
+}
+
+// DueKeys returns, for each of the queues qs, up to limit of its pending
+// keys that are due longest, oldest first, with their lag at now (the
+// server's time, as Stats.Now gives it). It reads them all in one round
+// trip, whatever the number of queues.
+func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs ...Queue) ([][]DueKey, error) {
+	if limit < 1 {
+		return nil, fmt.Errorf("limit must be at least 1, got %d", limit)
+	}
+	var cmds rueidis.Commands
+	for _, q := range qs {
+		for shard := range q.Shards {
+			cmds = append(cmds, in.c.B().Zrange().Key(keys.For(in.prefix, q.Name, shard).Ready()).Min("0").Max(strconv.Itoa(limit-1)).Withscores().Build())
+		}
+	}
+	res := in.c.DoMulti(ctx, cmds...)
+	out := make([][]DueKey, len(qs))
+	i := 0
+	for qi, q := range qs {
+		for shard := range q.Shards {
+			zs, err := res[i].AsZScores()
+			i++
+			if err != nil {
+				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			}
+			for _, z := range zs {
+				k := DueKey{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
+				if now.After(k.Due) {
+					k.Lag = now.Sub(k.Due)
+				}
+				out[qi] = append(out[qi], k)
+			}
+		}
+		slices.SortStableFunc(out[qi], func(a, b DueKey) int { return a.Due.Compare(b.Due) })
+		out[qi] = out[qi][:min(limit, len(out[qi]))]
 	}
 	return out, nil
 }
@@ -364,10 +466,11 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 // fill reads the item counts and sizes of ks, whose names per shard are
 // names (in the same order as ks).
 func (in *Inspector) fill(ctx context.Context, q Queue, ks []KeyStats, names [][]string) error {
-	counts, err := in.counts(ctx, q, names, func(sp keys.Space, k string) string { return sp.Count(k) })
+	all, err := in.counts(ctx, []Queue{q}, [][][]string{names}, func(sp keys.Space, k string) string { return sp.Count(k) })
 	if err != nil {
 		return err
 	}
+	counts := all[0]
 	cmds := make(rueidis.Commands, 0, len(ks))
 	for _, k := range ks {
 		cmds = append(cmds, in.c.B().Strlen().Key(keys.For(in.prefix, q.Name, k.Shard).Items(k.Key)).Build())

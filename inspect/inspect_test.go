@@ -224,3 +224,47 @@ func TestNewRejectsBadPrefix(t *testing.T) {
 		t.Fatal("a prefix with braces: no error")
 	}
 }
+
+// Forget takes an empty queue out of the registry, and refuses one that
+// holds anything: pending items, a batch in flight, a retry or a dead
+// letter.
+func TestForget(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
+		must(t, err)
+		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+		must(t, err)
+		in, err := inspect.New(b.Client, b.Prefix)
+		must(t, err)
+		notEmpty := func(what string) {
+			t.Helper()
+			if err := in.Forget(ctx, "q"); !errors.Is(err, inspect.ErrNotEmpty) {
+				t.Fatalf("Forget with %s: %v, want ErrNotEmpty", what, err)
+			}
+			if _, err := in.Queue(ctx, "q"); err != nil {
+				t.Fatalf("the queue left the registry with %s: %v", what, err)
+			}
+		}
+		if err := in.Forget(ctx, "q"); !errors.Is(err, inspect.ErrNoQueue) {
+			t.Fatalf("Forget of an unknown queue: %v, want ErrNoQueue", err)
+		}
+		must(t, p.AddRaw(ctx, "q", "k", []byte(`1`)))
+		notEmpty("a pending item")
+		var f consumer.Fetched
+		for deadline := time.Now().Add(5 * time.Second); len(f.Batches) == 0; {
+			if f, err = c.Fetch(ctx, "q", 0, 1); err != nil || time.Now().After(deadline) {
+				t.Fatalf("fetch: %+v %v", f, err)
+			}
+		}
+		notEmpty("a batch in flight")
+		must(t, c.Settle(ctx, f.Batches[0], []consumer.Outcome{{Kind: consumer.Dead, Err: errors.New("boom")}}))
+		notEmpty("a dead letter")
+		_, err = c.PurgeDead(ctx, "q")
+		must(t, err)
+		must(t, in.Forget(ctx, "q"))
+		if _, err := in.Queue(ctx, "q"); !errors.Is(err, inspect.ErrNoQueue) {
+			t.Fatalf("after Forget: %v, want ErrNoQueue", err)
+		}
+	})
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +20,7 @@ import (
 // Defaults of New.
 const (
 	DefaultLaggingKeys   = 5
+	DefaultMaxQueues     = 1000
 	DefaultScrapeTimeout = 5 * time.Second
 	// MaxLaggingKeys bounds WithLaggingKeys.
 	MaxLaggingKeys = 1000
@@ -36,6 +38,7 @@ var (
 type Metrics struct {
 	in          *inspect.Inspector
 	laggingKeys int
+	maxQueues   int
 	timeout     time.Duration
 	queues      []string            // nil: every registered queue
 	allowed     map[string]struct{} // the set of queues; nil: every queue
@@ -51,7 +54,7 @@ type Metrics struct {
 
 	// Read from Redis at each scrape.
 	readyKeys, pendingItems, inFlightBatches, inFlightItems *prometheus.Desc
-	retries, deadLetters, oldestAge, keyLag, up             *prometheus.Desc
+	retries, deadLetters, oldestAge, keyLag, up, registered *prometheus.Desc
 	scrapeErrors                                            prometheus.Counter
 }
 
@@ -72,10 +75,27 @@ func WithLaggingKeys(n int) Option {
 	}
 }
 
+// WithMaxQueues bounds the queues whose gauges a scrape reads from Redis
+// and reports (default DefaultMaxQueues, 1000): past it, the queues this
+// process's producers and workers use come first, then the others by name.
+// batchq_queues says how many are registered, reported or not. It keeps a
+// registry flooded with queue names (by anyone who can make a producer
+// append to any name) from making scrapes slow and series many; WithQueues
+// is the tighter bound.
+func WithMaxQueues(n int) Option {
+	return func(m *Metrics) error {
+		if n < 1 {
+			return fmt.Errorf("max queues must be at least 1, got %d", n)
+		}
+		m.maxQueues = n
+		return nil
+	}
+}
+
 // WithScrapeTimeout bounds the time one collection spends reading Redis
 // (default 5s). Past it, the scrape reports what it read and a scrape
-// error. A scrape costs a few pipelined round trips per queue, and one
-// command per pending key (up to 10,000 per shard) to count items.
+// error. A scrape costs a few round trips whatever the number of queues,
+// and one command per pending key (up to 10,000 per shard) to count items.
 func WithScrapeTimeout(d time.Duration) Option {
 	return func(m *Metrics) error {
 		if d <= 0 {
@@ -115,7 +135,7 @@ func New(in *inspect.Inspector, opts ...Option) *Metrics {
 	if in == nil {
 		panic("metrics: nil inspector")
 	}
-	m := &Metrics{in: in, laggingKeys: DefaultLaggingKeys, timeout: DefaultScrapeTimeout}
+	m := &Metrics{in: in, laggingKeys: DefaultLaggingKeys, maxQueues: DefaultMaxQueues, timeout: DefaultScrapeTimeout}
 	for _, o := range opts {
 		if err := o(m); err != nil {
 			panic("metrics: " + err.Error())
@@ -168,6 +188,7 @@ func New(in *inspect.Inspector, opts ...Option) *Metrics {
 	m.deadLetters = gauge("batchq_dead_letters", "Dead letters of the queue.")
 	m.oldestAge = gauge("batchq_oldest_item_age_seconds", "How long the queue's most overdue key has been due, 0 when none is: the age of its oldest item under the default flush policy (due at the first item), that age less the policy's delay under a FlushPolicy.")
 	m.keyLag = gauge("batchq_key_lag_seconds", "How long a key of the queue has been due, for the keys due longest (see WithLaggingKeys); keys not yet due are left out.", "key")
+	m.registered = prometheus.NewDesc("batchq_queues", "Queues in the registry, including those not reported past WithMaxQueues (or outside WithQueues).", nil, nil)
 	m.up = prometheus.NewDesc("batchq_up", "1 when this scrape read every queue from Redis, 0 when a read failed (see batchq_scrape_errors_total).", nil, nil)
 	m.scrapeErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "batchq_scrape_errors_total", Help: "Scrapes that could not read (all of) the queues from Redis."})
 	return m
@@ -297,7 +318,7 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 		v.Describe(ch)
 	}
 	for _, d := range []*prometheus.Desc{m.readyKeys, m.pendingItems, m.inFlightBatches, m.inFlightItems,
-		m.retries, m.deadLetters, m.oldestAge, m.keyLag, m.up} {
+		m.retries, m.deadLetters, m.oldestAge, m.keyLag, m.up, m.registered} {
 		ch <- d
 	}
 	m.scrapeErrors.Describe(ch)
@@ -325,9 +346,23 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 // collectQueues sends the gauges of the queues it could read, and returns
 // the first error.
 func (m *Metrics) collectQueues(ctx context.Context, ch chan<- prometheus.Metric) error {
-	stats, err := m.stats(ctx)
+	qs, registered, err := m.reported(ctx)
+	if err != nil {
+		return err
+	}
+	ch <- prometheus.MustNewConstMetric(m.registered, prometheus.GaugeValue, float64(registered))
+	stats, err := m.in.StatsOf(ctx, qs...)
+	if err != nil {
+		return err
+	}
+	var lagging [][]inspect.DueKey
+	if m.laggingKeys > 0 && len(stats) > 0 {
+		if lagging, err = m.in.DueKeys(ctx, stats[0].Now, m.laggingKeys, qs...); err != nil {
+			return err
+		}
+	}
 	seen := make(map[string]bool, len(stats)) // two names may share a label after label()
-	for _, st := range stats {
+	for i, st := range stats {
 		q := label(st.Queue)
 		if seen[q] {
 			continue
@@ -347,18 +382,11 @@ func (m *Metrics) collectQueues(ctx context.Context, ch chan<- prometheus.Metric
 		} {
 			ch <- prometheus.MustNewConstMetric(g.d, prometheus.GaugeValue, g.v, q)
 		}
-		if m.laggingKeys == 0 || st.Lag <= 0 {
-			continue // no key is due: spare the round trips
-		}
-		ks, kerr := m.in.Keys(ctx, st.Queue, inspect.ByAge, m.laggingKeys)
-		if kerr != nil && !errors.Is(kerr, inspect.ErrNoQueue) {
-			if err == nil {
-				err = kerr
-			}
+		if lagging == nil {
 			continue
 		}
-		seenKey := make(map[string]bool, len(ks))
-		for _, k := range ks {
+		seenKey := make(map[string]bool, len(lagging[i]))
+		for _, k := range lagging[i] {
 			key := label(k.Key)
 			if k.Lag <= 0 || seenKey[key] {
 				continue
@@ -367,25 +395,41 @@ func (m *Metrics) collectQueues(ctx context.Context, ch chan<- prometheus.Metric
 			ch <- prometheus.MustNewConstMetric(m.keyLag, prometheus.GaugeValue, k.Lag.Seconds(), q, key)
 		}
 	}
-	return err
+	return nil
 }
 
-// stats reads the queues: every registered queue, or those of WithQueues
-// that are registered. It returns those it read before an error.
-func (m *Metrics) stats(ctx context.Context) ([]inspect.Stats, error) {
-	if m.queues == nil {
-		return m.in.AllStats(ctx)
+// reported returns the registered queues whose gauges a scrape reports,
+// and how many queues are registered: those of WithQueues, or up to
+// maxQueues, this process's own first.
+func (m *Metrics) reported(ctx context.Context) ([]inspect.Queue, int, error) {
+	all, err := m.in.Queues(ctx)
+	if err != nil {
+		return nil, 0, err
 	}
-	out := make([]inspect.Stats, 0, len(m.queues))
-	for _, q := range m.queues {
-		st, err := m.in.Stats(ctx, q)
-		if errors.Is(err, inspect.ErrNoQueue) {
-			continue
-		}
-		if err != nil {
-			return out, err
-		}
-		out = append(out, st)
+	if m.allowed != nil {
+		return slices.DeleteFunc(slices.Clone(all), func(q inspect.Queue) bool {
+			_, ok := m.allowed[q.Name]
+			return !ok
+		}), len(all), nil
 	}
-	return out, nil
+	if len(all) <= m.maxQueues {
+		return all, len(all), nil
+	}
+	own := func(q inspect.Queue) bool {
+		_, w := m.workers.Load(q.Name)
+		_, p := m.producers.Load(q.Name)
+		return w || p
+	}
+	out := make([]inspect.Queue, 0, m.maxQueues)
+	for _, q := range all {
+		if own(q) && len(out) < m.maxQueues {
+			out = append(out, q)
+		}
+	}
+	for _, q := range all {
+		if !own(q) && len(out) < m.maxQueues {
+			out = append(out, q)
+		}
+	}
+	return out, len(all), nil
 }

@@ -14,12 +14,14 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/metrics"
 	"github.com/batchq/batchq/producer"
@@ -428,4 +430,58 @@ func TestNewPanics(t *testing.T) {
 	}
 	metrics.New(in, metrics.WithLaggingKeys(0), metrics.WithLaggingKeys(metrics.MaxLaggingKeys),
 		metrics.WithScrapeTimeout(time.Millisecond), metrics.WithQueues("a", "b"))
+}
+
+// A registry flooded with queues (say by POSTs to any queue name) keeps a
+// scrape bounded: it reads and reports at most WithMaxQueues queues, this
+// process's own first whatever their names, and says how many there are.
+func TestManyQueuesStayBounded(t *testing.T) {
+	b := testredis.Real(t)
+	ctx := context.Background()
+	const flood = 10_000
+	// Each spam queue as POSTs make it: registered, one key with one item.
+	c := b.Client
+	var cmds []rueidis.Completed
+	for i := range flood {
+		q := fmt.Sprintf("spam%05d", i)
+		sp := keys.For(b.Prefix, q, 0)
+		cmds = append(cmds,
+			c.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue(q, "1").Build(),
+			c.B().Set().Key(sp.Items("k")).Value("[1]").Build(),
+			c.B().Set().Key(sp.Count("k")).Value("1").Build(),
+			c.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(1, "k").Build())
+	}
+	for _, r := range c.DoMulti(ctx, cmds...) {
+		must(t, r.Error())
+	}
+	m, reg := newMetrics(t, b, metrics.WithMaxQueues(100))
+	p := newProducer(t, b, producer.WithObserver(m))
+	must(t, p.AddRaw(ctx, "zz-own", "k", []byte(`1`))) // sorts last, yet is reported
+
+	start := time.Now()
+	got := gather(t, reg)
+	took := time.Since(start)
+	queues := make(map[string]bool)
+	for s := range got {
+		if strings.HasPrefix(s, "batchq_ready_keys{") {
+			queues[s] = true
+		}
+	}
+	if len(queues) != 100 || got[`batchq_ready_keys{queue="zz-own"}`] != 1 || got[`batchq_queues`] != flood+1 || got[`batchq_up`] != 1 {
+		t.Errorf("reported %d queues (want 100), zz-own %v (want 1), batchq_queues %v (want %d), up %v",
+			len(queues), got[`batchq_ready_keys{queue="zz-own"}`], got[`batchq_queues`], flood+1, got[`batchq_up`])
+	}
+	if len(got) > 100*13+50 {
+		t.Errorf("%d series, want at most %d", len(got), 100*13+50)
+	}
+	t.Logf("scrape of %d registered queues, 100 reported: %d series in %v", flood+1, len(got), took)
+
+	// Without a cap worth the name, every queue is read in a few round trips.
+	_, all := newMetrics(t, b, metrics.WithMaxQueues(flood+1))
+	start = time.Now()
+	got = gather(t, all)
+	t.Logf("scrape of %d registered queues, all reported: %d series in %v", flood+1, len(got), time.Since(start))
+	if got[`batchq_up`] != 1 {
+		t.Errorf("batchq_up %v reading every queue", got[`batchq_up`])
+	}
 }

@@ -39,6 +39,9 @@ const (
 // MaxListed bounds WithLaggingKeys and WithDeadLetters.
 const MaxListed = 1000
 
+// QueuesPerPage is how many queues the index lists per page, by name.
+const QueuesPerPage = 100
+
 // lookupLimit is how many dead letters of a queue a requeue of one id looks
 // through (the consumer has no lookup by id).
 const lookupLimit = MaxListed
@@ -300,17 +303,47 @@ type queueRow struct {
 	Link string
 }
 
+// index lists the queues, QueuesPerPage at a time (?page=N, from 1): the
+// page reads the state of its own queues only, so that a registry of many
+// queues keeps it small and quick.
 func (p *page) index(w http.ResponseWriter, r *http.Request) {
-	all, err := p.in.AllStats(r.Context())
+	n := 1
+	if v := r.URL.Query().Get("page"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			p.fail(w, r, http.StatusBadRequest, "The page number must be a whole number from 1.")
+			return
+		}
+	}
+	qs, err := p.in.Queues(r.Context())
+	if err != nil {
+		p.redisError(w, r, "", err)
+		return
+	}
+	first := (n - 1) * QueuesPerPage
+	if first >= len(qs) && n > 1 {
+		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("There is no page %d: %s fill %s.", n, plural(len(qs), "queue"), plural((len(qs)+QueuesPerPage-1)/QueuesPerPage, "page")))
+		return
+	}
+	shown := qs[first:min(first+QueuesPerPage, len(qs))]
+	all, err := p.in.StatsOf(r.Context(), shown...)
 	if err != nil {
 		p.redisError(w, r, "", err)
 		return
 	}
 	data := struct {
 		common
-		Queues  []queueRow
-		Partial bool
-	}{common: p.common(r, "")}
+		Queues             []queueRow
+		Partial            bool
+		First, Last, Total int
+		Prev, Next         string
+	}{common: p.common(r, ""), First: first + 1, Last: first + len(shown), Total: len(qs)}
+	if n > 1 {
+		data.Prev = "?page=" + strconv.Itoa(n-1)
+	}
+	if first+QueuesPerPage < len(qs) {
+		data.Next = "?page=" + strconv.Itoa(n+1)
+	}
 	for _, s := range all {
 		data.Queues = append(data.Queues, queueRow{Stats: s, Link: "queues/" + url.PathEscape(s.Queue)})
 		data.Partial = data.Partial || s.Partial

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 
 	"github.com/batchq/batchq/consumer"
@@ -828,4 +829,33 @@ func TestAllowedHosts(t *testing.T) {
 			statuspage.New(f.in, statuspage.WithAllowedHosts(bad))
 		}()
 	}
+}
+
+// The index lists QueuesPerPage queues a page, reading only those: a
+// registry of many queues keeps it small and quick.
+func TestIndexPages(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		f := newFixture(t, b)
+		total := 2*statuspage.QueuesPerPage + 50
+		var cmds []rueidis.Completed
+		for i := range total {
+			cmds = append(cmds, b.Client.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue(fmt.Sprintf("q%04d", i), "1").Build())
+		}
+		for _, r := range b.Client.DoMulti(context.Background(), cmds...) {
+			must(t, r.Error())
+		}
+		s := serve(t, statuspage.New(f.in), "/batchq/")
+		p := s.get("").want(t, http.StatusOK, fmt.Sprintf("Queues 1–100 of %d", total), `href="?page=2" rel="next"`)
+		for page, want := range map[int]int{1: 100, 2: 100, 3: 50} {
+			p = s.get("?page="+strconv.Itoa(page)).want(t, http.StatusOK)
+			rows := hrefRe.FindAllStringSubmatch(p.body, -1)
+			if len(rows) != want || rows[0][2] != fmt.Sprintf("q%04d", (page-1)*100) {
+				t.Errorf("page %d: %d queues from %v, want %d from q%04d", page, len(rows), rows[0][2], want, (page-1)*100)
+			}
+		}
+		s.get("?page=3").want(t, http.StatusOK, `href="?page=2" rel="prev"`, fmt.Sprintf("Queues 201–250 of %d", total))
+		s.get("?page=4").want(t, http.StatusNotFound, "There is no page 4")
+		s.get("?page=0").want(t, http.StatusBadRequest)
+		s.get("?page=x").want(t, http.StatusBadRequest)
+	})
 }

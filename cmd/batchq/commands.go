@@ -77,6 +77,18 @@ var commands = []*command{
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.BoolVar(&o.yes, "yes", false, "do it")
 		}},
+	{name: "queue forget", synopsis: "QUEUE [-yes]", queue: true, minArgs: 1, maxArgs: 1, run: queueForget,
+		summary: "take a queue that holds nothing (no pending key, batch in flight, retry or dead letter)\nout of the registry, so that the tools no longer list it; without -yes, only check",
+		flags: func(fs *flag.FlagSet, o *options) {
+			fs.BoolVar(&o.yes, "yes", false, "do it")
+		}},
+}
+
+// groups are the commands that take a subcommand, with their subcommands
+// as the usage error names them.
+var groups = map[string]string{
+	"dead":  "list, requeue or purge",
+	"queue": "forget",
 }
 
 // lookup returns the command called name, or nil.
@@ -140,7 +152,8 @@ func printUsage(w io.Writer, c *command) {
 	fmt.Fprint(w, `usage: batchq [flags] COMMAND [args]
 
 batchq inspects the batchq queues on a Redis server or Redis Cluster. It only
-reads, except for dead requeue and dead purge, which do nothing without -yes.
+reads, except for dead requeue, dead purge and queue forget, which do nothing
+without -yes.
 
 Commands:
 `)
@@ -446,5 +459,32 @@ func deadPurge(ctx context.Context, s *session, args []string) error {
 		}{queue, n})
 	}
 	_, err = fmt.Fprintf(s.out, "purged %s of queue %s\n", plural(n, "dead letter"), cell(queue))
+	return err
+}
+
+// queueForget takes an empty queue out of the registry.
+func queueForget(ctx context.Context, s *session, args []string) error {
+	queue := args[0]
+	if !s.opts.yes {
+		st, err := s.in.Stats(ctx, queue)
+		if err != nil {
+			return err
+		}
+		if n := st.ReadyKeys + st.InFlightBatches + st.Retries + st.DeadLetters; n > 0 {
+			return fmt.Errorf("queue %s holds items (%d pending keys, %d batches in flight, %d retries, %d dead letters): it cannot be forgotten",
+				cell(queue), st.ReadyKeys, st.InFlightBatches, st.Retries, st.DeadLetters)
+		}
+		return fmt.Errorf("would forget queue %s, which holds nothing; run again with -yes", cell(queue))
+	}
+	if err := s.in.Forget(ctx, queue); err != nil {
+		return err
+	}
+	if s.cfg.json {
+		return writeJSON(s.out, struct {
+			Queue     string `json:"queue"`
+			Forgotten bool   `json:"forgotten"`
+		}{queue, true})
+	}
+	_, err := fmt.Fprintf(s.out, "forgot queue %s\n", cell(queue))
 	return err
 }

@@ -1,7 +1,8 @@
 // Command batchq inspects the batchq queues kept on a Redis server or Redis
 // Cluster: how deep and how late they are, which keys lag most, what a key
 // holds, and the dead letters, which it can requeue or purge. It only reads,
-// except for dead requeue and dead purge, which do nothing without -yes.
+// except for dead requeue, dead purge and queue forget, which do nothing
+// without -yes.
 //
 // Usage:
 //
@@ -16,6 +17,7 @@
 //	dead list QUEUE [-n 50] [-items]           dead letters, newest first; payloads only with -items
 //	dead requeue QUEUE (-n N | -all) [-yes]    put dead letters back at the end of their keys
 //	dead purge QUEUE [-yes]                    delete the dead letters of a queue
+//	queue forget QUEUE [-yes]                  take a queue that holds nothing out of the registry
 //	help [COMMAND]                             the usage, of every command or of one
 //
 // Flags, before or after the command:
@@ -42,10 +44,11 @@
 // command prints one document on stdout: stats the []inspect.Stats, keys the
 // []inspect.KeyStats, peek the key's stats with the pending array byte for
 // byte as "array", dead list {"queue", "total", "dead_letters"}, requeue and
-// purge the counts done. Errors go to stderr as text.
+// purge the counts done, queue forget {"queue", "forgotten"}. Errors go to
+// stderr as text, with control characters escaped.
 //
-// dead requeue and dead purge change nothing without -yes: they say what they
-// would do and exit 1.
+// dead requeue, dead purge and queue forget change nothing without -yes:
+// they say what they would do and exit 1.
 //
 // Exit status: 0 on success; 1 on an error (Redis unreachable, no such
 // queue, a destructive command without -yes, the timeout); 2 on a usage

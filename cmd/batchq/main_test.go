@@ -804,3 +804,38 @@ func TestEscapeControls(t *testing.T) {
 		}
 	}
 }
+
+// queue forget takes an empty queue out of the registry with -yes, says
+// what it would do without it, and refuses a queue that holds items.
+func TestQueueForget(t *testing.T) {
+	b := testredis.Real(t)
+	fixture(t, b, 1)
+	// A queue whose items all died, then were purged: empty, but registered.
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, p.Add(context.Background(), "spam00001", "k", 1))
+	kill(t, b, "spam00001", 1)
+	ok(t, b, "dead", "purge", "spam00001", "-yes")
+
+	r := cli(t, "-redis", b.Addr, "-prefix", b.Prefix, "queue", "forget", "orders", "-yes")
+	if r.code != 1 || !strings.Contains(r.stderr, "the queue holds items") || !strings.Contains(r.stderr, "3 pending keys") {
+		t.Errorf("forget orders: exit %d, stderr %q; want a refusal naming its 3 pending keys", r.code, r.stderr)
+	}
+	r = cli(t, "-redis", b.Addr, "-prefix", b.Prefix, "queue", "forget", "spam00001")
+	if r.code != 1 || !strings.Contains(r.stderr, "would forget queue spam00001, which holds nothing; run again with -yes") {
+		t.Errorf("forget without -yes: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if out := ok(t, b, "queue", "forget", "spam00001", "-yes"); out != "forgot queue spam00001\n" {
+		t.Errorf("forget -yes: %q", out)
+	}
+	if out := ok(t, b, "stats"); strings.Contains(out, "spam00001") || !strings.Contains(out, "orders") {
+		t.Errorf("stats after forget:\n%s", out)
+	}
+	r = cli(t, "-redis", b.Addr, "-prefix", b.Prefix, "queue", "forget", "spam00001", "-yes")
+	if r.code != 1 || !strings.Contains(r.stderr, `no queue "spam00001"`) {
+		t.Errorf("forget again: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if r := cli(t, "queue"); r.code != 2 || !strings.Contains(r.stderr, "queue needs a subcommand: forget") {
+		t.Errorf("queue alone: exit %d, stderr %q", r.code, r.stderr)
+	}
+}

@@ -179,11 +179,11 @@ func parse(args []string, getenv func(string) string) (*invocation, error) {
 		}
 		return nil, helpRequest{cmd: c}
 	}
-	if name == "dead" {
+	if subs, ok := groups[name]; ok {
 		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
-			return nil, &usageError{msg: "dead needs a subcommand: list, requeue or purge"}
+			return nil, &usageError{msg: name + " needs a subcommand: " + subs}
 		}
-		name, rest = "dead "+rest[0], rest[1:]
+		name, rest = name+" "+rest[0], rest[1:]
 	}
 	c := lookup(name)
 	if c == nil {
