@@ -425,7 +425,7 @@ func TestACL(t *testing.T) {
 	// debug level, and no warning but the expected ones.
 	expectedWarn := map[string]bool{
 		"item failed for good; moved to dead letters": true,
-		"moved a corrupt key to dead letters":         true,
+		"moved a corrupt value to dead letters":       true,
 	}
 	for _, e := range logs.All() {
 		text := entryText(e)
