@@ -382,13 +382,13 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 	} else {
 		parts, err := jsonarray.Split(d.Data)
 		if err == nil {
-			c.collectParts(ctx, f, b, parts)
+			c.collectParts(ctx, f, b, d.Data, parts)
 			return
 		}
 		reason = "the key held a string that is not a JSON array"
 		raw = d.Data
-		if !json.Valid(raw) {
-			raw = jsonString(string(d.Data))
+		if !json.Valid(raw) || jsonarray.Depth(raw) > jsonarray.MaxDepth {
+			raw = jsonString(string(d.Data)) // as it is, the envelope could not hold it
 		}
 	}
 	dl := DeadLetter{
@@ -401,36 +401,51 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 		Dead: []store.Entry{{ID: dl.ID, Env: string(dl.encode())}},
 	}
 	if err := store.Settle(ctx, c.c, c.space(queue, shard), s); err != nil {
-		// The value stays where it is (leased or in place) and is found
-		// again after the lease or claim deadline.
+		// A leased value is found again after its lease; one drained
+		// without a lease is lost (the at-most-once trade).
 		return
 	}
 	f.Dead = append(f.Dead, dl)
 }
 
-// collectParts makes b's items of the parts of its key's array. Bad parts
-// become dead letters, stored with b's settlement, or at once when no part
-// is good.
-func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, parts []jsonarray.Part) {
+// maxBadLetters bounds the dead letters one drained value makes of its bad
+// elements: past it, the rest of the value is one letter.
+const maxBadLetters = 16
+
+// collectParts makes b's items of the parts of data, its key's array. Bad
+// parts become dead letters, stored with b's settlement (or at once when no
+// part is good): a run of bad parts is one letter, and a value with more
+// than maxBadLetters runs is garbage, whose rest is one letter, so that no
+// value can flood dead letters.
+func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, data []byte, parts []jsonarray.Part) {
 	b.Items = make([]Item, 0, len(parts))
 	var bad []DeadLetter
-	for i, p := range parts {
-		var reason string
-		switch {
-		case p.Depth > jsonarray.MaxDepth:
-			reason = fmt.Sprintf("item %d of the key's array is nested %d levels deep, more than %d", i, p.Depth, jsonarray.MaxDepth)
-		case p.Err != nil:
-			reason = fmt.Sprintf("item %d of the key's array is not valid JSON: %v", i, p.Err)
-		default:
-			b.Items = append(b.Items, Item{Key: b.Key, Data: p.Raw})
+	for i := 0; i < len(parts); {
+		reason := badPart(parts[i])
+		if reason == "" {
+			b.Items = append(b.Items, Item{Key: b.Key, Data: parts[i].Raw})
+			i++
 			continue
 		}
-		// Kept as a JSON string: as it is, it could not be part of the
-		// dead letter's envelope, or would make it too deep to decode.
+		last := i
+		for last+1 < len(parts) && badPart(parts[last+1]) != "" {
+			last++
+		}
+		what := fmt.Sprintf("item %d", i)
+		if len(bad) == maxBadLetters-1 {
+			last = len(parts) - 1
+			what = fmt.Sprintf("items %d to %d (the rest of the array, after %d bad runs before it)", i, last, len(bad))
+		} else if last > i {
+			what = fmt.Sprintf("items %d to %d", i, last)
+		}
+		// Kept as a JSON string: as they are, the bad bytes could not be part
+		// of the dead letter's envelope, or would make it too deep to decode.
 		d := DeadLetter{ID: fmt.Sprintf("%s-%07d-bad", b.id, i), Queue: b.Queue, Shard: b.Shard, Key: b.Key,
-			Item: jsonString(string(p.Raw)), Error: reason, FailedAt: c.now(), Corrupt: true}
+			Item:  jsonString(string(data[parts[i].Start:parts[last].End])),
+			Error: what + " of the key's array: " + reason, FailedAt: c.now(), Corrupt: true}
 		bad = append(bad, d)
 		b.dead = append(b.dead, store.Entry{ID: d.ID, Env: string(d.encode())})
+		i = last + 1
 	}
 	if len(b.Items) > 0 || len(bad) == 0 {
 		f.Batches = append(f.Batches, b)
@@ -440,7 +455,18 @@ func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, parts
 	s := store.Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
 	if err := store.Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err == nil {
 		f.Dead = append(f.Dead, bad...)
-	} // else the batch is found again after its lease or claim deadline
+	} // else a leased batch is found again after its lease; one drained without a lease is lost
+}
+
+// badPart returns why p cannot be an item, or "" when it can.
+func badPart(p jsonarray.Part) string {
+	switch {
+	case p.Depth > jsonarray.MaxDepth:
+		return fmt.Sprintf("nested %d levels deep, more than %d", p.Depth, jsonarray.MaxDepth)
+	case p.Err != nil:
+		return "not valid JSON: " + p.Err.Error()
+	}
+	return ""
 }
 
 func (c *Consumer) itemsOrLease(b *Batch) string {

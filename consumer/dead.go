@@ -103,14 +103,17 @@ func (c *Consumer) DeadLetters(ctx context.Context, queue string, limit int) ([]
 	}
 	var out []DeadLetter
 	for shard := range c.shards {
-		envs, err := store.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
+		ids, envs, err := store.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
 		if err != nil {
 			return nil, fmt.Errorf("dead letters of %s: %w", queue, err)
 		}
-		for _, env := range envs {
+		for i, env := range envs {
 			d, err := decodeDead(env)
 			if err != nil {
-				return nil, fmt.Errorf("dead letters of %s: bad envelope: %w", queue, err)
+				// Listed, not fatal: one bad envelope must not hide the
+				// others; it can be purged.
+				d = DeadLetter{ID: ids[i], Queue: queue, Key: "", Item: jsonString(env), Corrupt: true,
+					Error: "the stored dead letter does not decode: " + err.Error()}
 			}
 			d.Shard = shard
 			out = append(out, d)

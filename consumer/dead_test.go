@@ -173,9 +173,11 @@ func TestBadItemsAreIsolated(t *testing.T) {
 		r := b.Client
 		sp := space(b)
 		deep := strings.Repeat("[", 600) + strings.Repeat("]", 600)
+		deepValue := strings.Repeat(`{"a":`, 10_000) + "1" + strings.Repeat("}", 10_000) // valid alone, not in an envelope
 		for k, v := range map[string]string{
-			"mixed":  `[1,{"x":,},2,` + deep + `,3]`,
-			"allbad": `[tru]`,
+			"mixed":     `[1,{"x":,},2,` + deep + `,3]`,
+			"allbad":    `[tru]`,
+			"deepvalue": deepValue,
 		} {
 			for _, cmd := range []rueidis.Completed{
 				r.B().Set().Key(sp.Items(k)).Value(v).Build(),
@@ -187,20 +189,107 @@ func TestBadItemsAreIsolated(t *testing.T) {
 			}
 		}
 		f := fetch(t, c, 10)
-		if len(f.Batches) != 1 || f.Batches[0].Key != "mixed" || itemsOf(f.Batches[0]) != `[1,2,3]` || len(f.Dead) != 3 {
-			t.Fatalf("fetched %s, want mixed [1,2,3] and 3 dead letters", describe(f))
+		if len(f.Batches) != 1 || f.Batches[0].Key != "mixed" || itemsOf(f.Batches[0]) != `[1,2,3]` || len(f.Dead) != 4 {
+			t.Fatalf("fetched %s, want mixed [1,2,3] and 4 dead letters", describe(f))
 		}
 		settle(t, c, f.Batches[0], all(3, done)...)
 		noLeases(t, b)
 		ds := deadLetters(t, c)
-		if len(ds) != 3 {
-			t.Fatalf("dead letters %+v, want 3", ds)
+		if len(ds) != 4 {
+			t.Fatalf("dead letters %+v, want 4", ds)
 		}
-		want := map[string]string{`"{\"x\":,}"`: "item 1 of the key's array is not valid JSON", `"` + deep + `"`: "item 3 of the key's array is nested 600 levels deep", `"tru"`: "item 0 of the key's array is not valid JSON"}
+		want := map[string]string{strconv.Quote(deepValue): "the key held a string that is not a JSON array", `"{\"x\":,}"`: "item 1 of the key's array: not valid JSON", `"` + deep + `"`: "item 3 of the key's array: nested 600 levels deep", `"tru"`: "item 0 of the key's array: not valid JSON"}
 		for _, d := range ds {
 			if w, ok := want[string(d.Item)]; !ok || !strings.HasPrefix(d.Error, w) || !d.Corrupt || d.Requeueable() {
 				t.Errorf("dead letter %s: item %.40s error %q corrupt %v", d.Key, d.Item, d.Error, d.Corrupt)
 			}
+		}
+	})
+}
+
+// One value cannot flood dead letters: a run of bad elements is one letter,
+// and past 16 runs the rest of the value is one letter.
+func TestBadItemsCannotFloodDeadLetters(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		c := newConsumer(t, b)
+		r := b.Client
+		sp := space(b)
+		var alternating []string
+		for i := range 100 {
+			alternating = append(alternating, strconv.Itoa(i), "x")
+		}
+		for k, v := range map[string]string{
+			"commas":      "[" + strings.Repeat(",", 100_000) + "]",
+			"alternating": "[" + strings.Join(alternating, ",") + "]",
+		} {
+			for _, cmd := range []rueidis.Completed{
+				r.B().Set().Key(sp.Items(k)).Value(v).Build(),
+				r.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, k).Build(),
+			} {
+				if err := r.Do(ctx, cmd).Error(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		f := fetch(t, c, 10)
+		for _, bt := range f.Batches {
+			settle(t, c, bt, all(len(bt.Items), done)...)
+		}
+		noLeases(t, b)
+		byKey := map[string][]consumer.DeadLetter{}
+		for _, d := range deadLetters(t, c) {
+			byKey[d.Key] = append(byKey[d.Key], d)
+		}
+		if n := len(byKey["commas"]); n != 1 {
+			t.Errorf("100,000 missing values made %d dead letters, want 1", n)
+		}
+		alt := byKey["alternating"]
+		if len(alt) != 16 || len(f.Batches) != 1 || len(f.Batches[0].Items) != 16 {
+			t.Fatalf("alternating good and bad items: %d dead letters and %s, want 16 letters and the first 16 items", len(alt), describe(f))
+		}
+		last := alt[0] // newest first: the one holding the rest
+		if !strings.Contains(last.Error, "items 31 to 199 (the rest of the array") || !strings.HasPrefix(string(last.Item), `"x,16,x,17`) {
+			t.Errorf("the last letter: %q %.40s", last.Error, last.Item)
+		}
+	})
+}
+
+// A dead letter whose stored envelope does not decode (written by another
+// program, or too deep to decode) is listed as a corrupt letter, and does
+// not hide the others.
+func TestUndecodableDeadLetterIsListed(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		c := newConsumer(t, b)
+		r := b.Client
+		sp := space(b)
+		p := newProducer(t, b)
+		addRaw(t, p, "k", `1`)
+		f := fetch(t, c, 1)
+		settle(t, c, f.Batches[0], consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")})
+		deep := strings.Repeat(`{"a":`, 10_000) + "1" + strings.Repeat("}", 10_000)
+		for id, env := range map[string]string{"garbage": "not json", "deep": `{"id":"deep","item":` + deep + `}`} {
+			for _, cmd := range []rueidis.Completed{
+				r.B().Hset().Key(sp.DeadData()).FieldValue().FieldValue(id, env).Build(),
+				r.B().Zadd().Key(sp.Dead()).ScoreMember().ScoreMember(1, id).Build(),
+			} {
+				if err := r.Do(ctx, cmd).Error(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		ds := deadLetters(t, c)
+		byID := map[string]consumer.DeadLetter{}
+		for _, d := range ds {
+			byID[d.ID] = d
+		}
+		if len(ds) != 3 || !byID["garbage"].Corrupt || !byID["deep"].Corrupt || byID["deep"].Requeueable() ||
+			!strings.Contains(byID["garbage"].Error, "does not decode") {
+			t.Fatalf("dead letters %+v, want the good one and two corrupt ones", ds)
+		}
+		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 3 {
+			t.Fatalf("PurgeDead: %d, %v", n, err)
 		}
 	})
 }

@@ -31,6 +31,8 @@ type Part struct {
 	Err error
 	// Depth is how deeply the element nests arrays and objects (see Depth).
 	Depth int
+	// Start and End are the offsets of Raw in the data given to Split.
+	Start, End int
 }
 
 // Split returns the elements of the JSON array in data, in order, each
@@ -58,15 +60,18 @@ func Split(data []byte) ([]Part, error) {
 	}
 	for {
 		end, depth, closed, ok := scanElement(data, i)
-		raw := trimBlanks(data[i:end])
+		p := partOf(data, i, end)
+		p.Depth = depth
 		switch {
 		case !ok:
-			return append(parts, Part{Raw: raw, Err: errors.New("the array is not terminated"), Depth: depth}), nil
-		case len(raw) == 0:
-			parts = append(parts, Part{Raw: raw, Err: errors.New("missing value")})
+			p.Err = errors.New("the array is not terminated")
+			return append(parts, p), nil
+		case len(p.Raw) == 0:
+			p.Err = errors.New("missing value")
 		default:
-			parts = append(parts, Part{Raw: raw, Err: valid(raw), Depth: depth})
+			p.Err = valid(p.Raw)
 		}
+		parts = append(parts, p)
 		if closed {
 			return appendTrailing(parts, data, end+1), nil
 		}
@@ -114,11 +119,23 @@ func scanElement(data []byte, i int) (end, deepest int, closed, ok bool) {
 	return len(data), deepest, false, false
 }
 
+// partOf returns the part of data[start:end], blanks around it left out.
+func partOf(data []byte, start, end int) Part {
+	for start < end && isBlank(data[start]) {
+		start++
+	}
+	for end > start && isBlank(data[end-1]) {
+		end--
+	}
+	return Part{Raw: data[start:end], Start: start, End: end}
+}
+
 // appendTrailing returns parts with what follows the array's closing
 // bracket at data[i:] as a bad part, unless it is blank.
 func appendTrailing(parts []Part, data []byte, i int) []Part {
-	if rest := trimBlanks(data[i:]); len(rest) > 0 {
-		parts = append(parts, Part{Raw: rest, Err: errors.New("data after the end of the array")})
+	if p := partOf(data, i, len(data)); len(p.Raw) > 0 {
+		p.Err = errors.New("data after the end of the array")
+		parts = append(parts, p)
 	}
 	return parts
 }
@@ -182,13 +199,4 @@ func skipBlanks(data []byte, i int) int {
 		i++
 	}
 	return i
-}
-
-func trimBlanks(b []byte) []byte {
-	i := skipBlanks(b, 0)
-	j := len(b)
-	for j > i && isBlank(b[j-1]) {
-		j--
-	}
-	return b[i:j]
 }

@@ -123,7 +123,7 @@ func FuzzSplit(f *testing.F) {
 			if !errors.Is(err, ErrNotArray) {
 				t.Fatalf("unexpected error %v", err)
 			}
-			if trimmed := trimBlanks(data); len(trimmed) > 0 && trimmed[0] == '[' {
+			if trimmed := bytes.TrimLeft(data, " \t\r\n"); len(trimmed) > 0 && trimmed[0] == '[' {
 				t.Fatalf("ErrNotArray for %q", data)
 			}
 			return
@@ -162,5 +162,21 @@ func TestSplitDepth(t *testing.T) {
 	}
 	if want := []int{0, 3, 0, 600}; !slices.Equal(depths, want) {
 		t.Errorf("depths %v, want %v", depths, want)
+	}
+}
+
+func TestSplitOffsets(t *testing.T) {
+	data := []byte(" [ 1 , {\"a\":[2]} ,x ] 3")
+	got, err := Split(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range got {
+		if string(data[p.Start:p.End]) != string(p.Raw) {
+			t.Errorf("part %q at %d:%d holds %q", p.Raw, p.Start, p.End, data[p.Start:p.End])
+		}
+	}
+	if len(got) != 4 || string(got[3].Raw) != "3" || got[3].Err == nil {
+		t.Errorf("parts %+v", got)
 	}
 }
