@@ -19,6 +19,7 @@ import (
 
 	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/store"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -1054,8 +1055,8 @@ func (m *model) check() {
 		if !json.Valid([]byte(items)) {
 			m.fail("I3: key %q holds invalid JSON %s", k, items)
 		}
-		if count != strconv.Itoa(len(p)) {
-			m.fail("count of key %q is %q, want %d", k, count, len(p))
+		if want := store.PackCount(int64(len(p)), int64(len(items))); count != strconv.FormatInt(want, 10) {
+			m.fail("count of key %q is %q, want %d (%d items, %d bytes)", k, count, want, len(p), len(items))
 		}
 	}
 	zset := func(r rueidis.RedisResult, what string) map[string]int64 {
@@ -1116,7 +1117,8 @@ func (m *model) check() {
 			v, _ := str(res[i])
 			n, _ := str(res[i+1])
 			i += 2
-			if v != itemsString(mb.items) || n != strconv.Itoa(len(mb.items)) || meta[tok] != "d:model:"+mb.key {
+			want := store.PackCount(int64(len(mb.items)), int64(len(itemsString(mb.items))))
+			if v != itemsString(mb.items) || n != strconv.FormatInt(want, 10) || meta[tok] != "d:model:"+mb.key {
 				m.fail("lease %s holds %s (count %q, description %q), want %s", tok, v, n, meta[tok], itemsString(mb.items))
 			}
 			continue

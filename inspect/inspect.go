@@ -112,7 +112,9 @@ func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 // ErrNotEmpty, changing nothing, for one that holds items. If items arrive
 // while it forgets, it registers the queue again and returns ErrNotEmpty.
 // A running producer or worker of the queue registers it again (a worker
-// every 30 seconds, a producer when it restarts).
+// every 30 seconds, a producer when it restarts), with its own shard count:
+// the registry forgets the largest count recorded before, which the
+// inspector reads and workers warn about.
 func (in *Inspector) Forget(ctx context.Context, name string) error {
 	q, err := in.Queue(ctx, name)
 	if err != nil {
@@ -288,10 +290,9 @@ func sum(counts [][]int64) int64 {
 	return n
 }
 
-// counts reads the integer value of the count key of each of
-// names[queue][shard]: one MGET per queue shard, all in one round trip. A
-// missing count is 0: a lease of retries has none, and a key may be drained
-// meanwhile.
+// counts reads the items the count key of each of names[queue][shard]
+// records: one MGET per queue shard, all in one round trip. A missing count
+// is 0: a lease of retries has none, and a key may be drained meanwhile.
 func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string, countKey func(keys.Space, string) string) ([][][]int64, error) {
 	type at struct{ q, shard int }
 	var cmds rueidis.Commands
@@ -320,7 +321,7 @@ func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string,
 		cs := make([]int64, len(vals))
 		for j, v := range vals {
 			if n, err := v.AsInt64(); err == nil {
-				cs[j] = n
+				cs[j], _ = store.UnpackCount(n)
 			}
 		}
 		out[where[i].q][where[i].shard] = cs
@@ -520,7 +521,9 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		t, _ := store.Type(ctx, in.c, sp.Items(key))
 		return Peeked{}, fmt.Errorf("key %s of queue %s holds a Redis %s, not a JSON array: %w", key, name, t, err)
 	}
-	p.Items, _ = res[1].AsInt64()
+	if v, err := res[1].AsInt64(); err == nil {
+		p.Items, _ = store.UnpackCount(v)
+	}
 	if score, err := res[2].AsFloat64(); err == nil {
 		p.Due = time.UnixMilli(int64(score))
 		if now, err := store.Time(ctx, in.c); err == nil && now.After(p.Due) {

@@ -19,24 +19,41 @@ end
 -- default): no array may grow past it.
 local max_string = 536870912
 
+-- A key's count (n:<key>) holds two numbers in one integer, so that one
+-- INCRBY keeps both: its items times unit, plus the length of its array
+-- minus one (the offset of the closing bracket). Lua numbers are doubles,
+-- exact up to 2^53: a key holds at most max_items items.
+local unit = 1073741824 -- 2^30, past max_string
+local max_items = 8388607 -- 2^23 - 1
+
+-- counted returns the items and the array length a count value says.
+local function counted(v)
+  local items = math.floor(v / unit)
+  return items, v - items * unit + 1
+end
+
 -- append_items splices items (n JSON values joined by commas, never empty)
--- onto the JSON array stored at ik, creating it if missing, and adds n to
--- the item count at nk. It costs the same whatever the size of the stored
--- array: it reads two bytes and overwrites the closing bracket. With maxn or
--- maxb above 0, it refuses to take the array past maxn items or maxb bytes
--- (and never past max_string). It returns the stored length before the
--- append, the item count after it and the length after it; or nil and an
--- error reply (NOTARRAY, or FULL <items> <bytes>), storing nothing. Every
--- check that can fail comes before its first write, or undoes it.
+-- onto the JSON array stored at ik, creating it if missing, and keeps the
+-- count at nk. It costs the same whatever the size of the stored array: it
+-- reads three bytes and overwrites the closing bracket. With maxn or maxb
+-- above 0, it refuses to take the array past maxn items or maxb bytes (and
+-- never past max_items or max_string). It returns the stored length before
+-- the append, the item count after it and the length after it; or nil and
+-- an error reply (NOTARRAY, or FULL <items> <bytes>), storing nothing.
+-- Every check that can fail comes before its first write, or undoes it.
 --
--- An array batchq wrote always has its item count beside it, and only
--- batchq writes counts: a value without one was written by another program,
--- however much it looks like an array ("[ ]", "[1,2]]"), and is refused.
--- The count is read by the INCRBY the append makes anyway: the check is
--- free.
+-- An array batchq wrote always has its count beside it, and only batchq
+-- writes counts: a value without one was written by another program,
+-- however much it looks like an array ("[ ]", "[1,2]]"), and so is one
+-- whose length is not the one its count records (another program replaced
+-- the array). Both are refused. The count is read by the INCRBY the append
+-- makes anyway: the checks are free.
 local function append_items(ik, nk, items, n, maxn, maxb)
   if maxb <= 0 or maxb > max_string then
     maxb = max_string
+  end
+  if maxn <= 0 or maxn > max_items then
+    maxn = max_items
   end
   local len = redis.pcall('STRLEN', ik)
   if type(len) == 'table' then
@@ -44,13 +61,13 @@ local function append_items(ik, nk, items, n, maxn, maxb)
   end
   if len == 0 then
     local newlen = #items + 2
-    if (maxn > 0 and n > maxn) or newlen > maxb then
+    if n > maxn or newlen > maxb then
       return nil, nil, nil, redis.error_reply('FULL 0 0')
     end
     if not redis.call('SET', ik, '[' .. items .. ']', 'NX') then
       return nil, nil, nil, redis.error_reply('NOTARRAY the key holds an empty string, not a JSON array')
     end
-    redis.call('SET', nk, n)
+    redis.call('SET', nk, n * unit + newlen - 1)
     return len, n, newlen
   end
   if redis.call('GETRANGE', ik, 0, 0) ~= '[' or redis.call('GETRANGE', ik, -1, -1) ~= ']' then
@@ -58,31 +75,42 @@ local function append_items(ik, nk, items, n, maxn, maxb)
   end
   local newlen = len + #items + 1
   if newlen > maxb then
-    return nil, nil, nil, redis.error_reply('FULL ' .. (tonumber(redis.pcall('GET', nk)) or 0) .. ' ' .. len)
+    return nil, nil, nil, redis.error_reply('FULL ' .. counted(tonumber(redis.pcall('GET', nk)) or 0) .. ' ' .. len)
   end
   -- The count is raised first and lowered again in the rare case that the
-  -- items are too many: one call on the common path, not a GET and an
+  -- append is refused: one call on the common path, not a GET and an
   -- INCRBY. The SETRANGE after it cannot fail: the length is checked.
-  local count = redis.pcall('INCRBY', nk, n)
-  if type(count) == 'table' then
-    return nil, nil, nil, redis.error_reply('NOTARRAY the item count of the key is not an integer')
+  local delta = n * unit + #items + 1
+  local v = redis.pcall('INCRBY', nk, delta)
+  if type(v) == 'table' then
+    return nil, nil, nil, redis.error_reply('NOTARRAY the count of the key is not an integer')
   end
-  if count == n then
+  if v == delta then
     redis.call('DEL', nk)
-    return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a value batchq did not write (it has no item count)')
+    return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a value batchq did not write (it has no count)')
   end
-  if maxn > 0 and count > maxn then
-    redis.call('DECRBY', nk, n)
-    return nil, nil, nil, redis.error_reply('FULL ' .. (count - n) .. ' ' .. len)
+  local count, oldlen = counted(v - delta)
+  if oldlen ~= len then
+    redis.call('DECRBY', nk, delta)
+    return nil, nil, nil, redis.error_reply('NOTARRAY the key holds a value batchq did not write (its length is not the one its count records)')
+  end
+  if count + n > maxn then
+    redis.call('DECRBY', nk, delta)
+    return nil, nil, nil, redis.error_reply('FULL ' .. count .. ' ' .. len)
   end
   redis.call('SETRANGE', ik, len - 1, ',' .. items .. ']')
-  return len, count, newlen
+  return len, count + n, newlen
 end
 
 -- ours reports whether the string cur, read from ik, can take items back:
--- it is missing, or an array batchq wrote (with an item count at nk).
+-- it is missing, or an array batchq wrote (its count at nk records its
+-- length).
 local function ours(cur, nk)
-  return not cur or (is_array(cur) and redis.call('EXISTS', nk) == 1)
+  if not cur then
+    return true
+  end
+  local v = tonumber(redis.pcall('GET', nk))
+  return v ~= nil and is_array(cur) and select(2, counted(v)) == #cur
 end
 
 -- can_prepend reports whether prepend_array(ik, nk, ...) would succeed: ik
@@ -94,8 +122,8 @@ end
 
 -- prepend_array puts the n items of the JSON array arr in front of those
 -- stored at ik (returned items were appended before the stored ones) and
--- adds n to the item count at nk. It returns false, changing nothing, when
--- ik holds something other than an array batchq wrote.
+-- keeps the count at nk. It returns false, changing nothing, when ik holds
+-- something other than an array batchq wrote.
 local function prepend_array(ik, nk, arr, n)
   if arr == '[]' then
     return true
@@ -104,12 +132,13 @@ local function prepend_array(ik, nk, arr, n)
   if not ok or not ours(cur, nk) then
     return false
   end
+  local delta = n * unit + #arr - 1
   if not cur then
     redis.call('SET', ik, arr)
-    redis.call('SET', nk, n)
+    redis.call('SET', nk, delta)
   else
     redis.call('SET', ik, string.sub(arr, 1, -2) .. ',' .. string.sub(cur, 2))
-    redis.call('INCRBY', nk, n)
+    redis.call('INCRBY', nk, delta)
   end
   return true
 end

@@ -48,17 +48,18 @@ if kind == 'r' then
   end
   redis.call('DEL', KEYS[3])
 elseif kind == 'd' and redis.call('EXISTS', KEYS[3]) == 1 then
-  local n = tonumber(redis.call('GET', KEYS[10]) or '0') or 0
+  local n = tonumber(redis.pcall('GET', KEYS[10])) or 0
   local ok, val = pcall(redis.call, 'GET', KEYS[3])
-  -- A lease without a count holds a value another program wrote: it goes
-  -- back as it was, still without a count, and is never merged into an
-  -- array batchq wrote.
-  if n > 0 and ok and is_array(val) and can_prepend(KEYS[4], KEYS[9]) then
-    prepend_array(KEYS[4], KEYS[9], val, n)
+  -- A lease whose count does not record its length (none at all, say)
+  -- holds a value another program wrote: it goes back as it was, without
+  -- a count, and is never merged into an array batchq wrote.
+  local ours = n > 0 and ok and is_array(val) and select(2, counted(n)) == #val
+  if ours and can_prepend(KEYS[4], KEYS[9]) then
+    prepend_array(KEYS[4], KEYS[9], val, (counted(n)))
     redis.call('DEL', KEYS[3])
   elseif redis.call('EXISTS', KEYS[4]) == 0 then
     redis.call('RENAME', KEYS[3], KEYS[4])
-    if n > 0 then
+    if ours then
       redis.call('SET', KEYS[9], n)
     end
   else

@@ -47,6 +47,11 @@ const (
 	// longer, whatever its cap.
 	MaxKeyBytesLimit = 512 << 20
 
+	// MaxKeyItemsLimit is the most items a key may hold, whatever its cap
+	// (batchq keeps a key's items and bytes in one integer that Lua must
+	// read exactly).
+	MaxKeyItemsLimit = store.MaxKeyItems
+
 	// MaxItemDepth is how deeply an item may nest arrays and objects: 1 for
 	// {"a":1}, 2 for {"a":[1]}. Deeper items fail with ErrTooDeep. (Workers
 	// send deeper items that reach a key another way to dead letters, alone.)
@@ -66,9 +71,10 @@ var (
 	ErrMarshal = errors.New("cannot encode item as JSON")
 	// ErrNotArray: the key holds a value batchq did not write, however much
 	// it looks like a JSON array ("[ ]", "[1,2]]"): batchq knows its arrays
-	// by the item count it keeps beside each. The key is made ready, so that
-	// a worker moves the value to dead letters; appends then work again. An
-	// item whose append returned nil never ends up inside such a value.
+	// by the count it keeps beside each, of their items and length. The key
+	// is made ready, so that a worker moves the value to dead letters;
+	// appends then work again. An item whose append returned nil never ends
+	// up inside such a value.
 	ErrNotArray = store.ErrNotArray
 	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.
 	ErrQueueName = keys.ErrQueueName
@@ -170,11 +176,12 @@ func WithMaxItemBytes(n int) Option {
 }
 
 // WithMaxKeyItems caps the pending items of one key (default 1,000,000; 0
-// for none). An append that would pass it fails with ErrKeyFull.
+// for MaxKeyItemsLimit, 8,388,607, the highest cap). An append that would
+// pass it fails with ErrKeyFull.
 func WithMaxKeyItems(n int) Option {
 	return func(pr *Producer) error {
-		if n < 0 {
-			return fmt.Errorf("producer: max key items must not be negative, got %d", n)
+		if n < 0 || n > MaxKeyItemsLimit {
+			return fmt.Errorf("producer: max key items must be 0-%d, got %d", MaxKeyItemsLimit, n)
 		}
 		pr.caps.Items = n
 		return nil
@@ -205,6 +212,12 @@ func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 		if err := o(p); err != nil {
 			return nil, err
 		}
+	}
+	if p.caps.Items == 0 {
+		p.caps.Items = MaxKeyItemsLimit
+	}
+	if p.caps.Bytes == 0 {
+		p.caps.Bytes = MaxKeyBytesLimit
 	}
 	return p, nil
 }

@@ -6,7 +6,7 @@
 // safe):
 //
 //	<prefix>:{<queue>:<shard>}:k:<key>       pending items, a JSON array (string)
-//	<prefix>:{<queue>:<shard>}:n:<key>       how many items k:<key> holds (string)
+//	<prefix>:{<queue>:<shard>}:n:<key>       the items and length of k:<key>, packed in one integer (string)
 //	<prefix>:{<queue>:<shard>}:c:<key>       the latest due time of k:<key> under a quiet period (string, expires)
 //	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms)
 //	<prefix>:{<queue>:<shard>}:wake          LIST of wake-up tokens for idle workers
@@ -122,7 +122,8 @@ func For(prefix, queue string, shard int) Space {
 // Items is the key holding the pending JSON array of key.
 func (s Space) Items(key string) string { return s.base + "k:" + key }
 
-// Count is the key holding how many items Items(key) holds.
+// Count is the key holding how many items Items(key) holds, and its length
+// (see store.PackCount).
 func (s Space) Count(key string) string { return s.base + "n:" + key }
 
 // Cap is the key holding the latest time key may be due at when its queue

@@ -77,6 +77,23 @@ func scriptError(msg string) error {
 	return nil
 }
 
+// A key's count (keys.Space.Count) holds two numbers in one integer, so
+// that the merge script keeps both with one INCRBY: the key's items times
+// countUnit, plus the length of its array minus one. Lua's numbers are
+// doubles, exact up to 2^53: a key holds at most MaxKeyItems items.
+const (
+	countUnit   = 1 << 30 // past the largest string, 512 MiB
+	MaxKeyItems = 1<<23 - 1
+)
+
+// UnpackCount returns the items and the array length (bytes) a count value
+// records.
+func UnpackCount(v int64) (items, bytes int64) { return v / countUnit, v%countUnit + 1 }
+
+// PackCount returns the count value of an array of items items and bytes
+// bytes.
+func PackCount(items, bytes int64) int64 { return items*countUnit + bytes - 1 }
+
 // Caps bound what one key may hold; 0 means no bound.
 type Caps struct {
 	Items int
@@ -630,24 +647,25 @@ func Type(ctx context.Context, c rueidis.Client, key string) (string, error) {
 	return c.Do(ctx, c.B().Type().Key(key).Build()).ToString()
 }
 
-// ListDead returns the envelopes of up to limit dead letters of a shard,
-// newest first, skipping the first offset.
-func ListDead(ctx context.Context, c rueidis.Client, sp keys.Space, offset, limit int) ([]string, error) {
-	ids, err := c.Do(ctx, c.B().Zrange().Key(sp.Dead()).Min(strconv.Itoa(offset)).Max(strconv.Itoa(offset+limit-1)).Rev().Build()).AsStrSlice()
+// ListDead returns up to limit dead letters of a shard, newest first,
+// skipping the first offset: their ids and envelopes (in the same order).
+func ListDead(ctx context.Context, c rueidis.Client, sp keys.Space, offset, limit int) (ids, envs []string, err error) {
+	ids, err = c.Do(ctx, c.B().Zrange().Key(sp.Dead()).Min(strconv.Itoa(offset)).Max(strconv.Itoa(offset+limit-1)).Rev().Build()).AsStrSlice()
 	if err != nil || len(ids) == 0 {
-		return nil, err
+		return nil, nil, err
 	}
 	vals, err := c.Do(ctx, c.B().Hmget().Key(sp.DeadData()).Field(ids...).Build()).ToArray()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	envs := make([]string, 0, len(vals))
-	for _, v := range vals {
+	out := ids[:0]
+	for i, v := range vals {
 		if s, err := v.ToString(); err == nil {
+			out = append(out, ids[i])
 			envs = append(envs, s)
 		}
 	}
-	return envs, nil
+	return out, envs, nil
 }
 
 // CountDead returns the number of dead letters of a shard.
