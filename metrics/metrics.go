@@ -80,8 +80,10 @@ func WithLaggingKeys(n int) Option {
 // process's producers and workers use come first, then the others by name.
 // batchq_queues says how many are registered, reported or not. It keeps a
 // registry flooded with queue names (by anyone who can make a producer
-// append to any name) from making scrapes slow and series many; WithQueues
-// is the tighter bound.
+// append to any name) from making scrapes slow and series many, but the
+// flood can still push queues this process does not use out of the report
+// (names that sort first win): where queue names come from outside,
+// WithQueues is the bound to rely on.
 func WithMaxQueues(n int) Option {
 	return func(m *Metrics) error {
 		if n < 1 {

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -135,12 +136,11 @@ func WithSecret(key []byte) Option {
 // in the Host header is ignored, and names match regardless of case.
 func WithAllowedHosts(hosts ...string) Option {
 	return func(p *page) error {
-		for _, h := range hosts {
-			if h == "" || strings.ContainsAny(h, ":/ ") {
-				return fmt.Errorf("allowed host %q: want a host name without port or scheme", h)
-			}
-			p.hosts[strings.ToLower(h)] = true
+		names, err := hostNames(hosts)
+		if err != nil {
+			return err
 		}
+		maps.Copy(p.hosts, names)
 		return nil
 	}
 }
@@ -263,8 +263,13 @@ func (p *page) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // allowedHost reports whether the page answers to a request whose Host
-// header is host: an IP address, or an allowed name.
-func (p *page) allowedHost(host string) bool {
+// header is host.
+func (p *page) allowedHost(host string) bool { return hostAllowed(host, p.hosts) }
+
+// hostAllowed reports whether host, a Host header, is an IP address
+// (with or without a port), or a name in names (lower case, no trailing
+// dot).
+func hostAllowed(host string, names map[string]bool) bool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
@@ -272,7 +277,40 @@ func (p *page) allowedHost(host string) bool {
 	if _, err := netip.ParseAddr(host); err == nil {
 		return true
 	}
-	return p.hosts[strings.ToLower(strings.TrimSuffix(host, "."))]
+	return names[strings.ToLower(strings.TrimSuffix(host, "."))]
+}
+
+// HostHandler returns a handler that passes to h the requests whose Host
+// is an IP address, localhost or one of hosts, as the status page itself
+// does (see WithAllowedHosts), and answers others with 421 Misdirected
+// Request. Wrap with it what a service serves beside the page on the same
+// listener, such as Prometheus metrics, whose key names a web page should
+// not read through DNS rebinding either. It panics on an invalid host.
+func HostHandler(h http.Handler, hosts ...string) http.Handler {
+	names, err := hostNames(hosts)
+	if err != nil {
+		panic("statuspage: " + err.Error())
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !hostAllowed(r.Host, names) {
+			http.Error(w, "421 misdirected request: this server does not answer to that host name", http.StatusMisdirectedRequest)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// hostNames returns the set of names a page answers to: localhost and
+// hosts, each checked.
+func hostNames(hosts []string) (map[string]bool, error) {
+	names := map[string]bool{"localhost": true}
+	for _, h := range hosts {
+		if h == "" || strings.ContainsAny(h, ":/ ") {
+			return nil, fmt.Errorf("allowed host %q: want a host name without port or scheme", h)
+		}
+		names[strings.ToLower(strings.TrimSuffix(h, "."))] = true
+	}
+	return names, nil
 }
 
 // common is what every page shows.
@@ -320,11 +358,12 @@ func (p *page) index(w http.ResponseWriter, r *http.Request) {
 		p.redisError(w, r, "", err)
 		return
 	}
-	first := (n - 1) * QueuesPerPage
-	if first >= len(qs) && n > 1 {
-		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("There is no page %d: %s fill %s.", n, plural(len(qs), "queue"), plural((len(qs)+QueuesPerPage-1)/QueuesPerPage, "page")))
+	pages := max(1, (len(qs)+QueuesPerPage-1)/QueuesPerPage)
+	if n > pages {
+		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("There is no page %d: %s fill %s.", n, plural(len(qs), "queue"), plural(pages, "page")))
 		return
 	}
+	first := (n - 1) * QueuesPerPage
 	shown := qs[first:min(first+QueuesPerPage, len(qs))]
 	all, err := p.in.StatsOf(r.Context(), shown...)
 	if err != nil {

@@ -781,7 +781,7 @@ func TestQueueNamesRoundTrip(t *testing.T) {
 // with no token to read, and its same-origin POSTs change nothing.
 func TestAllowedHosts(t *testing.T) {
 	f := seed(t, testredis.Mini(t))
-	s := serve(t, statuspage.New(f.in, statuspage.WithAllowedHosts("ops.example.com")), "/batchq/")
+	s := serve(t, statuspage.New(f.in, statuspage.WithAllowedHosts("ops.example.com", "dot.example.com.")), "/batchq/")
 	q := s.get("queues/orders").want(t, http.StatusOK)
 	purgeTok := q.forms()["./orders/purge"]
 	before := f.snapshot(t)
@@ -814,7 +814,7 @@ func TestAllowedHosts(t *testing.T) {
 	if after := f.snapshot(t); !reflect.DeepEqual(before, after) {
 		t.Errorf("refused requests changed Redis:\n%v\n%v", before, after)
 	}
-	for _, host := range []string{"127.0.0.1:" + s.base.Port(), "localhost", "LOCALHOST:80", "[::1]:9090", "10.1.2.3", "ops.example.com", "OPS.Example.com:8443"} {
+	for _, host := range []string{"127.0.0.1:" + s.base.Port(), "localhost", "LOCALHOST:80", "[::1]:9090", "10.1.2.3", "ops.example.com", "OPS.Example.com:8443", "dot.example.com", "dot.example.com.:443"} {
 		if p := withHost(http.MethodGet, host, nil); p.status != http.StatusOK {
 			t.Errorf("GET for %s: %d, want 200", host, p.status)
 		}
@@ -855,7 +855,22 @@ func TestIndexPages(t *testing.T) {
 		}
 		s.get("?page=3").want(t, http.StatusOK, `href="?page=2" rel="prev"`, fmt.Sprintf("Queues 201–250 of %d", total))
 		s.get("?page=4").want(t, http.StatusNotFound, "There is no page 4")
+		s.get("?page=100000000000000001").want(t, http.StatusNotFound, "There is no page")
 		s.get("?page=0").want(t, http.StatusBadRequest)
 		s.get("?page=x").want(t, http.StatusBadRequest)
 	})
+}
+
+// HostHandler applies the page's host rule to another handler.
+func TestHostHandler(t *testing.T) {
+	h := statuspage.HostHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }), "ops.example.com")
+	for host, want := range map[string]int{"evil.example": 421, "127.0.0.1:9090": 200, "localhost": 200, "ops.example.com:80": 200, "[::1]": 200} {
+		req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
+		req.Host = host
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != want {
+			t.Errorf("Host %s: %d, want %d", host, rec.Code, want)
+		}
+	}
 }

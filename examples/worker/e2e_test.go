@@ -167,16 +167,18 @@ func testEndToEnd(t *testing.T, b testredis.Backend, shards int) {
 	}
 	// The status page answers its own address and localhost only: a DNS
 	// name of someone else's that points at it (DNS rebinding) gets 421.
-	for host, want := range map[string]int{"evil.example": http.StatusMisdirectedRequest, "localhost": http.StatusOK} {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+workers[0].metricsAddr+"/status/", nil)
-		req.Host = host
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != want {
-			t.Errorf("status page for Host %s: %s, want %d", host, resp.Status, want)
+	for _, path := range []string{"/status/", "/metrics"} {
+		for host, want := range map[string]int{"evil.example": http.StatusMisdirectedRequest, "localhost": http.StatusOK} {
+			req, _ := http.NewRequest(http.MethodGet, "http://"+workers[0].metricsAddr+path, nil)
+			req.Host = host
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Errorf("%s for Host %s: %s, want %d", path, host, resp.Status, want)
+			}
 		}
 	}
 

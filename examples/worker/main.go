@@ -18,9 +18,9 @@
 // statuspage): the depth, lag and dead letters of every queue under the
 // prefix, with requeue and purge buttons. The page has no login of its
 // own: keep ADDR on loopback (127.0.0.1:9090) or behind a proxy that has.
-// It answers requests for IP addresses, localhost and the host name of
+// Both answer requests for IP addresses, localhost and the host name of
 // ADDR; -status-hosts names more (a proxy's, say): others get 421, so that
-// no web page can reach it through a DNS name of its own (DNS rebinding).
+// no web page can reach them through a DNS name of its own (DNS rebinding).
 //
 // SIGINT or SIGTERM stops it gracefully: it fetches no more, lets running
 // handlers finish for up to -shutdown-timeout, puts back the items it had
@@ -132,7 +132,8 @@ func work(cfg config, log *zap.Logger) error {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		mux.Handle("/status/", http.StripPrefix("/status", statuspage.New(in, statuspage.WithLogger(log),
 			statuspage.WithAllowedHosts(statusHosts(cfg.metrics, cfg.statusHosts)...))))
-		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		// The metrics name keys too: they answer the same hosts as the page.
+		srv = &http.Server{Handler: statuspage.HostHandler(mux, statusHosts(cfg.metrics, cfg.statusHosts)...), ReadHeaderTimeout: 10 * time.Second}
 	}
 	w, err := batchq.NewWorker(rdb, opts...)
 	if err != nil {
