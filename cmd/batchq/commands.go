@@ -188,7 +188,11 @@ type session struct {
 	out  io.Writer
 }
 
-// noQueue explains that queue is not registered, naming those that are.
+// maxKnownQueues bounds the queue names an error lists.
+const maxKnownQueues = 20
+
+// noQueue explains that queue is not registered, naming those that are
+// (the first maxKnownQueues).
 func (s *session) noQueue(ctx context.Context, queue string) error {
 	msg := fmt.Sprintf("no queue %q under prefix %q", queue, s.in.Prefix())
 	qs, err := s.in.Queues(ctx)
@@ -198,11 +202,15 @@ func (s *session) noQueue(ctx context.Context, queue string) error {
 	case len(qs) == 0:
 		return fmt.Errorf("%s; no queue is registered under it (is -prefix right?)", msg)
 	}
-	names := make([]string, len(qs))
-	for i, q := range qs {
-		names[i] = cell(q.Name)
+	names := make([]string, 0, min(len(qs), maxKnownQueues))
+	for _, q := range qs[:min(len(qs), maxKnownQueues)] {
+		names = append(names, cell(q.Name))
 	}
-	return fmt.Errorf("%s; known queues: %s", msg, strings.Join(names, ", "))
+	list := strings.Join(names, ", ")
+	if more := len(qs) - len(names); more > 0 {
+		list += fmt.Sprintf(" and %d more (batchq stats lists them)", more)
+	}
+	return fmt.Errorf("%s; known queues: %s", msg, list)
 }
 
 // stats prints the state of the named queues, or of every registered one.

@@ -798,6 +798,7 @@ func TestEscapeControls(t *testing.T) {
 		"a\nb\tc\r":        `a\nb\tc\r`,
 		"a\u0085b\x7f":     `a\u0085b\x7f`,
 		"a\xffb":           `a\xffb`,
+		"a\u202eb":         `a\u202eb`,
 	} {
 		if got := escapeControls(in); got != want {
 			t.Errorf("escapeControls(%q) = %q, want %q", in, got, want)

@@ -103,10 +103,11 @@ func (t *table) flush() error { return t.tw.Flush() }
 
 // cell returns s as it is when every rune of it is printable, and quoted
 // (Go syntax) otherwise: keys, queue names and errors come from users, and
-// a tab, a newline or a terminal escape sequence must not reach a table.
+// a tab, a newline, a terminal escape sequence or a right-to-left override
+// must not reach a table.
 func cell(s string) string {
 	for _, r := range s {
-		if !unicode.IsPrint(r) {
+		if !unicode.IsPrint(r) || unicode.Is(unicode.Cf, r) {
 			return strconv.Quote(s)
 		}
 	}
@@ -116,7 +117,8 @@ func cell(s string) string {
 	return s
 }
 
-// escapeControls returns s with its control characters and invalid UTF-8
+// escapeControls returns s with its control and format characters (such as
+// U+202E, which turns text right to left) and invalid UTF-8
 // escaped as in Go strings (\n, \x1b, \xff), and the rest as it is: error
 // messages may quote names that came from users, and none of them may reach
 // a terminal raw.
@@ -127,7 +129,7 @@ func escapeControls(s string) string {
 		switch {
 		case r == utf8.RuneError && n == 1:
 			fmt.Fprintf(&b, `\x%02x`, s[i])
-		case unicode.IsControl(r):
+		case unicode.IsControl(r), unicode.Is(unicode.Cf, r):
 			q := strconv.QuoteRune(r)
 			b.WriteString(q[1 : len(q)-1])
 		default:

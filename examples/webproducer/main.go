@@ -31,8 +31,8 @@
 //	202 {"queued":n}  the n items are stored
 //	400 none          invalid JSON, an item nested more than 512 levels
 //	                  deep, or an invalid queue name or key
-//	404 none          a queue not in -queues
-//	405               another method than POST
+//	404 none          a queue not in -queues, or another path
+//	405 none          another method than POST
 //	408 none          the body did not arrive within -read-timeout
 //	409 none          the key holds a value batchq did not write; a worker
 //	                  moves it to dead letters, and the key takes items again
@@ -225,11 +225,21 @@ type api struct {
 	log     *zap.Logger
 }
 
-// routes returns the handler of every route. The mux answers 405 to other
-// methods than POST.
+// routes returns the handler of every route: other methods than POST get
+// 405, other paths 404, each with a JSON body like every other answer.
 func (a *api) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /queues/{queue}/keys/{key}", a.add)
+	mux.HandleFunc("/queues/{queue}/keys/{key}", func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			reply(w, http.StatusMethodNotAllowed, fmt.Errorf("%s: only POST appends items", r.Method))
+			return
+		}
+		a.add(w, r)
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, http.StatusNotFound, errors.New("no such route: POST /queues/{queue}/keys/{key}"))
+	})
 	return mux
 }
 

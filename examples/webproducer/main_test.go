@@ -134,6 +134,7 @@ func TestRejected(t *testing.T) {
 		{"item too large", "POST", "/queues/orders/keys/k", `[1,"` + strings.Repeat("x", testMaxItem) + `"]`, http.StatusRequestEntityTooLarge},
 		{"GET", "GET", "/queues/orders/keys/k", ``, http.StatusMethodNotAllowed},
 		{"PUT", "PUT", "/queues/orders/keys/k", `1`, http.StatusMethodNotAllowed},
+		{"unknown path", "POST", "/orders/k", `1`, http.StatusNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -143,7 +144,7 @@ func TestRejected(t *testing.T) {
 			if code != tt.want {
 				t.Fatalf("%d %v, want %d", code, got, tt.want)
 			}
-			if code != http.StatusMethodNotAllowed && (got["error"] == "" || got["stored"] != "none") {
+			if got["error"] == "" || got["stored"] != "none" {
 				t.Errorf("want an error message and stored none: %v", got)
 			}
 			t.Logf("%d %v", code, got)
