@@ -168,10 +168,7 @@ func TestCorruptKeys(t *testing.T) {
 // elements is released at once.
 func TestBadItemsAreIsolated(t *testing.T) {
 	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
-		ctx := context.Background()
 		c := newConsumer(t, b, opts...)
-		r := b.Client
-		sp := space(b)
 		deep := strings.Repeat("[", 600) + strings.Repeat("]", 600)
 		deepValue := strings.Repeat(`{"a":`, 10_000) + "1" + strings.Repeat("}", 10_000) // valid alone, not in an envelope
 		for k, v := range map[string]string{
@@ -179,14 +176,7 @@ func TestBadItemsAreIsolated(t *testing.T) {
 			"allbad":    `[tru]`,
 			"deepvalue": deepValue,
 		} {
-			for _, cmd := range []rueidis.Completed{
-				r.B().Set().Key(sp.Items(k)).Value(v).Build(),
-				r.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, k).Build(),
-			} {
-				if err := r.Do(ctx, cmd).Error(); err != nil {
-					t.Fatal(err)
-				}
-			}
+			setReady(t, b, k, v)
 		}
 		f := fetch(t, c, 10)
 		if len(f.Batches) != 1 || f.Batches[0].Key != "mixed" || itemsOf(f.Batches[0]) != `[1,2,3]` || len(f.Dead) != 4 {
@@ -211,10 +201,7 @@ func TestBadItemsAreIsolated(t *testing.T) {
 // and past 16 runs the rest of the value is one letter.
 func TestBadItemsCannotFloodDeadLetters(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-		ctx := context.Background()
 		c := newConsumer(t, b)
-		r := b.Client
-		sp := space(b)
 		var alternating []string
 		for i := range 100 {
 			alternating = append(alternating, strconv.Itoa(i), "x")
@@ -223,14 +210,7 @@ func TestBadItemsCannotFloodDeadLetters(t *testing.T) {
 			"commas":      "[" + strings.Repeat(",", 100_000) + "]",
 			"alternating": "[" + strings.Join(alternating, ",") + "]",
 		} {
-			for _, cmd := range []rueidis.Completed{
-				r.B().Set().Key(sp.Items(k)).Value(v).Build(),
-				r.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, k).Build(),
-			} {
-				if err := r.Do(ctx, cmd).Error(); err != nil {
-					t.Fatal(err)
-				}
-			}
+			setReady(t, b, k, v)
 		}
 		f := fetch(t, c, 10)
 		for _, bt := range f.Batches {
@@ -292,6 +272,21 @@ func TestUndecodableDeadLetterIsListed(t *testing.T) {
 			t.Fatalf("PurgeDead: %d, %v", n, err)
 		}
 	})
+}
+
+// setReady stores value under key, as another program would (no count),
+// and makes the key due.
+func setReady(t *testing.T, b testredis.Backend, key, value string) {
+	t.Helper()
+	r := b.Client
+	for _, cmd := range []rueidis.Completed{
+		r.B().Set().Key(space(b).Items(key)).Value(value).Build(),
+		r.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, key).Build(),
+	} {
+		if err := r.Do(context.Background(), cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // eachMode runs fn with leases and at-most-once, each on miniredis and on

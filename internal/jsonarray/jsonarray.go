@@ -155,31 +155,10 @@ func valid(raw []byte) error {
 
 // Depth returns how deeply the JSON value in data nests arrays and
 // objects: 0 for a scalar, 1 for [1] or {}, 2 for [[1]]. Brackets inside
-// strings do not count. It does not validate data.
+// strings do not count. It expects one valid JSON value: it does not
+// validate data.
 func Depth(data []byte) int {
-	depth, deepest := 0, 0
-	inString := false
-	for j := 0; j < len(data); j++ {
-		c := data[j]
-		if inString {
-			switch c {
-			case '\\':
-				j++
-			case '"':
-				inString = false
-			}
-			continue
-		}
-		switch c {
-		case '"':
-			inString = true
-		case '[', '{':
-			depth++
-			deepest = max(deepest, depth)
-		case ']', '}':
-			depth--
-		}
-	}
+	_, deepest, _, _ := scanElement(data, 0)
 	return deepest
 }
 
