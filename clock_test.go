@@ -12,7 +12,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -29,8 +29,8 @@ func TestClockSkew(t *testing.T) {
 		const ttl = time.Second
 		// Before the workers start, a consumer with a clock 20s behind takes a
 		// batch and dies.
-		dead, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithLeaseTTL(ttl),
-			consumer.WithClock(skewed(-20*time.Second)))
+		dead, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithLeaseTTL(ttl),
+			protocol.WithClock(skewed(-20*time.Second)))
 		must(t, err)
 		must(t, dead.Sync(ctx))
 		p := newProducer(t, b)
@@ -45,7 +45,7 @@ func TestClockSkew(t *testing.T) {
 		byWorker := make([]int, 2)
 		for i, skew := range []time.Duration{20 * time.Second, -20 * time.Second} {
 			w := newWorker(t, b, batchq.WithLeaseTTL(ttl), batchq.WithConcurrency(4),
-				batchq.WithName("skew"+strconv.Itoa(i)), batchq.WithConsumerOption(consumer.WithClock(skewed(skew))))
+				batchq.WithName("skew"+strconv.Itoa(i)), batchq.WithConsumerOption(protocol.WithClock(skewed(skew))))
 			batchq.Handle(w, "skew", func(ctx context.Context, it item) error {
 				mu.Lock()
 				calls[it.ID]++

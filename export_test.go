@@ -1,6 +1,6 @@
 package batchq
 
-import "github.com/batchq/batchq/consumer"
+import "github.com/batchq/batchq/internal/protocol"
 
 // WithConsumerOption passes a consumer option through, for tests.
-func WithConsumerOption(o consumer.Option) Option { return withConsumer(o) }
+func WithConsumerOption(o protocol.Option) Option { return withConsumer(o) }

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -68,7 +68,7 @@ func TestReaperRunsWhileSlotsAreBusy(t *testing.T) {
 		const ttl = 300 * time.Millisecond
 		p := newProducer(t, b)
 		// A consumer takes a batch and dies with it.
-		dead, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithLeaseTTL(ttl))
+		dead, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithLeaseTTL(ttl))
 		must(t, err)
 		must(t, p.Add(ctx, "busy", "orphan", item{ID: 1}))
 		f, err := dead.Fetch(ctx, "busy", 0, 1)

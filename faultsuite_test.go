@@ -33,9 +33,8 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -376,7 +375,7 @@ func leasesOf(t testing.TB, b testredis.Backend, owner string) (tokens []string,
 	metas, err := c.Do(ctx, c.B().Hgetall().Key(sp.LeaseMeta()).Build()).AsStrMap()
 	must(t, err)
 	for tok, meta := range metas {
-		o, _, isKey := store.ParseLease(meta)
+		o, _, isKey := protocol.ParseLease(meta)
 		if o != owner {
 			continue
 		}
@@ -656,7 +655,7 @@ func testWorkerKills(t *testing.T, s killSpec) {
 	}
 	ttl := s.worker.LeaseTTL
 	if ttl == 0 {
-		ttl = consumer.DefaultLeaseTTL
+		ttl = protocol.DefaultLeaseTTL
 	}
 	slow := ""
 	if s.worker.SlowEvery > 0 {

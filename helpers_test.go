@@ -12,7 +12,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
@@ -124,9 +124,10 @@ type item struct {
 	ID int `json:"id"`
 }
 
-func newConsumer(t testing.TB, b testredis.Backend) *consumer.Consumer {
+// newDeadLetters returns a client of the dead letters under b's prefix.
+func newDeadLetters(t testing.TB, b testredis.Backend) *deadletter.Client {
 	t.Helper()
-	c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+	c, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
 	if err != nil {
 		t.Fatal(err)
 	}

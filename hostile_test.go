@@ -47,14 +47,14 @@ func TestDeepItemIsIsolated(t *testing.T) {
 				must(t, c.Do(ctx, c.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, "k").Build()).Error())
 				run(t, w)
 
-				cons := newConsumer(t, b)
+				cons := newDeadLetters(t, b)
 				eventually(t, 20*time.Second, "both good items handled and one dead letter", func() bool {
-					n, err := cons.CountDead(ctx, "deep")
+					n, err := cons.Count(ctx, "deep")
 					mu.Lock()
 					defer mu.Unlock()
 					return err == nil && n == 1 && seen["good-1"] == 1 && seen["good-3"] == 1
 				})
-				dead, err := cons.DeadLetters(ctx, "deep", 10)
+				dead, err := cons.List(ctx, "deep", 10)
 				must(t, err)
 				d := dead[0]
 				if d.Key != "k" || !d.Corrupt || !strings.Contains(d.Error, "item 1 ") || !strings.Contains(d.Error, "levels deep") {
@@ -121,7 +121,7 @@ func TestForeignValueNeverSwallowsAnAppend(t *testing.T) {
 			}
 			return true
 		})
-		dead, err := newConsumer(t, b).DeadLetters(ctx, "foreign", 100)
+		dead, err := newDeadLetters(t, b).List(ctx, "foreign", 100)
 		must(t, err)
 		for _, d := range dead {
 			if strings.Contains(string(d.Item), "good-") || strings.Contains(string(d.Item), "early-") {

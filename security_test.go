@@ -31,9 +31,10 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -217,7 +218,7 @@ func TestACL(t *testing.T) {
 	uc := userClient(t, srv.Addr, user, password)
 	u := testredis.Backend{Name: "redis", Addr: srv.Addr, Client: uc, Prefix: prefix}
 	p := newProducer(t, u)
-	cons := newConsumer(t, u)
+	cons := newDeadLetters(t, u)
 	add := func(queue, key string, ids ...int) {
 		t.Helper()
 		items := make([]any, len(ids))
@@ -229,7 +230,7 @@ func TestACL(t *testing.T) {
 
 	// A consumer takes a key's batch and a batch of retries and dies
 	// holding both: the worker's reaper must return them.
-	ghost, err := consumer.New(uc, consumer.WithPrefix(prefix), consumer.WithLeaseTTL(200*time.Millisecond), consumer.WithName("ghost"))
+	ghost, err := protocol.NewConsumer(uc, protocol.WithPrefix(prefix), protocol.WithLeaseTTL(200*time.Millisecond), protocol.WithName("ghost"))
 	must(t, err)
 	add("orphan", "k1", 1)
 	f, err := ghost.Fetch(ctx, "orphan", 0, 10)
@@ -237,7 +238,7 @@ func TestACL(t *testing.T) {
 	if len(f.Batches) != 1 {
 		t.Fatalf("ghost fetched %d batches, want 1", len(f.Batches))
 	}
-	must(t, ghost.Settle(ctx, f.Batches[0], []consumer.Outcome{{Kind: consumer.Retry, Err: errors.New("ghost"), Delay: 0}}))
+	must(t, ghost.Settle(ctx, f.Batches[0], []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("ghost"), Delay: 0}}))
 	add("orphan", "k2", 2)
 	f, err = ghost.Fetch(ctx, "orphan", 0, 10)
 	must(t, err)
@@ -307,7 +308,7 @@ func TestACL(t *testing.T) {
 	stopOnce := run(t, once)
 
 	count := func(queue string) int64 {
-		n, err := cons.CountDead(ctx, queue)
+		n, err := cons.Count(ctx, queue)
 		must(t, err)
 		return n
 	}
@@ -332,9 +333,9 @@ func TestACL(t *testing.T) {
 	}
 
 	// Requeue the dead letters: handled the second time.
-	dl, err := cons.DeadLetters(ctx, "poison", 10)
+	dl, err := cons.List(ctx, "poison", 10)
 	must(t, err)
-	n, err := cons.RequeueDead(ctx, dl...)
+	n, err := cons.Requeue(ctx, dl...)
 	must(t, err)
 	if n != 2 {
 		t.Fatalf("requeued %d dead letters, want 2", n)
@@ -347,7 +348,7 @@ func TestACL(t *testing.T) {
 		t.Errorf("%d dead letters left after requeue", c)
 	}
 	// Purge the corrupt keys' dead letters and the quarantined hash.
-	if n, err := cons.PurgeDead(ctx, "corrupt"); err != nil || n != 2 {
+	if n, err := cons.Purge(ctx, "corrupt"); err != nil || n != 2 {
 		t.Fatalf("PurgeDead = %d, %v; want 2", n, err)
 	}
 
@@ -451,9 +452,9 @@ func TestACL(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "NOPERM") {
 			t.Errorf("Add under another prefix: %v, want a NOPERM error", err)
 		}
-		oc, err := consumer.New(uc, consumer.WithPrefix("other"))
+		oc, err := deadletter.New(uc, deadletter.WithPrefix("other"))
 		must(t, err)
-		if _, err := oc.CountDead(ctx, "ok"); err == nil || !strings.Contains(err.Error(), "NOPERM") {
+		if _, err := oc.Count(ctx, "ok"); err == nil || !strings.Contains(err.Error(), "NOPERM") {
 			t.Errorf("CountDead under another prefix: %v, want a NOPERM error", err)
 		}
 		for _, cmd := range [][]string{
@@ -657,14 +658,14 @@ func TestNamespaces(t *testing.T) {
 			})
 		}
 		wg.Wait()
-		conss := []*consumer.Consumer{newConsumer(t, apps[0]), newConsumer(t, apps[1])}
+		conss := []*deadletter.Client{newDeadLetters(t, apps[0]), newDeadLetters(t, apps[1])}
 		eventually(t, 20*time.Second, "both apps' items handled", func() bool {
 			for i := range apps {
 				st := state[i]
 				st.mu.Lock()
 				k := len(st.handled)
 				st.mu.Unlock()
-				if d, err := conss[i].CountDead(ctx, "shared"); k < n || err != nil || d < n/10 {
+				if d, err := conss[i].Count(ctx, "shared"); k < n || err != nil || d < n/10 {
 					return false
 				}
 			}
@@ -682,7 +683,7 @@ func TestNamespaces(t *testing.T) {
 				t.Errorf("app %d handled %v, want each of its own %d items once", i, st.handled, n)
 			}
 			st.mu.Unlock()
-			dl, err := conss[i].DeadLetters(ctx, "shared", 100)
+			dl, err := conss[i].List(ctx, "shared", 100)
 			must(t, err)
 			var ids []int
 			for _, d := range dl {
@@ -697,10 +698,10 @@ func TestNamespaces(t *testing.T) {
 			}
 		}
 		// Purging A's dead letters leaves B's.
-		if m, err := conss[0].PurgeDead(ctx, "shared"); err != nil || m != n/10 {
+		if m, err := conss[0].Purge(ctx, "shared"); err != nil || m != n/10 {
 			t.Fatalf("purge A: %d, %v", m, err)
 		}
-		if m, err := conss[1].CountDead(ctx, "shared"); err != nil || m != n/10 {
+		if m, err := conss[1].Count(ctx, "shared"); err != nil || m != n/10 {
 			t.Errorf("B has %d dead letters after A's purge (%v), want %d", m, err, n/10)
 		}
 	})

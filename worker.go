@@ -14,8 +14,9 @@ import (
 	"github.com/redis/rueidis"
 	"go.uber.org/zap"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 )
 
 // Defaults of a Worker and of its queues.
@@ -56,7 +57,8 @@ var ErrNoHandlers = errors.New("batchq: no handler registered")
 // one after the other, in append order; up to the worker's concurrency
 // batches are handled at once.
 type Worker struct {
-	cons            *consumer.Consumer
+	cons            *protocol.Consumer
+	dead            *deadletter.Client
 	log             *zap.Logger
 	concurrency     int
 	shutdownTimeout time.Duration
@@ -74,7 +76,7 @@ type workerConfig struct {
 	log             *zap.Logger
 	concurrency     int
 	shutdownTimeout time.Duration
-	consumer        []consumer.Option
+	consumer        []protocol.Option
 	observer        Observer
 }
 
@@ -116,31 +118,31 @@ func WithShutdownTimeout(d time.Duration) Option {
 
 // WithPrefix sets the prefix of every Redis key (default "batchq"). It must
 // match the producers'.
-func WithPrefix(p string) Option { return withConsumer(consumer.WithPrefix(p)) }
+func WithPrefix(p string) Option { return withConsumer(protocol.WithPrefix(p)) }
 
 // WithShards sets the number of shards of every queue (default 1). It must
 // match the producers'.
-func WithShards(n int) Option { return withConsumer(consumer.WithShards(n)) }
+func WithShards(n int) Option { return withConsumer(protocol.WithShards(n)) }
 
 // WithLeaseTTL sets how long a batch stays leased without a heartbeat
 // (default 5s): the batches of a worker that died go back to their keys
 // within about this time plus a second. Live workers extend their leases
 // every third of it; a worker cut off from Redis for longer is taken for dead.
-func WithLeaseTTL(d time.Duration) Option { return withConsumer(consumer.WithLeaseTTL(d)) }
+func WithLeaseTTL(d time.Duration) Option { return withConsumer(protocol.WithLeaseTTL(d)) }
 
 // WithAtMostOnce drains keys without a lease (GETDEL): a worker that dies
 // mid-batch loses the rest of that batch. Failed items are still retried.
-func WithAtMostOnce() Option { return withConsumer(consumer.WithAtMostOnce()) }
+func WithAtMostOnce() Option { return withConsumer(protocol.WithAtMostOnce()) }
 
 // WithDeadLetterCap bounds the dead letters kept per queue shard (default
 // 100,000, the oldest dropped first; 0 keeps them all).
-func WithDeadLetterCap(n int) Option { return withConsumer(consumer.WithDeadLetterCap(n)) }
+func WithDeadLetterCap(n int) Option { return withConsumer(protocol.WithDeadLetterCap(n)) }
 
 // WithName names the worker in the leases it holds (default
 // "<hostname>-<pid>-<random>"); it may not hold a colon.
-func WithName(name string) Option { return withConsumer(consumer.WithName(name)) }
+func WithName(name string) Option { return withConsumer(protocol.WithName(name)) }
 
-func withConsumer(o consumer.Option) Option {
+func withConsumer(o protocol.Option) Option {
 	return func(c *workerConfig) error {
 		c.consumer = append(c.consumer, o)
 		return nil
@@ -156,12 +158,17 @@ func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
 			return nil, err
 		}
 	}
-	cons, err := consumer.New(rdb, cfg.consumer...)
+	cons, err := protocol.NewConsumer(rdb, cfg.consumer...)
+	if err != nil {
+		return nil, err
+	}
+	dead, err := deadletter.New(rdb, deadletter.WithPrefix(cons.Prefix()), deadletter.WithShards(cons.Shards()))
 	if err != nil {
 		return nil, err
 	}
 	return &Worker{
 		cons:            cons,
+		dead:            dead,
 		log:             cfg.log.Named("batchq"),
 		concurrency:     cfg.concurrency,
 		shutdownTimeout: cfg.shutdownTimeout,
@@ -170,8 +177,9 @@ func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
 	}, nil
 }
 
-// Consumer returns the worker's consumer, to inspect or requeue dead letters.
-func (w *Worker) Consumer() *consumer.Consumer { return w.cons }
+// DeadLetters returns a client of the dead letters of the worker's queues
+// (with its prefix and shards), to list, requeue or purge them.
+func (w *Worker) DeadLetters() *deadletter.Client { return w.dead }
 
 // QueueOption configures the handling of one queue.
 type QueueOption func(*queue)
@@ -237,14 +245,14 @@ func Handle[T any](w *Worker, queueName string, fn func(ctx context.Context, ite
 	if fn == nil {
 		panic("batchq: nil handler")
 	}
-	w.register(queueName, opts, func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome) {
+	w.register(queueName, opts, func(r *runner, q *queue, b *protocol.Batch, out []protocol.Outcome) {
 		for i, it := range b.Items {
 			if r.stopping() {
 				return // the rest stays Unfinished
 			}
 			v, err := decode[T](it.Data)
 			if err != nil {
-				out[i] = consumer.Outcome{Kind: consumer.Dead, Err: err}
+				out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
 				continue
 			}
 			info := ItemInfo{Queue: q.name, Key: it.Key, Attempt: it.Attempt}
@@ -269,7 +277,7 @@ func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context
 	if fn == nil {
 		panic("batchq: nil handler")
 	}
-	w.register(queueName, opts, func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome) {
+	w.register(queueName, opts, func(r *runner, q *queue, b *protocol.Batch, out []protocol.Outcome) {
 		// A batch of retries may hold items of several keys: one call per key.
 		for _, group := range groupByKey(b.Items) {
 			if r.stopping() {
@@ -281,7 +289,7 @@ func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context
 			for _, i := range group {
 				v, err := decode[T](b.Items[i].Data)
 				if err != nil {
-					out[i] = consumer.Outcome{Kind: consumer.Dead, Err: err}
+					out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
 					continue
 				}
 				vals = append(vals, v)
@@ -313,7 +321,7 @@ func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context
 
 // groupByKey returns the indexes of items grouped by key, groups in order of
 // first appearance.
-func groupByKey(items []consumer.Item) [][]int {
+func groupByKey(items []protocol.Item) [][]int {
 	if len(items) > 0 && items[0].Key == items[len(items)-1].Key {
 		all := true
 		for _, it := range items {
@@ -364,13 +372,13 @@ type queue struct {
 	timeout     time.Duration
 	// handle fills out[i] with the outcome of b.Items[i]; entries it leaves
 	// untouched are Unfinished.
-	handle func(r *runner, q *queue, b *consumer.Batch, out []consumer.Outcome)
+	handle func(r *runner, q *queue, b *protocol.Batch, out []protocol.Outcome)
 	// warnedShards is the registry's shard count last warned about (see
 	// runner.register; written at start, then by the reap loop only).
 	warnedShards int
 }
 
-func (w *Worker) register(name string, opts []QueueOption, handle func(*runner, *queue, *consumer.Batch, []consumer.Outcome)) {
+func (w *Worker) register(name string, opts []QueueOption, handle func(*runner, *queue, *protocol.Batch, []protocol.Outcome)) {
 	if err := keys.CheckQueue(name); err != nil {
 		panic(err.Error())
 	}
@@ -424,7 +432,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		stop:   ctx.Done(),
 		slots:  make(chan struct{}, w.concurrency),
 		acks:   make(chan ackReq),
-		active: make(map[*consumer.Batch]struct{}),
+		active: make(map[*protocol.Batch]struct{}),
 	}
 	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
 		zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
@@ -464,7 +472,7 @@ type runner struct {
 	batches sync.WaitGroup
 
 	mu        sync.Mutex
-	active    map[*consumer.Batch]struct{}
+	active    map[*protocol.Batch]struct{}
 	abandoned atomic.Int64
 	// trouble is when a Redis call last failed (Unix ns). Reaping pauses
 	// for a lease TTL after it: other workers' heartbeats may have failed
@@ -719,13 +727,13 @@ func (r *runner) sleep(d time.Duration) {
 }
 
 // start handles b in a goroutine that holds one slot.
-func (r *runner) start(q *queue, b *consumer.Batch) {
+func (r *runner) start(q *queue, b *protocol.Batch) {
 	r.mu.Lock()
 	r.active[b] = struct{}{}
 	r.mu.Unlock()
 	r.batches.Go(func() {
 		defer func() { <-r.slots }()
-		out := make([]consumer.Outcome, len(b.Items))
+		out := make([]protocol.Outcome, len(b.Items))
 		r.handle(q, b, out)
 		r.settle(q, b, out)
 		r.mu.Lock()
@@ -737,7 +745,7 @@ func (r *runner) start(q *queue, b *consumer.Batch) {
 // handle runs q's handler over b. A panic outside the user's handler (in a
 // Backoff, say) is recovered: the items without an outcome yet go back
 // unhandled rather than taking the process down.
-func (r *runner) handle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
+func (r *runner) handle(q *queue, b *protocol.Batch, out []protocol.Outcome) {
 	defer func() {
 		v := recover()
 		if v == nil {
@@ -749,13 +757,13 @@ func (r *runner) handle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 		// always comes back ends in dead letters, not in a hot loop.
 		err := &PanicError{Value: v, Stack: debug.Stack()}
 		for i := range out {
-			if out[i].Kind != consumer.Unfinished {
+			if out[i].Kind != protocol.Unfinished {
 				continue
 			}
 			if b.Items[i].Attempt+1 >= q.maxAttempts {
-				out[i] = consumer.Outcome{Kind: consumer.Dead, Err: err}
+				out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
 			} else {
-				out[i] = consumer.Outcome{Kind: consumer.Retry, Err: err, Delay: panicRetryDelay}
+				out[i] = protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: panicRetryDelay}
 			}
 		}
 	}()
@@ -766,7 +774,7 @@ func (r *runner) handle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 // batch keeps its slot and its lease heartbeat meanwhile. It gives up only
 // once the shutdown timeout has passed; the lease then expires and the
 // batch is delivered again.
-func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
+func (r *runner) settle(q *queue, b *protocol.Batch, out []protocol.Outcome) {
 	for attempt := 1; ; attempt++ {
 		var err error
 		if attempt == 1 {
@@ -777,19 +785,19 @@ func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 			cancel()
 		}
 		if err == nil {
-			var n [4]int // by consumer.OutcomeKind
+			var n [4]int // by protocol.OutcomeKind
 			for _, o := range out {
 				n[o.Kind]++
 			}
-			r.w.obs.Settled(q.name, n[consumer.Done], n[consumer.Retry], n[consumer.Dead])
+			r.w.obs.Settled(q.name, n[protocol.Done], n[protocol.Retry], n[protocol.Dead])
 			return
 		}
 		log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
 		switch {
-		case errors.Is(err, consumer.ErrLeaseLost) && attempt == 1:
+		case errors.Is(err, protocol.ErrLeaseLost) && attempt == 1:
 			log.Warn("lease expired before the batch was settled; it will be delivered again")
 			return
-		case errors.Is(err, consumer.ErrLeaseLost):
+		case errors.Is(err, protocol.ErrLeaseLost):
 			// Most likely the earlier try landed and only its reply was lost.
 			log.Info("lease gone when the settle was tried again: the earlier try landed unseen, or the lease expired before the batch was settled and it will be delivered again",
 				zap.Int("attempt", attempt))
@@ -811,8 +819,8 @@ func (r *runner) settle(q *queue, b *consumer.Batch, out []consumer.Outcome) {
 
 // ackReq asks the ack loop to settle a batch.
 type ackReq struct {
-	b    *consumer.Batch
-	out  []consumer.Outcome
+	b    *protocol.Batch
+	out  []protocol.Outcome
 	done chan error
 }
 
@@ -822,7 +830,7 @@ const maxAckGroup = 256
 // ack settles b through the ack loop, which settles together the batches
 // that finish while an earlier group is on its way: one round trip for
 // many acks under load, no added wait when idle.
-func (r *runner) ack(b *consumer.Batch, out []consumer.Outcome) error {
+func (r *runner) ack(b *protocol.Batch, out []protocol.Outcome) error {
 	req := ackReq{b: b, out: out, done: make(chan error, 1)}
 	r.acks <- req
 	return <-req.done
@@ -831,8 +839,8 @@ func (r *runner) ack(b *consumer.Batch, out []consumer.Outcome) error {
 // ackLoop serves ack until done is closed (after every batch has settled).
 func (r *runner) ackLoop(done <-chan struct{}) {
 	group := make([]ackReq, 0, maxAckGroup)
-	batches := make([]*consumer.Batch, 0, maxAckGroup)
-	outs := make([][]consumer.Outcome, 0, maxAckGroup)
+	batches := make([]*protocol.Batch, 0, maxAckGroup)
+	outs := make([][]protocol.Outcome, 0, maxAckGroup)
 	for {
 		select {
 		case <-done:
@@ -875,7 +883,7 @@ func (r *runner) extendLoop(done <-chan struct{}) {
 		case <-t.C:
 		}
 		r.mu.Lock()
-		bs := make([]*consumer.Batch, 0, len(r.active))
+		bs := make([]*protocol.Batch, 0, len(r.active))
 		for b := range r.active {
 			bs = append(bs, b)
 		}
@@ -935,20 +943,20 @@ func (r *runner) safe(ctx context.Context, info ItemInfo, fn func(context.Contex
 }
 
 // outcome turns a handler's error into what happens to its item.
-func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) consumer.Outcome {
+func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) protocol.Outcome {
 	if err == nil {
-		return consumer.Outcome{Kind: consumer.Done}
+		return protocol.Outcome{Kind: protocol.Done}
 	}
 	if r.hctx.Err() != nil {
 		// The shutdown timeout cancelled the handler: the item was not
 		// handled, not failed.
-		return consumer.Outcome{Kind: consumer.Unfinished}
+		return protocol.Outcome{Kind: protocol.Unfinished}
 	}
 	failed := attempt + 1
 	var nr *noRetryError
 	if errors.As(err, &nr) || failed >= q.maxAttempts {
 		r.w.log.Warn("item failed for good; moved to dead letters", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Error(err))
-		return consumer.Outcome{Kind: consumer.Dead, Err: err}
+		return protocol.Outcome{Kind: protocol.Dead, Err: err}
 	}
 	delay := q.backoff.Delay(failed)
 	var ra *retryAfterError
@@ -956,5 +964,5 @@ func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) consum
 		delay = ra.d
 	}
 	r.w.log.Info("item failed; will retry", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Duration("delay", delay), zap.Error(err))
-	return consumer.Outcome{Kind: consumer.Retry, Err: err, Delay: delay}
+	return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: delay}
 }

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
@@ -258,16 +258,16 @@ func TestBadItemsGoToDeadLetters(t *testing.T) {
 		must(t, p.Add(ctx, "bad", "mixed", item{ID: 1}, "not an object", item{ID: 2}))
 		must(t, p.Add(ctx, "bad", "poison", item{ID: 100}, item{ID: 101}, item{ID: 102}, item{ID: 3}))
 
-		cons := newConsumer(t, b)
+		cons := newDeadLetters(t, b)
 		eventually(t, 20*time.Second, "5 dead letters and good items handled", func() bool {
-			n, err := cons.CountDead(ctx, "bad")
+			n, err := cons.Count(ctx, "bad")
 			mu.Lock()
 			defer mu.Unlock()
 			return err == nil && n == 5 && calls[1] == 1 && calls[2] == 1 && calls[3] == 1 && calls[102] == 2
 		})
-		dead, err := cons.DeadLetters(ctx, "bad", 10)
+		dead, err := cons.List(ctx, "bad", 10)
 		must(t, err)
-		byKey := make(map[string]consumer.DeadLetter)
+		byKey := make(map[string]deadletter.Letter)
 		for _, d := range dead {
 			k := d.Key
 			if d.Key == "poison" {
@@ -383,12 +383,12 @@ func testHungHandler(t *testing.T, b testredis.Backend) {
 	}, batchq.WithTimeout(50*time.Millisecond), batchq.WithMaxAttempts(1))
 	run(t, w)
 	must(t, newProducer(t, b).Add(ctx, "hang", "k", item{ID: 1}))
-	cons := newConsumer(t, b)
+	cons := newDeadLetters(t, b)
 	eventually(t, 10*time.Second, "hung item dead-lettered", func() bool {
-		n, _ := cons.CountDead(ctx, "hang")
+		n, _ := cons.Count(ctx, "hang")
 		return n == 1
 	})
-	dead, err := cons.DeadLetters(ctx, "hang", 1)
+	dead, err := cons.List(ctx, "hang", 1)
 	must(t, err)
 	if !strings.Contains(dead[0].Error, batchq.ErrHandlerTimeout.Error()) {
 		t.Errorf("dead letter error %q", dead[0].Error)

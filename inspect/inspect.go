@@ -6,8 +6,8 @@
 // The inspector finds queues in the registry producers and workers keep
 // under the prefix (<prefix>:queues, queue -> shards), never by SCAN. It
 // only reads, except for Forget, which takes an empty queue out of the
-// registry, and the dead-letter actions of the consumer it hands out
-// (Consumer).
+// registry, and the dead-letter actions of the client it hands out
+// (DeadLetters).
 //
 // Reading pending item counts costs one command per ready key: Stats and
 // Keys look at most MaxKeysPerShard ready keys of each shard (Stats says so
@@ -26,9 +26,9 @@ import (
 
 	"github.com/redis/rueidis"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 )
 
 // MaxKeysPerShard bounds the ready keys of one shard that Stats and Keys
@@ -138,7 +138,7 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 		return fmt.Errorf("forget queue %q: %w", name, err)
 	}
 	if err := empty(); err != nil {
-		if _, rerr := store.Register(ctx, in.c, in.prefix, q.Shards, name); rerr != nil {
+		if _, rerr := protocol.Register(ctx, in.c, in.prefix, q.Shards, name); rerr != nil {
 			return fmt.Errorf("%w; registering it again failed: %v", err, rerr)
 		}
 		return err
@@ -202,7 +202,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 	if len(qs) == 0 {
 		return nil, nil
 	}
-	now, err := store.Time(ctx, in.c) // alone: rueidis takes no keyless command in a cross-slot DoMulti
+	now, err := protocol.Time(ctx, in.c) // alone: rueidis takes no keyless command in a cross-slot DoMulti
 	if err != nil {
 		return nil, fmt.Errorf("read the server's clock: %w", err)
 	}
@@ -321,7 +321,7 @@ func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string,
 		cs := make([]int64, len(vals))
 		for j, v := range vals {
 			if n, err := v.AsInt64(); err == nil {
-				cs[j], _ = store.UnpackCount(n)
+				cs[j], _ = protocol.UnpackCount(n)
 			}
 		}
 		out[where[i].q][where[i].shard] = cs
@@ -420,7 +420,7 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 	if limit < 1 {
 		return nil, fmt.Errorf("limit must be at least 1, got %d", limit)
 	}
-	now, err := store.Time(ctx, in.c)
+	now, err := protocol.Time(ctx, in.c)
 	if err != nil {
 		return nil, fmt.Errorf("read the server's clock: %w", err)
 	}
@@ -518,15 +518,15 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		in.c.B().Zscore().Key(sp.Ready()).Member(key).Build())
 	p := Peeked{KeyStats: KeyStats{Key: key, Shard: shard}}
 	if p.Bytes, err = res[0].AsInt64(); err != nil {
-		t, _ := store.Type(ctx, in.c, sp.Items(key))
+		t, _ := protocol.Type(ctx, in.c, sp.Items(key))
 		return Peeked{}, fmt.Errorf("key %s of queue %s holds a Redis %s, not a JSON array: %w", key, name, t, err)
 	}
 	if v, err := res[1].AsInt64(); err == nil {
-		p.Items, _ = store.UnpackCount(v)
+		p.Items, _ = protocol.UnpackCount(v)
 	}
 	if score, err := res[2].AsFloat64(); err == nil {
 		p.Due = time.UnixMilli(int64(score))
-		if now, err := store.Time(ctx, in.c); err == nil && now.After(p.Due) {
+		if now, err := protocol.Time(ctx, in.c); err == nil && now.After(p.Due) {
 			p.Lag = now.Sub(p.Due)
 		}
 	}
@@ -547,13 +547,13 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 	return p, nil
 }
 
-// Consumer returns a consumer for the dead letters of a registered queue
-// (DeadLetters, CountDead, RequeueDead, PurgeDead), with the queue's shard
-// count and the inspector's prefix. It takes no work unless asked to.
-func (in *Inspector) Consumer(ctx context.Context, name string) (*consumer.Consumer, error) {
+// DeadLetters returns a client of the dead letters of a registered queue
+// (List, Count, Requeue, RequeueNewest, Purge), with the queue's shard count
+// and the inspector's prefix.
+func (in *Inspector) DeadLetters(ctx context.Context, name string) (*deadletter.Client, error) {
 	q, err := in.Queue(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	return consumer.New(in.c, consumer.WithPrefix(in.prefix), consumer.WithShards(q.Shards))
+	return deadletter.New(in.c, deadletter.WithPrefix(in.prefix), deadletter.WithShards(q.Shards))
 }

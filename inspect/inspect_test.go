@@ -11,9 +11,9 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -101,18 +101,18 @@ func testInspector(t *testing.T, b testredis.Backend, shards int) {
 
 	// A worker takes every key; one item fails for good, one for retry;
 	// key a's batch stays in flight.
-	c, err := in.Consumer(ctx, "orders")
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	var inflight int
-	var held []*consumer.Batch
+	var held []*protocol.Batch
 	for shard := range shards {
 		f, err := c.Fetch(ctx, "orders", shard, 10)
 		must(t, err)
 		for _, bt := range f.Batches {
-			out := make([]consumer.Outcome, len(bt.Items))
+			out := make([]protocol.Outcome, len(bt.Items))
 			for i := range out {
-				out[i] = consumer.Outcome{Kind: consumer.Done}
+				out[i] = protocol.Outcome{Kind: protocol.Done}
 			}
 			switch bt.Key {
 			case "a":
@@ -120,9 +120,9 @@ func testInspector(t *testing.T, b testredis.Backend, shards int) {
 				inflight += len(bt.Items)
 				continue
 			case "b":
-				out[0] = consumer.Outcome{Kind: consumer.Dead, Err: errors.New("poison")}
+				out[0] = protocol.Outcome{Kind: protocol.Dead, Err: errors.New("poison")}
 			case "c":
-				out[1] = consumer.Outcome{Kind: consumer.Retry, Err: errors.New("later"), Delay: time.Hour}
+				out[1] = protocol.Outcome{Kind: protocol.Retry, Err: errors.New("later"), Delay: time.Hour}
 			}
 			must(t, c.Settle(ctx, bt, out))
 		}
@@ -141,7 +141,7 @@ func testInspector(t *testing.T, b testredis.Backend, shards int) {
 	if len(all) != 2 || all[0].Queue != "emails" || all[0].PendingItems != 1 || all[1].DeadLetters != 1 {
 		t.Fatalf("AllStats: %+v", all)
 	}
-	must(t, c.Settle(ctx, held[0], []consumer.Outcome{{Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}}))
+	must(t, c.Settle(ctx, held[0], []protocol.Outcome{{Kind: protocol.Done}, {Kind: protocol.Done}, {Kind: protocol.Done}}))
 
 	// A key holding another Redis type is reported, not misread.
 	sp := keys.For(b.Prefix, "orders", keys.Shard("h", shards))
@@ -196,7 +196,7 @@ func TestRegistryKeepsMostShards(t *testing.T) {
 			must(t, err)
 			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(n), n))
 		}
-		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithShards(2))
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(2))
 		must(t, err)
 		got, err := c.Register(ctx, "q", "other")
 		must(t, err)
@@ -233,7 +233,7 @@ func TestForget(t *testing.T) {
 		ctx := context.Background()
 		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
 		must(t, err)
-		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 		must(t, err)
 		in, err := inspect.New(b.Client, b.Prefix)
 		must(t, err)
@@ -251,16 +251,18 @@ func TestForget(t *testing.T) {
 		}
 		must(t, p.AddRaw(ctx, "q", "k", []byte(`1`)))
 		notEmpty("a pending item")
-		var f consumer.Fetched
+		var f protocol.Fetched
 		for deadline := time.Now().Add(5 * time.Second); len(f.Batches) == 0; {
 			if f, err = c.Fetch(ctx, "q", 0, 1); err != nil || time.Now().After(deadline) {
 				t.Fatalf("fetch: %+v %v", f, err)
 			}
 		}
 		notEmpty("a batch in flight")
-		must(t, c.Settle(ctx, f.Batches[0], []consumer.Outcome{{Kind: consumer.Dead, Err: errors.New("boom")}}))
+		must(t, c.Settle(ctx, f.Batches[0], []protocol.Outcome{{Kind: protocol.Dead, Err: errors.New("boom")}}))
 		notEmpty("a dead letter")
-		_, err = c.PurgeDead(ctx, "q")
+		dl, err := in.DeadLetters(ctx, "q")
+		must(t, err)
+		_, err = dl.Purge(ctx, "q")
 		must(t, err)
 		must(t, in.Forget(ctx, "q"))
 		if _, err := in.Queue(ctx, "q"); !errors.Is(err, inspect.ErrNoQueue) {

@@ -19,9 +19,9 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/batchq/batchq"
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/metrics"
 	"github.com/batchq/batchq/producer"
@@ -323,7 +323,7 @@ func TestInFlight(t *testing.T) {
 		must(t, p.AddRaw(ctx, "orders", "b", []byte(`4`), []byte(`5`)))
 		_, reg := newMetrics(t, b)
 
-		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 		must(t, err)
 		must(t, c.Sync(ctx))
 		f, err := c.Fetch(ctx, "orders", 0, 1)
@@ -340,7 +340,7 @@ func TestInFlight(t *testing.T) {
 			`batchq_pending_items{queue="orders"}`:     5 - n,
 		})
 
-		out := slices.Repeat([]consumer.Outcome{{Kind: consumer.Done}}, len(batch.Items))
+		out := slices.Repeat([]protocol.Outcome{{Kind: protocol.Done}}, len(batch.Items))
 		must(t, c.Settle(ctx, batch, out))
 		check(t, gather(t, reg), map[string]float64{
 			`batchq_in_flight_batches{queue="orders"}`: 0,

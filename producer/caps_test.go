@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -20,7 +20,7 @@ func TestKeyCaps(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b, producer.WithMaxKeyItems(5), producer.WithMaxKeyBytes(64))
-		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithLeaseTTL(100*time.Millisecond))
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithLeaseTTL(100*time.Millisecond))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -72,12 +72,12 @@ func TestKeyCaps(t *testing.T) {
 		// Drained: the count starts again from zero.
 		// fetchKey fetches until it holds k's batch, putting any other
 		// batch back.
-		fetchKey := func() *consumer.Batch {
+		fetchKey := func() *protocol.Batch {
 			t.Helper()
 			for range 20 {
 				f, err := c.Fetch(ctx, "q", 0, 10)
 				must(err)
-				var kb *consumer.Batch
+				var kb *protocol.Batch
 				for _, bt := range f.Batches {
 					if bt.Key == "k" {
 						kb = bt
@@ -96,11 +96,11 @@ func TestKeyCaps(t *testing.T) {
 		bt := fetchKey()
 		must(add(6, 7, 8, 9, 10))
 		full(add(11), 5, 12)
-		must(c.Settle(ctx, bt, []consumer.Outcome{{Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}}))
+		must(c.Settle(ctx, bt, []protocol.Outcome{{Kind: protocol.Done}, {Kind: protocol.Done}, {Kind: protocol.Done}, {Kind: protocol.Done}, {Kind: protocol.Done}}))
 
 		// Unfinished items come back with their count.
 		bt = fetchKey()
-		must(c.Settle(ctx, bt, []consumer.Outcome{{Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}}))
+		must(c.Settle(ctx, bt, []protocol.Outcome{{Kind: protocol.Done}, {Kind: protocol.Done}, {Kind: protocol.Done}}))
 		if got, _ := get(t, b, "q", "k"); got != "[9,10]" {
 			t.Fatalf("after returning two items the key holds %s", got)
 		}

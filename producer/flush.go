@@ -5,7 +5,7 @@ import (
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 )
 
 // FlushPolicy says when a key with pending items becomes due for workers.
@@ -41,8 +41,8 @@ func (f FlushPolicy) validate() error {
 	return nil
 }
 
-func (f FlushPolicy) store() store.Flush {
-	return store.Flush{MaxAge: f.MaxAge.Milliseconds(), Quiet: f.Quiet.Milliseconds(), Items: f.MaxItems, Bytes: f.MaxBytes}
+func (f FlushPolicy) store() protocol.Flush {
+	return protocol.Flush{MaxAge: f.MaxAge.Milliseconds(), Quiet: f.Quiet.Milliseconds(), Items: f.MaxItems, Bytes: f.MaxBytes}
 }
 
 // WithFlushPolicy sets the flush policy of a queue (see FlushPolicy). Every
@@ -57,7 +57,7 @@ func WithFlushPolicy(queue string, f FlushPolicy) Option {
 			return err
 		}
 		if pr.flush == nil {
-			pr.flush = make(map[string]store.Flush)
+			pr.flush = make(map[string]protocol.Flush)
 		}
 		pr.flush[queue] = f.store()
 		return nil

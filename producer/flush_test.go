@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -83,7 +83,7 @@ func TestFlushPolicyMaxAgeAndLimits(t *testing.T) {
 		within(t, "at MaxBytes", dueAt(t, b, "bytes", "k"), lo, hi)
 
 		// A key that is not due yet stays where it is.
-		c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -98,7 +98,7 @@ func TestFlushPolicyMaxAgeAndLimits(t *testing.T) {
 		if len(f.Batches) != 1 || f.Batches[0].Key != "k" || len(f.Batches[0].Items) != 3 {
 			t.Fatalf("fetched %+v, want the due key k with its 3 items only", f.Batches)
 		}
-		done := []consumer.Outcome{{Kind: consumer.Done}, {Kind: consumer.Done}, {Kind: consumer.Done}}
+		done := []protocol.Outcome{{Kind: protocol.Done}, {Kind: protocol.Done}, {Kind: protocol.Done}}
 		if err := c.Settle(ctx, f.Batches[0], done); err != nil {
 			t.Fatal(err)
 		}

@@ -12,7 +12,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -139,7 +139,7 @@ func checkAppendRaw(t *testing.T, b testredis.Backend, item []byte) {
 			}
 		}
 		count := keyCount(t, b, c.key)
-		if wantCount := store.PackCount(int64(len(want)), int64(len(stored))); count != strconv.FormatInt(wantCount, 10) {
+		if wantCount := protocol.PackCount(int64(len(want)), int64(len(stored))); count != strconv.FormatInt(wantCount, 10) {
 			t.Fatalf("key %s: count %q, want %d (%d items, %d bytes)", c.key, count, wantCount, len(want), len(stored))
 		}
 	}

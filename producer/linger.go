@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 )
 
 // flushTimeout bounds one merge call sent on behalf of lingering callers.
@@ -266,11 +266,11 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 		kp := g.keys[0]
 		errs[0] = p.send(ctx, sk.queue, kp.key, kp.joined(), kp.n)
 	} else {
-		ks := make([]store.KeyItems, len(g.keys))
+		ks := make([]protocol.KeyItems, len(g.keys))
 		for i, kp := range g.keys {
-			ks[i] = store.KeyItems{Key: kp.key, Items: kp.joined(), N: kp.n}
+			ks[i] = protocol.KeyItems{Key: kp.key, Items: kp.joined(), N: kp.n}
 		}
-		kerrs, err := store.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue])
+		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue])
 		for i, kp := range g.keys {
 			if err != nil {
 				errs[i] = fmt.Errorf("append to %s/%s: %w", sk.queue, kp.key, err)
@@ -324,7 +324,7 @@ func (kp *keyPart) joined() string {
 // keyError wraps the outcome of an append of n items to a key as Add
 // reports it.
 func (p *Producer) keyError(queue, key string, n int, err error) error {
-	var full *store.FullError
+	var full *protocol.FullError
 	switch {
 	case errors.As(err, &full):
 		return &KeyFullError{Queue: queue, Key: key, Items: full.Items, Bytes: full.Bytes, Adding: n,

@@ -34,7 +34,7 @@ import (
 
 	"github.com/batchq/batchq/internal/jsonarray"
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 )
 
 // Default limits.
@@ -50,7 +50,7 @@ const (
 	// MaxKeyItemsLimit is the most items a key may hold, whatever its cap
 	// (batchq keeps a key's items and bytes in one integer that Lua must
 	// read exactly).
-	MaxKeyItemsLimit = store.MaxKeyItems
+	MaxKeyItemsLimit = protocol.MaxKeyItems
 
 	// MaxItemDepth is how deeply an item may nest arrays and objects: 1 for
 	// {"a":1}, 2 for {"a":[1]}. Deeper items fail with ErrTooDeep. (Workers
@@ -75,7 +75,7 @@ var (
 	// is made ready, so that a worker moves the value to dead letters;
 	// appends then work again. An item whose append returned nil never ends
 	// up inside such a value.
-	ErrNotArray = store.ErrNotArray
+	ErrNotArray = protocol.ErrNotArray
 	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.
 	ErrQueueName = keys.ErrQueueName
 	ErrKeyName   = keys.ErrKeyName
@@ -113,11 +113,11 @@ type Producer struct {
 	prefix  string
 	shards  int
 	maxItem int
-	caps    store.Caps
-	flush   map[string]store.Flush // by queue; missing: due at once
-	linger  *linger                // nil: every call is sent at once
-	known   sync.Map               // queue -> *registration
-	obs     Observer               // nil: none
+	caps    protocol.Caps
+	flush   map[string]protocol.Flush // by queue; missing: due at once
+	linger  *linger                   // nil: every call is sent at once
+	known   sync.Map                  // queue -> *registration
+	obs     Observer                  // nil: none
 }
 
 // Observer is told about appends, for metrics: the metrics package
@@ -156,8 +156,8 @@ func WithPrefix(p string) Option {
 // match the workers'.
 func WithShards(n int) Option {
 	return func(pr *Producer) error {
-		if n < 1 || n > 1024 {
-			return fmt.Errorf("producer: shards must be 1-1024, got %d", n)
+		if n < 1 || n > keys.MaxShards {
+			return fmt.Errorf("producer: shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
 		pr.shards = n
 		return nil
@@ -207,7 +207,7 @@ func WithMaxKeyBytes(n int) Option {
 // caching.
 func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes,
-		caps: store.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes}}
+		caps: protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes}}
 	for _, o := range opts {
 		if err := o(p); err != nil {
 			return nil, err
@@ -357,7 +357,7 @@ func (p *Producer) register(ctx context.Context, queue string) error {
 	if r.done.Load() {
 		return nil
 	}
-	if _, err := store.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
+	if _, err := protocol.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
 		return err
 	}
 	r.done.Store(true)
@@ -367,7 +367,7 @@ func (p *Producer) register(ctx context.Context, queue string) error {
 // send makes one merge call.
 func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
-	_, err := store.Append(ctx, p.c, sp, key, joined, n, p.caps, p.flush[queue])
+	_, err := protocol.Append(ctx, p.c, sp, key, joined, n, p.caps, p.flush[queue])
 	return p.keyError(queue, key, n, err)
 }
 

@@ -15,7 +15,8 @@ import (
 
 	"github.com/chromedp/chromedp"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 	"github.com/batchq/batchq/statuspage"
@@ -63,11 +64,11 @@ func showcase(t *testing.T, b testredis.Backend) *fixture {
 				t.Fatalf("fetched %d batches of %s, want 1", len(fe.Batches), queue)
 			}
 			bt := fe.Batches[0]
-			out := make([]consumer.Outcome, len(bt.Items))
+			out := make([]protocol.Outcome, len(bt.Items))
 			for i := range out {
-				out[i] = consumer.Outcome{Kind: consumer.Retry, Err: errors.New(msg)}
+				out[i] = protocol.Outcome{Kind: protocol.Retry, Err: errors.New(msg)}
 				if attempt == attempts {
-					out[i].Kind = consumer.Dead
+					out[i].Kind = protocol.Dead
 				}
 			}
 			must(t, f.c.Settle(ctx, bt, out))
@@ -80,7 +81,7 @@ func showcase(t *testing.T, b testredis.Backend) *fixture {
 	must(t, f.p.Add(ctx, "webhooks", "endpoint:globex", hook("order.refunded", 998)))
 	fe, err := f.c.Fetch(ctx, "webhooks", 0, 10)
 	must(t, err)
-	must(t, f.c.Settle(ctx, fe.Batches[0], []consumer.Outcome{{Kind: consumer.Retry, Err: errors.New("POST https://globex.example/hooks: 429 Too Many Requests"), Delay: 10 * time.Minute}}))
+	must(t, f.c.Settle(ctx, fe.Batches[0], []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("POST https://globex.example/hooks: 429 Too Many Requests"), Delay: 10 * time.Minute}}))
 	for i := range 12 {
 		must(t, f.p.Add(ctx, "webhooks", "endpoint:acme", hook("order.paid", 1100+i)))
 	}
@@ -238,7 +239,7 @@ func TestBrowser(t *testing.T) {
 	wantText(`#keys tbody tr:first-child th`, "endpoint:acme")
 
 	// Requeue one of endpoint:umbrella's dead letters.
-	var letter consumer.DeadLetter
+	var letter deadletter.Letter
 	for _, d := range f.dead(t, "webhooks") {
 		if d.Key == "endpoint:umbrella" {
 			letter = d

@@ -24,7 +24,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
 )
@@ -44,7 +44,7 @@ const MaxListed = 1000
 const QueuesPerPage = 100
 
 // lookupLimit is how many dead letters of a queue a requeue of one id looks
-// through (the consumer has no lookup by id).
+// through (dead letters have no lookup by id).
 const lookupLimit = MaxListed
 
 // maxItemShown bounds the bytes of an item shown with WithShowItems.
@@ -403,12 +403,12 @@ func (p *page) queue(w http.ResponseWriter, r *http.Request) {
 		p.redisError(w, r, name, err)
 		return
 	}
-	c, err := p.in.Consumer(ctx, name)
+	c, err := p.in.DeadLetters(ctx, name)
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
 	}
-	dead, err := c.DeadLetters(ctx, name, p.deadLetters)
+	dead, err := c.List(ctx, name, p.deadLetters)
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
@@ -417,7 +417,7 @@ func (p *page) queue(w http.ResponseWriter, r *http.Request) {
 		common
 		Stats                    inspect.Stats
 		Keys                     []inspect.KeyStats
-		Dead                     []consumer.DeadLetter
+		Dead                     []deadletter.Letter
 		ShowItems                bool
 		Flash                    string
 		Requeue, Purge           string
@@ -438,7 +438,7 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	if r.PostFormValue("all") == "1" {
-		n, skipped, err := c.RequeueNewestDead(ctx, name, 0)
+		n, skipped, err := c.RequeueNewest(ctx, name, 0)
 		if n > 0 {
 			p.log.Info("requeued dead letters", zap.String("queue", name), zap.Int("count", n), zap.String("remote_addr", r.RemoteAddr))
 		}
@@ -459,7 +459,7 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, http.StatusBadRequest, "Say which dead letter to requeue (id), or all=1.")
 		return
 	}
-	letters, err := c.DeadLetters(ctx, name, lookupLimit)
+	letters, err := c.List(ctx, name, lookupLimit)
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
@@ -479,7 +479,7 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, http.StatusConflict, fmt.Sprintf("Dead letter %s of queue %s holds a corrupt value, not an item: it cannot be requeued, only purged.", id, name))
 		return
 	}
-	n, err := c.RequeueDead(ctx, letters[i])
+	n, err := c.Requeue(ctx, letters[i])
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
@@ -501,7 +501,7 @@ func (p *page) purge(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, http.StatusBadRequest, "Tick the box to confirm that every dead letter of "+name+" is to be deleted.")
 		return
 	}
-	n, err := c.PurgeDead(r.Context(), name)
+	n, err := c.Purge(r.Context(), name)
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
@@ -511,8 +511,8 @@ func (p *page) purge(w http.ResponseWriter, r *http.Request) {
 }
 
 // action checks a POST's form token for the action on its queue and
-// returns the queue with a consumer for it, or answers the request.
-func (p *page) action(w http.ResponseWriter, r *http.Request, action string) (string, *consumer.Consumer, bool) {
+// returns the queue with a client of its dead letters, or answers the request.
+func (p *page) action(w http.ResponseWriter, r *http.Request, action string) (string, *deadletter.Client, bool) {
 	name := r.PathValue("queue")
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
 	if err := r.ParseForm(); err != nil {
@@ -525,7 +525,7 @@ func (p *page) action(w http.ResponseWriter, r *http.Request, action string) (st
 		p.fail(w, r, http.StatusForbidden, "The form's token is missing or invalid: reload the page and try again.")
 		return "", nil, false
 	}
-	c, err := p.in.Consumer(r.Context(), name)
+	c, err := p.in.DeadLetters(r.Context(), name)
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return "", nil, false

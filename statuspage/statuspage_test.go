@@ -22,9 +22,10 @@ import (
 	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 	"github.com/batchq/batchq/statuspage"
@@ -49,7 +50,8 @@ type fixture struct {
 	b  testredis.Backend
 	in *inspect.Inspector
 	p  *producer.Producer
-	c  *consumer.Consumer
+	c  *protocol.Consumer
+	dl *deadletter.Client
 }
 
 // newFixture returns a producer, a synced consumer and an inspector on b,
@@ -60,9 +62,11 @@ func newFixture(t testing.TB, b testredis.Backend) *fixture {
 	var err error
 	f.p, err = producer.New(b.Client, producer.WithPrefix(b.Prefix))
 	must(t, err)
-	f.c, err = consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+	f.c, err = protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 	must(t, err)
 	must(t, f.c.Sync(context.Background()))
+	f.dl, err = deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
+	must(t, err)
 	f.in, err = inspect.New(b.Client, b.Prefix)
 	must(t, err)
 	return f
@@ -90,7 +94,7 @@ func seed(t testing.TB, b testredis.Backend) *fixture {
 	must(t, f.p.AddRaw(ctx, "orders", "y", json.RawMessage(itemY1), json.RawMessage(itemY2)))
 	// The consumer knows the server's clock to within a millisecond or so: a
 	// key appended a moment ago may not be due for it yet.
-	var batches []*consumer.Batch
+	var batches []*protocol.Batch
 	for deadline := time.Now().Add(5 * time.Second); len(batches) < 2; {
 		fe, err := f.c.Fetch(ctx, "orders", 0, 10)
 		must(t, err)
@@ -100,9 +104,9 @@ func seed(t testing.TB, b testredis.Backend) *fixture {
 		}
 	}
 	for _, bt := range batches {
-		out := []consumer.Outcome{{Kind: consumer.Dead, Err: errors.New("boom " + bt.Key)}}
+		out := []protocol.Outcome{{Kind: protocol.Dead, Err: errors.New("boom " + bt.Key)}}
 		if bt.Key == "y" {
-			out = append(out, consumer.Outcome{Kind: consumer.Retry, Err: errors.New("later"), Delay: time.Hour})
+			out = append(out, protocol.Outcome{Kind: protocol.Retry, Err: errors.New("later"), Delay: time.Hour})
 		}
 		must(t, f.c.Settle(ctx, bt, out))
 	}
@@ -147,9 +151,9 @@ func (f *fixture) kill(t testing.TB, queue string) int {
 	must(t, err)
 	n := 0
 	for _, bt := range fe.Batches {
-		out := make([]consumer.Outcome, len(bt.Items))
+		out := make([]protocol.Outcome, len(bt.Items))
 		for i := range out {
-			out[i] = consumer.Outcome{Kind: consumer.Dead, Err: fmt.Errorf("boom %d", i)}
+			out[i] = protocol.Outcome{Kind: protocol.Dead, Err: fmt.Errorf("boom %d", i)}
 		}
 		must(t, f.c.Settle(ctx, bt, out))
 		n += len(out)
@@ -159,14 +163,14 @@ func (f *fixture) kill(t testing.TB, queue string) int {
 
 func (f *fixture) countDead(t testing.TB, queue string) int64 {
 	t.Helper()
-	n, err := f.c.CountDead(context.Background(), queue)
+	n, err := f.dl.Count(context.Background(), queue)
 	must(t, err)
 	return n
 }
 
-func (f *fixture) dead(t testing.TB, queue string) []consumer.DeadLetter {
+func (f *fixture) dead(t testing.TB, queue string) []deadletter.Letter {
 	t.Helper()
-	ds, err := f.c.DeadLetters(context.Background(), queue, 100)
+	ds, err := f.dl.List(context.Background(), queue, 100)
 	must(t, err)
 	return ds
 }

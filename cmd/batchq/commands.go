@@ -9,7 +9,7 @@ import (
 	"io"
 	"strings"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
 )
@@ -322,15 +322,15 @@ func peek(ctx context.Context, s *session, args []string) error {
 // deadList prints dead letters of a queue.
 func deadList(ctx context.Context, s *session, args []string) error {
 	queue := args[0]
-	c, err := s.in.Consumer(ctx, queue)
+	c, err := s.in.DeadLetters(ctx, queue)
 	if err != nil {
 		return err
 	}
-	total, err := c.CountDead(ctx, queue)
+	total, err := c.Count(ctx, queue)
 	if err != nil {
 		return err
 	}
-	dl, err := c.DeadLetters(ctx, queue, s.opts.n)
+	dl, err := c.List(ctx, queue, s.opts.n)
 	if err != nil {
 		return err
 	}
@@ -341,7 +341,7 @@ func deadList(ctx context.Context, s *session, args []string) error {
 			DeadLetters []deadJSON `json:"dead_letters"`
 		}{Queue: queue, Total: total, DeadLetters: make([]deadJSON, len(dl))}
 		for i, d := range dl {
-			out.DeadLetters[i].DeadLetter = d
+			out.DeadLetters[i].Letter = d
 			if s.opts.items {
 				out.DeadLetters[i].Item = d.Item
 			}
@@ -377,7 +377,7 @@ func deadList(ctx context.Context, s *session, args []string) error {
 
 // deadJSON is a dead letter in -json output: its item only with -items.
 type deadJSON struct {
-	consumer.DeadLetter
+	deadletter.Letter
 	Item json.RawMessage `json:"item,omitempty"`
 }
 
@@ -387,11 +387,11 @@ const requeuePage = 1000
 // deadRequeue requeues the newest -n dead letters of a queue, or all.
 func deadRequeue(ctx context.Context, s *session, args []string) error {
 	queue := args[0]
-	c, err := s.in.Consumer(ctx, queue)
+	c, err := s.in.DeadLetters(ctx, queue)
 	if err != nil {
 		return err
 	}
-	total, err := c.CountDead(ctx, queue)
+	total, err := c.Count(ctx, queue)
 	if err != nil {
 		return err
 	}
@@ -412,7 +412,7 @@ func deadRequeue(ctx context.Context, s *session, args []string) error {
 	// again meanwhile are not requeued in a loop.
 	var requeued, skipped int64
 	if want > 0 {
-		r, sk, err := c.RequeueNewestDead(ctx, queue, int(want))
+		r, sk, err := c.RequeueNewest(ctx, queue, int(want))
 		requeued, skipped = int64(r), int64(sk)
 		if err != nil {
 			return fmt.Errorf("requeued %d, then: %w", requeued, err)
@@ -437,11 +437,11 @@ func deadRequeue(ctx context.Context, s *session, args []string) error {
 // deadPurge deletes the dead letters of a queue.
 func deadPurge(ctx context.Context, s *session, args []string) error {
 	queue := args[0]
-	c, err := s.in.Consumer(ctx, queue)
+	c, err := s.in.DeadLetters(ctx, queue)
 	if err != nil {
 		return err
 	}
-	n, err := c.CountDead(ctx, queue)
+	n, err := c.Count(ctx, queue)
 	if err != nil {
 		return err
 	}
@@ -456,7 +456,7 @@ func deadPurge(ctx context.Context, s *session, args []string) error {
 	}
 	if s.opts.yes {
 		// Purge even with none counted: quarantined values may be left.
-		if n, err = c.PurgeDead(ctx, queue); err != nil {
+		if n, err = c.Purge(ctx, queue); err != nil {
 			return err
 		}
 	}

@@ -24,9 +24,10 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -140,32 +141,30 @@ var longError = "card declined\n" + strings.Repeat("detail ", 30)
 func kill(t *testing.T, b testredis.Backend, queue string, shards int) int64 {
 	t.Helper()
 	ctx := context.Background()
-	c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithShards(shards))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	for shard := range shards {
 		f, err := c.Fetch(ctx, queue, shard, 10)
 		must(t, err)
 		for _, bt := range f.Batches {
-			out := make([]consumer.Outcome, len(bt.Items))
+			out := make([]protocol.Outcome, len(bt.Items))
 			for i := range out {
-				out[i] = consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")}
+				out[i] = protocol.Outcome{Kind: protocol.Dead, Err: errors.New("boom")}
 			}
 			out[len(out)-1].Err = errors.New(longError)
 			must(t, c.Settle(ctx, bt, out))
 		}
 	}
-	n, err := c.CountDead(ctx, queue)
-	must(t, err)
-	return n
+	return countDead(t, b, queue, shards)
 }
 
 // countDead returns the dead letters of a queue, read without the CLI.
 func countDead(t *testing.T, b testredis.Backend, queue string, shards int) int64 {
 	t.Helper()
-	c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithShards(shards))
+	c, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix), deadletter.WithShards(shards))
 	must(t, err)
-	n, err := c.CountDead(context.Background(), queue)
+	n, err := c.Count(context.Background(), queue)
 	must(t, err)
 	return n
 }
@@ -423,7 +422,7 @@ func TestDeadList(t *testing.T) {
 		t.Fatalf("dead list -json: %+v", doc)
 	}
 	for _, raw := range doc.DeadLetters {
-		var d consumer.DeadLetter
+		var d deadletter.Letter
 		must(t, json.Unmarshal(raw, &d))
 		if strings.Contains(string(raw), "secret") || d.Item != nil || d.ID == "" || d.Attempts != 1 || d.FailedAt.IsZero() {
 			t.Errorf("dead list -json without -items: %s", raw)
@@ -435,7 +434,7 @@ func TestDeadList(t *testing.T) {
 	decode(t, ok(t, b, "-json", "dead", "list", "payments", "-items"), &doc)
 	var items []string
 	for _, raw := range doc.DeadLetters {
-		var d consumer.DeadLetter
+		var d deadletter.Letter
 		must(t, json.Unmarshal(raw, &d))
 		items = append(items, string(d.Item))
 	}
@@ -532,7 +531,7 @@ func TestDeadRequeueSkipsCorrupt(t *testing.T) {
 	sp := keys.For(b.Prefix, "payments", 0)
 	must(t, b.Client.Do(ctx, b.Client.B().Set().Key(sp.Items("bad")).Value("not json").Build()).Error())
 	must(t, b.Client.Do(ctx, b.Client.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, "bad").Build()).Error())
-	c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	f, err := c.Fetch(ctx, "payments", 0, 10)

@@ -51,6 +51,9 @@ var (
 // MaxNameLen bounds queue names and keys, in bytes.
 const MaxNameLen = 512
 
+// MaxShards bounds the shards of a queue.
+const MaxShards = 1024
+
 // CheckPrefix reports whether p can be used as a key prefix.
 func CheckPrefix(p string) error {
 	if p == "" || len(p) > MaxNameLen || strings.ContainsAny(p, "{}") {

@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"context"
@@ -13,8 +13,8 @@ import (
 	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 
-	"github.com/batchq/batchq/consumer"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -23,9 +23,9 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 const queue = "q"
 
-func newConsumer(t *testing.T, b testredis.Backend, opts ...consumer.Option) *consumer.Consumer {
+func newConsumer(t *testing.T, b testredis.Backend, opts ...protocol.Option) *protocol.Consumer {
 	t.Helper()
-	c, err := consumer.New(b.Client, append([]consumer.Option{consumer.WithPrefix(b.Prefix)}, opts...)...)
+	c, err := protocol.NewConsumer(b.Client, append([]protocol.Option{protocol.WithPrefix(b.Prefix)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,9 +49,9 @@ type fakeClock struct {
 	now time.Time
 }
 
-func withFakeClock(c *consumer.Consumer) *fakeClock {
+func withFakeClock(c *protocol.Consumer) *fakeClock {
 	fc := &fakeClock{now: time.Now().Add(time.Hour).Truncate(time.Millisecond)}
-	consumer.SetClock(c, fc.Now)
+	protocol.SetClock(c, fc.Now)
 	return fc
 }
 
@@ -92,7 +92,7 @@ func addRaw(t *testing.T, p *producer.Producer, key string, items ...string) {
 	}
 }
 
-func fetch(t *testing.T, c *consumer.Consumer, max int) consumer.Fetched {
+func fetch(t *testing.T, c *protocol.Consumer, max int) protocol.Fetched {
 	t.Helper()
 	f, err := c.Fetch(context.Background(), queue, 0, max)
 	if err != nil {
@@ -102,7 +102,7 @@ func fetch(t *testing.T, c *consumer.Consumer, max int) consumer.Fetched {
 }
 
 // fetchOne fetches and requires exactly one batch.
-func fetchOne(t *testing.T, c *consumer.Consumer) *consumer.Batch {
+func fetchOne(t *testing.T, c *protocol.Consumer) *protocol.Batch {
 	t.Helper()
 	f := fetch(t, c, 10)
 	if len(f.Batches) != 1 || len(f.Dead) != 0 {
@@ -112,7 +112,7 @@ func fetchOne(t *testing.T, c *consumer.Consumer) *consumer.Batch {
 }
 
 // fetchNone fetches and requires nothing.
-func fetchNone(t *testing.T, c *consumer.Consumer) consumer.Fetched {
+func fetchNone(t *testing.T, c *protocol.Consumer) protocol.Fetched {
 	t.Helper()
 	f := fetch(t, c, 10)
 	if len(f.Batches) != 0 || len(f.Dead) != 0 {
@@ -121,7 +121,7 @@ func fetchNone(t *testing.T, c *consumer.Consumer) consumer.Fetched {
 	return f
 }
 
-func describe(f consumer.Fetched) string {
+func describe(f protocol.Fetched) string {
 	var parts []string
 	for _, b := range f.Batches {
 		parts = append(parts, "batch key="+b.Key+" items="+itemsOf(b))
@@ -133,7 +133,7 @@ func describe(f consumer.Fetched) string {
 }
 
 // itemsOf returns a batch's items joined as a JSON array.
-func itemsOf(b *consumer.Batch) string {
+func itemsOf(b *protocol.Batch) string {
 	s := make([]string, len(b.Items))
 	for i, it := range b.Items {
 		s[i] = string(it.Data)
@@ -141,17 +141,17 @@ func itemsOf(b *consumer.Batch) string {
 	return "[" + strings.Join(s, ",") + "]"
 }
 
-func all(n int, o consumer.Outcome) []consumer.Outcome {
-	out := make([]consumer.Outcome, n)
+func all(n int, o protocol.Outcome) []protocol.Outcome {
+	out := make([]protocol.Outcome, n)
 	for i := range out {
 		out[i] = o
 	}
 	return out
 }
 
-var done = consumer.Outcome{Kind: consumer.Done}
+var done = protocol.Outcome{Kind: protocol.Done}
 
-func settle(t *testing.T, c *consumer.Consumer, b *consumer.Batch, out ...consumer.Outcome) {
+func settle(t *testing.T, c *protocol.Consumer, b *protocol.Batch, out ...protocol.Outcome) {
 	t.Helper()
 	if err := c.Settle(context.Background(), b, out); err != nil {
 		t.Fatalf("Settle: %v", err)
@@ -200,7 +200,7 @@ func noLeases(t *testing.T, b testredis.Backend) {
 	}
 }
 
-func checkItems(t *testing.T, bt *consumer.Batch, want ...string) {
+func checkItems(t *testing.T, bt *protocol.Batch, want ...string) {
 	t.Helper()
 	if got, w := itemsOf(bt), "["+strings.Join(want, ",")+"]"; got != w {
 		t.Fatalf("batch items\n got %s\nwant %s", got, w)
@@ -228,28 +228,28 @@ var awkward = []string{
 func TestOptionsAreValidated(t *testing.T) {
 	cases := []struct {
 		name string
-		opt  consumer.Option
+		opt  protocol.Option
 		ok   bool
 	}{
-		{"prefix", consumer.WithPrefix("p"), true},
-		{"empty prefix", consumer.WithPrefix(""), false},
-		{"prefix with brace", consumer.WithPrefix("a{b"), false},
-		{"shards 1", consumer.WithShards(1), true},
-		{"shards 1024", consumer.WithShards(1024), true},
-		{"shards 0", consumer.WithShards(0), false},
-		{"shards 1025", consumer.WithShards(1025), false},
-		{"lease 100ms", consumer.WithLeaseTTL(100 * time.Millisecond), true},
-		{"lease 99ms", consumer.WithLeaseTTL(99 * time.Millisecond), false},
-		{"dead cap 0", consumer.WithDeadLetterCap(0), true},
-		{"dead cap -1", consumer.WithDeadLetterCap(-1), false},
+		{"prefix", protocol.WithPrefix("p"), true},
+		{"empty prefix", protocol.WithPrefix(""), false},
+		{"prefix with brace", protocol.WithPrefix("a{b"), false},
+		{"shards 1", protocol.WithShards(1), true},
+		{"shards 1024", protocol.WithShards(1024), true},
+		{"shards 0", protocol.WithShards(0), false},
+		{"shards 1025", protocol.WithShards(1025), false},
+		{"lease 100ms", protocol.WithLeaseTTL(100 * time.Millisecond), true},
+		{"lease 99ms", protocol.WithLeaseTTL(99 * time.Millisecond), false},
+		{"dead cap 0", protocol.WithDeadLetterCap(0), true},
+		{"dead cap -1", protocol.WithDeadLetterCap(-1), false},
 	}
 	for _, c := range cases {
-		_, err := consumer.New(nil, c.opt)
+		_, err := protocol.NewConsumer(nil, c.opt)
 		if (err == nil) != c.ok {
 			t.Errorf("%s: got error %v, want ok=%v", c.name, err, c.ok)
 		}
 	}
-	c, err := consumer.New(nil, consumer.WithShards(3), consumer.WithLeaseTTL(time.Second), consumer.WithAtMostOnce())
+	c, err := protocol.NewConsumer(nil, protocol.WithShards(3), protocol.WithLeaseTTL(time.Second), protocol.WithAtMostOnce())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +314,7 @@ func TestUnfinishedGoBackAtOnce(t *testing.T) {
 		addRaw(t, p, "k", `1`, `2`, `3`)
 		bt := fetchOne(t, c)
 		addRaw(t, p, "k", `4`)
-		settle(t, c, bt, done, consumer.Outcome{}, consumer.Outcome{Kind: consumer.Unfinished})
+		settle(t, c, bt, done, protocol.Outcome{}, protocol.Outcome{Kind: protocol.Unfinished})
 		if v, _ := stored(t, b, "k"); v != `[2,3,4]` {
 			t.Fatalf("key holds %s, want [2,3,4]", v)
 		}
@@ -332,7 +332,7 @@ func TestUnfinishedGoBackAtOnce(t *testing.T) {
 		bt = fetchOne(t, c)
 		checkItems(t, bt, `3`, `4`)
 		boom := errors.New("boom")
-		settle(t, c, bt, consumer.Outcome{Kind: consumer.Retry, Err: boom}, consumer.Outcome{Kind: consumer.Retry, Err: boom})
+		settle(t, c, bt, protocol.Outcome{Kind: protocol.Retry, Err: boom}, protocol.Outcome{Kind: protocol.Retry, Err: boom})
 		noLeases(t, b)
 
 		rb := fetchOne(t, c)
@@ -340,7 +340,7 @@ func TestUnfinishedGoBackAtOnce(t *testing.T) {
 			t.Fatalf("want a retry batch, got key %q", rb.Key)
 		}
 		checkItems(t, rb, `3`, `4`)
-		settle(t, c, rb, done, consumer.Outcome{Kind: consumer.Unfinished})
+		settle(t, c, rb, done, protocol.Outcome{Kind: protocol.Unfinished})
 		noLeases(t, b)
 		rb = fetchOne(t, c)
 		checkItems(t, rb, `4`)
@@ -351,7 +351,7 @@ func TestUnfinishedGoBackAtOnce(t *testing.T) {
 		settle(t, c, rb, done)
 		noLeases(t, b)
 		fetchNone(t, c)
-		if n, err := c.CountDead(ctx, queue); err != nil || n != 0 {
+		if n, err := dl(c).Count(ctx, queue); err != nil || n != 0 {
 			t.Fatalf("CountDead: %d, %v", n, err)
 		}
 	})
@@ -364,7 +364,7 @@ func TestSettleRejectsUnknownOutcome(t *testing.T) {
 		c := newConsumer(t, b)
 		addRaw(t, p, "k", `1`)
 		bt := fetchOne(t, c)
-		if err := c.Settle(context.Background(), bt, []consumer.Outcome{{Kind: 99}}); err == nil {
+		if err := c.Settle(context.Background(), bt, []protocol.Outcome{{Kind: 99}}); err == nil {
 			t.Fatal("Settle accepted an unknown outcome kind")
 		}
 		if len(testredis.Keys(t, b, b.Prefix+":*:lease:*")) != 1 {
@@ -382,7 +382,7 @@ func TestShards(t *testing.T) {
 		ctx := context.Background()
 		const shards = 4
 		p := newProducer(t, b, producer.WithShards(shards))
-		c := newConsumer(t, b, consumer.WithShards(shards))
+		c := newConsumer(t, b, protocol.WithShards(shards))
 		want := map[string]bool{}
 		for i := range 12 {
 			k := "key" + string(rune('a'+i))
@@ -390,7 +390,7 @@ func TestShards(t *testing.T) {
 			addRaw(t, p, k, `"`+k+`"`)
 		}
 		got := map[string]bool{}
-		var dead []*consumer.Batch
+		var dead []*protocol.Batch
 		for shard := range shards {
 			f, err := c.Fetch(ctx, queue, shard, 100)
 			if err != nil {
@@ -405,7 +405,7 @@ func TestShards(t *testing.T) {
 				checkItems(t, bt, `"`+bt.Key+`"`)
 				if len(dead) < 3 && (len(dead) == 0 || dead[len(dead)-1].Shard != shard) {
 					dead = append(dead, bt)
-					settle(t, c, bt, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("x")})
+					settle(t, c, bt, protocol.Outcome{Kind: protocol.Dead, Err: errors.New("x")})
 				} else {
 					settle(t, c, bt, done)
 				}
@@ -417,11 +417,11 @@ func TestShards(t *testing.T) {
 		if len(dead) < 2 {
 			t.Fatalf("keys fell into %d shard(s) only; pick other keys", len(dead))
 		}
-		letters, err := c.DeadLetters(ctx, queue, 100)
+		letters, err := dl(c).List(ctx, queue, 100)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if n, err := c.CountDead(ctx, queue); err != nil || n != int64(len(dead)) || len(letters) != len(dead) {
+		if n, err := dl(c).Count(ctx, queue); err != nil || n != int64(len(dead)) || len(letters) != len(dead) {
 			t.Fatalf("CountDead %d (%v), DeadLetters %d, want %d", n, err, len(letters), len(dead))
 		}
 		for _, d := range letters {
@@ -429,7 +429,7 @@ func TestShards(t *testing.T) {
 				t.Fatalf("dead letter of %s has shard %d, want %d", d.Key, d.Shard, keys.Shard(d.Key, shards))
 			}
 		}
-		if n, err := c.RequeueDead(ctx, letters...); err != nil || n != len(letters) {
+		if n, err := dl(c).Requeue(ctx, letters...); err != nil || n != len(letters) {
 			t.Fatalf("RequeueDead: %d, %v", n, err)
 		}
 		for _, bt := range dead {

@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"context"
@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -18,7 +18,7 @@ func TestSettleAll(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithLeaseTTL(100*time.Millisecond))
+		c := newConsumer(t, b, protocol.WithLeaseTTL(100*time.Millisecond))
 		clk := withFakeClock(c)
 
 		addRaw(t, p, "lost", `0`)
@@ -34,7 +34,7 @@ func TestSettleAll(t *testing.T) {
 		if len(f.Batches) != 4 {
 			t.Fatalf("fetched %s, want 4 batches", describe(f))
 		}
-		byKey := map[string]*consumer.Batch{}
+		byKey := map[string]*protocol.Batch{}
 		for _, bt := range f.Batches {
 			byKey[bt.Key] = bt
 		}
@@ -47,14 +47,14 @@ func TestSettleAll(t *testing.T) {
 		}
 		boom := errors.New("boom")
 		errs := c.SettleAll(ctx,
-			[]*consumer.Batch{byKey["a"], lost, byKey["b"], byKey["c"]},
-			[][]consumer.Outcome{
+			[]*protocol.Batch{byKey["a"], lost, byKey["b"], byKey["c"]},
+			[][]protocol.Outcome{
 				{done, done},
 				{done},
-				{done, {Kind: consumer.Unfinished}},
-				{{Kind: consumer.Dead, Err: boom}, done},
+				{done, {Kind: protocol.Unfinished}},
+				{{Kind: protocol.Dead, Err: boom}, done},
 			})
-		if errs[0] != nil || errs[2] != nil || errs[3] != nil || !errors.Is(errs[1], consumer.ErrLeaseLost) {
+		if errs[0] != nil || errs[2] != nil || errs[3] != nil || !errors.Is(errs[1], protocol.ErrLeaseLost) {
 			t.Fatalf("SettleAll: %v; want nil, ErrLeaseLost, nil, nil", errs)
 		}
 		if v, ok := stored(t, b, "a"); ok && v != "[]" {

@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"context"
@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -51,7 +51,7 @@ type tally struct {
 
 func newTally() *tally { return &tally{seen: map[int]int{}, last: map[string]int{}} }
 
-func (tl *tally) add(bt *consumer.Batch) error {
+func (tl *tally) add(bt *protocol.Batch) error {
 	if bt.Retry() {
 		return fmt.Errorf("unexpected retry batch")
 	}
@@ -94,7 +94,7 @@ func checkExactlyOnce(t *testing.T, seen map[int]int, n int) {
 // drainLoop fetches and settles (all Done) until appended reports the
 // appender finished and the shard is empty. It runs in its own goroutine
 // and reports on the returned channel.
-func drainLoop(c *consumer.Consumer, appended <-chan struct{}, tl *tally, deadline time.Time) <-chan error {
+func drainLoop(c *protocol.Consumer, appended <-chan struct{}, tl *tally, deadline time.Time) <-chan error {
 	res := make(chan error, 1)
 	go func() {
 		res <- func() error {
@@ -205,7 +205,7 @@ func TestSimultaneousFetchesSplitKeys(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		p := newProducer(t, b)
 		const nkeys = 20
-		var cs [2]*consumer.Consumer
+		var cs [2]*protocol.Consumer
 		for i := range cs {
 			own := b
 			own.Client = testredis.Client(t, b.Addr)
@@ -217,7 +217,7 @@ func TestSimultaneousFetchesSplitKeys(t *testing.T) {
 			}
 			start := make(chan struct{})
 			var wg sync.WaitGroup
-			var fs [2]consumer.Fetched
+			var fs [2]protocol.Fetched
 			var errs [2]error
 			for i := range cs {
 				wg.Go(func() {

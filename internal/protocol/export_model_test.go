@@ -1,4 +1,4 @@
-package consumer
+package protocol
 
 // BatchID returns the id of b: its lease token when it is leased. The retry
 // or dead letter of b.Items[i] is named BatchID(b) + fmt.Sprintf("-%07d", i).

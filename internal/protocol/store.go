@@ -1,12 +1,11 @@
-// Package store wraps every Redis command and script batchq sends in a
-// typed Go function, so that callers never build KEYS or ARGV slices. Times
-// are Unix milliseconds taken from the caller's clock.
-package store
+package protocol
+
+// This file wraps every Redis command and script batchq sends in a typed Go
+// function, so that callers never build KEYS or ARGV slices. Times are Unix
+// milliseconds taken from the caller's clock.
 
 import (
 	"context"
-	"crypto/sha1"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -16,20 +15,6 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/luascripts"
-)
-
-// Scripts run through rueidis' script helper: EVALSHA, and EVAL after a
-// NOSCRIPT reply (a restarted or flushed server). None of them is marked
-// retryable: a write that may have been applied is never sent twice.
-var (
-	mergeScript    = rueidis.NewLuaScript(luascripts.Merge)
-	mergeMany      = rueidis.NewLuaScript(luascripts.MergeMany)
-	claimScript    = rueidis.NewLuaScript(luascripts.Claim)
-	settleScript   = rueidis.NewLuaScript(luascripts.Settle)
-	reapScript     = rueidis.NewLuaScript(luascripts.Reap)
-	requeueScript  = rueidis.NewLuaScript(luascripts.Requeue)
-	registerScript = rueidis.NewLuaScript(luascripts.Register)
 )
 
 // ErrNotArray reports that a key's items hold a value that is not a JSON
@@ -434,12 +419,6 @@ func Settle(ctx context.Context, c rueidis.Client, sp keys.Space, s Settlement) 
 	return settleResult(settleScript.Exec(ctx, c, k, a).AsInt64())
 }
 
-// settleSHA is the SHA-1 of the settle script, for SettleMany's EVALSHAs.
-var settleSHA = func() string {
-	h := sha1.Sum([]byte(luascripts.Settle))
-	return hex.EncodeToString(h[:])
-}()
-
 // SettleMany applies many settlements, ss[i] in the queue shard sps[i], in
 // one round trip: one EVALSHA each, pipelined (on a Cluster, rueidis sends
 // each to its shard's master). errs[i] is what Settle would return for
@@ -451,7 +430,7 @@ func SettleMany(ctx context.Context, c rueidis.Client, sps []keys.Space, ss []Se
 		calls[i].keys, calls[i].args = settleCall(sps[i], s)
 	}
 	errs := make([]error, len(ss))
-	for i, r := range evalMany(ctx, c, settleScript, settleSHA, calls) {
+	for i, r := range evalMany(ctx, c, settleScript, calls) {
 		errs[i] = settleResult(r.AsInt64())
 	}
 	return errs
@@ -465,11 +444,11 @@ type scriptCall struct{ keys, args []string }
 // Calls that met NOSCRIPT (a restarted or flushed server) go once more: the
 // first through the script helper, which loads the script, the others
 // pipelined again.
-func evalMany(ctx context.Context, c rueidis.Client, script *rueidis.Lua, sha string, calls []scriptCall) []rueidis.RedisResult {
+func evalMany(ctx context.Context, c rueidis.Client, script script, calls []scriptCall) []rueidis.RedisResult {
 	send := func(idx []int) []rueidis.RedisResult {
 		cmds := make(rueidis.Commands, len(idx))
 		for j, i := range idx {
-			cmds[j] = c.B().Evalsha().Sha1(sha).Numkeys(int64(len(calls[i].keys))).Key(calls[i].keys...).Arg(calls[i].args...).Build()
+			cmds[j] = c.B().Evalsha().Sha1(script.sha).Numkeys(int64(len(calls[i].keys))).Key(calls[i].keys...).Arg(calls[i].args...).Build()
 		}
 		return c.DoMulti(ctx, cmds...)
 	}
@@ -686,12 +665,6 @@ type Requeued struct {
 	ID, Key, Item string
 }
 
-// requeueSHA is the SHA-1 of the requeue script, for RequeueMany's EVALSHAs.
-var requeueSHA = func() string {
-	h := sha1.Sum([]byte(luascripts.Requeue))
-	return hex.EncodeToString(h[:])
-}()
-
 // RequeueMany requeues dead letters as Requeue does each, in one round trip
 // (pipelined EVALSHAs, run in order); those that meet NOSCRIPT are sent again
 // once the script is loaded (see evalMany). ok[i] and errs[i] are Requeue's
@@ -705,7 +678,7 @@ func RequeueMany(ctx context.Context, c rueidis.Client, rs []Requeued) (ok []boo
 		}
 	}
 	ok, errs = make([]bool, len(rs)), make([]error, len(rs))
-	for i, res := range evalMany(ctx, c, requeueScript, requeueSHA, calls) {
+	for i, res := range evalMany(ctx, c, requeueScript, calls) {
 		n, err := res.AsInt64()
 		ok[i], errs[i] = n == 1, appendError(err)
 	}

@@ -1,4 +1,4 @@
-package consumer
+package protocol
 
 import (
 	"context"
@@ -17,7 +17,6 @@ import (
 
 	"github.com/batchq/batchq/internal/jsonarray"
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
 )
 
 // dueSlack is how early a key or retry may be claimed (see Fetch).
@@ -29,14 +28,6 @@ const (
 	DefaultDeadLetterCap   = 100_000
 	DefaultRetriesPerFetch = 100
 )
-
-// ErrLeaseLost reports that a batch was settled after its lease expired and
-// was reaped: its items are delivered again.
-var ErrLeaseLost = store.ErrLeaseLost
-
-// ErrNotArray reports a key whose items are not a JSON array (a value
-// written by something other than batchq).
-var ErrNotArray = store.ErrNotArray
 
 // Consumer drains queues. It is safe for concurrent use.
 type Consumer struct {
@@ -71,8 +62,8 @@ func WithPrefix(p string) Option {
 // hash slot on Redis Cluster. Producers and consumers must agree on it.
 func WithShards(n int) Option {
 	return func(c *Consumer) error {
-		if n < 1 || n > 1024 {
-			return fmt.Errorf("consumer: shards must be 1-1024, got %d", n)
+		if n < 1 || n > keys.MaxShards {
+			return fmt.Errorf("batchq: shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
 		c.shards = n
 		return nil
@@ -145,8 +136,8 @@ func defaultName() string {
 	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), strconv.FormatUint(rand.Uint64()%46656, 36))
 }
 
-// New returns a Consumer that uses c, which the caller keeps owning.
-func New(c rueidis.Client, opts ...Option) (*Consumer, error) {
+// NewConsumer returns a Consumer that uses c, which the caller keeps owning.
+func NewConsumer(c rueidis.Client, opts ...Option) (*Consumer, error) {
 	cs := &Consumer{
 		c:        c,
 		prefix:   keys.DefaultPrefix,
@@ -178,7 +169,7 @@ func (c *Consumer) Name() string { return c.name }
 // synced uses its local clock.
 func (c *Consumer) Sync(ctx context.Context) error {
 	t0 := c.clock()
-	server, err := store.Time(ctx, c.c)
+	server, err := Time(ctx, c.c)
 	t1 := c.clock()
 	if err != nil {
 		return fmt.Errorf("sync clock: %w", err)
@@ -191,7 +182,7 @@ func (c *Consumer) Sync(ctx context.Context) error {
 // EvictionPolicy returns the server's maxmemory-policy. Any policy but
 // noeviction lets Redis drop keys, and the items in them, when it is full.
 func (c *Consumer) EvictionPolicy(ctx context.Context) (string, error) {
-	return store.EvictionPolicy(ctx, c.c)
+	return EvictionPolicy(ctx, c.c)
 }
 
 // Offset returns the server's clock minus the local clock, as last measured
@@ -216,8 +207,11 @@ func (c *Consumer) Register(ctx context.Context, queues ...string) ([]int, error
 	if len(queues) == 0 {
 		return nil, nil
 	}
-	return store.Register(ctx, c.c, c.prefix, c.shards, queues...)
+	return Register(ctx, c.c, c.prefix, c.shards, queues...)
 }
+
+// Prefix returns the prefix of every Redis key.
+func (c *Consumer) Prefix() string { return c.prefix }
 
 // Shards returns the number of shards of every queue.
 func (c *Consumer) Shards() int { return c.shards }
@@ -249,7 +243,7 @@ type Batch struct {
 
 	id    string // unique; the lease token when leased
 	lease bool
-	dead  []store.Entry // undecodable retry envelopes, stored as dead letters when b is settled
+	dead  []Entry // undecodable retry envelopes, stored as dead letters when b is settled
 }
 
 // Retry reports whether b holds retries rather than a drained key.
@@ -291,7 +285,7 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	now := c.nowMs()
 	deadline := now + c.leaseTTL.Milliseconds()
 	retryToken := newID()
-	cl, err := store.Claim(ctx, c.c, sp, store.ClaimArgs{
+	cl, err := Claim(ctx, c.c, sp, ClaimArgs{
 		// Keys are due by the server's clock (their appends read it), which
 		// the consumer knows only to within a fraction of a round trip: a
 		// key due within dueSlack counts as due, else a key appended just
@@ -320,10 +314,10 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 				// Only batchq writes retry envelopes; one that does not
 				// decode is kept as a dead letter rather than dropped, and
 				// never reaches a handler.
-				d := DeadLetter{ID: e.ID, Queue: queue, Shard: shard, Item: jsonString(e.Env),
+				d := DeadLetter{ID: e.ID, Queue: queue, Shard: shard, Item: JSONString(e.Env),
 					Error: "undecodable retry envelope: " + err.Error(), FailedAt: c.now(), Corrupt: true}
 				bad = append(bad, d)
-				b.dead = append(b.dead, store.Entry{ID: d.ID, Env: string(d.encode())})
+				b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
 				continue
 			}
 			b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
@@ -334,22 +328,22 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 			f.Dead = append(f.Dead, bad...)
 		} else {
 			// Only bad envelopes: store them and release the lease now.
-			s := store.Settlement{Token: b.id, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
-			if err := store.Settle(ctx, c.c, sp, s); err == nil {
+			s := Settlement{Token: b.id, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+			if err := Settle(ctx, c.c, sp, s); err == nil {
 				f.Dead = append(f.Dead, bad...)
 			} // else the lease expires and the reaper puts them back on the retry index
 		}
 	}
 	if len(cl.Keys) > 0 {
-		var drained []store.Drained
+		var drained []Drained
 		if c.atMostOnce {
-			drained, err = store.DrainOnce(ctx, c.c, sp, cl.Keys)
+			drained, err = DrainOnce(ctx, c.c, sp, cl.Keys)
 		} else {
 			tokens := make([]string, len(cl.Keys))
 			for i := range tokens {
 				tokens[i] = newID()
 			}
-			drained, err = store.Drain(ctx, c.c, sp, cl.Keys, tokens, deadline, c.name)
+			drained, err = Drain(ctx, c.c, sp, cl.Keys, tokens, deadline, c.name)
 		}
 		for _, d := range drained {
 			c.collect(ctx, &f, queue, shard, d)
@@ -366,7 +360,7 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 // an element that is not valid JSON, or nests deeper than producers allow,
 // becomes a dead letter of its own (stored when the batch is settled) and
 // its siblings are handled.
-func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard int, d store.Drained) {
+func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard int, d Drained) {
 	if d.Missing {
 		return
 	}
@@ -377,7 +371,7 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 	var reason string
 	var raw json.RawMessage
 	if d.WrongType {
-		typ, _ := store.Type(ctx, c.c, c.itemsOrLease(b))
+		typ, _ := Type(ctx, c.c, c.itemsOrLease(b))
 		reason = fmt.Sprintf("the key held a Redis %s, not a JSON array; it is kept under %s", typ, c.space(queue, shard).Quarantine(b.id))
 	} else {
 		parts, err := jsonarray.Split(d.Data)
@@ -388,19 +382,19 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 		reason = "the key held a string that is not a JSON array"
 		raw = d.Data
 		if !json.Valid(raw) || jsonarray.Depth(raw) > jsonarray.MaxDepth {
-			raw = jsonString(string(d.Data)) // as it is, the envelope could not hold it
+			raw = JSONString(string(d.Data)) // as it is, the envelope could not hold it
 		}
 	}
 	dl := DeadLetter{
 		ID: b.id, Queue: queue, Shard: shard, Key: d.Key, Item: raw,
 		Error: reason, FailedAt: c.now(), Corrupt: true,
 	}
-	s := store.Settlement{
+	s := Settlement{
 		Token: tokenOf(b), ID: b.id, Key: d.Key, Quarantine: d.WrongType,
 		DeadCap: c.deadCap, Now: dl.FailedAt.UnixMilli(),
-		Dead: []store.Entry{{ID: dl.ID, Env: string(dl.encode())}},
+		Dead: []Entry{{ID: dl.ID, Env: string(dl.encode())}},
 	}
-	if err := store.Settle(ctx, c.c, c.space(queue, shard), s); err != nil {
+	if err := Settle(ctx, c.c, c.space(queue, shard), s); err != nil {
 		// A leased value is found again after its lease; one drained
 		// without a lease is lost (the at-most-once trade).
 		return
@@ -441,10 +435,10 @@ func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, data 
 		// Kept as a JSON string: as they are, the bad bytes could not be part
 		// of the dead letter's envelope, or would make it too deep to decode.
 		d := DeadLetter{ID: fmt.Sprintf("%s-%07d-bad", b.id, i), Queue: b.Queue, Shard: b.Shard, Key: b.Key,
-			Item:  jsonString(string(data[parts[i].Start:parts[last].End])),
+			Item:  JSONString(string(data[parts[i].Start:parts[last].End])),
 			Error: what + " of the key's array: " + reason, FailedAt: c.now(), Corrupt: true}
 		bad = append(bad, d)
-		b.dead = append(b.dead, store.Entry{ID: d.ID, Env: string(d.encode())})
+		b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
 		i = last + 1
 	}
 	if len(b.Items) > 0 || len(bad) == 0 {
@@ -452,8 +446,8 @@ func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, data 
 		f.Dead = append(f.Dead, bad...)
 		return
 	}
-	s := store.Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
-	if err := store.Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err == nil {
+	s := Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+	if err := Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err == nil {
 		f.Dead = append(f.Dead, bad...)
 	} // else a leased batch is found again after its lease; one drained without a lease is lost
 }
@@ -532,7 +526,7 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 		return err
 	}
 	sp := c.space(b.Queue, b.Shard)
-	err = store.Settle(ctx, c.c, sp, s)
+	err = Settle(ctx, c.c, sp, s)
 	if errors.Is(err, ErrNotArray) {
 		// The key now holds a value that is not an array: the unfinished
 		// items wait on the retry index instead, due at once, attempts
@@ -541,7 +535,7 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 		// dead letters.
 		if s, err = c.settlement(b, outcomes, true); err == nil {
 			s.MakeReady = true
-			err = store.Settle(ctx, c.c, sp, s)
+			err = Settle(ctx, c.c, sp, s)
 		}
 	}
 	if err != nil {
@@ -556,7 +550,7 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][]Outcome) (errs []error) {
 	errs = make([]error, len(batches))
 	sps := make([]keys.Space, 0, len(batches))
-	ss := make([]store.Settlement, 0, len(batches))
+	ss := make([]Settlement, 0, len(batches))
 	idx := make([]int, 0, len(batches))
 	for i, b := range batches {
 		s, err := c.settlement(b, outcomes[i], false)
@@ -566,7 +560,7 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 		}
 		sps, ss, idx = append(sps, c.space(b.Queue, b.Shard)), append(ss, s), append(idx, i)
 	}
-	for j, err := range store.SettleMany(ctx, c.c, sps, ss) {
+	for j, err := range SettleMany(ctx, c.c, sps, ss) {
 		i := idx[j]
 		switch {
 		case errors.Is(err, ErrNotArray):
@@ -582,9 +576,9 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 // settlement builds the settlement of b. With unfinishedAsRetries, or for a
 // batch of retries, unfinished items go to the retry index, due now, rather
 // than back in front of their key.
-func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (store.Settlement, error) {
+func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
 	now := c.now()
-	s := store.Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
+	s := Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
 	var back []byte
 	nback := 0
@@ -598,7 +592,7 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 		case Unfinished:
 			if unfinishedAsRetries {
 				env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
-				s.Retries = append(s.Retries, store.Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
+				s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
 				continue
 			}
 			if back == nil {
@@ -610,10 +604,10 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 			nback++
 		case Retry:
 			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
-			s.Retries = append(s.Retries, store.Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
+			s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
 		case Dead:
 			dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
-			s.Dead = append(s.Dead, store.Entry{ID: dl.ID, Env: string(dl.encode())})
+			s.Dead = append(s.Dead, Entry{ID: dl.ID, Env: string(dl.encode())})
 		default:
 			return s, fmt.Errorf("settle %s: unknown outcome kind %d", b.Queue, o.Kind)
 		}
@@ -642,7 +636,7 @@ func (c *Consumer) Extend(ctx context.Context, batches ...*Batch) error {
 			leases[sp] = append(leases[sp], b.id)
 		}
 	}
-	if err := store.Extend(ctx, c.c, leases, c.nowMs()+c.leaseTTL.Milliseconds()); err != nil {
+	if err := Extend(ctx, c.c, leases, c.nowMs()+c.leaseTTL.Milliseconds()); err != nil {
 		return fmt.Errorf("extend leases: %w", err)
 	}
 	return nil
@@ -658,7 +652,7 @@ const reapLimit = 100
 // stalled) reaps nothing: the leases' holders could not renew them.
 func (c *Consumer) Reap(ctx context.Context, queue string, shard int) (int, error) {
 	now := c.nowMs()
-	n, err := store.Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds(), c.maxReapLag())
+	n, err := Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds(), c.maxReapLag())
 	if err != nil {
 		return n, fmt.Errorf("reap %s: %w", queue, err)
 	}
@@ -677,7 +671,7 @@ func (c *Consumer) maxReapLag() int64 {
 // until timeout passes or ctx is done. It returns nil in the first two
 // cases. It holds one of the client's blocking connections while it waits.
 func (c *Consumer) Wait(ctx context.Context, queue string, shard int, timeout time.Duration) error {
-	return store.Wait(ctx, c.c, c.space(queue, shard), timeout)
+	return Wait(ctx, c.c, c.space(queue, shard), timeout)
 }
 
 // retryEnvelope is how a retry is stored: the item verbatim, its key, its
@@ -712,6 +706,7 @@ func appendString(b []byte, s string) []byte {
 	return append(b, q...)
 }
 
-func jsonString(s string) json.RawMessage {
+// JSONString returns s as a JSON string, its invalid UTF-8 replaced.
+func JSONString(s string) json.RawMessage {
 	return appendString(nil, strings.ToValidUTF8(s, "\uFFFD"))
 }

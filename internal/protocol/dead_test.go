@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"context"
@@ -10,23 +10,24 @@ import (
 
 	"github.com/redis/rueidis"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
 
-func deadLetters(t *testing.T, c *consumer.Consumer) []consumer.DeadLetter {
+func deadLetters(t *testing.T, c *protocol.Consumer) []deadletter.Letter {
 	t.Helper()
-	ds, err := c.DeadLetters(context.Background(), queue, 100)
+	ds, err := dl(c).List(context.Background(), queue, 100)
 	if err != nil {
 		t.Fatalf("DeadLetters: %v", err)
 	}
 	return ds
 }
 
-func countDead(t *testing.T, c *consumer.Consumer) int64 {
+func countDead(t *testing.T, c *protocol.Consumer) int64 {
 	t.Helper()
-	n, err := c.CountDead(context.Background(), queue)
+	n, err := dl(c).Count(context.Background(), queue)
 	if err != nil {
 		t.Fatalf("CountDead: %v", err)
 	}
@@ -45,11 +46,11 @@ func TestDeadLetters(t *testing.T) {
 		before := time.Now().Truncate(time.Millisecond)
 		bt := fetchOne(t, c)
 		settle(t, c, bt,
-			consumer.Outcome{Kind: consumer.Dead, Err: errors.New("bad item")},
-			consumer.Outcome{Kind: consumer.Retry, Err: errors.New("first")},
+			protocol.Outcome{Kind: protocol.Dead, Err: errors.New("bad item")},
+			protocol.Outcome{Kind: protocol.Retry, Err: errors.New("first")},
 			done)
 		rb := fetchOne(t, c)
-		settle(t, c, rb, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("second")})
+		settle(t, c, rb, protocol.Outcome{Kind: protocol.Dead, Err: errors.New("second")})
 		after := time.Now()
 		noLeases(t, b)
 
@@ -60,7 +61,7 @@ func TestDeadLetters(t *testing.T) {
 		if len(ds) != 2 {
 			t.Fatalf("DeadLetters: got %d, want 2", len(ds))
 		}
-		byItem := map[string]consumer.DeadLetter{}
+		byItem := map[string]deadletter.Letter{}
 		for _, d := range ds {
 			byItem[string(d.Item)] = d
 			if d.Queue != queue || d.Shard != 0 || d.Key != "k" || d.Corrupt || d.ID == "" {
@@ -79,7 +80,7 @@ func TestDeadLetters(t *testing.T) {
 
 		// Requeued items go to the END of their key, with no attempts.
 		addRaw(t, p, "k", `"meanwhile"`)
-		n, err := c.RequeueDead(ctx, byItem[item1], byItem[item2])
+		n, err := dl(c).Requeue(ctx, byItem[item1], byItem[item2])
 		if err != nil || n != 2 {
 			t.Fatalf("RequeueDead: %d, %v", n, err)
 		}
@@ -100,7 +101,7 @@ func TestDeadLetters(t *testing.T) {
 			}
 		}
 		// A dead letter already requeued is skipped.
-		if n, err := c.RequeueDead(ctx, byItem[item1]); err != nil || n != 0 {
+		if n, err := dl(c).Requeue(ctx, byItem[item1]); err != nil || n != 0 {
 			t.Fatalf("RequeueDead of a requeued letter: %d, %v", n, err)
 		}
 		if v, ok := stored(t, b, "k"); ok {
@@ -108,14 +109,14 @@ func TestDeadLetters(t *testing.T) {
 		}
 
 		// PurgeDead empties the dead letters and says how many there were.
-		settle(t, c, bt, all(3, consumer.Outcome{Kind: consumer.Dead})...)
+		settle(t, c, bt, all(3, protocol.Outcome{Kind: protocol.Dead})...)
 		if n := countDead(t, c); n != 3 {
 			t.Fatalf("CountDead %d, want 3", n)
 		}
 		if d := deadLetters(t, c); len(d) != 3 || d[0].Error != "unknown error" {
 			t.Fatalf("dead letters %+v, want 3 with error \"unknown error\"", d)
 		}
-		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 3 {
+		if n, err := dl(c).Purge(ctx, queue); err != nil || n != 3 {
 			t.Fatalf("PurgeDead: %d, %v", n, err)
 		}
 		if n := countDead(t, c); n != 0 {
@@ -127,7 +128,7 @@ func TestDeadLetters(t *testing.T) {
 		if ks := testredis.Keys(t, b, b.Prefix+":*dead*"); len(ks) != 0 {
 			t.Fatalf("dead letter keys left after purge: %v", ks)
 		}
-		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 0 {
+		if n, err := dl(c).Purge(ctx, queue); err != nil || n != 0 {
 			t.Fatalf("second PurgeDead: %d, %v", n, err)
 		}
 	})
@@ -137,12 +138,12 @@ func TestDeadLetters(t *testing.T) {
 func TestDeadLetterCap(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithDeadLetterCap(2))
+		c := newConsumer(t, b, protocol.WithDeadLetterCap(2))
 		clk := withFakeClock(c)
 		for i, it := range []string{`"old"`, `"mid"`, `"new"`} {
 			addRaw(t, p, "k", it)
 			bt := fetchOne(t, c)
-			settle(t, c, bt, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("e")})
+			settle(t, c, bt, protocol.Outcome{Kind: protocol.Dead, Err: errors.New("e")})
 			clk.Advance(time.Duration(i+1) * time.Millisecond)
 		}
 		ds := deadLetters(t, c)
@@ -167,7 +168,7 @@ func TestCorruptKeys(t *testing.T) {
 // cannot be requeued; the other elements are delivered. A key with only bad
 // elements is released at once.
 func TestBadItemsAreIsolated(t *testing.T) {
-	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
+	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...protocol.Option) {
 		c := newConsumer(t, b, opts...)
 		deep := strings.Repeat("[", 600) + strings.Repeat("]", 600)
 		deepValue := strings.Repeat(`{"a":`, 10_000) + "1" + strings.Repeat("}", 10_000) // valid alone, not in an envelope
@@ -217,7 +218,7 @@ func TestBadItemsCannotFloodDeadLetters(t *testing.T) {
 			settle(t, c, bt, all(len(bt.Items), done)...)
 		}
 		noLeases(t, b)
-		byKey := map[string][]consumer.DeadLetter{}
+		byKey := map[string][]deadletter.Letter{}
 		for _, d := range deadLetters(t, c) {
 			byKey[d.Key] = append(byKey[d.Key], d)
 		}
@@ -247,7 +248,7 @@ func TestUndecodableDeadLetterIsListed(t *testing.T) {
 		p := newProducer(t, b)
 		addRaw(t, p, "k", `1`)
 		f := fetch(t, c, 1)
-		settle(t, c, f.Batches[0], consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")})
+		settle(t, c, f.Batches[0], protocol.Outcome{Kind: protocol.Dead, Err: errors.New("boom")})
 		deep := strings.Repeat(`{"a":`, 10_000) + "1" + strings.Repeat("}", 10_000)
 		for id, env := range map[string]string{"garbage": "not json", "deep": `{"id":"deep","item":` + deep + `}`} {
 			for _, cmd := range []rueidis.Completed{
@@ -260,7 +261,7 @@ func TestUndecodableDeadLetterIsListed(t *testing.T) {
 			}
 		}
 		ds := deadLetters(t, c)
-		byID := map[string]consumer.DeadLetter{}
+		byID := map[string]deadletter.Letter{}
 		for _, d := range ds {
 			byID[d.ID] = d
 		}
@@ -268,7 +269,7 @@ func TestUndecodableDeadLetterIsListed(t *testing.T) {
 			!strings.Contains(byID["garbage"].Error, "does not decode") {
 			t.Fatalf("dead letters %+v, want the good one and two corrupt ones", ds)
 		}
-		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 3 {
+		if n, err := dl(c).Purge(ctx, queue); err != nil || n != 3 {
 			t.Fatalf("PurgeDead: %d, %v", n, err)
 		}
 	})
@@ -291,14 +292,14 @@ func setReady(t *testing.T, b testredis.Backend, key, value string) {
 
 // eachMode runs fn with leases and at-most-once, each on miniredis and on
 // redis-server; opts selects the mode.
-func eachMode(t *testing.T, fn func(t *testing.T, b testredis.Backend, opts ...consumer.Option)) {
+func eachMode(t *testing.T, fn func(t *testing.T, b testredis.Backend, opts ...protocol.Option)) {
 	t.Helper()
 	for _, mode := range []struct {
 		name string
-		opts []consumer.Option
+		opts []protocol.Option
 	}{
 		{"leased", nil},
-		{"at-most-once", []consumer.Option{consumer.WithAtMostOnce()}},
+		{"at-most-once", []protocol.Option{protocol.WithAtMostOnce()}},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			testredis.Each(t, func(t *testing.T, b testredis.Backend) { fn(t, b, mode.opts...) })
@@ -306,7 +307,7 @@ func eachMode(t *testing.T, fn func(t *testing.T, b testredis.Backend, opts ...c
 	}
 }
 
-func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
+func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...protocol.Option) {
 	ctx := context.Background()
 	p := newProducer(t, b)
 	c := newConsumer(t, b, opts...)
@@ -338,9 +339,9 @@ func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option)
 	if len(got) != 2 || got["good1"] != `[1,2]` || got["good2"] != `[3]` {
 		t.Fatalf("batches %v, want good1 [1,2] and good2 [3] only", got)
 	}
-	fetchedDead := map[string]consumer.DeadLetter{}
+	fetchedDead := map[string]deadletter.Letter{}
 	for _, d := range f.Dead {
-		fetchedDead[d.Key] = d
+		fetchedDead[d.Key] = deadletter.Letter(d)
 	}
 	if len(fetchedDead) != len(set) {
 		t.Fatalf("Fetched.Dead: %+v, want obj, hello, null and hash", f.Dead)
@@ -354,7 +355,7 @@ func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option)
 	if len(ds) != len(set) {
 		t.Fatalf("DeadLetters: %+v, want %d", ds, len(set))
 	}
-	byKey := map[string]consumer.DeadLetter{}
+	byKey := map[string]deadletter.Letter{}
 	for _, d := range ds {
 		byKey[d.Key] = d
 		if !d.Corrupt || d.Error == "" || d.Queue != queue {
@@ -390,7 +391,7 @@ func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option)
 		}
 	}
 	for _, d := range ds {
-		if _, err := c.RequeueDead(ctx, d); !errors.Is(err, consumer.ErrNotRequeueable) {
+		if _, err := dl(c).Requeue(ctx, d); !errors.Is(err, deadletter.ErrNotRequeueable) {
 			t.Errorf("RequeueDead of corrupt %s: got %v, want ErrNotRequeueable", d.Key, err)
 		}
 	}
@@ -415,7 +416,7 @@ func testCorruptKeys(t *testing.T, b testredis.Backend, opts ...consumer.Option)
 // A key on the ready index with no items (drained by someone else) yields
 // no batch and leaves no lease.
 func TestReadyKeyWithoutItems(t *testing.T) {
-	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...consumer.Option) {
+	eachMode(t, func(t *testing.T, b testredis.Backend, opts ...protocol.Option) {
 		ctx := context.Background()
 		p := newProducer(t, b)
 		c := newConsumer(t, b, opts...)
@@ -446,15 +447,15 @@ func TestDeadLetterCapTrimsInChunks(t *testing.T) {
 			n = 3000
 		}
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithDeadLetterCap(10))
+		c := newConsumer(t, b, protocol.WithDeadLetterCap(10))
 		items := make([]string, n)
 		for i := range items {
 			items[i] = strconv.Itoa(i)
 		}
 		addRaw(t, p, "k", items...)
 		bt := fetchOne(t, c)
-		out := all(n, consumer.Outcome{Kind: consumer.Dead, Err: errors.New("d")})
-		out[0] = consumer.Outcome{Kind: consumer.Unfinished}
+		out := all(n, protocol.Outcome{Kind: protocol.Dead, Err: errors.New("d")})
+		out[0] = protocol.Outcome{Kind: protocol.Unfinished}
 		settle(t, c, bt, out...)
 		if got := countDead(t, c); got != 10 {
 			t.Fatalf("%d dead letters kept, want the cap, 10", got)
@@ -476,10 +477,10 @@ func TestAtMostOnceSettleIsIdempotent(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithAtMostOnce())
+		c := newConsumer(t, b, protocol.WithAtMostOnce())
 		addRaw(t, p, "k", `1`, `2`)
 		bt := fetchOne(t, c)
-		out := []consumer.Outcome{{Kind: consumer.Unfinished}, {Kind: consumer.Dead, Err: errors.New("d")}}
+		out := []protocol.Outcome{{Kind: protocol.Unfinished}, {Kind: protocol.Dead, Err: errors.New("d")}}
 		for range 2 {
 			if err := c.Settle(ctx, bt, out); err != nil {
 				t.Fatal(err)
@@ -502,21 +503,21 @@ func TestRequeueDeadValidates(t *testing.T) {
 		p := newProducer(t, b)
 		c := newConsumer(t, b)
 		addRaw(t, p, "k", `1`)
-		settle(t, c, fetchOne(t, c), consumer.Outcome{Kind: consumer.Dead, Err: errors.New("d")})
+		settle(t, c, fetchOne(t, c), protocol.Outcome{Kind: protocol.Dead, Err: errors.New("d")})
 		d := deadLetters(t, c)[0]
-		bad := []consumer.DeadLetter{d, d, d}
+		bad := []deadletter.Letter{d, d, d}
 		bad[0].Item = []byte(`{"broken":`)
 		bad[1].Key = ""
 		bad[2].Shard = 5
 		for i, x := range bad {
-			if n, err := c.RequeueDead(ctx, x); err == nil || n != 0 {
+			if n, err := dl(c).Requeue(ctx, x); err == nil || n != 0 {
 				t.Errorf("case %d: requeued %d, err %v", i, n, err)
 			}
 		}
 		if _, ok := stored(t, b, "k"); ok {
 			t.Fatal("a refused requeue stored something")
 		}
-		if n, err := c.RequeueDead(ctx, d); err != nil || n != 1 {
+		if n, err := dl(c).Requeue(ctx, d); err != nil || n != 1 {
 			t.Fatalf("requeue of the untouched letter: %d, %v", n, err)
 		}
 	})
@@ -540,7 +541,7 @@ func TestPurgeDeadDeletesQuarantine(t *testing.T) {
 		if ks := testredis.Keys(t, b, b.Prefix+":*quarantine*"); len(ks) != 2 { // the value and the set
 			t.Fatalf("quarantine keys %v", ks)
 		}
-		if n, err := c.PurgeDead(ctx, queue); err != nil || n != 1 {
+		if n, err := dl(c).Purge(ctx, queue); err != nil || n != 1 {
 			t.Fatalf("PurgeDead: %d, %v", n, err)
 		}
 		if ks := testredis.Keys(t, b, b.Prefix+":*"); len(ks) != 0 {
@@ -549,21 +550,21 @@ func TestPurgeDeadDeletesQuarantine(t *testing.T) {
 	})
 }
 
-// RequeueNewestDead puts back the newest dead letters first, at most max,
-// and the items of a batch that died together keep their order.
+// RequeueNewest puts back the newest dead letters first, at most max, and
+// the items of a batch that died together keep their order.
 func TestRequeueNewestDead(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
 		c := newConsumer(t, b)
-		clk := withFakeClock(c)
+		must(t, c.Sync(ctx))
 		die(t, p, c, "old", `0`)
-		clk.Advance(time.Second) // the batch of k dies later
+		time.Sleep(5 * time.Millisecond) // the batch of k dies later
 		die(t, p, c, "k", `1`, `2`, `3`)
 
-		n, skipped, err := c.RequeueNewestDead(ctx, queue, 3)
+		n, skipped, err := dl(c).RequeueNewest(ctx, queue, 3)
 		if err != nil || n != 3 || skipped != 0 {
-			t.Fatalf("RequeueNewestDead(3) = %d, %d, %v; want 3, 0", n, skipped, err)
+			t.Fatalf("RequeueNewest(3) = %d, %d, %v; want 3, 0", n, skipped, err)
 		}
 		if v, _ := stored(t, b, "k"); v != `[1,2,3]` {
 			t.Fatalf("key k holds %s, want its items in order", v)
@@ -571,8 +572,8 @@ func TestRequeueNewestDead(t *testing.T) {
 		if v, ok := stored(t, b, "old"); ok {
 			t.Fatalf("the older dead letter was requeued too: %s", v)
 		}
-		if n, _, err := c.RequeueNewestDead(ctx, queue, 0); err != nil || n != 1 {
-			t.Fatalf("RequeueNewestDead(0) = %d, %v; want the 1 left", n, err)
+		if n, _, err := dl(c).RequeueNewest(ctx, queue, 0); err != nil || n != 1 {
+			t.Fatalf("RequeueNewest(0) = %d, %v; want the 1 left", n, err)
 		}
 		if n := countDead(t, c); n != 0 {
 			t.Fatalf("%d dead letters left", n)
@@ -580,35 +581,31 @@ func TestRequeueNewestDead(t *testing.T) {
 	})
 }
 
-// RequeueNewestDead reads past corrupt letters at the front of the list,
-// and leaves letters that died after it started (by the consumer's clock)
-// where they are.
+// RequeueNewest reads past corrupt letters at the front of the list, and
+// leaves letters that died after it started (by the server's clock) where
+// they are.
 func TestRequeueNewestDeadSkipsCorruptAndFresh(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
 		c := newConsumer(t, b)
-		clk := withFakeClock(c)
+		must(t, c.Sync(ctx))
 		die(t, p, c, "old", `1`)
-		clk.Advance(time.Second)
+		time.Sleep(5 * time.Millisecond)
 		// A newer corrupt letter: a key holding a string that is no array.
-		if err := b.Client.Do(ctx, b.Client.B().Set().Key(space(b).Items("bad")).Value("hello").Build()).Error(); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.Client.Do(ctx, b.Client.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, "bad").Build()).Error(); err != nil {
-			t.Fatal(err)
-		}
+		setReady(t, b, "bad", "hello")
 		if f := fetch(t, c, 10); len(f.Dead) != 1 {
 			t.Fatalf("fetched %s, want the corrupt key in dead letters", describe(f))
 		}
-		// A letter that dies "after" the requeue starts.
-		clk.Advance(10 * time.Second)
-		die(t, p, c, "fresh", `2`)
-		clk.Advance(-5 * time.Second)
+		// A letter that dies "after" the requeue starts: its worker's clock
+		// is an hour ahead.
+		ahead := newConsumer(t, b)
+		withFakeClock(ahead)
+		die(t, p, ahead, "fresh", `2`)
 
-		n, skipped, err := c.RequeueNewestDead(ctx, queue, 1)
+		n, skipped, err := dl(c).RequeueNewest(ctx, queue, 1)
 		if err != nil || n != 1 || skipped != 1 {
-			t.Fatalf("RequeueNewestDead(1) = %d, %d, %v; want 1 requeued past 1 corrupt", n, skipped, err)
+			t.Fatalf("RequeueNewest(1) = %d, %d, %v; want 1 requeued past 1 corrupt", n, skipped, err)
 		}
 		if v, _ := stored(t, b, "old"); v != `[1]` {
 			t.Fatalf("key old holds %q, want its item back", v)
@@ -622,10 +619,24 @@ func TestRequeueNewestDeadSkipsCorruptAndFresh(t *testing.T) {
 	})
 }
 
-// die appends items to key, takes the key's batch and settles every item
-// as dead.
-func die(t *testing.T, p *producer.Producer, c *consumer.Consumer, key string, items ...string) {
+func die(t *testing.T, p *producer.Producer, c *protocol.Consumer, key string, items ...string) {
 	t.Helper()
 	addRaw(t, p, key, items...)
-	settle(t, c, fetchOne(t, c), all(len(items), consumer.Outcome{Kind: consumer.Dead, Err: errors.New("boom")})...)
+	settle(t, c, fetchOne(t, c), all(len(items), protocol.Outcome{Kind: protocol.Dead, Err: errors.New("boom")})...)
+}
+
+// dl returns a client of the dead letters of c's queues.
+func dl(c *protocol.Consumer) *deadletter.Client {
+	d, err := deadletter.New(protocol.ClientOf(c), deadletter.WithPrefix(c.Prefix()), deadletter.WithShards(c.Shards()))
+	if err != nil {
+		panic(err)
+	}
+	return d
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
 }

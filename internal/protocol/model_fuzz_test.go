@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"cmp"
@@ -17,9 +17,9 @@ import (
 
 	"github.com/redis/rueidis"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/internal/keys"
-	"github.com/batchq/batchq/internal/store"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -326,7 +326,7 @@ type mItem struct {
 }
 
 type mBatch struct {
-	b        *consumer.Batch
+	b        *protocol.Batch
 	token    string
 	key      string // "" for retries
 	items    []*mItem
@@ -351,7 +351,7 @@ type model struct {
 	b       testredis.Backend
 	sp      keys.Space
 	p       *producer.Producer
-	c       *consumer.Consumer
+	c       *protocol.Consumer
 	clock   *fakeClock
 	startMs int64
 	items   []*mItem
@@ -384,13 +384,13 @@ func runModel(t *testing.T, b testredis.Backend, start time.Time, in []byte) {
 	if cfg&cfgDeadCap != 0 {
 		deadCap = modelDeadCap
 	}
-	c, err := consumer.New(b.Client, consumer.WithPrefix(b.Prefix), consumer.WithLeaseTTL(modelTTL),
-		consumer.WithName("model"), consumer.WithDeadLetterCap(deadCap))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithLeaseTTL(modelTTL),
+		protocol.WithName("model"), protocol.WithDeadLetterCap(deadCap))
 	if err != nil {
 		t.Fatal(err)
 	}
 	clock := &fakeClock{now: start}
-	consumer.SetClock(c, clock.Now)
+	protocol.SetClock(c, clock.Now)
 	m := &model{
 		t: t, ctx: context.Background(), b: b, sp: keys.For(b.Prefix, queue, 0), p: p, c: c,
 		clock: clock, startMs: start.UnixMilli(), deadCap: deadCap, keyCap: keyCap,
@@ -442,7 +442,7 @@ func (m *model) step(next func() byte) {
 			return
 		}
 		mb := m.held[int(idx&0x1f)%len(m.held)]
-		outs := make([]consumer.Outcome, len(mb.items))
+		outs := make([]protocol.Outcome, len(mb.items))
 		for i := range outs {
 			outs[i] = m.outcome(next())
 		}
@@ -454,7 +454,7 @@ func (m *model) step(next func() byte) {
 			// A worker that did not hear the reply settles again: the
 			// lease is gone, so nothing is applied twice.
 			m.logf("settle %s again", mb.token)
-			if err := m.c.Settle(m.ctx, mb.b, outs); !errors.Is(err, consumer.ErrLeaseLost) {
+			if err := m.c.Settle(m.ctx, mb.b, outs); !errors.Is(err, protocol.ErrLeaseLost) {
 				m.fail("second Settle of a batch: got %v, want ErrLeaseLost", err)
 			}
 		}
@@ -490,18 +490,18 @@ func (m *model) step(next func() byte) {
 	}
 }
 
-func (m *model) outcome(x byte) consumer.Outcome {
+func (m *model) outcome(x byte) protocol.Outcome {
 	switch x % 8 {
 	case 4, 5:
 		m.errs++
-		return consumer.Outcome{Kind: consumer.Retry, Delay: modelDelays[(x>>3)%4], Err: fmt.Errorf(`fail #%d "é"`, m.errs)}
+		return protocol.Outcome{Kind: protocol.Retry, Delay: modelDelays[(x>>3)%4], Err: fmt.Errorf(`fail #%d "é"`, m.errs)}
 	case 6:
 		m.errs++
-		return consumer.Outcome{Kind: consumer.Dead, Err: fmt.Errorf("dead #%d\n", m.errs)}
+		return protocol.Outcome{Kind: protocol.Dead, Err: fmt.Errorf("dead #%d\n", m.errs)}
 	case 7:
-		return consumer.Outcome{Kind: consumer.Unfinished}
+		return protocol.Outcome{Kind: protocol.Unfinished}
 	}
-	return consumer.Outcome{Kind: consumer.Done}
+	return protocol.Outcome{Kind: protocol.Done}
 }
 
 // itemData is the JSON of item n: distinct for every n, of several shapes.
@@ -637,7 +637,7 @@ func (m *model) fetch(max int) []*mBatch {
 	var retries *mBatch
 	claimed := map[string]bool{}
 	for _, b := range f.Batches {
-		mb := &mBatch{b: b, token: consumer.BatchID(b), key: b.Key, deadline: now + modelTTL.Milliseconds()}
+		mb := &mBatch{b: b, token: protocol.BatchID(b), key: b.Key, deadline: now + modelTTL.Milliseconds()}
 		if b.Queue != queue || b.Shard != 0 || mb.token == "" {
 			m.fail("Fetch(%d): batch of queue %q shard %d token %q", max, b.Queue, b.Shard, mb.token)
 		}
@@ -763,7 +763,7 @@ func itemsString(items []*mItem) string {
 	return "[" + strings.Join(s, ",") + "]"
 }
 
-func (m *model) settle(mb *mBatch, outs []consumer.Outcome) {
+func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 	m.drop(mb)
 	m.settled = append(m.settled, mb)
 	if len(m.settled) > 8 {
@@ -775,7 +775,7 @@ func (m *model) settle(mb *mBatch, outs []consumer.Outcome) {
 		kinds[i] = "unfinished"
 		if i < len(outs) {
 			kinds[i] = [...]string{"unfinished", "done", "retry", "dead"}[outs[i].Kind]
-			if outs[i].Kind == consumer.Retry {
+			if outs[i].Kind == protocol.Retry {
 				kinds[i] += "+" + outs[i].Delay.String()
 			}
 		}
@@ -783,11 +783,11 @@ func (m *model) settle(mb *mBatch, outs []consumer.Outcome) {
 	m.logf("settle %s: %s (lease reaped: %v)", m.describe(mb), strings.Join(kinds, " "), mb.reaped)
 	err := m.c.Settle(m.ctx, mb.b, outs)
 	if mb.reaped {
-		if !errors.Is(err, consumer.ErrLeaseLost) {
+		if !errors.Is(err, protocol.ErrLeaseLost) {
 			m.fail("Settle of a reaped batch: got %v, want ErrLeaseLost", err)
 		}
 		for i, it := range mb.items {
-			if i < len(outs) && outs[i].Kind == consumer.Done {
+			if i < len(outs) && outs[i].Kind == protocol.Done {
 				it.handled++
 				it.lost = true
 			}
@@ -800,26 +800,26 @@ func (m *model) settle(mb *mBatch, outs []consumer.Outcome) {
 	delete(m.leases, mb.token)
 	var back []*mItem
 	for i, it := range mb.items {
-		var o consumer.Outcome
+		var o protocol.Outcome
 		if i < len(outs) {
 			o = outs[i]
 		}
 		id := fmt.Sprintf("%s-%07d", mb.token, i)
 		switch o.Kind {
-		case consumer.Done:
+		case protocol.Done:
 			it.state = sDone
 			it.commits++
 			it.handled++
-		case consumer.Retry:
+		case protocol.Retry:
 			it.state, it.retryID, it.due = sRetry, id, now+o.Delay.Milliseconds()
 			it.attempts++
 			it.lastErr = o.Err.Error()
-		case consumer.Dead:
+		case protocol.Dead:
 			m.dirty = true
 			it.state, it.deadID, it.deadAt = sDead, id, now
 			it.attempts++
 			it.lastErr = o.Err.Error()
-		case consumer.Unfinished:
+		case protocol.Unfinished:
 			if mb.key == "" {
 				it.state, it.retryID, it.due = sRetry, id, now
 			} else {
@@ -832,7 +832,7 @@ func (m *model) settle(mb *mBatch, outs []consumer.Outcome) {
 		m.pending[mb.key] = append(back, m.pending[mb.key]...)
 		m.makeReady(mb.key, now)
 	}
-	if m.deadCap > 0 && slices.Contains(kindsOf(outs), consumer.Dead) {
+	if m.deadCap > 0 && slices.Contains(kindsOf(outs), protocol.Dead) {
 		// Past the cap, the oldest dead letters are dropped: by time,
 		// then id.
 		dead := m.deadItems()
@@ -846,8 +846,8 @@ func (m *model) settle(mb *mBatch, outs []consumer.Outcome) {
 	}
 }
 
-func kindsOf(outs []consumer.Outcome) []consumer.OutcomeKind {
-	k := make([]consumer.OutcomeKind, len(outs))
+func kindsOf(outs []protocol.Outcome) []protocol.OutcomeKind {
+	k := make([]protocol.OutcomeKind, len(outs))
 	for i, o := range outs {
 		k[i] = o.Kind
 	}
@@ -898,7 +898,7 @@ func (m *model) reap() {
 
 func (m *model) extend(mask byte) {
 	var sel []*mBatch
-	var bs []*consumer.Batch
+	var bs []*protocol.Batch
 	var desc []string
 	for i, mb := range m.held {
 		if mask&0x7f == 0 || i < 7 && mask&(1<<i) != 0 {
@@ -950,11 +950,11 @@ func (m *model) requeue(mask byte, dup bool) {
 	if len(sel) == 0 {
 		return
 	}
-	letters := map[string]consumer.DeadLetter{}
+	letters := map[string]deadletter.Letter{}
 	for _, d := range m.deadLetters() {
 		letters[d.ID] = d
 	}
-	var args []consumer.DeadLetter
+	var args []deadletter.Letter
 	for _, it := range sel {
 		d, ok := letters[it.deadID]
 		if !ok {
@@ -965,7 +965,7 @@ func (m *model) requeue(mask byte, dup bool) {
 	if dup {
 		args = append(args, args[0])
 	}
-	n, err := m.c.RequeueDead(m.ctx, args...)
+	n, err := dl(m.c).Requeue(m.ctx, args...)
 	if err != nil || n != len(sel) {
 		m.fail("RequeueDead of %d letters: %d, %v; want %d", len(args), n, err, len(sel))
 	}
@@ -986,7 +986,7 @@ func (m *model) requeue(mask byte, dup bool) {
 func (m *model) purge() {
 	dead := m.deadItems()
 	m.logf("purge: %d dead", len(dead))
-	n, err := m.c.PurgeDead(m.ctx, queue)
+	n, err := dl(m.c).Purge(m.ctx, queue)
 	if err != nil || n != int64(len(dead)) {
 		m.fail("PurgeDead: %d, %v; want %d", n, err, len(dead))
 	}
@@ -996,8 +996,8 @@ func (m *model) purge() {
 	}
 }
 
-func (m *model) deadLetters() []consumer.DeadLetter {
-	ds, err := m.c.DeadLetters(m.ctx, queue, 1000)
+func (m *model) deadLetters() []deadletter.Letter {
+	ds, err := dl(m.c).List(m.ctx, queue, 1000)
 	if err != nil {
 		m.fail("DeadLetters: %v", err)
 	}
@@ -1055,7 +1055,7 @@ func (m *model) check() {
 		if !json.Valid([]byte(items)) {
 			m.fail("I3: key %q holds invalid JSON %s", k, items)
 		}
-		if want := store.PackCount(int64(len(p)), int64(len(items))); count != strconv.FormatInt(want, 10) {
+		if want := protocol.PackCount(int64(len(p)), int64(len(items))); count != strconv.FormatInt(want, 10) {
 			m.fail("count of key %q is %q, want %d (%d items, %d bytes)", k, count, want, len(p), len(items))
 		}
 	}
@@ -1117,7 +1117,7 @@ func (m *model) check() {
 			v, _ := str(res[i])
 			n, _ := str(res[i+1])
 			i += 2
-			want := store.PackCount(int64(len(mb.items)), int64(len(itemsString(mb.items))))
+			want := protocol.PackCount(int64(len(mb.items)), int64(len(itemsString(mb.items))))
 			if v != itemsString(mb.items) || n != strconv.FormatInt(want, 10) || meta[tok] != "d:model:"+mb.key {
 				m.fail("lease %s holds %s (count %q, description %q), want %s", tok, v, n, meta[tok], itemsString(mb.items))
 			}
@@ -1145,7 +1145,7 @@ func (m *model) check() {
 }
 
 func (m *model) checkDead(dead []*mItem) {
-	letters := map[string]consumer.DeadLetter{}
+	letters := map[string]deadletter.Letter{}
 	for _, d := range m.deadLetters() {
 		letters[d.ID] = d
 	}
@@ -1181,7 +1181,7 @@ func (m *model) drain() {
 			break
 		}
 		for _, mb := range got {
-			m.settle(mb, slices.Repeat([]consumer.Outcome{{Kind: consumer.Done}}, len(mb.items)))
+			m.settle(mb, slices.Repeat([]protocol.Outcome{{Kind: protocol.Done}}, len(mb.items)))
 			m.check()
 		}
 	}

@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"context"
@@ -6,11 +6,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
-func reap(t *testing.T, c *consumer.Consumer) int {
+func reap(t *testing.T, c *protocol.Consumer) int {
 	t.Helper()
 	n, err := c.Reap(context.Background(), queue, 0)
 	if err != nil {
@@ -25,7 +25,7 @@ func TestLeaseFencing(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithLeaseTTL(100*time.Millisecond))
+		c := newConsumer(t, b, protocol.WithLeaseTTL(100*time.Millisecond))
 		clk := withFakeClock(c)
 		addRaw(t, p, "k", `1`, `2`)
 		old := fetchOne(t, c)
@@ -54,12 +54,12 @@ func TestLeaseFencing(t *testing.T) {
 
 		// The old holder's settlement is refused, whatever it says.
 		boom := errors.New("boom")
-		for _, out := range [][]consumer.Outcome{
+		for _, out := range [][]protocol.Outcome{
 			{done, done},
-			{{Kind: consumer.Dead, Err: boom}, {Kind: consumer.Retry, Err: boom}},
-			{{Kind: consumer.Unfinished}, {Kind: consumer.Unfinished}},
+			{{Kind: protocol.Dead, Err: boom}, {Kind: protocol.Retry, Err: boom}},
+			{{Kind: protocol.Unfinished}, {Kind: protocol.Unfinished}},
 		} {
-			if err := c.Settle(ctx, old, out); !errors.Is(err, consumer.ErrLeaseLost) {
+			if err := c.Settle(ctx, old, out); !errors.Is(err, protocol.ErrLeaseLost) {
 				t.Fatalf("late Settle %v: got %v, want ErrLeaseLost", out, err)
 			}
 		}
@@ -89,7 +89,7 @@ func TestExtendKeepsLease(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithLeaseTTL(100*time.Millisecond))
+		c := newConsumer(t, b, protocol.WithLeaseTTL(100*time.Millisecond))
 		clk := withFakeClock(c)
 		addRaw(t, p, "a", `"a"`)
 		addRaw(t, p, "b", `"b"`)
@@ -110,7 +110,7 @@ func TestExtendKeepsLease(t *testing.T) {
 		if n := reap(t, c); n != 1 {
 			t.Fatalf("Reap past the extended deadline returned %d, want 1", n)
 		}
-		if err := c.Settle(ctx, f.Batches[1], []consumer.Outcome{done}); !errors.Is(err, consumer.ErrLeaseLost) {
+		if err := c.Settle(ctx, f.Batches[1], []protocol.Outcome{done}); !errors.Is(err, protocol.ErrLeaseLost) {
 			t.Fatalf("Settle after reap: got %v, want ErrLeaseLost", err)
 		}
 		// Extending a reaped lease does not bring it back.
@@ -133,11 +133,11 @@ func TestExpiredRetryLease(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithLeaseTTL(100*time.Millisecond))
+		c := newConsumer(t, b, protocol.WithLeaseTTL(100*time.Millisecond))
 		clk := withFakeClock(c)
 		addRaw(t, p, "k", `"x"`, `"y"`)
 		bt := fetchOne(t, c)
-		settle(t, c, bt, all(2, consumer.Outcome{Kind: consumer.Retry, Err: errors.New("e1")})...)
+		settle(t, c, bt, all(2, protocol.Outcome{Kind: protocol.Retry, Err: errors.New("e1")})...)
 		rb := fetchOne(t, c)
 		if !rb.Retry() {
 			t.Fatal("want a retry batch")
@@ -147,7 +147,7 @@ func TestExpiredRetryLease(t *testing.T) {
 		if n := reap(t, c); n != 1 {
 			t.Fatalf("Reap returned %d, want 1", n)
 		}
-		if err := c.Settle(ctx, rb, all(2, done)); !errors.Is(err, consumer.ErrLeaseLost) {
+		if err := c.Settle(ctx, rb, all(2, done)); !errors.Is(err, protocol.ErrLeaseLost) {
 			t.Fatalf("late Settle of a retry batch: got %v, want ErrLeaseLost", err)
 		}
 		rb = fetchOne(t, c)
@@ -175,7 +175,7 @@ func TestLeaseExpiresInRealTime(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		p := newProducer(t, b)
 		const ttl = 100 * time.Millisecond
-		c := newConsumer(t, b, consumer.WithLeaseTTL(ttl))
+		c := newConsumer(t, b, protocol.WithLeaseTTL(ttl))
 		addRaw(t, p, "k", `1`)
 		start := time.Now()
 		bt := fetchOne(t, c)
@@ -187,7 +187,7 @@ func TestLeaseExpiresInRealTime(t *testing.T) {
 			}
 			return n == 1
 		})
-		if err := c.Settle(context.Background(), bt, []consumer.Outcome{done}); !errors.Is(err, consumer.ErrLeaseLost) {
+		if err := c.Settle(context.Background(), bt, []protocol.Outcome{done}); !errors.Is(err, protocol.ErrLeaseLost) {
 			t.Fatalf("Settle after reap: got %v, want ErrLeaseLost", err)
 		}
 		nb := fetchOne(t, c)
@@ -200,7 +200,7 @@ func TestLeaseExpiresInRealTime(t *testing.T) {
 func TestAtMostOnce(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithAtMostOnce())
+		c := newConsumer(t, b, protocol.WithAtMostOnce())
 		addRaw(t, p, "k", awkward...)
 		bt := fetchOne(t, c)
 		if bt.Key != "k" || bt.Retry() {
@@ -225,9 +225,9 @@ func TestAtMostOnce(t *testing.T) {
 		noLeases(t, b)
 		addRaw(t, p, "k", `4`)
 		settle(t, c, bt,
-			consumer.Outcome{Kind: consumer.Retry, Err: errors.New("r")},
-			consumer.Outcome{Kind: consumer.Dead, Err: errors.New("d")},
-			consumer.Outcome{Kind: consumer.Unfinished})
+			protocol.Outcome{Kind: protocol.Retry, Err: errors.New("r")},
+			protocol.Outcome{Kind: protocol.Dead, Err: errors.New("d")},
+			protocol.Outcome{Kind: protocol.Unfinished})
 		if v, _ := stored(t, b, "k"); v != `[3,4]` {
 			t.Fatalf("key holds %s, want [3,4]", v)
 		}
@@ -267,7 +267,7 @@ func TestCorruptKeyWhileBatchIsHeld(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		p := newProducer(t, b)
-		c := newConsumer(t, b, consumer.WithLeaseTTL(100*time.Millisecond))
+		c := newConsumer(t, b, protocol.WithLeaseTTL(100*time.Millisecond))
 		clk := withFakeClock(c)
 		corrupt := func() {
 			t.Helper()
@@ -281,7 +281,7 @@ func TestCorruptKeyWhileBatchIsHeld(t *testing.T) {
 		addRaw(t, p, "k", `1`, `2`)
 		bt := fetchOne(t, c)
 		corrupt()
-		if err := c.Settle(ctx, bt, []consumer.Outcome{{Kind: consumer.Unfinished}, {Kind: consumer.Dead, Err: errors.New("d")}}); err != nil {
+		if err := c.Settle(ctx, bt, []protocol.Outcome{{Kind: protocol.Unfinished}, {Kind: protocol.Dead, Err: errors.New("d")}}); err != nil {
 			t.Fatalf("Settle onto a corrupt key: %v", err)
 		}
 		if n := countDead(t, c); n != 1 {

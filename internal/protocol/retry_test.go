@@ -1,4 +1,4 @@
-package consumer_test
+package protocol_test
 
 import (
 	"context"
@@ -9,7 +9,8 @@ import (
 
 	"github.com/redis/rueidis"
 
-	"github.com/batchq/batchq/consumer"
+	"github.com/batchq/batchq/deadletter"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -25,10 +26,10 @@ func TestRetryIsDueAfterItsDelay(t *testing.T) {
 		addRaw(t, p, "k", item, `2`)
 		bt := fetchOne(t, c)
 		start := time.Now() // Settle's clock reads at least this
-		settle(t, c, bt, consumer.Outcome{Kind: consumer.Retry, Err: errors.New("boom: it failed"), Delay: delay}, done)
+		settle(t, c, bt, protocol.Outcome{Kind: protocol.Retry, Err: errors.New("boom: it failed"), Delay: delay}, done)
 		noLeases(t, b)
 
-		var rb *consumer.Batch
+		var rb *protocol.Batch
 		eventually(t, 5*time.Second, "the retry to be fetched", func() bool {
 			f, err := c.Fetch(ctx, queue, 0, 10)
 			if err != nil {
@@ -60,7 +61,7 @@ func TestRetryIsDueAfterItsDelay(t *testing.T) {
 		}
 
 		// Failing again counts a second attempt; a zero delay is due at once.
-		settle(t, c, rb, consumer.Outcome{Kind: consumer.Retry, Err: errors.New("again")})
+		settle(t, c, rb, protocol.Outcome{Kind: protocol.Retry, Err: errors.New("again")})
 		rb = fetchOne(t, c)
 		checkItems(t, rb, item)
 		if it := rb.Items[0]; it.Attempt != 2 || it.LastError != "again" {
@@ -85,7 +86,7 @@ func TestRetryDueTimeIsExact(t *testing.T) {
 		addRaw(t, p, "k", `"x"`)
 		bt := fetchOne(t, c)
 		due := clk.Now().Add(50 * time.Millisecond)
-		settle(t, c, bt, consumer.Outcome{Kind: consumer.Retry, Err: errors.New("e"), Delay: 50 * time.Millisecond})
+		settle(t, c, bt, protocol.Outcome{Kind: protocol.Retry, Err: errors.New("e"), Delay: 50 * time.Millisecond})
 		clk.Advance(49 * time.Millisecond)
 		f := fetchNone(t, c)
 		if !f.Next.Equal(due) {
@@ -111,7 +112,7 @@ func TestUndecodableRetryGoesToDeadLetters(t *testing.T) {
 		r := b.Client
 		sp := space(b)
 		addRaw(t, p, "k", `"good"`)
-		settle(t, c, fetchOne(t, c), consumer.Outcome{Kind: consumer.Retry, Err: errors.New("e")})
+		settle(t, c, fetchOne(t, c), protocol.Outcome{Kind: protocol.Retry, Err: errors.New("e")})
 		plant := func(id, env string) {
 			t.Helper()
 			for _, cmd := range []rueidis.Completed{
@@ -152,7 +153,7 @@ func TestUndecodableRetryGoesToDeadLetters(t *testing.T) {
 			if !d.Corrupt {
 				t.Errorf("dead letter %s not marked corrupt", d.ID)
 			}
-			if _, err := c.RequeueDead(ctx, d); !errors.Is(err, consumer.ErrNotRequeueable) {
+			if _, err := dl(c).Requeue(ctx, d); !errors.Is(err, deadletter.ErrNotRequeueable) {
 				t.Errorf("RequeueDead of %s: got %v, want ErrNotRequeueable", d.ID, err)
 			}
 		}

@@ -1,0 +1,294 @@
+// Package deadletter reads and manages the dead letters of batchq queues:
+// the items that failed for good, each kept with its key, its attempts and
+// its last error, and the values found in a key that were not items. A
+// worker hands one out (batchq.Worker.DeadLetters), the inspector another
+// for a registered queue (inspect.Inspector.DeadLetters), and New makes one
+// for any queue, without a worker.
+//
+//	dl, err := deadletter.New(rdb)
+//	n, err := dl.Count(ctx, "emails")
+//	letters, err := dl.List(ctx, "emails", 100) // newest first
+//	_, err = dl.Requeue(ctx, letters...)        // back to the end of their keys
+//	_, err = dl.Purge(ctx, "emails")
+package deadletter
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/jsonarray"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
+)
+
+// Letter is an item that failed for good, kept with its last error, or a
+// value found in a key that was not an item (Corrupt).
+type Letter struct {
+	ID       string          `json:"id"`
+	Queue    string          `json:"queue"`
+	Shard    int             `json:"shard"`
+	Key      string          `json:"key"`
+	Item     json.RawMessage `json:"item"` // byte for byte as appended; null when Corrupt and not a string
+	Attempts int             `json:"attempts"`
+	Error    string          `json:"error"`
+	FailedAt time.Time       `json:"failed_at"`
+	// Corrupt marks a value that was not an item: a key's whole value that
+	// was not a JSON array, or an element of one that was not valid JSON.
+	// Item holds it (as a JSON string when it was not JSON). It cannot be
+	// requeued.
+	Corrupt bool `json:"corrupt,omitempty"`
+}
+
+// ErrNotRequeueable reports a letter that holds no item a producer would
+// take: a corrupt value, or an item that is not valid JSON or nests too
+// deeply.
+var ErrNotRequeueable = errors.New("deadletter: the letter holds a corrupt value, not an item")
+
+// Requeueable reports whether l holds an item that Requeue can put back:
+// not a corrupt value, and an item a producer would take (valid JSON,
+// nested at most producer.MaxItemDepth levels).
+func (l Letter) Requeueable() bool { return l.requeueError() == nil }
+
+func (l Letter) requeueError() error {
+	switch {
+	case l.Corrupt || len(l.Item) == 0:
+		return ErrNotRequeueable
+	case !json.Valid(l.Item):
+		return fmt.Errorf("%w: the item is not valid JSON", ErrNotRequeueable)
+	}
+	if err := jsonarray.CheckDepth(l.Item, jsonarray.MaxDepth); err != nil {
+		return fmt.Errorf("%w: the item is %v", ErrNotRequeueable, err)
+	}
+	return nil
+}
+
+// Client reads and manages the dead letters of the queues under one
+// prefix. It is safe for concurrent use.
+type Client struct {
+	c      rueidis.Client
+	prefix string
+	shards int
+}
+
+// Option configures New.
+type Option func(*Client) error
+
+// WithPrefix sets the prefix of every Redis key (default "batchq"), as
+// producers and workers have it.
+func WithPrefix(p string) Option {
+	return func(c *Client) error {
+		if err := keys.CheckPrefix(p); err != nil {
+			return err
+		}
+		c.prefix = p
+		return nil
+	}
+}
+
+// WithShards sets the shards of the queues (default 1), as producers and
+// workers have it.
+func WithShards(n int) Option {
+	return func(c *Client) error {
+		if n < 1 || n > keys.MaxShards {
+			return fmt.Errorf("deadletter: shards must be 1-%d, got %d", keys.MaxShards, n)
+		}
+		c.shards = n
+		return nil
+	}
+}
+
+// New returns a Client that uses c, which the caller keeps owning.
+func New(c rueidis.Client, opts ...Option) (*Client, error) {
+	cl := &Client{c: c, prefix: keys.DefaultPrefix, shards: 1}
+	for _, o := range opts {
+		if err := o(cl); err != nil {
+			return nil, err
+		}
+	}
+	return cl, nil
+}
+
+func (c *Client) space(queue string, shard int) keys.Space { return keys.For(c.prefix, queue, shard) }
+
+// List returns up to limit dead letters of a queue, newest first (over all
+// its shards). A letter whose stored form does not decode (written by
+// another program) is listed as a corrupt letter, which Purge deletes.
+func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return nil, err
+	}
+	var out []Letter
+	for shard := range c.shards {
+		ids, envs, err := protocol.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
+		if err != nil {
+			return nil, fmt.Errorf("dead letters of %s: %w", queue, err)
+		}
+		for i, env := range envs {
+			d, err := protocol.DecodeDead(env)
+			l := Letter(d)
+			if err != nil {
+				// Listed, not fatal: one bad envelope must not hide the
+				// others; it can be purged.
+				l = Letter{ID: ids[i], Queue: queue, Item: protocol.JSONString(env), Corrupt: true,
+					Error: "the stored dead letter does not decode: " + err.Error()}
+			}
+			l.Shard = shard
+			out = append(out, l)
+		}
+	}
+	if c.shards > 1 {
+		// Each shard's list is newest first (ties: the later id first, so
+		// the items of one batch, which share a time, list last first).
+		slices.SortStableFunc(out, func(a, b Letter) int {
+			if n := b.FailedAt.Compare(a.FailedAt); n != 0 {
+				return n
+			}
+			return strings.Compare(b.ID, a.ID)
+		})
+	}
+	return out[:min(limit, len(out))], nil
+}
+
+// Count returns the number of dead letters of a queue.
+func (c *Client) Count(ctx context.Context, queue string) (int64, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return 0, err
+	}
+	var n int64
+	for shard := range c.shards {
+		m, err := protocol.CountDead(ctx, c.c, c.space(queue, shard))
+		if err != nil {
+			return n, fmt.Errorf("count dead letters of %s: %w", queue, err)
+		}
+		n += m
+	}
+	return n, nil
+}
+
+// Requeue appends each letter's item to the end of its key, as a fresh item
+// with no attempts, and removes the letter: atomically for each, in the
+// order given, all in one round trip (in chunks of 1,000). It returns how
+// many it requeued; letters already gone are skipped. A letter that cannot
+// be requeued (not Requeueable, or not of this client's shards) is an
+// error before anything is requeued; a Redis error stops it at that
+// letter's chunk.
+func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
+	rs := make([]protocol.Requeued, len(letters))
+	for i, d := range letters {
+		if err := d.requeueError(); err != nil {
+			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
+		}
+		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckKey(d.Key)); err != nil {
+			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
+		}
+		if d.Shard < 0 || d.Shard >= c.shards {
+			return 0, fmt.Errorf("requeue %s: shard %d out of range", d.ID, d.Shard)
+		}
+		rs[i] = protocol.Requeued{Space: c.space(d.Queue, d.Shard), ID: d.ID, Key: d.Key, Item: string(d.Item)}
+	}
+	n := 0
+	for chunk := range slices.Chunk(rs, 1000) {
+		oks, errs := protocol.RequeueMany(ctx, c.c, chunk)
+		var first error
+		for i, ok := range oks {
+			if ok {
+				n++
+			}
+			if errs[i] != nil && first == nil {
+				first = fmt.Errorf("requeue %s: %w", chunk[i].ID, errs[i])
+			}
+		}
+		if first != nil {
+			return n, first
+		}
+	}
+	return n, nil
+}
+
+// RequeueNewest requeues up to max of a queue's dead letters, newest first
+// (max <= 0: all), as Requeue does, in passes of 500. Only letters that
+// died before it started count: items that fail again while it runs are
+// not requeued in a loop. Within a pass letters go back oldest first, so
+// the items of a batch that died together keep their order in their key.
+// Letters that cannot be requeued (corrupt values, which Purge deletes) are
+// left in place and counted in skipped.
+func (c *Client) RequeueNewest(ctx context.Context, queue string, max int) (requeued, skipped int, err error) {
+	// Letters are stamped by their workers' reckoning of the server's clock.
+	start, err := protocol.Time(ctx, c.c)
+	if err != nil {
+		return 0, 0, fmt.Errorf("requeue dead letters of %s: read the server's clock: %w", queue, err)
+	}
+	total, err := c.Count(ctx, queue)
+	if err != nil {
+		return 0, 0, err
+	}
+	want := int(total)
+	if max > 0 {
+		want = min(want, max)
+	}
+	const pass = 500
+	for requeued < want {
+		// Letters left in place (corrupt ones, and those that died since
+		// the start) stay at the front of the list: read past them.
+		read := skipped + min(pass, want-requeued)
+		for {
+			letters, err := c.List(ctx, queue, read)
+			if err != nil {
+				return requeued, skipped, err
+			}
+			ok := make([]Letter, 0, len(letters))
+			fresh := 0
+			skipped = 0
+			for _, d := range letters {
+				switch {
+				case d.FailedAt.After(start):
+					fresh++
+				case !d.Requeueable():
+					skipped++
+				case len(ok) < want-requeued:
+					ok = append(ok, d)
+				}
+			}
+			end := len(letters) < read // nothing more to read
+			if len(ok) == 0 {
+				if end {
+					return requeued, skipped, nil
+				}
+				read = skipped + fresh + pass // only letters left in place so far: read on
+				continue
+			}
+			slices.Reverse(ok)
+			n, err := c.Requeue(ctx, ok...)
+			requeued += n
+			if err != nil || n == 0 || end {
+				return requeued, skipped, err
+			}
+			break
+		}
+	}
+	return requeued, skipped, nil
+}
+
+// Purge deletes every dead letter of a queue, and the values kept in
+// quarantine, and returns how many dead letters there were.
+func (c *Client) Purge(ctx context.Context, queue string) (int64, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return 0, err
+	}
+	var n int64
+	for shard := range c.shards {
+		m, err := protocol.PurgeDead(ctx, c.c, c.space(queue, shard))
+		if err != nil {
+			return n, fmt.Errorf("purge dead letters of %s: %w", queue, err)
+		}
+		n += m
+	}
+	return n, nil
+}
