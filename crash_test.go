@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -39,10 +40,10 @@ func inFlightShard(t *testing.T, b testredis.Backend, shard int, ids map[int]boo
 	ctx := context.Background()
 	c := b.Client
 	sp := keys.For(b.Prefix, crashQueue, shard)
-	toks, err := c.Do(ctx, c.B().Zrange().Key(sp.Leases()).Min("0").Max("-1").Build()).AsStrSlice()
+	members, err := c.Do(ctx, c.B().Zrange().Key(sp.Leases()).Min("0").Max("-1").Build()).AsStrSlice()
 	must(t, err)
-	for _, tok := range toks {
-		v, err := c.Do(ctx, c.B().Get().Key(sp.Lease(tok)).Build()).AsBytes()
+	for _, m := range members {
+		v, err := c.Do(ctx, c.B().Get().Key(sp.Lease(protocol.ParseLease(m).Token)).Build()).AsBytes()
 		if err != nil {
 			continue // released between the two reads
 		}

@@ -372,14 +372,16 @@ func leasesOf(t testing.TB, b testredis.Backend, owner string) (tokens []string,
 	t.Helper()
 	ctx, c := context.Background(), b.Client
 	sp := keys.For(b.Prefix, crashQueue, 0)
-	metas, err := c.Do(ctx, c.B().Hgetall().Key(sp.LeaseMeta()).Build()).AsStrMap()
+	members, err := c.Do(ctx, c.B().Zrange().Key(sp.Leases()).Min("0").Max("-1").Build()).AsStrSlice()
 	must(t, err)
-	for tok, meta := range metas {
-		o, _, isKey := protocol.ParseLease(meta)
-		if o != owner {
+	for _, m := range members {
+		l := protocol.ParseLease(m)
+		if l.Owner != owner {
 			continue
 		}
+		tok := l.Token
 		tokens = append(tokens, tok)
+		isKey := l.Key != ""
 		if isKey {
 			v, err := c.Do(ctx, c.B().Get().Key(sp.Lease(tok)).Build()).AsBytes()
 			if rueidis.IsRedisNil(err) {

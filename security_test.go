@@ -49,8 +49,8 @@ var aclCommands = []string{
 	"get", "mget", "set", "getdel", "strlen", "getrange", "setrange", "incrby", "decrby", // items arrays and counts (MGET: the inspector)
 	"del", "exists", "rename", "type", // leases, quarantine, cleanup
 	"zadd", "zrem", "zscore", "zcard", "zrange", "zrangebyscore", "zremrangebyrank", // ready, leases, retry, dead
-	"hset", "hget", "hmget", "hgetall", "hdel", "hexists", // leasemeta, retrydata, deaddata, retry leases
-	"lpush", "ltrim", "blpop", // wake-up lists
+	"hset", "hget", "hmget", "hgetall", "hdel", "hexists", // retrydata, deaddata, retry leases, the registry
+	"rpush", "lpop", "blmpop", "llen", // wake lists
 	"sadd", "smembers", // quarantined
 	"time", // the server's clock
 	"ping", // rueidis' keepalive on idle connections

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -431,6 +430,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		hctx:   hctx,
 		stop:   ctx.Done(),
 		slots:  make(chan struct{}, w.concurrency),
+		loops:  len(queues) * w.cons.Shards(),
 		acks:   make(chan ackReq),
 		active: make(map[*protocol.Batch]struct{}),
 	}
@@ -468,6 +468,7 @@ type runner struct {
 	hctx    context.Context // handlers' parent context
 	stop    <-chan struct{} // closed when shutdown begins
 	slots   chan struct{}   // one token per running batch
+	loops   int             // fetch loops: queues times shards
 	acks    chan ackReq     // batches to settle, served by ackLoop
 	batches sync.WaitGroup
 
@@ -489,14 +490,9 @@ type runner struct {
 // trusted; anything else, a lost connection or a reply such as BUSY,
 // LOADING or READONLY, may have failed heartbeats too.
 func (r *runner) redisFailed(err error) {
-	var re *rueidis.RedisError
-	if errors.As(err, &re) {
-		msg := re.Error()
-		if strings.HasPrefix(msg, "NOTARRAY") || strings.HasPrefix(msg, "FULL") || strings.HasPrefix(msg, "ERR batchq") {
-			return
-		}
+	if !protocol.Trusted(err) {
+		r.trouble.Store(time.Now().UnixNano())
 	}
-	r.trouble.Store(time.Now().UnixNano())
 }
 
 // calm reports whether the clock is synced and no Redis call failed for a
@@ -514,24 +510,27 @@ func (r *runner) stopping() bool {
 	}
 }
 
-// acquire takes one slot, waiting for it, then up to max-1 more that are
-// free. It returns 0 when shutdown begins first.
-func (r *runner) acquire(max int) int {
-	select {
-	case r.slots <- struct{}{}:
-	case <-r.stop:
-		return 0
-	}
-	n := 1
-	for n < max {
+// acquire takes n slots, waiting for each, and returns how many it took:
+// fewer when shutdown begins first.
+func (r *runner) acquire(n int) int {
+	for i := range n {
 		select {
 		case r.slots <- struct{}{}:
-			n++
-		default:
-			return n
+		case <-r.stop:
+			return i
 		}
 	}
 	return n
+}
+
+// tryAcquire takes a slot if one is free, and reports whether it did.
+func (r *runner) tryAcquire() bool {
+	select {
+	case r.slots <- struct{}{}:
+		return true
+	default:
+		return false
+	}
 }
 
 func (r *runner) release(n int) {
@@ -540,68 +539,122 @@ func (r *runner) release(n int) {
 	}
 }
 
+// free returns how many slots are free now.
+func (r *runner) free() int { return cap(r.slots) - len(r.slots) }
+
 func (r *runner) activeCount() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.active)
 }
 
-// fetchLoop takes batches of one queue shard while slots are free, and
-// blocks on the shard's wake-up list when nothing is due.
+// fetchLoop keeps one queue shard's due work flowing into free slots. It
+// pops due keys from the shard's wake list, blocking while there are none,
+// and drains them into batches, one round trip each way. And it claims,
+// every maxIdleWait and whenever a known due time has come: due retries
+// (for which it waits for a slot, so that keys always due cannot starve
+// them), keys a flush policy scheduled, and keys a dead worker popped but
+// never drained (docs/PROTOCOL.md).
 func (r *runner) fetchLoop(ctx context.Context, q *queue, shard int) {
 	log := r.w.log.With(zap.String("queue", q.name), zap.Int("shard", shard))
 	failures := 0
+	failed := func(what string, err error) {
+		failures++
+		r.redisFailed(err)
+		log.Warn(what+" failed", zap.Error(err), zap.Int("failures", failures))
+		r.sleep(retryWait(failures))
+	}
+	var nextClaim, nextRetry time.Time // zero: at once, and none known
 	for !r.stopping() {
 		if !r.synced.Load() {
 			r.sleep(100 * time.Millisecond) // the reap loop syncs
 			continue
 		}
-		n := r.acquire(r.w.concurrency)
-		if n == 0 {
-			return
-		}
-		// A fetch under way completes even if shutdown begins: what it
-		// drained is put back at once by the batches it starts.
-		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
-		f, err := r.w.cons.Fetch(fctx, q.name, shard, n)
-		cancel()
-		for _, b := range f.Batches {
-			size := 0
-			for _, it := range b.Items {
-				size += len(it.Data)
+		now := r.w.cons.Now()
+		retryDue := !nextRetry.IsZero() && !now.Before(nextRetry)
+		if retryDue || !now.Before(nextClaim) {
+			slot := r.tryAcquire()
+			if !slot && retryDue {
+				if slot = r.acquire(1) == 1; !slot {
+					return
+				}
 			}
-			r.w.obs.Fetched(q.name, len(b.Items), size, b.Retry())
-			r.start(q, b)
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+			f, err := r.w.cons.Claim(cctx, q.name, shard, slot)
+			cancel()
+			used := r.started(q, f, log)
+			if slot && used == 0 {
+				r.release(1)
+			}
+			if err != nil {
+				failed("claim", err)
+				continue
+			}
+			failures = 0
+			nextClaim, nextRetry = now.Add(maxIdleWait), f.NextRetry
+			for _, t := range []time.Time{f.NextKey, f.NextRetry} {
+				if !t.IsZero() && t.Before(nextClaim) {
+					nextClaim = t
+				}
+			}
 		}
-		r.release(n - len(f.Batches))
-		for _, d := range f.Dead {
-			log.Warn("moved a corrupt value to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
-		}
-		if len(f.Dead) > 0 {
-			r.w.obs.Settled(q.name, 0, 0, len(f.Dead)) // one dead letter per corrupt value
+		count := max(1, r.free()/r.loops)
+		wait := min(max(nextClaim.Sub(now), time.Millisecond), maxIdleWait)
+		popped, hint, err := r.w.cons.Pop(ctx, q.name, shard, count, wait)
+		if hint {
+			nextClaim = time.Time{} // a producer scheduled a key: learn when it is due
 		}
 		if err != nil {
-			failures++
-			r.redisFailed(err)
-			log.Warn("fetch failed", zap.Error(err), zap.Int("failures", failures))
-			r.sleep(retryWait(failures))
+			if ctx.Err() == nil {
+				failed("pop", err)
+			}
+			continue
+		}
+		if len(popped) == 0 {
+			continue
+		}
+		if got := r.acquire(len(popped)); got < len(popped) {
+			// Shutdown came first: the keys go back for another worker.
+			r.release(got)
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+			if err := r.w.cons.Unpop(uctx, q.name, shard, popped); err != nil {
+				log.Warn("could not put popped keys back; a claim finds them again", zap.Error(err), zap.Int("keys", len(popped)))
+			}
+			cancel()
+			return
+		}
+		// A drain under way completes even if shutdown begins: what it
+		// drained is put back at once by the batches it starts.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+		f, err := r.w.cons.Drain(dctx, q.name, shard, popped)
+		cancel()
+		r.release(len(popped) - r.started(q, f, log))
+		if err != nil {
+			failed("drain", err)
 			continue
 		}
 		failures = 0
-		if len(f.Batches) > 0 {
-			continue
-		}
-		wait := maxIdleWait
-		if !f.Next.IsZero() {
-			wait = min(wait, max(f.Next.Sub(r.w.cons.Now()), time.Millisecond))
-		}
-		if err := r.w.cons.Wait(ctx, q.name, shard, wait); err != nil && ctx.Err() == nil {
-			failures++
-			r.redisFailed(err)
-			log.Warn("wait failed", zap.Error(err), zap.Int("failures", failures))
-			r.sleep(retryWait(failures))
-		}
 	}
+}
+
+// started starts the batches of f, each in a slot the caller holds, and
+// logs and counts its dead letters. It returns how many batches it started.
+func (r *runner) started(q *queue, f protocol.Fetched, log *zap.Logger) int {
+	for _, b := range f.Batches {
+		size := 0
+		for _, it := range b.Items {
+			size += len(it.Data)
+		}
+		r.w.obs.Fetched(q.name, len(b.Items), size, b.Retry())
+		r.start(q, b)
+	}
+	for _, d := range f.Dead {
+		log.Warn("moved a corrupt value to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
+	}
+	if len(f.Dead) > 0 {
+		r.w.obs.Settled(q.name, 0, 0, len(f.Dead)) // one dead letter per corrupt value
+	}
+	return len(f.Batches)
 }
 
 // checkServer records the queues in the registry, syncs the consumer's

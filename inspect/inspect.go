@@ -206,19 +206,25 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 	if err != nil {
 		return nil, fmt.Errorf("read the server's clock: %w", err)
 	}
-	const per = 7
+	// Per shard: pending keys (due, then scheduled), leases, retries, dead
+	// letters, the oldest due key, and the names to read counts of.
+	const per = 10
 	var cmds rueidis.Commands
+	top := strconv.Itoa(MaxKeysPerShard - 1)
 	for _, q := range qs {
 		for shard := range q.Shards {
 			sp := keys.For(in.prefix, q.Name, shard)
 			cmds = append(cmds,
 				in.c.B().Zcard().Key(sp.Ready()).Build(),
-				in.c.B().Zrange().Key(sp.Ready()).Min("0").Max("0").Withscores().Build(),
+				in.c.B().Zcard().Key(sp.Later()).Build(),
 				in.c.B().Zcard().Key(sp.Leases()).Build(),
 				in.c.B().Zcard().Key(sp.Retry()).Build(),
 				in.c.B().Zcard().Key(sp.Dead()).Build(),
-				in.c.B().Zrange().Key(sp.Ready()).Min("0").Max(strconv.Itoa(MaxKeysPerShard-1)).Build(),
-				in.c.B().Zrange().Key(sp.Leases()).Min("0").Max(strconv.Itoa(MaxKeysPerShard-1)).Build(),
+				in.c.B().Zrange().Key(sp.Ready()).Min("0").Max("0").Withscores().Build(),
+				in.c.B().Zrange().Key(sp.Later()).Min("0").Max("0").Withscores().Build(),
+				in.c.B().Zrange().Key(sp.Ready()).Min("0").Max(top).Build(),
+				in.c.B().Zrange().Key(sp.Later()).Min("0").Max(top).Build(),
+				in.c.B().Zrange().Key(sp.Leases()).Min("0").Max(top).Build(),
 			)
 		}
 	}
@@ -233,33 +239,39 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 		for shard := range q.Shards {
 			r := res[i : i+per]
 			i += per
-			var n [4]int64
-			for k, j := range []int{0, 2, 3, 4} {
-				if n[k], err = r[j].AsInt64(); err != nil {
+			var n [5]int64
+			for j := range n {
+				if n[j], err = r[j].AsInt64(); err != nil {
 					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
 				}
 			}
-			st.ReadyKeys += n[0]
-			st.InFlightBatches += n[1]
-			st.Retries += n[2]
-			st.DeadLetters += n[3]
-			head, err := r[1].AsZScores()
-			if err != nil {
-				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
-			}
-			if len(head) > 0 {
-				due := time.UnixMilli(int64(head[0].Score))
-				if st.OldestDue.IsZero() || due.Before(st.OldestDue) {
-					st.OldestDue = due
+			st.ReadyKeys += n[0] + n[1]
+			st.InFlightBatches += n[2]
+			st.Retries += n[3]
+			st.DeadLetters += n[4]
+			for _, h := range r[5:7] {
+				head, err := h.AsZScores()
+				if err != nil {
+					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+				}
+				if len(head) > 0 {
+					due := time.UnixMilli(int64(head[0].Score))
+					if st.OldestDue.IsZero() || due.Before(st.OldestDue) {
+						st.OldestDue = due
+					}
 				}
 			}
-			if readyKeys[qi][shard], err = r[5].AsStrSlice(); err != nil {
-				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			var names [3][]string
+			for j := range names {
+				if names[j], err = r[7+j].AsStrSlice(); err != nil {
+					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+				}
 			}
-			if leases[qi][shard], err = r[6].AsStrSlice(); err != nil {
-				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			readyKeys[qi][shard] = append(names[0], names[1]...)
+			for _, m := range names[2] {
+				leases[qi][shard] = append(leases[qi][shard], protocol.ParseLease(m).Token)
 			}
-			st.Partial = st.Partial || n[0] > MaxKeysPerShard || n[1] > MaxKeysPerShard
+			st.Partial = st.Partial || n[0]+n[1] > MaxKeysPerShard || n[2] > MaxKeysPerShard
 		}
 		if !st.OldestDue.IsZero() && now.After(st.OldestDue) {
 			st.Lag = now.Sub(st.OldestDue)
@@ -333,8 +345,8 @@ func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string,
 type DueKey struct {
 	Key   string `json:"key"`
 	Shard int    `json:"shard"`
-	// Due is when the key is due for workers (or, while a worker drains it,
-	// when its claim ends); Lag how long it has been due at now, 0 if not yet.
+	// Due is when the key fell due for workers, or falls due (under a
+	// flush policy); Lag how long it has been due at now, 0 if not yet.
 	Due time.Time     `json:"due"`
 	Lag time.Duration `json:"lag_ns"`
 }
@@ -350,7 +362,7 @@ func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs .
 	var cmds rueidis.Commands
 	for _, q := range qs {
 		for shard := range q.Shards {
-			cmds = append(cmds, in.c.B().Zrange().Key(keys.For(in.prefix, q.Name, shard).Ready()).Min("0").Max(strconv.Itoa(limit-1)).Withscores().Build())
+			cmds = append(cmds, in.pendingKeys(q.Name, shard, limit)...)
 		}
 	}
 	res := in.c.DoMulti(ctx, cmds...)
@@ -358,8 +370,8 @@ func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs .
 	i := 0
 	for qi, q := range qs {
 		for shard := range q.Shards {
-			zs, err := res[i].AsZScores()
-			i++
+			zs, err := zscores(res[i : i+2])
+			i += 2
 			if err != nil {
 				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
 			}
@@ -373,6 +385,31 @@ func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs .
 		}
 		slices.SortStableFunc(out[qi], func(a, b DueKey) int { return a.Due.Compare(b.Due) })
 		out[qi] = out[qi][:min(limit, len(out[qi]))]
+	}
+	return out, nil
+}
+
+// pendingKeys returns the commands that read up to n pending keys of a
+// queue shard, due longest first, with their due times: those due (the
+// ready index) and those a flush policy scheduled (the later index).
+func (in *Inspector) pendingKeys(queue string, shard, n int) rueidis.Commands {
+	sp := keys.For(in.prefix, queue, shard)
+	top := strconv.Itoa(n - 1)
+	return rueidis.Commands{
+		in.c.B().Zrange().Key(sp.Ready()).Min("0").Max(top).Withscores().Build(),
+		in.c.B().Zrange().Key(sp.Later()).Min("0").Max(top).Withscores().Build(),
+	}
+}
+
+// zscores returns the members and scores of the replies to pendingKeys.
+func zscores(res []rueidis.RedisResult) ([]rueidis.ZScore, error) {
+	var out []rueidis.ZScore
+	for _, r := range res {
+		zs, err := r.AsZScores()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, zs...)
 	}
 	return out, nil
 }
@@ -430,16 +467,17 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 	if by == ByAge {
 		n = min(limit, MaxKeysPerShard)
 	}
-	cmds := make(rueidis.Commands, q.Shards)
+	var cmds rueidis.Commands
 	for shard := range q.Shards {
-		cmds[shard] = in.c.B().Zrange().Key(keys.For(in.prefix, q.Name, shard).Ready()).Min("0").Max(strconv.Itoa(n - 1)).Withscores().Build()
+		cmds = append(cmds, in.pendingKeys(q.Name, shard, n)...)
 	}
+	res := in.c.DoMulti(ctx, cmds...)
 	var all []KeyStats
 	names := make([][]string, q.Shards)
-	for shard, r := range in.c.DoMulti(ctx, cmds...) {
-		zs, err := r.AsZScores()
+	for shard := range q.Shards {
+		zs, err := zscores(res[2*shard : 2*shard+2])
 		if err != nil {
-			return nil, fmt.Errorf("queue %s shard %d: %w", q.Name, shard, err)
+			return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
 		}
 		for _, z := range zs {
 			ks := KeyStats{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
@@ -515,7 +553,8 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 	res := in.c.DoMulti(ctx,
 		in.c.B().Strlen().Key(sp.Items(key)).Build(),
 		in.c.B().Get().Key(sp.Count(key)).Build(),
-		in.c.B().Zscore().Key(sp.Ready()).Member(key).Build())
+		in.c.B().Zscore().Key(sp.Ready()).Member(key).Build(),
+		in.c.B().Zscore().Key(sp.Later()).Member(key).Build())
 	p := Peeked{KeyStats: KeyStats{Key: key, Shard: shard}}
 	if p.Bytes, err = res[0].AsInt64(); err != nil {
 		t, _ := protocol.Type(ctx, in.c, sp.Items(key))
@@ -524,7 +563,11 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 	if v, err := res[1].AsInt64(); err == nil {
 		p.Items, _ = protocol.UnpackCount(v)
 	}
-	if score, err := res[2].AsFloat64(); err == nil {
+	score, err := res[2].AsFloat64()
+	if rueidis.IsRedisNil(err) {
+		score, err = res[3].AsFloat64()
+	}
+	if err == nil {
 		p.Due = time.UnixMilli(int64(score))
 		if now, err := protocol.Time(ctx, in.c); err == nil && now.After(p.Due) {
 			p.Lag = now.Sub(p.Due)

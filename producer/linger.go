@@ -268,9 +268,9 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 	} else {
 		ks := make([]protocol.KeyItems, len(g.keys))
 		for i, kp := range g.keys {
-			ks[i] = protocol.KeyItems{Key: kp.key, Items: kp.joined(), N: kp.n}
+			ks[i] = protocol.KeyItems{Key: kp.key, Payload: protocol.Payload(kp.joined()), N: kp.n}
 		}
-		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue])
+		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue], p.clock.NowMs())
 		for i, kp := range g.keys {
 			if err != nil {
 				errs[i] = fmt.Errorf("append to %s/%s: %w", sk.queue, kp.key, err)

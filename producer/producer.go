@@ -27,8 +27,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/redis/rueidis"
 
@@ -118,6 +120,8 @@ type Producer struct {
 	linger  *linger                   // nil: every call is sent at once
 	known   sync.Map                  // queue -> *registration
 	obs     Observer                  // nil: none
+	clock   *protocol.Clock           // the server\'s clock, as this producer knows it
+	syncing chan struct{}             // holds a token while one caller syncs the clock
 }
 
 // Observer is told about appends, for metrics: the metrics package
@@ -207,7 +211,8 @@ func WithMaxKeyBytes(n int) Option {
 // caching.
 func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes,
-		caps: protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes}}
+		caps:  protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes},
+		clock: protocol.NewClock(nil), syncing: make(chan struct{}, 1)}
 	for _, o := range opts {
 		if err := o(p); err != nil {
 			return nil, err
@@ -323,6 +328,9 @@ func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) 
 	if err := p.register(ctx, queue); err != nil {
 		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
 	}
+	if err := p.syncClock(ctx); err != nil {
+		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
+	}
 	if p.linger != nil {
 		return p.linger.add(ctx, p, queue, key, joined, n)
 	}
@@ -364,10 +372,45 @@ func (p *Producer) register(ctx context.Context, queue string) error {
 	return nil
 }
 
+// syncEvery is how often a producer measures the server's clock.
+const syncEvery = 30 * time.Second
+
+// syncClock measures the offset of the server's clock from the local one,
+// which the merge script takes its due times from: before the first append
+// (the first callers wait for one round trip, or their context), then every
+// syncEvery, by one caller while the others go on with the last offset.
+func (p *Producer) syncClock(ctx context.Context) error {
+	if p.clock.SyncedWithin(syncEvery) {
+		return nil
+	}
+	never := !p.clock.SyncedWithin(math.MaxInt64)
+	if never {
+		select {
+		case p.syncing <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	} else {
+		select {
+		case p.syncing <- struct{}{}:
+		default:
+			return nil // another caller is at it
+		}
+	}
+	defer func() { <-p.syncing }()
+	if p.clock.SyncedWithin(syncEvery) {
+		return nil
+	}
+	if err := p.clock.Sync(ctx, p.c); err != nil && never {
+		return err
+	} // else the last offset will do until the next try
+	return nil
+}
+
 // send makes one merge call.
 func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
-	_, err := protocol.Append(ctx, p.c, sp, key, joined, n, p.caps, p.flush[queue])
+	err := protocol.Append(ctx, p.c, sp, key, protocol.Payload(joined), n, p.caps, p.flush[queue], p.clock.NowMs())
 	return p.keyError(queue, key, n, err)
 }
 

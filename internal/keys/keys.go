@@ -3,17 +3,17 @@
 //
 // All keys of one queue shard share the hash tag {<queue>:<shard>}, so every
 // script and transaction on a shard touches one hash slot (Redis Cluster
-// safe):
+// safe). docs/PROTOCOL.md says what each holds and who writes it:
 //
 //	<prefix>:{<queue>:<shard>}:k:<key>       pending items, a JSON array (string)
 //	<prefix>:{<queue>:<shard>}:n:<key>       the items and length of k:<key>, packed in one integer (string)
 //	<prefix>:{<queue>:<shard>}:c:<key>       the latest due time of k:<key> under a quiet period (string, expires)
-//	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms)
-//	<prefix>:{<queue>:<shard>}:wake          LIST of wake-up tokens for idle workers
-//	<prefix>:{<queue>:<shard>}:leases        ZSET lease token -> deadline (ms)
-//	<prefix>:{<queue>:<shard>}:leasemeta     HASH lease token -> kind and key
-//	<prefix>:{<queue>:<shard>}:lease:<tok>   a leased batch (string array or hash of retries)
-//	<prefix>:{<queue>:<shard>}:leasen:<tok>  how many items lease:<tok> holds
+//	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms): due keys, pushed on wake
+//	<prefix>:{<queue>:<shard>}:later         ZSET key -> due time (ms): keys a flush policy scheduled
+//	<prefix>:{<queue>:<shard>}:wake          LIST of due keys for workers to pop
+//	<prefix>:{<queue>:<shard>}:leases        ZSET lease -> deadline (ms); a lease is "<token>:<worker>[:<key>]"
+//	<prefix>:{<queue>:<shard>}:lease:<tok>   a leased batch (string array, or hash of retries)
+//	<prefix>:{<queue>:<shard>}:leasen:<tok>  the items and length of lease:<tok>, as n:<key>
 //	<prefix>:{<queue>:<shard>}:retry         ZSET retry id -> due time (ms)
 //	<prefix>:{<queue>:<shard>}:retrydata     HASH retry id -> retry envelope
 //	<prefix>:{<queue>:<shard>}:dead          ZSET dead letter id -> time (ms)
@@ -133,17 +133,19 @@ func (s Space) Count(key string) string { return s.base + "n:" + key }
 // has a flush policy with a quiet period.
 func (s Space) Cap(key string) string { return s.base + "c:" + key }
 
-// Ready is the ZSET of keys with pending items, scored by due time.
+// Ready is the ZSET of due keys, scored by the time they fell due: each is
+// on the wake list, or popped by a worker about to drain it.
 func (s Space) Ready() string { return s.base + "ready" }
 
-// Wake is the list idle workers block on.
+// Later is the ZSET of keys with pending items that a flush policy
+// scheduled, scored by the time they fall due.
+func (s Space) Later() string { return s.base + "later" }
+
+// Wake is the list of due keys that workers pop, blocking when idle.
 func (s Space) Wake() string { return s.base + "wake" }
 
-// Leases is the ZSET of lease tokens scored by deadline.
+// Leases is the ZSET of leases scored by deadline.
 func (s Space) Leases() string { return s.base + "leases" }
-
-// LeaseMeta is the hash of lease token to lease description.
-func (s Space) LeaseMeta() string { return s.base + "leasemeta" }
 
 // Lease is the key holding the leased batch of token.
 func (s Space) Lease(token string) string { return s.base + "lease:" + token }

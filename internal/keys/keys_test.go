@@ -15,7 +15,7 @@ func TestSpaceNames(t *testing.T) {
 		{sp.Ready(), "app:{emails:3}:ready"},
 		{sp.Wake(), "app:{emails:3}:wake"},
 		{sp.Leases(), "app:{emails:3}:leases"},
-		{sp.LeaseMeta(), "app:{emails:3}:leasemeta"},
+		{sp.Later(), "app:{emails:3}:later"},
 		{sp.Lease("tok"), "app:{emails:3}:lease:tok"},
 		{sp.Retry(), "app:{emails:3}:retry"},
 		{sp.RetryData(), "app:{emails:3}:retrydata"},

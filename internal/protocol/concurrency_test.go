@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
 )
 
 // itemCount is how many items the concurrency tests append: miniredis runs
@@ -126,7 +128,7 @@ func drainLoop(c *protocol.Consumer, appended <-chan struct{}, tl *tally, deadli
 				}
 				// Appends finished before this Fetch began, it found nothing
 				// and nothing is pending: all drained.
-				if finished && len(f.Batches) == 0 && f.Next.IsZero() {
+				if finished && len(f.Batches) == 0 && f.NextKey.IsZero() && f.NextRetry.IsZero() {
 					return nil
 				}
 			}
@@ -257,50 +259,65 @@ func keyIndex(t *testing.T, key string) int {
 	return i
 }
 
-// Wait returns soon after an append makes a key ready, and returns nil
-// after its timeout when nothing happens.
-func TestWait(t *testing.T) {
+// Pop returns nothing when its timeout passes with nothing due; a Pop
+// blocked on an empty wake list returns the key a producer then appends
+// to; and one Pop takes as many due keys as it asks for at once, on servers
+// with BLMPOP, or one per call, on those without (miniredis, or a consumer
+// told NoBLMPOP). A key a flush policy schedules comes with a hint.
+func TestPop(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
-		p := newProducer(t, b)
+		p := newProducer(t, b, producer.WithFlushPolicy("later", producer.FlushPolicy{MaxAge: time.Hour}))
 		c := newConsumer(t, b)
+		must(t, c.Sync(ctx))
 
-		start := time.Now()
-		if err := c.Wait(ctx, queue, 0, 200*time.Millisecond); err != nil {
-			t.Fatalf("Wait with nothing to do: %v", err)
+		if got, hint, err := c.Pop(ctx, queue, 0, 10, 50*time.Millisecond); err != nil || len(got) != 0 || hint {
+			t.Fatalf("Pop with nothing due: %v %v %v", got, hint, err)
 		}
-		if el := time.Since(start); el < 150*time.Millisecond || el > 900*time.Millisecond {
-			t.Fatalf("Wait with a 200ms timeout returned after %v", el)
-		}
-
-		woke := make(chan time.Time, 1)
-		waitErr := make(chan error, 1)
+		popped := make(chan []string, 1)
 		go func() {
-			err := c.Wait(ctx, queue, 0, 10*time.Second)
-			woke <- time.Now()
-			waitErr <- err
+			got, _, err := c.Pop(ctx, queue, 0, 10, 10*time.Second)
+			if err != nil {
+				t.Errorf("blocked Pop: %v", err)
+			}
+			popped <- got
 		}()
-		select {
-		case <-woke:
-			t.Fatal("Wait returned before anything was appended")
-		case <-time.After(200 * time.Millisecond):
-		}
-		appended := time.Now()
+		time.Sleep(50 * time.Millisecond) // let it block
 		addRaw(t, p, "k", `1`)
 		select {
-		case at := <-woke:
-			if d := at.Sub(appended); d > 500*time.Millisecond {
-				t.Fatalf("Wait returned %v after the append", d)
-			} else {
-				t.Logf("Wait returned %v after the append", d)
+		case got := <-popped:
+			if !slices.Equal(got, []string{"k"}) {
+				t.Fatalf("blocked Pop got %q, want k", got)
 			}
 		case <-time.After(5 * time.Second):
-			t.Fatal("Wait did not return within 5s of an append")
+			t.Fatal("a blocked Pop did not return within 5s of an append")
 		}
-		if err := <-waitErr; err != nil {
-			t.Fatalf("Wait: %v", err)
+
+		for _, k := range []string{"a", "b", "c"} {
+			addRaw(t, p, k, `1`)
 		}
-		bt := fetchOne(t, c)
-		settle(t, c, bt, done)
+		want := []string{"a", "b", "c"}
+		if !b.Real() {
+			want = want[:1] // miniredis has no BLMPOP: one key a Pop
+		}
+		if got, _, err := c.Pop(ctx, queue, 0, 10, time.Second); err != nil || !slices.Equal(got, want) {
+			t.Fatalf("Pop(10) of 3 due keys: %q, %v; want %q", got, err, want)
+		}
+		if b.Real() {
+			addRaw(t, p, "d", `1`)
+			addRaw(t, p, "e", `1`)
+			one := newConsumer(t, b)
+			one.NoBLMPOP()
+			if got, _, err := one.Pop(ctx, queue, 0, 10, time.Second); err != nil || !slices.Equal(got, []string{"d"}) {
+				t.Fatalf("Pop without BLMPOP: %q, %v; want d", got, err)
+			}
+		}
+
+		if err := p.AddRaw(ctx, "later", "x", json.RawMessage(`1`)); err != nil {
+			t.Fatal(err)
+		}
+		if got, hint, err := c.Pop(ctx, "later", 0, 10, time.Second); err != nil || len(got) != 0 || !hint {
+			t.Fatalf("Pop after a key was scheduled: %q, hint %v, %v; want only a hint", got, hint, err)
+		}
 	})
 }

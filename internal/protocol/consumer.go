@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -19,9 +18,6 @@ import (
 	"github.com/batchq/batchq/internal/keys"
 )
 
-// dueSlack is how early a key or retry may be claimed (see Fetch).
-const dueSlack = 2 * time.Millisecond
-
 // Defaults.
 const (
 	DefaultLeaseTTL        = 5 * time.Second
@@ -29,7 +25,15 @@ const (
 	DefaultRetriesPerFetch = 100
 )
 
-// Consumer drains queues. It is safe for concurrent use.
+// StrandGrace is how long a due key may wait off the wake list before a
+// claim pushes it again: it was popped by a worker that died before
+// draining it (docs/PROTOCOL.md, "Sweep").
+const StrandGrace = 2 * time.Second
+
+// Consumer runs the worker's side of the protocol on the queues of one
+// prefix: it claims, pops and drains keys into leased batches, settles
+// them, extends their leases and reaps expired ones. It is safe for
+// concurrent use.
 type Consumer struct {
 	c          rueidis.Client
 	prefix     string
@@ -39,8 +43,8 @@ type Consumer struct {
 	deadCap    int
 	retries    int
 	name       string
-	clock      func() time.Time // the local clock
-	offset     atomic.Int64     // the server's clock minus the local clock, in ns (see Sync)
+	clock      *Clock
+	popper     Popper
 }
 
 // Option configures a Consumer.
@@ -125,7 +129,7 @@ func WithClock(now func() time.Time) Option {
 		if now == nil {
 			return errors.New("consumer: nil clock")
 		}
-		c.clock = now
+		c.clock = NewClock(now)
 		return nil
 	}
 }
@@ -145,7 +149,7 @@ func NewConsumer(c rueidis.Client, opts ...Option) (*Consumer, error) {
 		leaseTTL: DefaultLeaseTTL,
 		deadCap:  DefaultDeadLetterCap,
 		retries:  DefaultRetriesPerFetch,
-		clock:    time.Now,
+		clock:    NewClock(nil),
 	}
 	for _, o := range opts {
 		if err := o(cs); err != nil {
@@ -164,20 +168,9 @@ func (c *Consumer) Name() string { return c.name }
 // Sync measures the offset of the Redis server's clock from the local
 // clock, which the consumer then adds to its own readings: lease deadlines
 // and due times are then on the server's clock, so the clocks of consumers
-// (and of producers, whose appends read the server's clock) need not agree.
-// A Worker syncs at start and every 30 seconds; a consumer that is never
-// synced uses its local clock.
-func (c *Consumer) Sync(ctx context.Context) error {
-	t0 := c.clock()
-	server, err := Time(ctx, c.c)
-	t1 := c.clock()
-	if err != nil {
-		return fmt.Errorf("sync clock: %w", err)
-	}
-	mid := t0.Add(t1.Sub(t0) / 2)
-	c.offset.Store(int64(server.Sub(mid)))
-	return nil
-}
+// and producers need not agree. A Worker syncs at start and every 30
+// seconds; a consumer that is never synced uses its local clock.
+func (c *Consumer) Sync(ctx context.Context) error { return c.clock.Sync(ctx, c.c) }
 
 // EvictionPolicy returns the server's maxmemory-policy. Any policy but
 // noeviction lets Redis drop keys, and the items in them, when it is full.
@@ -187,14 +180,14 @@ func (c *Consumer) EvictionPolicy(ctx context.Context) (string, error) {
 
 // Offset returns the server's clock minus the local clock, as last measured
 // by Sync.
-func (c *Consumer) Offset() time.Duration { return time.Duration(c.offset.Load()) }
+func (c *Consumer) Offset() time.Duration { return c.clock.Offset() }
 
 // Now returns the Redis server's time as the consumer knows it: its local
-// clock plus the offset Sync measured. Deadlines and Fetched.Next are on
-// this clock.
-func (c *Consumer) Now() time.Time { return c.now() }
+// clock plus the offset Sync measured. Deadlines and due times are on this
+// clock.
+func (c *Consumer) Now() time.Time { return c.clock.Now() }
 
-func (c *Consumer) now() time.Time { return c.clock().Add(time.Duration(c.offset.Load())) }
+func (c *Consumer) now() time.Time { return c.clock.Now() }
 
 // Register records queues, with the consumer's shard count, in the
 // registry of the consumer's prefix (<prefix>:queues), where the inspector
@@ -226,12 +219,7 @@ func (c *Consumer) space(queue string, shard int) keys.Space {
 	return keys.For(c.prefix, queue, shard)
 }
 
-func (c *Consumer) nowMs() int64 { return c.now().UnixMilli() }
-
-// newID returns a random 128-bit identifier.
-func newID() string {
-	return strconv.FormatUint(rand.Uint64(), 36) + strconv.FormatUint(rand.Uint64(), 36)
-}
+func (c *Consumer) nowMs() int64 { return c.clock.NowMs() }
 
 // Batch is a set of items taken from one queue shard at once: either the
 // whole array of one key, or due retries (possibly of several keys).
@@ -241,9 +229,9 @@ type Batch struct {
 	Key   string // the drained key; "" for a batch of retries
 	Items []Item
 
-	id    string // unique; the lease token when leased
-	lease bool
-	dead  []Entry // undecodable retry envelopes, stored as dead letters when b is settled
+	id    string  // unique; the lease's token when leased
+	lease Lease   // zero when drained without a lease
+	dead  []Entry // bad elements and undecodable retry envelopes, stored as dead letters when b is settled
 }
 
 // Retry reports whether b holds retries rather than a drained key.
@@ -257,102 +245,170 @@ type Item struct {
 	LastError string          // the error of the last failed attempt
 }
 
-// Fetched is the result of Fetch.
+// Fetched is what Drain, Claim or Fetch took.
 type Fetched struct {
 	Batches []*Batch
-	// Dead lists keys whose value was not a JSON array; each was moved to
-	// dead letters whole. It also lists retries whose stored envelope did
-	// not decode: they go to dead letters at once, or, when a retry batch
-	// is returned with them, when that batch is settled.
+	// Dead lists keys whose value was not a JSON array (each moved to dead
+	// letters whole) and bad elements of arrays; and retries whose stored
+	// envelope did not decode. They go to dead letters at once, or, when a
+	// batch is returned with them, when that batch is settled.
 	Dead []DeadLetter
-	// Next is the earliest time more work falls due on the shard, zero when
-	// nothing is pending. Keys other consumers hold count too.
-	Next time.Time
+	// NextKey and NextRetry are when the earliest key a flush policy
+	// scheduled and the earliest retry fall due (after Claim or Fetch),
+	// zero when none is pending.
+	NextKey, NextRetry time.Time
+	// Pushed counts the keys Claim put on the wake list: promoted, or
+	// stranded by a worker that died between a pop and its drain.
+	Pushed int
 }
 
-// Fetch takes up to max batches from a queue shard: due keys, each drained
-// whole, and, when fewer than max keys are due, one batch of due retries.
-// With at-least-once delivery (the default) every batch is leased and must
-// be settled; until then, call Extend to keep its lease.
-func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fetched, error) {
+// Claim does the periodic work on a queue shard (claim.lua): it makes the
+// keys a flush policy scheduled due once their time has come, pushes again
+// the keys that a dead worker popped but never drained, and, withRetries,
+// takes up to a batch of due retries into a lease, which Fetched.Batches
+// then holds.
+func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetries bool) (Fetched, error) {
 	if err := keys.CheckQueue(queue); err != nil {
 		return Fetched{}, err
 	}
+	sp := c.space(queue, shard)
+	now := c.nowMs()
+	lease := Lease{Token: newToken(), Owner: c.name}
+	a := ClaimArgs{Now: now, Grace: StrandGrace.Milliseconds(), RetryLease: lease, RetryDeadline: now + c.leaseTTL.Milliseconds()}
+	if withRetries {
+		a.MaxRetries = c.retries
+	}
+	cl, err := Claim(ctx, c.c, sp, a)
+	if err != nil {
+		return Fetched{}, fmt.Errorf("claim %s: %w", queue, err)
+	}
+	f := Fetched{Pushed: cl.Pushed}
+	if cl.NextKey > 0 {
+		f.NextKey = time.UnixMilli(cl.NextKey)
+	}
+	if cl.NextRetry > 0 {
+		f.NextRetry = time.UnixMilli(cl.NextRetry)
+	}
+	if len(cl.Retries) == 0 {
+		return f, nil
+	}
+	b := &Batch{Queue: queue, Shard: shard, id: lease.Token, lease: lease, Items: make([]Item, 0, len(cl.Retries))}
+	var bad []DeadLetter
+	for _, e := range cl.Retries {
+		var env retryEnvelope
+		err := json.Unmarshal([]byte(e.Env), &env)
+		if err == nil && len(env.Item) == 0 {
+			err = errors.New("no item")
+		}
+		if err != nil {
+			// Only batchq writes retry envelopes; one that does not decode
+			// is kept as a dead letter rather than dropped, and never
+			// reaches a handler.
+			d := DeadLetter{ID: e.ID, Queue: queue, Shard: shard, Item: JSONString(e.Env),
+				Error: "undecodable retry envelope: " + err.Error(), FailedAt: c.now(), Corrupt: true}
+			bad = append(bad, d)
+			b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
+			continue
+		}
+		b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
+	}
+	if len(b.Items) > 0 {
+		// The bad envelopes become dead letters when b is settled.
+		f.Batches = append(f.Batches, b)
+		f.Dead = append(f.Dead, bad...)
+		return f, nil
+	}
+	// Only bad envelopes: store them and release the lease now.
+	s := Settlement{Lease: b.lease, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+	if err := Settle(ctx, c.c, sp, s); err == nil {
+		f.Dead = append(f.Dead, bad...)
+	} // else the lease expires and the reaper puts them back on the retry index
+	return f, nil
+}
+
+// Pop pops up to max due keys of a queue shard from its wake list, waiting
+// up to timeout while none is due; none means the timeout passed. hint
+// reports that a producer scheduled a key (a flush policy) meanwhile: the
+// caller should Claim soon. Drain the keys it returns at once: until then
+// they are in no worker's lease, and only a claim's sweep finds them again
+// should the worker die.
+func (c *Consumer) Pop(ctx context.Context, queue string, shard, max int, timeout time.Duration) (popped []string, hint bool, err error) {
+	ks, err := c.popper.Pop(ctx, c.c, c.space(queue, shard), max, timeout)
+	popped = ks[:0]
+	for _, k := range ks {
+		if k == "" {
+			hint = true
+			continue
+		}
+		popped = append(popped, k)
+	}
+	return popped, hint, err
+}
+
+// Unpop puts popped keys back on their shard's wake list, for another
+// worker: those that will not be drained after all (shutdown came first).
+func (c *Consumer) Unpop(ctx context.Context, queue string, shard int, popped []string) error {
+	return Unpop(ctx, c.c, c.space(queue, shard), popped)
+}
+
+// NoBLMPOP makes the consumer pop one key per BLPOP, as on servers without
+// BLMPOP, for tests.
+func (c *Consumer) NoBLMPOP() { c.popper.NoBLMPOP() }
+
+// Drain drains popped keys of a queue shard, with one MULTI/EXEC, into
+// batches: leased (the default), each to be settled, and extended until
+// then; or, WithAtMostOnce, without a lease. A key holding a value that is
+// not a JSON array goes to dead letters whole, an element of an array that
+// is not valid JSON (or nests too deeply) alone. A key drained by another
+// worker first is left out.
+func (c *Consumer) Drain(ctx context.Context, queue string, shard int, popped []string) (Fetched, error) {
+	var f Fetched
+	if len(popped) == 0 {
+		return f, nil
+	}
+	sp := c.space(queue, shard)
+	var drained []Drained
+	var err error
+	if c.atMostOnce {
+		drained, err = DrainOnce(ctx, c.c, sp, popped)
+	} else {
+		leases := make([]Lease, len(popped))
+		for i, k := range popped {
+			leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
+		}
+		drained, err = Drain(ctx, c.c, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds())
+	}
+	for _, d := range drained {
+		c.collect(ctx, &f, queue, shard, d)
+	}
+	if err != nil {
+		return f, fmt.Errorf("drain %s: %w", queue, err)
+	}
+	return f, nil
+}
+
+// Fetch takes up to max batches from a queue shard without waiting: it
+// claims (a batch of due retries first, if any), then pops and drains due
+// keys for the rest. With at-least-once delivery (the default) every batch
+// is leased and must be settled; until then, call Extend to keep its lease.
+// A Worker runs Claim, Pop and Drain itself.
+func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fetched, error) {
 	if max < 1 {
 		return Fetched{}, nil
 	}
-	sp := c.space(queue, shard)
-	now := c.nowMs()
-	deadline := now + c.leaseTTL.Milliseconds()
-	retryToken := newID()
-	cl, err := Claim(ctx, c.c, sp, ClaimArgs{
-		// Keys are due by the server's clock (their appends read it), which
-		// the consumer knows only to within a fraction of a round trip: a
-		// key due within dueSlack counts as due, else a key appended just
-		// before a fetch could wait for the next one. Retries are due by the
-		// consumer's own reckoning of that clock.
-		Now: now, KeysDueBy: now + dueSlack.Milliseconds(), MaxKeys: max, ClaimUntil: deadline,
-		MaxRetries: c.retries, RetryToken: retryToken, RetryDeadline: deadline, Owner: c.name,
-	})
+	f, err := c.Claim(ctx, queue, shard, true)
+	if err != nil || len(f.Batches) >= max {
+		return f, err
+	}
+	popped, err := LPop(ctx, c.c, c.space(queue, shard), max-len(f.Batches))
 	if err != nil {
-		return Fetched{}, fmt.Errorf("fetch %s: %w", queue, err)
+		return f, fmt.Errorf("fetch %s: %w", queue, err)
 	}
-	var f Fetched
-	if cl.Next > 0 {
-		f.Next = time.UnixMilli(cl.Next)
-	}
-	if len(cl.Retries) > 0 {
-		b := &Batch{Queue: queue, Shard: shard, id: retryToken, lease: true, Items: make([]Item, 0, len(cl.Retries))}
-		var bad []DeadLetter
-		for _, e := range cl.Retries {
-			var env retryEnvelope
-			err := json.Unmarshal([]byte(e.Env), &env)
-			if err == nil && len(env.Item) == 0 {
-				err = errors.New("no item")
-			}
-			if err != nil {
-				// Only batchq writes retry envelopes; one that does not
-				// decode is kept as a dead letter rather than dropped, and
-				// never reaches a handler.
-				d := DeadLetter{ID: e.ID, Queue: queue, Shard: shard, Item: JSONString(e.Env),
-					Error: "undecodable retry envelope: " + err.Error(), FailedAt: c.now(), Corrupt: true}
-				bad = append(bad, d)
-				b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
-				continue
-			}
-			b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
-		}
-		if len(b.Items) > 0 {
-			// The bad envelopes become dead letters when b is settled.
-			f.Batches = append(f.Batches, b)
-			f.Dead = append(f.Dead, bad...)
-		} else {
-			// Only bad envelopes: store them and release the lease now.
-			s := Settlement{Token: b.id, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
-			if err := Settle(ctx, c.c, sp, s); err == nil {
-				f.Dead = append(f.Dead, bad...)
-			} // else the lease expires and the reaper puts them back on the retry index
-		}
-	}
-	if len(cl.Keys) > 0 {
-		var drained []Drained
-		if c.atMostOnce {
-			drained, err = DrainOnce(ctx, c.c, sp, cl.Keys)
-		} else {
-			tokens := make([]string, len(cl.Keys))
-			for i := range tokens {
-				tokens[i] = newID()
-			}
-			drained, err = Drain(ctx, c.c, sp, cl.Keys, tokens, deadline, c.name)
-		}
-		for _, d := range drained {
-			c.collect(ctx, &f, queue, shard, d)
-		}
-		if err != nil {
-			return f, fmt.Errorf("fetch %s: %w", queue, err)
-		}
-	}
-	return f, nil
+	popped = slices.DeleteFunc(popped, func(k string) bool { return k == "" })
+	d, err := c.Drain(ctx, queue, shard, popped)
+	f.Batches = append(f.Batches, d.Batches...)
+	f.Dead = append(f.Dead, d.Dead...)
+	return f, err
 }
 
 // collect turns one drained key into a batch, or into a dead letter when
@@ -364,9 +420,9 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 	if d.Missing {
 		return
 	}
-	b := &Batch{Queue: queue, Shard: shard, Key: d.Key, id: d.Token, lease: d.Token != ""}
+	b := &Batch{Queue: queue, Shard: shard, Key: d.Key, id: d.Lease.Token, lease: d.Lease}
 	if b.id == "" {
-		b.id = newID()
+		b.id = newToken()
 	}
 	var reason string
 	var raw json.RawMessage
@@ -390,7 +446,7 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 		Error: reason, FailedAt: c.now(), Corrupt: true,
 	}
 	s := Settlement{
-		Token: tokenOf(b), ID: b.id, Key: d.Key, Quarantine: d.WrongType,
+		Lease: b.lease, ID: b.id, Key: d.Key, Quarantine: d.WrongType,
 		DeadCap: c.deadCap, Now: dl.FailedAt.UnixMilli(),
 		Dead: []Entry{{ID: dl.ID, Env: string(dl.encode())}},
 	}
@@ -446,7 +502,7 @@ func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, data 
 		f.Dead = append(f.Dead, bad...)
 		return
 	}
-	s := Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
 	if err := Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err == nil {
 		f.Dead = append(f.Dead, bad...)
 	} // else a leased batch is found again after its lease; one drained without a lease is lost
@@ -465,18 +521,14 @@ func badPart(p jsonarray.Part) string {
 
 func (c *Consumer) itemsOrLease(b *Batch) string {
 	sp := c.space(b.Queue, b.Shard)
-	if b.lease {
+	if b.leased() {
 		return sp.Lease(b.id)
 	}
 	return sp.Items(b.Key)
 }
 
-func tokenOf(b *Batch) string {
-	if b.lease {
-		return b.id
-	}
-	return ""
-}
+// leased reports whether b is held under a lease.
+func (b *Batch) leased() bool { return b.lease.Token != "" }
 
 // Outcome is what happened to one item of a batch.
 type Outcome struct {
@@ -578,7 +630,7 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 // than back in front of their key.
 func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
 	now := c.now()
-	s := Settlement{Token: tokenOf(b), ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
+	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
 	var back []byte
 	nback := 0
@@ -629,11 +681,11 @@ func itemID(b *Batch, i int) string { return fmt.Sprintf("%s-%07d", b.id, i) }
 // without a lease are skipped. A batch whose lease was already reaped is not
 // brought back.
 func (c *Consumer) Extend(ctx context.Context, batches ...*Batch) error {
-	leases := make(map[keys.Space][]string)
+	leases := make(map[keys.Space][]Lease)
 	for _, b := range batches {
-		if b.lease {
+		if b.leased() {
 			sp := c.space(b.Queue, b.Shard)
-			leases[sp] = append(leases[sp], b.id)
+			leases[sp] = append(leases[sp], b.lease)
 		}
 	}
 	if err := Extend(ctx, c.c, leases, c.nowMs()+c.leaseTTL.Milliseconds()); err != nil {
@@ -665,13 +717,6 @@ func (c *Consumer) Reap(ctx context.Context, queue string, shard int) (int, erro
 // holders could not renew them meanwhile.
 func (c *Consumer) maxReapLag() int64 {
 	return max(c.leaseTTL.Milliseconds()/3, 50)
-}
-
-// Wait blocks until a producer makes a key of the queue shard ready, or
-// until timeout passes or ctx is done. It returns nil in the first two
-// cases. It holds one of the client's blocking connections while it waits.
-func (c *Consumer) Wait(ctx context.Context, queue string, shard int, timeout time.Duration) error {
-	return Wait(ctx, c.c, c.space(queue, shard), timeout)
 }
 
 // retryEnvelope is how a retry is stored: the item verbatim, its key, its

@@ -1,9 +1,14 @@
 package protocol
 
 import (
+	"context"
 	"encoding/json"
 	"strconv"
 	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
 )
 
 // DeadLetter is an item that failed for good, kept with its last error
@@ -63,4 +68,79 @@ func DecodeDead(env string) (DeadLetter, error) {
 	d := s.DeadLetter
 	d.FailedAt = time.UnixMilli(s.FailedAt)
 	return d, nil
+}
+
+// ListDead returns up to limit dead letters of a shard, newest first,
+// skipping the first offset: their ids and envelopes (in the same order).
+func ListDead(ctx context.Context, c rueidis.Client, sp keys.Space, offset, limit int) (ids, envs []string, err error) {
+	ids, err = c.Do(ctx, c.B().Zrange().Key(sp.Dead()).Min(strconv.Itoa(offset)).Max(strconv.Itoa(offset+limit-1)).Rev().Build()).AsStrSlice()
+	if err != nil || len(ids) == 0 {
+		return nil, nil, err
+	}
+	vals, err := c.Do(ctx, c.B().Hmget().Key(sp.DeadData()).Field(ids...).Build()).ToArray()
+	if err != nil {
+		return nil, nil, err
+	}
+	out := ids[:0]
+	for i, v := range vals {
+		if s, err := v.ToString(); err == nil {
+			out = append(out, ids[i])
+			envs = append(envs, s)
+		}
+	}
+	return out, envs, nil
+}
+
+// CountDead returns the number of dead letters of a shard.
+func CountDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, error) {
+	return c.Do(ctx, c.B().Zcard().Key(sp.Dead()).Build()).AsInt64()
+}
+
+// Requeued is a dead letter to requeue.
+type Requeued struct {
+	Space         keys.Space
+	ID, Key, Item string
+}
+
+// RequeueMany appends each dead letter's item to the end of its key and
+// removes the dead letter, atomically for each, all in one round trip
+// (pipelined EVALSHAs, run in order); the keys are due at once. ok[i] is
+// false when rs[i] was
+// gone already; errs[i] is ErrNotArray when its key holds a value that is
+// not batchq's array (nothing changed), or a Redis error.
+func RequeueMany(ctx context.Context, c rueidis.Client, rs []Requeued) (ok []bool, errs []error) {
+	calls := make([]scriptCall, len(rs))
+	for i, r := range rs {
+		sp := r.Space
+		calls[i] = scriptCall{
+			keys: []string{sp.Items(r.Key), sp.Count(r.Key), sp.Ready(), sp.Later(), sp.Wake(), sp.Dead(), sp.DeadData()},
+			args: []string{r.ID, Payload(r.Item), r.Key},
+		}
+	}
+	ok, errs = make([]bool, len(rs)), make([]error, len(rs))
+	for i, res := range evalMany(ctx, c, requeueScript, calls) {
+		n, err := res.AsInt64()
+		ok[i], errs[i] = n == 1, appendError(err)
+	}
+	return ok, errs
+}
+
+// PurgeDead deletes every dead letter of a shard, and the values kept in
+// quarantine, and returns how many dead letters there were.
+func PurgeDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, error) {
+	quarantined, err := c.Do(ctx, c.B().Smembers().Key(sp.Quarantined()).Build()).AsStrSlice()
+	if err != nil {
+		return 0, err
+	}
+	cmds := rueidis.Commands{
+		c.B().Multi().Build(),
+		c.B().Zcard().Key(sp.Dead()).Build(),
+		c.B().Del().Key(append([]string{sp.Dead(), sp.DeadData(), sp.Quarantined()}, quarantined...)...).Build(),
+		c.B().Exec().Build(),
+	}
+	exec, err := c.DoMulti(ctx, cmds...)[3].ToArray()
+	if err != nil {
+		return 0, err
+	}
+	return exec[0].AsInt64()
 }

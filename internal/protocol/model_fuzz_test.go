@@ -36,14 +36,14 @@ import (
 //     appends and requeued dead letters at the end; n:<key> holds its count;
 //   - the ready index holds exactly the keys with pending items (a key with
 //     items that is not ready would never be drained: I1), due when the
-//     model says;
+//     model says, and the wake list holds them, in the order they fell due;
 //   - the leases, their deadlines and their contents; the retry index, with
 //     each retry's id and due time; the dead letters, with their items,
 //     attempts and errors.
 //
-// Every Fetch is predicted: which keys (up to the claim order the model can
-// know), each drained batch's items, the batch of due retries with their
-// attempts and last errors, and Fetched.Next. No item settled Done is ever
+// Every Fetch is predicted: the batch of due retries first, with their
+// attempts and last errors, then the keys first on the wake list, each
+// drained batch's items, and Fetched.NextRetry. No item settled Done is ever
 // delivered again (I5). A crashed worker's batch comes back after the lease
 // TTL through Reap (I1), and the late Settle of a reaped batch is refused
 // with ErrLeaseLost. At the end the model drains everything and checks that
@@ -172,9 +172,8 @@ func modelSeeds() [][]byte {
 		// attempt counts.
 		s.add(1, 3).fetch(1).settle(0, retryAfter(0), retryAfter(0), oDone).fetch(1).crash(0, 2).
 			advance(10*time.Second).reap().fetch(2).settle(0, oDone, oDead),
-		// With max 1, a due retry and a due key compete: the one that
-		// waited longer wins (the key made ready before the retry was
-		// due, then the retry due before the key was made ready again).
+		// With max 1, a due retry goes before a due key, whichever waited
+		// longer: keys always due cannot starve retries.
 		s.add(0, 1).fetch(1).settle(0, retryAfter(1)).add(1, 1).fetch(1).settle(0, oUnfinished).
 			advance(500*time.Millisecond).fetch(1).settle(0, oUnfinished).fetch(1).settle(0, oDone).
 			fetch(1).settle(0, oDone).fetch(1),
@@ -336,11 +335,10 @@ type mBatch struct {
 }
 
 // readyAt is a key's score on the ready index: the server's clock for a key
-// a producer made ready (unknown, but below every consumer reading; seq
-// orders such keys), else the consumer's clock.
+// a producer (or a requeue) made due (unknown, but below every consumer
+// reading), else the consumer's clock.
 type readyAt struct {
-	ms  int64 // 0: made ready by a producer
-	seq int
+	ms int64 // 0: made due by the server's clock
 }
 
 type model struct {
@@ -358,10 +356,10 @@ type model struct {
 	byData  map[string]*mItem
 	pending map[string][]*mItem
 	ready   map[string]readyAt
+	wake    []string           // the wake list, first to pop first
 	held    []*mBatch          // batches a live worker holds, in fetch order
 	settled []*mBatch          // the last batches settled
 	leases  map[string]*mBatch // batches whose lease is in Redis, by token
-	seq     int
 	errs    int
 	dirty   bool // the dead letters changed since they were last compared
 	log     []string
@@ -517,10 +515,12 @@ func itemData(n int) string {
 	return fmt.Sprintf(`[%d, {"z":null}]`, n)
 }
 
-func (m *model) makeReady(key string, ms int64) {
+// makeDue puts key on the ready index at ms (0: the server's clock) and at
+// the end of the wake list, unless it is on the index already.
+func (m *model) makeDue(key string, ms int64) {
 	if _, ok := m.ready[key]; !ok {
-		m.seq++
-		m.ready[key] = readyAt{ms: ms, seq: m.seq}
+		m.ready[key] = readyAt{ms: ms}
+		m.wake = append(m.wake, key)
 	}
 }
 
@@ -554,7 +554,7 @@ func (m *model) add(key string, n int) {
 		ns = append(ns, strconv.Itoa(len(m.items)+i))
 	}
 	// Items put back (unfinished or reaped) count, and may take the key
-	// past its cap; a key with items is always ready, so a refused append
+	// past its cap; a key with items is always due, so a refused append
 	// changes nothing.
 	full := m.keyCap > 0 && len(m.pending[key]) > 0 && len(m.pending[key])+n > m.keyCap
 	m.logf("append to %s: %s (full: %v)", key, strings.Join(ns, " "), full)
@@ -575,21 +575,7 @@ func (m *model) add(key string, n int) {
 		m.byData[it.data] = it
 		m.pending[key] = append(m.pending[key], it)
 	}
-	m.makeReady(key, 0)
-}
-
-// before reports whether key u is claimed before key c for certain.
-func (m *model) before(u, c string) bool {
-	su, sc := m.ready[u], m.ready[c]
-	switch {
-	case su.ms == 0 && sc.ms == 0:
-		// Both scored by the server's clock: u's is not later when it
-		// was made ready first; a tie goes by name.
-		return su.seq < sc.seq && u < c
-	case su.ms == 0 || sc.ms == 0:
-		return su.ms == 0
-	}
-	return su.ms < sc.ms || su.ms == sc.ms && u < c
+	m.makeDue(key, 0)
 }
 
 func (m *model) fetch(max int) []*mBatch {
@@ -607,24 +593,12 @@ func (m *model) fetch(max int) []*mBatch {
 	slices.SortFunc(due, func(a, b *mItem) int {
 		return cmp.Or(cmp.Compare(a.due, b.due), strings.Compare(a.retryID, b.retryID))
 	})
-	kmax, wantRetries := max, false
-	if len(due) > 0 {
-		if max > 1 {
-			kmax, wantRetries = max-1, true
-		} else {
-			// One batch: the oldest due key or the oldest due retry.
-			keyFirst := false
-			for k := range m.ready {
-				if s := m.ready[k]; s.ms == 0 || s.ms < due[0].due {
-					keyFirst = true
-				}
-			}
-			if !keyFirst {
-				kmax, wantRetries = 0, true
-			}
-		}
+	wantRetries := len(due) > 0
+	nkeys := max
+	if wantRetries {
+		nkeys--
 	}
-	wantKeys := min(kmax, len(m.ready))
+	popped := m.wake[:min(nkeys, len(m.wake))]
 
 	f, err := m.c.Fetch(m.ctx, queue, 0, max)
 	if err != nil {
@@ -635,7 +609,6 @@ func (m *model) fetch(max int) []*mBatch {
 	}
 	var got []*mBatch
 	var retries *mBatch
-	claimed := map[string]bool{}
 	for _, b := range f.Batches {
 		mb := &mBatch{b: b, token: protocol.BatchID(b), key: b.Key, deadline: now + modelTTL.Milliseconds()}
 		if b.Queue != queue || b.Shard != 0 || mb.token == "" {
@@ -666,75 +639,50 @@ func (m *model) fetch(max int) []*mBatch {
 			}
 		}
 		if b.Retry() {
-			if retries != nil {
-				m.fail("Fetch(%d): two batches of retries", max)
+			if retries != nil || len(got) > 0 {
+				m.fail("Fetch(%d): a second batch of retries, or one after keys", max)
 			}
 			retries = mb
 			continue
 		}
-		if claimed[b.Key] {
-			m.fail("Fetch(%d): key %q drained twice", max, b.Key)
-		}
-		claimed[b.Key] = true
 		if want := itemsString(m.pending[b.Key]); itemsString(mb.items) != want {
 			m.fail("Fetch(%d): key %q drained %s, want %s", max, b.Key, itemsString(mb.items), want)
 		}
 		got = append(got, mb)
 	}
-	if len(got) != wantKeys || (retries != nil) != wantRetries {
-		m.fail("Fetch(%d): %d keys and retries=%v, want %d keys (of %d ready) and retries=%v (%d due)",
-			max, len(got), retries != nil, wantKeys, len(m.ready), wantRetries, len(due))
+	var gotKeys []string
+	for _, mb := range got {
+		gotKeys = append(gotKeys, mb.key)
 	}
-	for c := range claimed {
-		for u := range m.ready {
-			if !claimed[u] && m.before(u, c) {
-				m.fail("Fetch(%d): claimed key %q before %q, which was ready earlier (%+v, %+v)", max, c, u, m.ready[c], m.ready[u])
-			}
-		}
+	if !slices.Equal(gotKeys, popped) || (retries != nil) != wantRetries {
+		m.fail("Fetch(%d): keys %q and retries=%v, want keys %q (the first of the wake list %q) and retries=%v (%d due)",
+			max, gotKeys, retries != nil, popped, m.wake, wantRetries, len(due))
 	}
 	if retries != nil {
 		if want := itemsString(due); itemsString(retries.items) != want {
 			m.fail("Fetch(%d): retries %s, want %s in due order", max, itemsString(retries.items), want)
 		}
 	}
-
-	// Next: the earliest score left on the ready index (claimed keys are
-	// due again at the lease deadline until drained) or the retry index.
-	var next []int64
-	early := false
-	for k, s := range m.ready {
-		switch {
-		case claimed[k]:
-			next = append(next, now+modelTTL.Milliseconds())
-		case s.ms == 0:
-			early = true
-		default:
-			next = append(next, s.ms)
-		}
-	}
+	// NextRetry: the earliest retry left; NextKey: none (no flush policy).
 	left := later
 	if retries == nil {
 		left = append(left, due...)
 	}
-	for _, it := range left {
-		next = append(next, it.due)
+	if len(left) == 0 {
+		if !f.NextRetry.IsZero() {
+			m.fail("Fetch(%d): NextRetry %v with no retry left", max, f.NextRetry)
+		}
+	} else {
+		want := slices.MinFunc(left, func(a, b *mItem) int { return cmp.Compare(a.due, b.due) }).due
+		if f.NextRetry.UnixMilli() != want {
+			m.fail("Fetch(%d): NextRetry %v (%d), want %d", max, f.NextRetry, f.NextRetry.UnixMilli(), want)
+		}
 	}
-	switch {
-	case early:
-		if f.Next.IsZero() || f.Next.UnixMilli() >= m.startMs {
-			m.fail("Fetch(%d): Next %v, want a producer's time (before %d)", max, f.Next, m.startMs)
-		}
-	case len(next) == 0:
-		if !f.Next.IsZero() {
-			m.fail("Fetch(%d): Next %v with nothing left", max, f.Next)
-		}
-	default:
-		if want := slices.Min(next); f.Next.IsZero() || f.Next.UnixMilli() != want {
-			m.fail("Fetch(%d): Next %v (%d), want %d", max, f.Next, f.Next.UnixMilli(), want)
-		}
+	if !f.NextKey.IsZero() {
+		m.fail("Fetch(%d): NextKey %v with no key scheduled", max, f.NextKey)
 	}
 
-	slices.SortFunc(got, func(a, b *mBatch) int { return strings.Compare(a.key, b.key) })
+	m.wake = m.wake[len(popped):]
 	if retries != nil {
 		got = append(got, retries)
 	}
@@ -830,7 +778,7 @@ func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 	}
 	if len(back) > 0 {
 		m.pending[mb.key] = append(back, m.pending[mb.key]...)
-		m.makeReady(mb.key, now)
+		m.makeDue(mb.key, now)
 	}
 	if m.deadCap > 0 && slices.Contains(kindsOf(outs), protocol.Dead) {
 		// Past the cap, the oldest dead letters are dropped: by time,
@@ -892,7 +840,7 @@ func (m *model) reap() {
 			it.state = sPending
 		}
 		m.pending[mb.key] = append(slices.Clone(mb.items), m.pending[mb.key]...)
-		m.makeReady(mb.key, now)
+		m.makeDue(mb.key, now)
 	}
 }
 
@@ -973,13 +921,7 @@ func (m *model) requeue(mask byte, dup bool) {
 	for _, it := range sel {
 		it.state, it.attempts, it.lastErr = sPending, 0, ""
 		m.pending[it.key] = append(m.pending[it.key], it)
-		// Due now by the server's clock (ZADD LT): that moves a key made
-		// ready by the consumer's clock, always later, and keeps one made
-		// ready by a producer.
-		if r, ok := m.ready[it.key]; !ok || r.ms != 0 {
-			m.seq++
-			m.ready[it.key] = readyAt{ms: 0, seq: m.seq}
-		}
+		m.makeDue(it.key, 0) // by the server's clock; a key due already keeps its time
 	}
 }
 
@@ -1016,8 +958,9 @@ func (m *model) check() {
 		c.B().Zrange().Key(m.sp.Ready()).Min("0").Max("-1").Withscores().Build(),
 		c.B().Zrange().Key(m.sp.Leases()).Min("0").Max("-1").Withscores().Build(),
 		c.B().Zrange().Key(m.sp.Retry()).Min("0").Max("-1").Withscores().Build(),
-		c.B().Hgetall().Key(m.sp.LeaseMeta()).Build(),
-		c.B().Zcard().Key(m.sp.Dead()).Build())
+		c.B().Lrange().Key(m.sp.Wake()).Start(0).Stop(-1).Build(),
+		c.B().Zcard().Key(m.sp.Dead()).Build(),
+		c.B().Zcard().Key(m.sp.Later()).Build())
 	tokens := slices.Sorted(maps.Keys(m.leases))
 	for _, tok := range tokens {
 		if m.leases[tok].key != "" {
@@ -1085,8 +1028,9 @@ func (m *model) check() {
 		m.fail("leases %v, want %d", leases, len(m.leases))
 	}
 	for tok, mb := range m.leases {
-		if got, ok := leases[tok]; !ok || got != mb.deadline {
-			m.fail("leases %v, want %s at %d", leases, tok, mb.deadline)
+		member := protocol.Lease{Token: tok, Owner: "model", Key: mb.key}.String()
+		if got, ok := leases[member]; !ok || got != mb.deadline {
+			m.fail("leases %v, want %s at %d", leases, member, mb.deadline)
 		}
 	}
 	retries := zset(res[i+2], "retries")
@@ -1102,15 +1046,18 @@ func (m *model) check() {
 	if len(retries) != nretry {
 		m.fail("retry index %v, want %d retries", retries, nretry)
 	}
-	meta, err := res[i+3].AsStrMap()
-	if err != nil || len(meta) != len(m.leases) {
-		m.fail("lease descriptions %v (%v), want %d", meta, err, len(m.leases))
+	wake, err := res[i+3].AsStrSlice()
+	if err != nil || !slices.Equal(wake, m.wake) {
+		m.fail("wake list %q (%v), want %q", wake, err, m.wake)
 	}
 	ndead, err := res[i+4].AsInt64()
 	if err != nil {
 		m.fail("ZCARD dead: %v", err)
 	}
-	i += 5
+	if n, err := res[i+5].AsInt64(); err != nil || n != 0 {
+		m.fail("later index holds %d keys (%v), want none", n, err)
+	}
+	i += 6
 	for _, tok := range tokens {
 		mb := m.leases[tok]
 		if mb.key != "" {
@@ -1118,15 +1065,15 @@ func (m *model) check() {
 			n, _ := str(res[i+1])
 			i += 2
 			want := protocol.PackCount(int64(len(mb.items)), int64(len(itemsString(mb.items))))
-			if v != itemsString(mb.items) || n != strconv.FormatInt(want, 10) || meta[tok] != "d:model:"+mb.key {
-				m.fail("lease %s holds %s (count %q, description %q), want %s", tok, v, n, meta[tok], itemsString(mb.items))
+			if v != itemsString(mb.items) || n != strconv.FormatInt(want, 10) {
+				m.fail("lease %s holds %s (count %q), want %s", tok, v, n, itemsString(mb.items))
 			}
 			continue
 		}
 		h, err := res[i].AsStrMap()
 		i++
-		if err != nil || len(h) != len(mb.items) || meta[tok] != "r:model" {
-			m.fail("retry lease %s holds %v (%v, description %q), want %d retries", tok, h, err, meta[tok], len(mb.items))
+		if err != nil || len(h) != len(mb.items) {
+			m.fail("retry lease %s holds %v (%v), want %d retries", tok, h, err, len(mb.items))
 		}
 		for j, id := range mb.entryIDs {
 			if !strings.Contains(h[id], mb.items[j].data) {

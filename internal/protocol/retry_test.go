@@ -36,7 +36,7 @@ func TestRetryIsDueAfterItsDelay(t *testing.T) {
 				t.Fatal(err)
 			}
 			if len(f.Batches) == 0 {
-				if f.Next.IsZero() {
+				if f.NextRetry.IsZero() {
 					t.Fatal("no batch and no next due time while a retry is pending")
 				}
 				return false
@@ -70,8 +70,8 @@ func TestRetryIsDueAfterItsDelay(t *testing.T) {
 		settle(t, c, rb, done)
 		noLeases(t, b)
 		f := fetchNone(t, c)
-		if !f.Next.IsZero() {
-			t.Fatalf("nothing pending, but Next is %v", f.Next)
+		if !f.NextRetry.IsZero() || !f.NextKey.IsZero() {
+			t.Fatalf("nothing pending, but NextRetry is %v, NextKey %v", f.NextRetry, f.NextKey)
 		}
 	})
 }
@@ -89,8 +89,8 @@ func TestRetryDueTimeIsExact(t *testing.T) {
 		settle(t, c, bt, protocol.Outcome{Kind: protocol.Retry, Err: errors.New("e"), Delay: 50 * time.Millisecond})
 		clk.Advance(49 * time.Millisecond)
 		f := fetchNone(t, c)
-		if !f.Next.Equal(due) {
-			t.Fatalf("Next is %v, want the retry's due time %v", f.Next, due)
+		if !f.NextRetry.Equal(due) {
+			t.Fatalf("NextRetry is %v, want the retry's due time %v", f.NextRetry, due)
 		}
 		clk.Advance(time.Millisecond)
 		rb := fetchOne(t, c)

@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"context"
 	"crypto/sha1"
 	_ "embed"
 	"encoding/hex"
@@ -10,13 +11,13 @@ import (
 
 // The scripts, one file per operation under lua/, each documenting its
 // KEYS, ARGV and reply at its top. lib.lua holds helpers shared by the
-// scripts and is prepended to those that use them, so every script runs as
-// one self-contained EVAL. No script decodes a stored JSON array, and no
+// scripts; each script is loaded with those it uses in front of it (see
+// withLib), so every script runs as one self-contained EVAL. No script decodes a stored JSON array, and no
 // caller input is ever spliced into a script's text: everything arrives
 // through KEYS and ARGV.
 var (
 	//go:embed lua/lib.lua
-	lib string
+	libLua string
 	//go:embed lua/merge.lua
 	mergeLua string
 	//go:embed lua/mergemany.lua
@@ -37,13 +38,13 @@ var (
 // NOSCRIPT reply (a restarted or flushed server). None of them is marked
 // retryable: a write that may have been applied is never sent twice.
 var (
-	mergeScript    = newScript(lib + mergeLua)
-	mergeMany      = newScript(lib + mergeManyLua)
-	claimScript    = newScript(claimLua)
-	settleScript   = newScript(lib + settleLua)
-	reapScript     = newScript(lib + reapLua)
-	requeueScript  = newScript(lib + requeueLua)
-	registerScript = newScript(registerLua)
+	mergeScript    = newScript(withLib(libLua, mergeLua))
+	mergeMany      = newScript(withLib(libLua, mergeManyLua))
+	claimScript    = newScript(withLib(libLua, claimLua))
+	settleScript   = newScript(withLib(libLua, settleLua))
+	reapScript     = newScript(withLib(libLua, reapLua))
+	requeueScript  = newScript(withLib(libLua, requeueLua))
+	registerScript = newScript(withLib(libLua, registerLua))
 )
 
 // script is a Lua script and its SHA-1, for pipelined EVALSHAs.
@@ -55,4 +56,52 @@ type script struct {
 func newScript(src string) script {
 	h := sha1.Sum([]byte(src))
 	return script{Lua: rueidis.NewLuaScript(src), sha: hex.EncodeToString(h[:])}
+}
+
+// scriptCall is the KEYS and ARGV of one script call.
+type scriptCall struct{ keys, args []string }
+
+// evalsha returns the EVALSHA of s with keys and args, for a pipeline.
+func evalsha(c rueidis.Client, s script, keys, args []string) rueidis.Completed {
+	return c.B().Evalsha().Sha1(s.sha).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build()
+}
+
+// noScript reports whether r is a NOSCRIPT reply: the server does not have
+// the script (it restarted, or its scripts were flushed).
+func noScript(r rueidis.RedisResult) bool {
+	re, ok := rueidis.IsRedisErr(r.Error())
+	return ok && re.IsNoScript()
+}
+
+// evalMany runs s once per call, all in one round trip (pipelined
+// EVALSHAs, run in order on each node), and returns the replies in order.
+// Calls that met NOSCRIPT go once more: the first through the script
+// helper, which loads the script, the others pipelined again.
+func evalMany(ctx context.Context, c rueidis.Client, s script, calls []scriptCall) []rueidis.RedisResult {
+	send := func(idx []int) []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, len(idx))
+		for j, i := range idx {
+			cmds[j] = evalsha(c, s, calls[i].keys, calls[i].args)
+		}
+		return c.DoMulti(ctx, cmds...)
+	}
+	all := make([]int, len(calls))
+	for i := range all {
+		all[i] = i
+	}
+	res := send(all)
+	var again []int
+	for i, r := range res {
+		if noScript(r) {
+			again = append(again, i)
+		}
+	}
+	if len(again) == 0 {
+		return res
+	}
+	res[again[0]] = s.Exec(ctx, c, calls[again[0]].keys, calls[again[0]].args)
+	for j, r := range send(again[1:]) {
+		res[again[1+j]] = r
+	}
+	return res
 }

@@ -3,29 +3,30 @@
 --
 -- KEYS[1] ready ZSET
 -- KEYS[2] wake LIST
--- then per key i = 1..m: KEYS[3i], KEYS[3i+1], KEYS[3i+2]: its items, count
---         and cap keys
--- ARGV[1] item cap per key, ARGV[2] byte cap per key (0: none)
--- ARGV[3..6] flush policy: max age, quiet period, items, bytes (as merge.lua)
--- then per key i: ARGV[3i+4], ARGV[3i+5], ARGV[3i+6]: the key (a member of
---         the ready index), how many items, the items joined by commas
+-- KEYS[3] later ZSET
+-- then per key i = 1..m: KEYS[3i+1], KEYS[3i+2], KEYS[3i+3]: its items,
+--         count and cap keys
+-- ARGV[1] item cap per key, ARGV[2] byte cap per key (0: the most)
+-- ARGV[3] now (ms), as merge.lua
+-- ARGV[4..7] flush policy: max age, quiet period, items, bytes (as
+--         merge.lua; max age 0: none)
+-- then per key i: ARGV[3i+5], ARGV[3i+6], ARGV[3i+7]: the key (a member of
+--         the indexes), how many items, the items as merge.lua takes them
 --
--- Returns one reply per key, in order: the length of its array before the
--- append (an integer), or the error text (NOTARRAY ..., FULL ...) when that
--- key stored nothing. Keys do not depend on each other: one key's error
--- does not keep the others from being stored.
-local maxn, maxb = tonumber(ARGV[1]), tonumber(ARGV[2])
-local maxage, quiet, fitems, fbytes = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local now = now_ms()
+-- Returns one reply per key, in order: 0, or the error text (NOTARRAY ...,
+-- FULL ...) when that key stored nothing. Keys do not depend on each other:
+-- one key's error does not keep the others from being stored.
+local maxn, maxb, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local maxage, quiet, fitems, fbytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local out = {}
-for i = 1, (#KEYS - 2) / 3 do
-  local k, a = 3 * i, 3 * i + 4
-  local len, err = merge_key(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[1], KEYS[2], ARGV[a], ARGV[a + 2],
-    tonumber(ARGV[a + 1]), maxn, maxb, maxage, quiet, fitems, fbytes, now)
+for i = 1, (#KEYS - 3) / 3 do
+  local k, a = 3 * i + 1, 3 * i + 5
+  local err = merge_key(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[1], KEYS[3], KEYS[2], ARGV[a], ARGV[a + 2],
+    tonumber(ARGV[a + 1]), maxn, maxb, now, maxage, quiet, fitems, fbytes)
   if err then
     out[i] = err.err
   else
-    out[i] = len
+    out[i] = 0
   end
 end
 return out

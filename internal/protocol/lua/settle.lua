@@ -1,102 +1,104 @@
--- settle.lua: record the outcome of a batch and release its lease.
+-- settle.lua: record the outcome of a batch and release its lease
+-- (docs/PROTOCOL.md, "Settle"). A batch whose items all succeeded is
+-- settled without it, by DEL and ZREM; this script is for the others.
 --
 -- KEYS[1]  leases ZSET
--- KEYS[2]  leasemeta HASH
--- KEYS[3]  the lease key (or, with no lease, the items key for a quarantine)
--- KEYS[4]  the items key of the batch's key (unused for retry batches)
--- KEYS[5]  ready ZSET
--- KEYS[6]  wake LIST
--- KEYS[7]  retry ZSET
--- KEYS[8]  retrydata HASH
--- KEYS[9]  dead ZSET
--- KEYS[10] deaddata HASH
--- KEYS[11] quarantine key
--- KEYS[12] quarantined SET (names of quarantine keys)
--- KEYS[13] settled marker of a batch without a lease
--- KEYS[14] count key of the batch's key
--- KEYS[15] count key of the lease
--- ARGV[1]  lease token, or "" for a batch drained without a lease (at-most-once)
+-- KEYS[2]  the lease key (or, with no lease, the items key for a quarantine)
+-- KEYS[3]  the items key of the batch's key (unused for retry batches)
+-- KEYS[4]  count key of the batch's key
+-- KEYS[5]  count key of the lease
+-- KEYS[6]  ready ZSET
+-- KEYS[7]  later ZSET
+-- KEYS[8]  wake LIST
+-- KEYS[9]  retry ZSET
+-- KEYS[10] retrydata HASH
+-- KEYS[11] dead ZSET
+-- KEYS[12] deaddata HASH
+-- KEYS[13] quarantine key
+-- KEYS[14] quarantined SET (names of quarantine keys)
+-- KEYS[15] settled marker of a batch without a lease
+-- ARGV[1]  the lease (its member of the leases index), or "" for a batch
+--          drained without a lease (at-most-once)
 -- ARGV[2]  now (ms)
 -- ARGV[3]  the batch's key
 -- ARGV[4]  unfinished items to put back in front of the key's array (a JSON array), or ""
 -- ARGV[5]  how many items ARGV[4] holds
 -- ARGV[6]  dead letter cap per shard (0: unbounded); the oldest are dropped past it
--- ARGV[7]  flags: "q" to move KEYS[3] to the quarantine key instead of
---          deleting it; "r" to make the batch's key ready (its value needs a
+-- ARGV[7]  flags: "q" to move KEYS[2] to the quarantine key instead of
+--          deleting it; "r" to make the batch's key due (its value needs a
 --          worker's look)
 -- ARGV[8]  number of retries n, then n triples: id, due time (ms), envelope
 -- then     number of dead letters m, then m pairs: id, envelope
 --
 -- Every check comes before the first write, so the script applies whole or
 -- not at all. Returns 1 when applied (or, for a batch without a lease,
--- already applied by an earlier call: KEYS[13] remembers it for a day); 0,
+-- already applied by an earlier call: KEYS[15] remembers it for a day); 0,
 -- changing nothing, when the lease is no longer held (it expired and was
 -- reaped: its items are being redelivered); -1, changing nothing, when the
 -- unfinished items cannot be put back because the key holds a value that is
--- not a JSON array (send them to the retry index instead); -2, changing
+-- not batchq's array (send them to the retry index instead); -2, changing
 -- nothing, when the value to quarantine is gone (or is a string now).
-local token, now, key, back = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if token ~= '' and not redis.call('ZSCORE', KEYS[1], token) then
+local lease, now, key, back = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if lease ~= '' and not redis.call('ZSCORE', KEYS[1], lease) then
   return 0
 end
-if token == '' and redis.call('EXISTS', KEYS[13]) == 1 then
+if lease == '' and redis.call('EXISTS', KEYS[15]) == 1 then
   return 1
 end
-if back ~= '' and not can_prepend(KEYS[4], KEYS[14]) then
+if back ~= '' and not can_prepend(KEYS[3], KEYS[4]) then
   return -1
 end
 local quarantine = string.find(ARGV[7], 'q', 1, true) ~= nil
 if quarantine then
-  local t = redis.call('TYPE', KEYS[3])
+  local t = redis.call('TYPE', KEYS[2])
   if t.ok == 'none' or t.ok == 'string' then
     return -2 -- gone, or replaced by a string (a fresh array, say): not ours to move
   end
 end
 
-if token == '' then
-  redis.call('SET', KEYS[13], '1', 'PX', 86400000)
+if lease == '' then
+  redis.call('SET', KEYS[15], '1', 'PX', 86400000)
 else
-  redis.call('ZREM', KEYS[1], token)
-  redis.call('HDEL', KEYS[2], token)
-  redis.call('DEL', KEYS[15])
+  redis.call('ZREM', KEYS[1], lease)
+  redis.call('DEL', KEYS[5])
 end
 if quarantine then
-  redis.call('RENAME', KEYS[3], KEYS[11])
-  redis.call('SADD', KEYS[12], KEYS[11])
-elseif token ~= '' then
-  redis.call('DEL', KEYS[3])
+  redis.call('RENAME', KEYS[2], KEYS[13])
+  redis.call('SADD', KEYS[14], KEYS[13])
+elseif lease ~= '' then
+  redis.call('DEL', KEYS[2])
 end
 if back ~= '' then
-  prepend_array(KEYS[4], KEYS[14], back, tonumber(ARGV[5]))
+  prepend_array(KEYS[3], KEYS[4], back, tonumber(ARGV[5]))
 end
 if back ~= '' or string.find(ARGV[7], 'r', 1, true) then
-  make_due(KEYS[5], KEYS[6], now, key)
+  make_due(KEYS[6], KEYS[7], KEYS[8], now, key)
 end
 
 local i = 8
 local n = tonumber(ARGV[i])
 for _ = 1, n do
-  redis.call('ZADD', KEYS[7], ARGV[i + 2], ARGV[i + 1])
-  redis.call('HSET', KEYS[8], ARGV[i + 1], ARGV[i + 3])
+  redis.call('ZADD', KEYS[9], ARGV[i + 2], ARGV[i + 1])
+  redis.call('HSET', KEYS[10], ARGV[i + 1], ARGV[i + 3])
   i = i + 3
 end
 i = i + 1
 local m = tonumber(ARGV[i])
 for _ = 1, m do
-  redis.call('ZADD', KEYS[9], now, ARGV[i + 1])
-  redis.call('HSET', KEYS[10], ARGV[i + 1], ARGV[i + 2])
+  redis.call('ZADD', KEYS[11], now, ARGV[i + 1])
+  redis.call('HSET', KEYS[12], ARGV[i + 1], ARGV[i + 2])
   i = i + 2
 end
 local cap = tonumber(ARGV[6])
 if m > 0 and cap > 0 then
   -- Drop the oldest past the cap, in chunks: unpack takes a few thousand
   -- values at most.
-  local over = redis.call('ZCARD', KEYS[9]) - cap
+  local over = redis.call('ZCARD', KEYS[11]) - cap
   while over > 0 do
     local chunk = math.min(over, 1000)
-    local old = redis.call('ZRANGE', KEYS[9], 0, chunk - 1)
-    redis.call('HDEL', KEYS[10], unpack(old))
-    redis.call('ZREMRANGEBYRANK', KEYS[9], 0, chunk - 1)
+    local old = redis.call('ZRANGE', KEYS[11], 0, chunk - 1)
+    redis.call('HDEL', KEYS[12], unpack(old))
+    redis.call('ZREMRANGEBYRANK', KEYS[11], 0, chunk - 1)
     over = over - chunk
   end
 end

@@ -1,0 +1,135 @@
+package protocol
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+)
+
+func ms(n int64) string { return strconv.FormatInt(n, 10) }
+
+// Caps bound what one key may hold; 0 means the most there is (MaxKeyItems
+// items, 512 MiB).
+type Caps struct {
+	Items int
+	Bytes int
+}
+
+// Flush is a queue's flush policy, as the merge script takes it: when a key
+// with pending items is due. The zero Flush makes a key due at once.
+type Flush struct {
+	MaxAge int64 // ms: due at most this long after the first pending item (0: at once)
+	Quiet  int64 // ms: due once no item came for this long, up to MaxAge (0: none)
+	Items  int   // due at once when the key holds this many items (0: no limit)
+	Bytes  int   // due at once when the key's array is this long (0: no limit)
+}
+
+// Payload returns the items of an append as the merge scripts take them,
+// joined after a comma and before a closing bracket: ",a,b]".
+func Payload(joined string) string { return "," + joined + "]" }
+
+// Append appends n items, as Payload gives them, to key's array and makes
+// the key due as the flush policy says; now is the server's time (ms), as
+// the caller knows it. It returns ErrNotArray or a *FullError when the key
+// refused them (nothing stored); any other error leaves it unknown whether
+// they were stored.
+func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, payload string, n int, caps Caps, f Flush, now int64) error {
+	k := []string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake(), sp.Later()}
+	a := []string{payload, strconv.Itoa(n), key, ms(now), strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes)}
+	if f.MaxAge > 0 {
+		k = append(k, sp.Cap(key))
+		a = append(a, ms(f.MaxAge), ms(f.Quiet), strconv.Itoa(f.Items), strconv.Itoa(f.Bytes))
+	}
+	return appendError(mergeScript.Exec(ctx, c, k, a).Error())
+}
+
+// KeyItems is what AppendMany appends to one key.
+type KeyItems struct {
+	Key     string
+	Payload string // as Payload gives it
+	N       int    // how many
+}
+
+// AppendMany appends to several keys of one queue shard in one script call,
+// each as Append does (the caps and flush policy apply per key). errs[i] is
+// the outcome of ks[i] (ErrNotArray or *FullError: nothing stored for that
+// key) when the call itself succeeded; err is the call's own error, which
+// leaves every key's outcome unknown.
+func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyItems, caps Caps, f Flush, now int64) (errs []error, err error) {
+	kk := make([]string, 0, 3+3*len(ks))
+	kk = append(kk, sp.Ready(), sp.Wake(), sp.Later())
+	args := make([]string, 0, 7+3*len(ks))
+	args = append(args, strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes), ms(now),
+		ms(f.MaxAge), ms(f.Quiet), strconv.Itoa(f.Items), strconv.Itoa(f.Bytes))
+	for _, k := range ks {
+		kk = append(kk, sp.Items(k.Key), sp.Count(k.Key), sp.Cap(k.Key))
+		args = append(args, k.Key, strconv.Itoa(k.N), k.Payload)
+	}
+	res, err := mergeMany.Exec(ctx, c, kk, args).ToArray()
+	if err != nil {
+		return nil, err
+	}
+	if len(res) != len(ks) {
+		return nil, fmt.Errorf("merge of %d keys returned %d replies", len(ks), len(res))
+	}
+	errs = make([]error, len(ks))
+	for i, r := range res {
+		if msg, err := r.ToString(); err == nil {
+			if errs[i] = scriptError(msg); errs[i] == nil {
+				errs[i] = errors.New(msg)
+			}
+		}
+	}
+	return errs, nil
+}
+
+// Register records queues with the caller's shard count in the prefix's
+// registry, for the inspector; a queue keeps the largest count recorded. It
+// returns the recorded counts, in the order of queues.
+func Register(ctx context.Context, c rueidis.Client, prefix string, shards int, queues ...string) ([]int, error) {
+	res, err := registerScript.Exec(ctx, c, []string{keys.Registry(prefix)}, append([]string{strconv.Itoa(shards)}, queues...)).AsIntSlice()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]int, len(res))
+	for i, n := range res {
+		out[i] = int(n)
+	}
+	return out, nil
+}
+
+// Time returns the server's clock.
+func Time(ctx context.Context, c rueidis.Client) (time.Time, error) {
+	parts, err := c.Do(ctx, c.B().Time().Build()).AsIntSlice()
+	if err != nil {
+		return time.Time{}, err
+	}
+	if len(parts) != 2 {
+		return time.Time{}, fmt.Errorf("TIME returned %d values", len(parts))
+	}
+	return time.Unix(parts[0], parts[1]*1000), nil
+}
+
+// EvictionPolicy returns the server's maxmemory-policy.
+func EvictionPolicy(ctx context.Context, c rueidis.Client) (string, error) {
+	kv, err := c.Do(ctx, c.B().ConfigGet().Parameter("maxmemory-policy").Build()).AsStrMap()
+	if err != nil {
+		return "", err
+	}
+	p, ok := kv["maxmemory-policy"]
+	if !ok {
+		return "", errors.New("CONFIG GET maxmemory-policy returned nothing")
+	}
+	return p, nil
+}
+
+// Type returns the Redis type of the value at key.
+func Type(ctx context.Context, c rueidis.Client, key string) (string, error) {
+	return c.Do(ctx, c.B().Type().Key(key).Build()).ToString()
+}

@@ -1,0 +1,89 @@
+package protocol
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/redis/rueidis"
+)
+
+// The errors the scripts' replies stand for. This file is where script
+// replies become Go errors, and the only one.
+var (
+	// ErrNotArray reports that a key's items hold a value that is not the
+	// JSON array batchq wrote (another program wrote or replaced it).
+	ErrNotArray = errors.New("the key holds a value that is not a JSON array batchq wrote")
+	// ErrLeaseLost reports a settlement refused because the lease had
+	// expired and been reaped: the batch's items are being redelivered.
+	ErrLeaseLost = errors.New("lease expired before the batch was settled")
+	// ErrGone reports a value to quarantine that is no longer there.
+	ErrGone = errors.New("the value to quarantine is gone")
+)
+
+// FullError reports an append refused because it would take the key past
+// one of its caps.
+type FullError struct {
+	Items int64 // items the key holds
+	Bytes int64 // bytes the key holds
+}
+
+func (e *FullError) Error() string {
+	return fmt.Sprintf("the key is full (it holds %d items, %d bytes)", e.Items, e.Bytes)
+}
+
+// appendError turns the scripts' NOTARRAY and FULL error replies into
+// ErrNotArray and *FullError; other errors pass as they are.
+func appendError(err error) error {
+	re, ok := rueidis.IsRedisErr(err)
+	if !ok {
+		return err
+	}
+	if e := scriptError(re.Error()); e != nil {
+		return e
+	}
+	return err
+}
+
+// scriptError parses a NOTARRAY or FULL error text of the merge scripts; it
+// returns nil for any other text.
+func scriptError(msg string) error {
+	if rest, ok := strings.CutPrefix(msg, "NOTARRAY "); ok {
+		return fmt.Errorf("%w (%s)", ErrNotArray, rest)
+	}
+	if rest, ok := strings.CutPrefix(msg, "FULL "); ok {
+		var fe FullError
+		if _, err := fmt.Sscan(rest, &fe.Items, &fe.Bytes); err == nil {
+			return &fe
+		}
+	}
+	return nil
+}
+
+// settleResult turns the settle script's reply into Settle's error.
+func settleResult(n int64, err error) error {
+	switch {
+	case err != nil:
+		return err
+	case n == 0:
+		return ErrLeaseLost
+	case n == -1:
+		return fmt.Errorf("put back unfinished items: %w", ErrNotArray)
+	case n == -2:
+		return ErrGone
+	}
+	return nil
+}
+
+// Trusted reports whether err is one of batchq's own replies (a corrupt or
+// full key, a lease in an unexpected state): Redis answered, and is as
+// trustworthy as before. Any other error, a lost connection or a reply such
+// as BUSY, LOADING or READONLY, may have failed other calls too.
+func Trusted(err error) bool {
+	var re *rueidis.RedisError
+	if !errors.As(err, &re) {
+		return false
+	}
+	msg := re.Error()
+	return strings.HasPrefix(msg, "NOTARRAY") || strings.HasPrefix(msg, "FULL") || strings.HasPrefix(msg, "ERR batchq")
+}

@@ -1,0 +1,295 @@
+package protocol
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+)
+
+// Entry is a stored envelope and its id.
+type Entry struct {
+	ID, Env string
+}
+
+// ClaimArgs are the arguments of Claim.
+type ClaimArgs struct {
+	Now           int64 // retries and scheduled keys due by then are due
+	Grace         int64 // ms: a due key on no wake list for this long is stranded
+	MaxRetries    int   // 0: claim no retries
+	RetryLease    Lease // the lease of the retries claimed
+	RetryDeadline int64
+}
+
+// Claimed is what Claim did on a shard.
+type Claimed struct {
+	Retries   []Entry // due retries, now held under the retry lease
+	NextKey   int64   // earliest due time of a scheduled key (ms); 0: none
+	NextRetry int64   // earliest due time of a retry (ms); 0: none
+	Pushed    int     // keys it pushed on the wake list: promoted or stranded
+}
+
+// Claim runs the periodic work of a worker on a shard (claim.lua): it
+// promotes due scheduled keys, pushes stranded keys again, and moves up to
+// a.MaxRetries due retries into a lease.
+func Claim(ctx context.Context, c rueidis.Client, sp keys.Space, a ClaimArgs) (Claimed, error) {
+	arr, err := claimScript.Exec(ctx, c,
+		[]string{sp.Ready(), sp.Later(), sp.Wake(), sp.Retry(), sp.RetryData(), sp.Leases(), sp.Lease(a.RetryLease.Token)},
+		[]string{ms(a.Now), ms(a.Grace), strconv.Itoa(a.MaxRetries), a.RetryLease.String(), ms(a.RetryDeadline)},
+	).ToArray()
+	if err != nil {
+		return Claimed{}, err
+	}
+	if len(arr) != 4 {
+		return Claimed{}, fmt.Errorf("claim: unexpected reply of %d elements", len(arr))
+	}
+	var cl Claimed
+	flat, err := arr[0].AsStrSlice()
+	if err != nil {
+		return Claimed{}, err
+	}
+	for i := 0; i+1 < len(flat); i += 2 {
+		cl.Retries = append(cl.Retries, Entry{ID: flat[i], Env: flat[i+1]})
+	}
+	if cl.NextKey, err = dueTime(arr[1]); err != nil {
+		return Claimed{}, err
+	}
+	if cl.NextRetry, err = dueTime(arr[2]); err != nil {
+		return Claimed{}, err
+	}
+	pushed, err := arr[3].AsInt64()
+	cl.Pushed = int(pushed)
+	return cl, err
+}
+
+// dueTime parses a due time the claim script returns ("" for none: 0).
+func dueTime(m rueidis.RedisMessage) (int64, error) {
+	s, err := m.ToString()
+	if err != nil || s == "" {
+		return 0, err
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil {
+		return 0, fmt.Errorf("claim: bad due time %q", s)
+	}
+	return int64(f), nil
+}
+
+// Popper pops due keys from wake lists. On Redis 7 it pops several with one
+// BLMPOP; on servers without BLMPOP (miniredis, Redis 6.2) one key per
+// BLPOP. It is safe for concurrent use.
+type Popper struct {
+	noBLMPOP atomic.Bool
+}
+
+// Pop pops up to max keys from the shard's wake list, blocking up to
+// timeout (at least a millisecond) while it is empty; no keys means the
+// timeout passed. It uses the server-side timeout, so a timeout does not
+// close the connection. Hints (empty strings: the schedule changed) are
+// among the keys.
+func (p *Popper) Pop(ctx context.Context, c rueidis.Client, sp keys.Space, max int, timeout time.Duration) ([]string, error) {
+	secs := max0(timeout.Seconds(), 0.001)
+	if !p.noBLMPOP.Load() {
+		r := c.Do(ctx, c.B().Blmpop().Timeout(secs).Numkeys(1).Key(sp.Wake()).Left().Count(int64(max)).Build())
+		arr, err := r.ToArray()
+		switch {
+		case rueidis.IsRedisNil(err):
+			return nil, nil
+		case err == nil && len(arr) == 2:
+			return arr[1].AsStrSlice()
+		case err == nil:
+			return nil, fmt.Errorf("BLMPOP returned %d values", len(arr))
+		case !unknownCommand(err):
+			return nil, err
+		}
+		p.noBLMPOP.Store(true)
+	}
+	kv, err := c.Do(ctx, c.B().Blpop().Key(sp.Wake()).Timeout(secs).Build()).AsStrSlice()
+	if rueidis.IsRedisNil(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if len(kv) != 2 {
+		return nil, fmt.Errorf("BLPOP returned %d values", len(kv))
+	}
+	return kv[1:], nil
+}
+
+// NoBLMPOP makes p pop one key per BLPOP, as on servers without BLMPOP.
+func (p *Popper) NoBLMPOP() { p.noBLMPOP.Store(true) }
+
+func max0(a, b float64) float64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+func unknownCommand(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && strings.Contains(strings.ToLower(re.Error()), "unknown command")
+}
+
+// Unpop puts keys popped from a shard's wake list back on it, for another
+// worker: those a worker will not drain after all (it shuts down).
+func Unpop(ctx context.Context, c rueidis.Client, sp keys.Space, popped []string) error {
+	if len(popped) == 0 {
+		return nil
+	}
+	return c.Do(ctx, c.B().Rpush().Key(sp.Wake()).Element(popped...).Build()).Error()
+}
+
+// Drained is one key's batch as a drain found it.
+type Drained struct {
+	Key       string
+	Lease     Lease  // its lease; zero when drained without a lease
+	Data      []byte // the array, when the key held a string
+	Missing   bool   // the key held nothing (drained by another worker)
+	WrongType bool   // the key holds a Redis value that is not a string
+}
+
+// Drain moves each key's array (and its count) into a lease with the given
+// deadline, and reads it: one MULTI/EXEC for all the keys, one round trip.
+// Items appended after the EXEC start a fresh array. leases[i] is the lease
+// of keys[i].
+func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string, leases []Lease, deadline int64) ([]Drained, error) {
+	const per = 5 // RENAME, RENAME, ZREM, ZADD, GET
+	const get = 4 // the GET's place among a key's replies
+	cmds := make(rueidis.Commands, 0, 2+per*len(keyNames))
+	cmds = append(cmds, c.B().Multi().Build())
+	for i, k := range keyNames {
+		lk := sp.Lease(leases[i].Token)
+		cmds = append(cmds,
+			c.B().Rename().Key(sp.Items(k)).Newkey(lk).Build(),
+			c.B().Rename().Key(sp.Count(k)).Newkey(sp.LeaseCount(leases[i].Token)).Build(),
+			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
+			c.B().Zadd().Key(sp.Leases()).ScoreMember().ScoreMember(float64(deadline), leases[i].String()).Build(),
+			c.B().Get().Key(lk).Build(),
+		)
+	}
+	cmds = append(cmds, c.B().Exec().Build())
+	res := c.DoMulti(ctx, cmds...)
+	out := make([]Drained, len(keyNames))
+	exec, err := res[len(res)-1].ToArray()
+	if err == nil && len(exec) != per*len(keyNames) {
+		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(exec), len(keyNames))
+	}
+	if err != nil {
+		// The transaction's fate is unknown: if it ran, the leases are
+		// reaped after their deadline and nothing is lost.
+		for i, k := range keyNames {
+			out[i] = Drained{Key: k, Lease: leases[i], Missing: true}
+		}
+		return out, fmt.Errorf("drain: %w", err)
+	}
+	var phantom []Lease
+	var errs []error
+	for i, k := range keyNames {
+		out[i] = Drained{Key: k, Lease: leases[i]}
+		r := exec[i*per : i*per+per]
+		if err := r[0].Error(); err != nil {
+			// RENAME found no key: another worker drained it first (its
+			// name was on the wake list twice). The lease written after it
+			// is empty; remove it now.
+			out[i].Missing = true
+			phantom = append(phantom, leases[i])
+			continue
+		}
+		out[i].Data, out[i].WrongType, err = value(r[get])
+		if err != nil {
+			// Leased but unreadable: the reaper returns it after the deadline.
+			out[i].Missing = true
+			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
+		}
+	}
+	if len(phantom) > 0 {
+		members := make([]string, len(phantom))
+		counts := make([]string, len(phantom))
+		for i, l := range phantom {
+			members[i], counts[i] = l.String(), sp.LeaseCount(l.Token)
+		}
+		for _, x := range c.DoMulti(ctx,
+			c.B().Zrem().Key(sp.Leases()).Member(members...).Build(),
+			c.B().Del().Key(counts...).Build()) {
+			if err := x.Error(); err != nil {
+				errs = append(errs, fmt.Errorf("drain: remove empty leases: %w", err))
+			}
+		}
+	}
+	// What was drained is returned along with any error: those batches are
+	// leased and must be handled, or they wait for the reaper.
+	return out, errors.Join(errs...)
+}
+
+// value reads a drained value: its bytes, or wrongType when it is a Redis
+// value other than a string.
+func value(m rueidis.RedisMessage) (data []byte, wrongType bool, err error) {
+	data, err = m.AsBytes()
+	if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "WRONGTYPE") {
+		return nil, true, nil
+	}
+	return data, false, err
+}
+
+// DrainOnce drains each key with the literal at-most-once pattern: GETDEL,
+// with the count deleted and the key taken off the ready index, in one
+// MULTI/EXEC for all the keys. A worker that dies after the EXEC loses the
+// batches.
+func DrainOnce(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string) ([]Drained, error) {
+	const per = 3 // GETDEL, DEL, ZREM
+	cmds := make(rueidis.Commands, 0, 2+per*len(keyNames))
+	cmds = append(cmds, c.B().Multi().Build())
+	for _, k := range keyNames {
+		cmds = append(cmds,
+			c.B().Getdel().Key(sp.Items(k)).Build(),
+			c.B().Del().Key(sp.Count(k)).Build(),
+			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
+		)
+	}
+	cmds = append(cmds, c.B().Exec().Build())
+	res := c.DoMulti(ctx, cmds...)
+	out := make([]Drained, len(keyNames))
+	exec, err := res[len(res)-1].ToArray()
+	if err == nil && len(exec) != per*len(keyNames) {
+		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(exec), len(keyNames))
+	}
+	if err != nil {
+		// Without a lease, batches that were drained but not read are lost:
+		// that is the at-most-once trade.
+		for i, k := range keyNames {
+			out[i] = Drained{Key: k, Missing: true}
+		}
+		return out, fmt.Errorf("drain: %w", err)
+	}
+	var errs []error
+	for i, k := range keyNames {
+		out[i] = Drained{Key: k}
+		out[i].Data, out[i].WrongType, err = value(exec[i*per])
+		switch {
+		case rueidis.IsRedisNil(err):
+			out[i].Missing = true
+		case err != nil:
+			out[i].Missing = true
+			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+// LPop pops up to max keys from a shard's wake list without waiting.
+func LPop(ctx context.Context, c rueidis.Client, sp keys.Space, max int) ([]string, error) {
+	ks, err := c.Do(ctx, c.B().Lpop().Key(sp.Wake()).Count(int64(max)).Build()).AsStrSlice()
+	if rueidis.IsRedisNil(err) {
+		return nil, nil
+	}
+	return ks, err
+}

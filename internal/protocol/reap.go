@@ -1,0 +1,73 @@
+package protocol
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+)
+
+// Extend moves the deadline of the given leases, grouped by shard, to
+// deadline: one command per shard, all in one round trip. Leases that were
+// already reaped are not brought back (XX), and a deadline is never moved
+// back (GT), even by an extend that Redis ran late.
+func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]Lease, deadline int64) error {
+	cmds := make(rueidis.Commands, 0, len(leases))
+	for sp, ls := range leases {
+		if len(ls) == 0 {
+			continue
+		}
+		cmd := c.B().Zadd().Key(sp.Leases()).Xx().Gt().ScoreMember()
+		for _, l := range ls {
+			cmd = cmd.ScoreMember(float64(deadline), l.String())
+		}
+		cmds = append(cmds, cmd.Build())
+	}
+	if len(cmds) == 0 {
+		return nil
+	}
+	var errs []error
+	for _, r := range c.DoMulti(ctx, cmds...) {
+		if err := r.Error(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Reap returns the items of up to limit leases whose deadline has passed,
+// and returns how many it reaped. A lease that cannot be returned yet gets
+// retryAt as its new deadline. A lease script that runs more than maxLag ms
+// after now on the server's clock (Redis stalled meanwhile) reaps nothing.
+// When no lease has expired, as is usual, it costs one read.
+func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit int, retryAt, maxLag int64) (int, error) {
+	members, err := c.Do(ctx, c.B().Zrangebyscore().Key(sp.Leases()).Min("-inf").Max(ms(now)).Limit(0, int64(limit)).Build()).AsStrSlice()
+	if err != nil || len(members) == 0 {
+		return 0, err
+	}
+	reaped := 0
+	var errs []error
+	// Latest deadline first: each batch goes back in front of the key, so
+	// the oldest must go last to end up first. A lease that fails does not
+	// hold up the others.
+	for i := len(members) - 1; i >= 0; i-- {
+		l := ParseLease(members[i])
+		items, count := sp.Lease(l.Token), sp.LeaseCount(l.Token)
+		if l.Key != "" {
+			items, count = sp.Items(l.Key), sp.Count(l.Key)
+		}
+		n, err := reapScript.Exec(ctx, c,
+			[]string{sp.Leases(), sp.Lease(l.Token), items, count, sp.LeaseCount(l.Token), sp.Ready(), sp.Later(), sp.Wake(),
+				sp.Retry(), sp.RetryData()},
+			[]string{members[i], ms(now), l.Key, ms(retryAt), ms(maxLag)}).AsInt64()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("lease %s: %w", l.Token, err))
+			continue
+		}
+		reaped += int(n)
+	}
+	return reaped, errors.Join(errs...)
+}
