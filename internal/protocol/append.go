@@ -40,12 +40,17 @@ func Payload(joined string) string { return "," + joined + "]" }
 // refused them (nothing stored); any other error leaves it unknown whether
 // they were stored.
 func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, payload string, n int, caps Caps, f Flush, now int64) error {
+	if f.MaxAge > 0 {
+		// The merge script is the hot path of keys due at once; a flush
+		// policy takes the general one.
+		errs, err := AppendMany(ctx, c, sp, []KeyItems{{Key: key, Payload: payload, N: n}}, caps, f, now)
+		if err != nil {
+			return err
+		}
+		return errs[0]
+	}
 	k := []string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake(), sp.Later()}
 	a := []string{payload, strconv.Itoa(n), key, ms(now), strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes)}
-	if f.MaxAge > 0 {
-		k = append(k, sp.Cap(key))
-		a = append(a, ms(f.MaxAge), ms(f.Quiet), strconv.Itoa(f.Items), strconv.Itoa(f.Bytes))
-	}
 	return appendError(mergeScript.Exec(ctx, c, k, a).Error())
 }
 

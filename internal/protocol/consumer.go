@@ -362,29 +362,86 @@ func (c *Consumer) NoBLMPOP() { c.popper.NoBLMPOP() }
 // is not valid JSON (or nests too deeply) alone. A key drained by another
 // worker first is left out.
 func (c *Consumer) Drain(ctx context.Context, queue string, shard int, popped []string) (Fetched, error) {
-	var f Fetched
-	if len(popped) == 0 {
-		return f, nil
+	r, err := c.Round(ctx, queue, shard, nil, popped, 0)
+	return r.Fetched, err
+}
+
+// RoundResult is what a Round did.
+type RoundResult struct {
+	Fetched          // the batches drained, and dead letters
+	Done    []error  // the outcome of releasing each done batch: nil, ErrLeaseLost, or a Redis error
+	Next    []string // keys popped for the next round
+	Hint    bool     // a producer scheduled a key: Claim soon
+}
+
+// Round is one round trip of a worker on a queue shard, to the effect of a
+// Settle of each batch of done, a Drain of popped, and a Pop of up to popMax
+// more due keys that does not wait (none when popMax is 0). done holds
+// batches of this queue shard that are Releasable with the outcomes they
+// were handled with: their leases are released without a script. (A MULTI may not share a round trip with
+// commands of another hash slot in Redis Cluster.) Drain the keys in Next
+// at once: until then they are in no worker's lease (see Pop).
+func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*Batch, popped []string, popMax int) (RoundResult, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return RoundResult{}, err
 	}
+	var r RoundResult
+	r.Done = make([]error, len(done))
 	sp := c.space(queue, shard)
-	var drained []Drained
-	var err error
-	if c.atMostOnce {
-		drained, err = DrainOnce(ctx, c.c, sp, popped)
-	} else {
-		leases := make([]Lease, len(popped))
-		for i, k := range popped {
-			leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
+	var cmds rueidis.Commands
+	at := make([]int, len(done)) // the index in cmds of each release's ZREM
+	for i, b := range done {
+		if b.Queue != queue || b.Shard != shard || !b.leased() || len(b.dead) > 0 {
+			return RoundResult{}, fmt.Errorf("round %s/%d: batch of %s/%d is not releasable here", queue, shard, b.Queue, b.Shard)
 		}
-		drained, err = Drain(ctx, c.c, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds())
+		cmds = append(cmds, releaseCmds(c.c, sp, b.lease)...)
+		at[i] = len(cmds) - 1
 	}
-	for _, d := range drained {
-		c.collect(ctx, &f, queue, shard, d)
+	d := drain{sp: sp, keys: popped}
+	if !c.atMostOnce {
+		d.leases = make([]Lease, len(popped))
+		for i, k := range popped {
+			d.leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
+		}
 	}
-	if err != nil {
-		return f, fmt.Errorf("drain %s: %w", queue, err)
+	exec := -1
+	if len(popped) > 0 {
+		cmds = append(cmds, d.cmds(c.c, c.nowMs()+c.leaseTTL.Milliseconds())...)
+		exec = len(cmds) - 1
 	}
-	return f, nil
+	if popMax > 0 {
+		cmds = append(cmds, lpopCmd(c.c, sp, popMax))
+	}
+	if len(cmds) == 0 {
+		return r, nil
+	}
+	res := c.c.DoMulti(ctx, cmds...)
+	for i, j := range at {
+		r.Done[i] = released(res[j])
+	}
+	var errs []error
+	if exec >= 0 {
+		drained, phantom, err := d.results(res[exec])
+		for _, x := range drained {
+			c.collect(ctx, &r.Fetched, queue, shard, x)
+		}
+		errs = append(errs, err, removePhantoms(ctx, c.c, sp, phantom))
+	}
+	if popMax > 0 {
+		next, err := poppedKeys(res[len(res)-1])
+		for _, k := range next {
+			if k == "" {
+				r.Hint = true
+			} else {
+				r.Next = append(r.Next, k)
+			}
+		}
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return r, fmt.Errorf("drain %s: %w", queue, err)
+	}
+	return r, nil
 }
 
 // Fetch takes up to max batches from a queue shard without waiting: it
@@ -529,6 +586,21 @@ func (c *Consumer) itemsOrLease(b *Batch) string {
 
 // leased reports whether b is held under a lease.
 func (b *Batch) leased() bool { return b.lease.Token != "" }
+
+// Releasable reports whether settling b with outcomes only releases its
+// lease: b is leased, holds no bad elements to store, and every item is
+// Done. Such a batch can be settled by a Round.
+func (b *Batch) Releasable(outcomes []Outcome) bool {
+	if !b.leased() || len(b.dead) > 0 || len(outcomes) < len(b.Items) {
+		return false
+	}
+	for _, o := range outcomes[:len(b.Items)] {
+		if o.Kind != Done {
+			return false
+		}
+	}
+	return true
+}
 
 // Outcome is what happened to one item of a batch.
 type Outcome struct {

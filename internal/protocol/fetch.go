@@ -157,77 +157,114 @@ type Drained struct {
 	WrongType bool   // the key holds a Redis value that is not a string
 }
 
-// Drain moves each key's array (and its count) into a lease with the given
-// deadline, and reads it: one MULTI/EXEC for all the keys, one round trip.
-// Items appended after the EXEC start a fresh array. leases[i] is the lease
-// of keys[i].
-func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string, leases []Lease, deadline int64) ([]Drained, error) {
-	const per = 5 // RENAME, RENAME, ZREM, ZADD, GET
-	const get = 4 // the GET's place among a key's replies
-	cmds := make(rueidis.Commands, 0, 2+per*len(keyNames))
+// A drain moves each key's array (and its count) into a lease with the
+// given deadline, and reads it: one MULTI/EXEC for all the keys of a pop.
+// Items appended after the EXEC start a fresh array. Without leases
+// (at-most-once), each key's array is read and deleted with GETDEL.
+type drain struct {
+	sp     keys.Space
+	keys   []string
+	leases []Lease // leases[i] is that of keys[i]; nil: at-most-once
+}
+
+// per is how many commands the MULTI holds per key.
+func (d drain) per() int {
+	if d.leases == nil {
+		return 3 // GETDEL, DEL, ZREM
+	}
+	return 5 // RENAME, RENAME, ZREM, ZADD, GET
+}
+
+// cmds returns the drain's commands: MULTI, per key's, EXEC.
+func (d drain) cmds(c rueidis.Client, deadline int64) rueidis.Commands {
+	sp := d.sp
+	cmds := make(rueidis.Commands, 0, 2+d.per()*len(d.keys))
 	cmds = append(cmds, c.B().Multi().Build())
-	for i, k := range keyNames {
-		lk := sp.Lease(leases[i].Token)
-		cmds = append(cmds,
-			c.B().Rename().Key(sp.Items(k)).Newkey(lk).Build(),
-			c.B().Rename().Key(sp.Count(k)).Newkey(sp.LeaseCount(leases[i].Token)).Build(),
-			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
-			c.B().Zadd().Key(sp.Leases()).ScoreMember().ScoreMember(float64(deadline), leases[i].String()).Build(),
-			c.B().Get().Key(lk).Build(),
-		)
-	}
-	cmds = append(cmds, c.B().Exec().Build())
-	res := c.DoMulti(ctx, cmds...)
-	out := make([]Drained, len(keyNames))
-	exec, err := res[len(res)-1].ToArray()
-	if err == nil && len(exec) != per*len(keyNames) {
-		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(exec), len(keyNames))
-	}
-	if err != nil {
-		// The transaction's fate is unknown: if it ran, the leases are
-		// reaped after their deadline and nothing is lost.
-		for i, k := range keyNames {
-			out[i] = Drained{Key: k, Lease: leases[i], Missing: true}
-		}
-		return out, fmt.Errorf("drain: %w", err)
-	}
-	var phantom []Lease
-	var errs []error
-	for i, k := range keyNames {
-		out[i] = Drained{Key: k, Lease: leases[i]}
-		r := exec[i*per : i*per+per]
-		if err := r[0].Error(); err != nil {
-			// RENAME found no key: another worker drained it first (its
-			// name was on the wake list twice). The lease written after it
-			// is empty; remove it now.
-			out[i].Missing = true
-			phantom = append(phantom, leases[i])
+	for i, k := range d.keys {
+		if d.leases == nil {
+			cmds = append(cmds,
+				c.B().Getdel().Key(sp.Items(k)).Build(),
+				c.B().Del().Key(sp.Count(k)).Build(),
+				c.B().Zrem().Key(sp.Ready()).Member(k).Build())
 			continue
 		}
-		out[i].Data, out[i].WrongType, err = value(r[get])
-		if err != nil {
-			// Leased but unreadable: the reaper returns it after the deadline.
-			out[i].Missing = true
-			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
+		l := d.leases[i]
+		lk := sp.Lease(l.Token)
+		cmds = append(cmds,
+			c.B().Rename().Key(sp.Items(k)).Newkey(lk).Build(),
+			c.B().Rename().Key(sp.Count(k)).Newkey(sp.LeaseCount(l.Token)).Build(),
+			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
+			c.B().Zadd().Key(sp.Leases()).ScoreMember().ScoreMember(float64(deadline), l.String()).Build(),
+			c.B().Get().Key(lk).Build())
+	}
+	return append(cmds, c.B().Exec().Build())
+}
+
+// results reads the reply to the EXEC of cmds. A key another worker
+// drained first (its name was on the wake list twice) is Missing, and its
+// lease, written anyway, is returned in phantom, to be removed. An error
+// leaves what was drained unknown: leases are reaped after their deadline,
+// and nothing is lost; batches drained without a lease are lost (the
+// at-most-once trade).
+func (d drain) results(exec rueidis.RedisResult) (out []Drained, phantom []Lease, err error) {
+	out = make([]Drained, len(d.keys))
+	for i, k := range d.keys {
+		out[i] = Drained{Key: k, Missing: true}
+		if d.leases != nil {
+			out[i].Lease = d.leases[i]
 		}
 	}
-	if len(phantom) > 0 {
-		members := make([]string, len(phantom))
-		counts := make([]string, len(phantom))
-		for i, l := range phantom {
-			members[i], counts[i] = l.String(), sp.LeaseCount(l.Token)
-		}
-		for _, x := range c.DoMulti(ctx,
-			c.B().Zrem().Key(sp.Leases()).Member(members...).Build(),
-			c.B().Del().Key(counts...).Build()) {
-			if err := x.Error(); err != nil {
-				errs = append(errs, fmt.Errorf("drain: remove empty leases: %w", err))
+	arr, err := exec.ToArray()
+	if err == nil && len(arr) != d.per()*len(d.keys) {
+		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(arr), len(d.keys))
+	}
+	if err != nil {
+		return out, nil, fmt.Errorf("drain: %w", err)
+	}
+	var errs []error
+	for i, k := range d.keys {
+		r := arr[i*d.per() : (i+1)*d.per()]
+		v := r[0] // GETDEL
+		if d.leases != nil {
+			if r[0].Error() != nil { // RENAME found no key
+				phantom = append(phantom, d.leases[i])
+				continue
 			}
+			v = r[4] // GET
+		}
+		data, wrongType, err := value(v)
+		switch {
+		case rueidis.IsRedisNil(err):
+		case err != nil:
+			// Leased but unreadable: the reaper returns it after the deadline.
+			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
+		default:
+			out[i].Data, out[i].WrongType, out[i].Missing = data, wrongType, false
 		}
 	}
-	// What was drained is returned along with any error: those batches are
-	// leased and must be handled, or they wait for the reaper.
-	return out, errors.Join(errs...)
+	return out, phantom, errors.Join(errs...)
+}
+
+// removePhantoms removes the empty leases a drain wrote for keys another
+// worker drained first.
+func removePhantoms(ctx context.Context, c rueidis.Client, sp keys.Space, phantom []Lease) error {
+	if len(phantom) == 0 {
+		return nil
+	}
+	members := make([]string, len(phantom))
+	counts := make([]string, len(phantom))
+	for i, l := range phantom {
+		members[i], counts[i] = l.String(), sp.LeaseCount(l.Token)
+	}
+	var errs []error
+	for _, x := range c.DoMulti(ctx,
+		c.B().Zrem().Key(sp.Leases()).Member(members...).Build(),
+		c.B().Del().Key(counts...).Build()) {
+		if err := x.Error(); err != nil {
+			errs = append(errs, fmt.Errorf("drain: remove empty leases: %w", err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // value reads a drained value: its bytes, or wrongType when it is a Redis
@@ -240,54 +277,30 @@ func value(m rueidis.RedisMessage) (data []byte, wrongType bool, err error) {
 	return data, false, err
 }
 
-// DrainOnce drains each key with the literal at-most-once pattern: GETDEL,
-// with the count deleted and the key taken off the ready index, in one
-// MULTI/EXEC for all the keys. A worker that dies after the EXEC loses the
-// batches.
-func DrainOnce(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string) ([]Drained, error) {
-	const per = 3 // GETDEL, DEL, ZREM
-	cmds := make(rueidis.Commands, 0, 2+per*len(keyNames))
-	cmds = append(cmds, c.B().Multi().Build())
-	for _, k := range keyNames {
-		cmds = append(cmds,
-			c.B().Getdel().Key(sp.Items(k)).Build(),
-			c.B().Del().Key(sp.Count(k)).Build(),
-			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
-		)
-	}
-	cmds = append(cmds, c.B().Exec().Build())
-	res := c.DoMulti(ctx, cmds...)
-	out := make([]Drained, len(keyNames))
-	exec, err := res[len(res)-1].ToArray()
-	if err == nil && len(exec) != per*len(keyNames) {
-		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(exec), len(keyNames))
-	}
-	if err != nil {
-		// Without a lease, batches that were drained but not read are lost:
-		// that is the at-most-once trade.
-		for i, k := range keyNames {
-			out[i] = Drained{Key: k, Missing: true}
-		}
-		return out, fmt.Errorf("drain: %w", err)
-	}
-	var errs []error
-	for i, k := range keyNames {
-		out[i] = Drained{Key: k}
-		out[i].Data, out[i].WrongType, err = value(exec[i*per])
-		switch {
-		case rueidis.IsRedisNil(err):
-			out[i].Missing = true
-		case err != nil:
-			out[i].Missing = true
-			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
-		}
-	}
-	return out, errors.Join(errs...)
+// Drain drains keys of a shard, as a drain does (see drain), in one round
+// trip; leases nil drains without leases (at-most-once). What was drained
+// is returned along with any error: those batches are leased and must be
+// handled, or they wait for the reaper.
+func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string, leases []Lease, deadline int64) ([]Drained, error) {
+	d := drain{sp: sp, keys: keyNames, leases: leases}
+	res := c.DoMulti(ctx, d.cmds(c, deadline)...)
+	out, phantom, err := d.results(res[len(res)-1])
+	return out, errors.Join(err, removePhantoms(ctx, c, sp, phantom))
 }
 
 // LPop pops up to max keys from a shard's wake list without waiting.
 func LPop(ctx context.Context, c rueidis.Client, sp keys.Space, max int) ([]string, error) {
-	ks, err := c.Do(ctx, c.B().Lpop().Key(sp.Wake()).Count(int64(max)).Build()).AsStrSlice()
+	return poppedKeys(c.Do(ctx, lpopCmd(c, sp, max)))
+}
+
+func lpopCmd(c rueidis.Client, sp keys.Space, max int) rueidis.Completed {
+	return c.B().Lpop().Key(sp.Wake()).Count(int64(max)).Build()
+}
+
+// poppedKeys reads the reply to an LPOP with a count: none when the list was
+// empty.
+func poppedKeys(r rueidis.RedisResult) ([]string, error) {
+	ks, err := r.AsStrSlice()
 	if rueidis.IsRedisNil(err) {
 		return nil, nil
 	}

@@ -29,8 +29,9 @@ func withLib(lib, script string) string {
 	}
 	need := map[string]bool{}
 	uses := func(text string) {
+		code := luaComment.ReplaceAllString(text, "") // a helper named in a comment is not used
 		for _, h := range helpers {
-			if regexp.MustCompile(`\b` + h.name + `\b`).MatchString(text) {
+			if regexp.MustCompile(`\b` + h.name + `\b`).MatchString(code) {
 				need[h.name] = true
 			}
 		}
@@ -57,4 +58,7 @@ func withLib(lib, script string) string {
 	return b.String()
 }
 
-var libDef = regexp.MustCompile(`^local (?:function )?([a-z_]+)\b`)
+var (
+	libDef     = regexp.MustCompile(`^local (?:function )?([a-z_]+)\b`)
+	luaComment = regexp.MustCompile(`--.*`)
+)

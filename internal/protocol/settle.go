@@ -72,10 +72,7 @@ func SettleMany(ctx context.Context, c rueidis.Client, sps []keys.Space, ss []Se
 		case s.done() && !s.leased():
 			at[i] = -1
 		case s.done():
-			sp := sps[i]
-			cmds = append(cmds,
-				c.B().Del().Key(sp.Lease(s.Lease.Token), sp.LeaseCount(s.Lease.Token)).Build(),
-				c.B().Zrem().Key(sp.Leases()).Member(s.Lease.String()).Build())
+			cmds = append(cmds, releaseCmds(c, sps[i], s.Lease)...)
 			at[i] = len(cmds) - 1
 		default:
 			k, a := settleCall(sps[i], *s)
@@ -108,16 +105,35 @@ func SettleMany(ctx context.Context, c rueidis.Client, sps []keys.Space, ss []Se
 		switch {
 		case at[i] < 0:
 		case ss[i].done():
-			n, err := res[at[i]].AsInt64()
-			if err == nil && n == 0 {
-				err = ErrLeaseLost
-			}
-			errs[i] = err
+			errs[i] = released(res[at[i]])
 		default:
 			errs[i] = settleResult(res[at[i]].AsInt64())
 		}
 	}
 	return errs
+}
+
+// releaseCmds returns the commands that release lease l of a batch whose
+// items all succeeded: DEL of its batch and count, then ZREM of it from the
+// leases index. The DEL goes first: a reaper that comes between them finds
+// an empty lease and only removes it. The reply to the ZREM says whether
+// the lease was still held (see released).
+func releaseCmds(c rueidis.Client, sp keys.Space, l Lease) rueidis.Commands {
+	return rueidis.Commands{
+		c.B().Del().Key(sp.Lease(l.Token), sp.LeaseCount(l.Token)).Build(),
+		c.B().Zrem().Key(sp.Leases()).Member(l.String()).Build(),
+	}
+}
+
+// released reads the reply to the ZREM of releaseCmds: ErrLeaseLost when
+// the lease was gone (reaped: the batch is delivered again, unless the
+// reaper came between the DEL and the ZREM, and found nothing to put back).
+func released(zrem rueidis.RedisResult) error {
+	n, err := zrem.AsInt64()
+	if err == nil && n == 0 {
+		err = ErrLeaseLost
+	}
+	return err
 }
 
 // settleCall returns the keys and args of the settle script for s.

@@ -86,9 +86,9 @@ end
 -- one-byte reads check the array, and SETRANGE overwrites its closing
 -- bracket; a new array costs a SET, and makes the key due. With maxn and
 -- maxb it refuses to take the array past maxn items or maxb bytes (and
--- never past max_items or max_string). It is the producer's hot path, and
--- written out whole: every call of a script pays for each function it
--- defines.
+-- never past max_items or max_string). merge.lua writes out its path
+-- without a flush policy, for the producer's hot path: a change here goes
+-- there too (TestMergeScriptsAgree).
 --
 -- An array batchq wrote always has its count beside it, and only batchq
 -- writes counts. A value without one was written by another program,

@@ -1,12 +1,15 @@
--- merge.lua: append items to a key's JSON array and make the key due
--- (docs/PROTOCOL.md, "Append").
+-- merge.lua: append items to a key's JSON array and make the key due at
+-- once (docs/PROTOCOL.md, "Append"). It is the producer's hot path: a queue
+-- without a flush policy appends one key per call through it. It does what
+-- merge_key (lib.lua) does for a key without a flush policy, written out
+-- without functions, since every call of a script pays for each function
+-- it defines; TestMergeScriptsAgree holds the two to the same results.
 --
 -- KEYS[1] items key   <prefix>:{q:s}:k:<key>
 -- KEYS[2] count key   <prefix>:{q:s}:n:<key>
 -- KEYS[3] ready ZSET  <prefix>:{q:s}:ready
 -- KEYS[4] wake LIST   <prefix>:{q:s}:wake
 -- KEYS[5] later ZSET  <prefix>:{q:s}:later
--- KEYS[6] cap key     <prefix>:{q:s}:c:<key> (with a flush policy only)
 -- ARGV[1] the items: valid JSON values joined by commas, after a comma and
 --         before a closing bracket (",a,b]"; validated by the caller)
 -- ARGV[2] how many items ARGV[1] holds
@@ -14,24 +17,57 @@
 -- ARGV[4] now (ms): the server's time, as the producer knows it
 -- ARGV[5] the key's item cap (0: the most, 8,388,607)
 -- ARGV[6] the key's byte cap (0: the most, 512 MiB)
--- ARGV[7..10] with a flush policy only: max age (ms; the key is due at most
---         this long after its first pending item), quiet period (ms; due
---         once no item has come for this long, never past the max age; 0:
---         none), items and bytes (due at once when the key holds this many;
---         0: no such limit)
 --
 -- Returns 0. Errors, storing nothing, with NOTARRAY when the items key holds
 -- something other than the array batchq wrote, or with FULL <items>
 -- <bytes> when the items would take the key past a cap; the key is made due
 -- at once either way, so that a worker drains it (or moves the bad value to
 -- dead letters).
-local maxage, quiet, fitems, fbytes = 0, 0, 0, 0
-if #ARGV > 6 then
-  maxage, quiet, fitems, fbytes = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local payload, n = ARGV[1], tonumber(ARGV[2])
+local maxn, maxb = tonumber(ARGV[5]), tonumber(ARGV[6])
+if maxn <= 0 or maxn > 8388607 then
+  maxn = 8388607 -- max_items
 end
-local err = merge_key(KEYS[1], KEYS[2], KEYS[6], KEYS[3], KEYS[5], KEYS[4], ARGV[3], ARGV[1], tonumber(ARGV[2]),
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[4]), maxage, quiet, fitems, fbytes)
-if err then
-  return err
+if maxb <= 0 or maxb > 536870912 then
+  maxb = 536870912 -- max_string
 end
-return 0
+-- The count packs the items (times 2^30) and the array's length minus one.
+local delta = n * 1073741824 + #payload - 1
+local v = redis.pcall('INCRBY', KEYS[2], delta)
+local err
+if type(v) == 'table' then
+  err = redis.error_reply('NOTARRAY the count of the key is not an integer')
+elseif v == delta then
+  -- No count: a new array, unless another program left a value here.
+  if n > maxn or #payload + 1 > maxb then
+    redis.call('DEL', KEYS[2])
+    err = redis.error_reply('FULL 0 0')
+  elseif redis.call('SET', KEYS[1], '[' .. string.sub(payload, 2), 'NX') then
+    if redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3]) == 1 then
+      redis.call('RPUSH', KEYS[4], ARGV[3])
+    end
+    return 0
+  else
+    redis.call('DEL', KEYS[2])
+    err = redis.error_reply('NOTARRAY the key holds a value batchq did not write (it has no count)')
+  end
+else
+  local items = math.floor((v - delta) / 1073741824)
+  local len = v - delta - items * 1073741824 + 1
+  if redis.pcall('GETRANGE', KEYS[1], len - 1, len) ~= ']' or redis.pcall('GETRANGE', KEYS[1], 0, 0) ~= '[' then
+    redis.call('DECRBY', KEYS[2], delta)
+    err = redis.error_reply('NOTARRAY the key holds a value batchq did not write (not the array its count records)')
+  elseif items + n > maxn or len + #payload - 1 > maxb then
+    redis.call('DECRBY', KEYS[2], delta)
+    err = redis.error_reply('FULL ' .. items .. ' ' .. len)
+  else
+    redis.call('SETRANGE', KEYS[1], len - 1, payload)
+    return 0
+  end
+end
+-- Refused: make the key due at once (make_due in lib.lua).
+redis.call('ZREM', KEYS[5], ARGV[3])
+if redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3]) == 1 then
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+end
+return err
