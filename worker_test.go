@@ -3,6 +3,7 @@ package batchq_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -364,7 +365,8 @@ func TestBatchHandlerRetriesOnlyFailedItems(t *testing.T) {
 }
 
 // A handler that ignores its context is abandoned after its timeout plus a
-// grace period; its item fails with ErrHandlerTimeout.
+// grace period; its item fails with ErrHandlerTimeout, and the rest of its
+// batch is handled all the same.
 func TestHungHandlerIsAbandoned(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testHungHandler(t, b) })
 }
@@ -373,16 +375,22 @@ func testHungHandler(t *testing.T, b testredis.Backend) {
 	ctx := context.Background()
 	release := make(chan struct{})
 	returned := make(chan struct{})
-	w := newWorker(t, b)
+	var mu sync.Mutex
+	var handled []int
+	w := newWorker(t, b, batchq.WithConcurrency(1))
 	batchq.Handle(w, "hang", func(ctx context.Context, it item) error {
 		if it.ID == 1 {
 			defer close(returned)
 			<-release // ignores ctx
 		}
+		mu.Lock()
+		handled = append(handled, it.ID)
+		mu.Unlock()
 		return nil
 	}, batchq.WithTimeout(50*time.Millisecond), batchq.WithMaxAttempts(1))
+	// One batch of three items, the second of which hangs.
+	must(t, newProducer(t, b).Add(ctx, "hang", "k", item{ID: 0}, item{ID: 1}, item{ID: 2}))
 	run(t, w)
-	must(t, newProducer(t, b).Add(ctx, "hang", "k", item{ID: 1}))
 	cons := newDeadLetters(t, b)
 	eventually(t, 10*time.Second, "hung item dead-lettered", func() bool {
 		n, _ := cons.Count(ctx, "hang")
@@ -390,11 +398,28 @@ func testHungHandler(t *testing.T, b testredis.Backend) {
 	})
 	dead, err := cons.List(ctx, "hang", 1)
 	must(t, err)
-	if !strings.Contains(dead[0].Error, batchq.ErrHandlerTimeout.Error()) {
-		t.Errorf("dead letter error %q", dead[0].Error)
+	if !strings.Contains(dead[0].Error, batchq.ErrHandlerTimeout.Error()) || string(dead[0].Item) != `{"id":1}` {
+		t.Errorf("dead letter %s: %q", dead[0].Item, dead[0].Error)
 	}
+	eventually(t, 5*time.Second, "the rest of the batch handled", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Equal(handled, []int{0, 2})
+	})
+	// The worker, its one executor stuck, still handles new items.
+	must(t, newProducer(t, b).Add(ctx, "hang", "k2", item{ID: 3}))
+	eventually(t, 5*time.Second, "a later item handled", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Equal(handled, []int{0, 2, 3})
+	})
 	close(release)
 	<-returned
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(handled, []int{0, 2, 3, 1}) {
+		t.Errorf("handled %v: the abandoned call may return, but nothing else", handled)
+	}
 }
 
 func TestRegistrationMistakesPanic(t *testing.T) {

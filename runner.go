@@ -1,0 +1,264 @@
+package batchq
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/batchq/batchq/internal/protocol"
+)
+
+// runner is the state of one Run.
+type runner struct {
+	w     *Worker
+	hctx  context.Context // handlers' parent context
+	stop  <-chan struct{} // closed when shutdown begins
+	slots chan struct{}   // one token per batch being handled, or settled by the ack loop
+	loops int             // fetch loops: queues times shards
+	work  chan job        // batches to handle, taken by the executors
+	acks  chan ackReq     // batches to settle, served by ackLoop
+	// batches counts the batches started and not yet settled (or given
+	// up on); executing, the executors, less those abandoned.
+	batches   sync.WaitGroup
+	executing sync.WaitGroup
+
+	mu        sync.Mutex
+	active    map[*protocol.Batch]struct{} // the batches of batches, for the lease heartbeat
+	executors map[*executor]struct{}       // the executors, less those abandoned
+	abandoned atomic.Int64
+	// trouble is when a Redis call last failed (Unix ns). Reaping pauses
+	// for a lease TTL after it: other workers' heartbeats may have failed
+	// too, and their live batches must not be taken from them.
+	trouble atomic.Int64
+	// synced is set once the consumer's clock has been synced to the
+	// server's: until then the worker neither fetches nor reaps, since its
+	// deadlines could be off by its clock's skew.
+	synced atomic.Bool
+}
+
+// redisFailed records a failed Redis call. Only batchq's own error replies
+// (a corrupt or full key, a lease in an unexpected state) leave Redis
+// trusted; anything else, a lost connection or a reply such as BUSY,
+// LOADING or READONLY, may have failed heartbeats too.
+func (r *runner) redisFailed(err error) {
+	if !protocol.Trusted(err) {
+		r.trouble.Store(time.Now().UnixNano())
+	}
+}
+
+// calm reports whether the clock is synced and no Redis call failed for a
+// lease TTL.
+func (r *runner) calm() bool {
+	return r.synced.Load() && time.Since(time.Unix(0, r.trouble.Load())) > r.w.cons.LeaseTTL()
+}
+
+func (r *runner) stopping() bool {
+	select {
+	case <-r.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// acquire takes n slots, waiting for each, and returns how many it took:
+// fewer when shutdown begins first.
+func (r *runner) acquire(n int) int {
+	for i := range n {
+		select {
+		case r.slots <- struct{}{}:
+		case <-r.stop:
+			return i
+		}
+	}
+	return n
+}
+
+// tryAcquire takes a slot if one is free, and reports whether it did.
+func (r *runner) tryAcquire() bool {
+	select {
+	case r.slots <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+func (r *runner) release(n int) {
+	for range n {
+		<-r.slots
+	}
+}
+
+// free returns how many slots are free now.
+func (r *runner) free() int { return cap(r.slots) - len(r.slots) }
+
+// start hands b, in a slot the caller holds, to a free executor. One is
+// free: an executor is busy only with a batch that holds a slot.
+func (r *runner) start(f *fetcher, b *protocol.Batch) {
+	r.mu.Lock()
+	r.active[b] = struct{}{}
+	r.mu.Unlock()
+	r.batches.Add(1)
+	r.work <- job{f: f, b: b}
+}
+
+func (r *runner) activeCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.active)
+}
+
+// checkServer records the queues in the registry, syncs the consumer's
+// clock to the server's and warns about server settings that lose items.
+// Failures are logged, not fatal: Redis may be down at start, and an ACL
+// may deny CONFIG.
+func (r *runner) checkServer(ctx context.Context, queues []*queue) {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	if err := r.register(ctx, queues); err != nil {
+		r.w.log.Warn("cannot record the queues in the registry; the inspector finds them once a producer appends", zap.Error(err))
+	}
+	if !r.sync(ctx) {
+		r.w.log.Warn("cannot read the Redis server's clock; waiting for it before taking work")
+	} else if off := r.w.cons.Offset(); off > time.Second || off < -time.Second {
+		r.w.log.Warn("the local clock is off the Redis server's; batchq uses the server's", zap.Duration("offset", off))
+	}
+	policy, err := r.w.cons.EvictionPolicy(ctx)
+	if err == nil && policy != "noeviction" {
+		r.w.log.Warn("Redis may evict keys, and with them items: set maxmemory-policy noeviction",
+			zap.String("maxmemory_policy", policy))
+	}
+}
+
+// register records the worker's queues in the registry and warns, once per
+// count, about a queue that producers or other workers split into more
+// shards than this worker drains: items in the other shards would wait for
+// a worker with as many. The worker registers at start and with every clock
+// sync, so that it learns of producers deployed after it.
+func (r *runner) register(ctx context.Context, queues []*queue) error {
+	names := make([]string, len(queues))
+	for i, q := range queues {
+		names[i] = q.name
+	}
+	recorded, err := r.w.cons.Register(ctx, names...)
+	for i, n := range recorded {
+		if q := queues[i]; n > r.w.cons.Shards() && n != q.warnedShards {
+			q.warnedShards = n
+			r.w.log.Warn("a producer or worker split this queue into more shards than this worker drains: items in the other shards wait for a worker with as many (WithShards must match)",
+				zap.String("queue", q.name), zap.Int("recorded_shards", n), zap.Int("shards", r.w.cons.Shards()))
+		}
+	}
+	return err
+}
+
+// sync syncs the consumer's clock to the server's and reports whether it
+// did.
+func (r *runner) sync(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	if err := r.w.cons.Sync(ctx); err != nil {
+		if ctx.Err() == nil {
+			r.redisFailed(err)
+		}
+		return false
+	}
+	r.synced.Store(true)
+	return true
+}
+
+// reapLoop returns the expired leases of every shard of the worker's queues
+// every reapEvery until ctx is done, and syncs the clock every syncEvery.
+// It takes no slot, so long handlers do not delay the redelivery of a dead
+// worker's batches.
+func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
+	t := time.NewTicker(reapEvery)
+	defer t.Stop()
+	lastSync := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !r.synced.Load() || time.Since(lastSync) >= syncEvery {
+			if r.sync(ctx) {
+				lastSync = time.Now()
+				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+				r.register(rctx, queues) // failures show in the next fetch or reap
+				cancel()
+			}
+		}
+		if !r.calm() {
+			continue
+		}
+		for _, q := range queues {
+			for shard := range r.w.cons.Shards() {
+				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+				start := time.Now()
+				n, err := r.w.cons.Reap(rctx, q.name, shard)
+				cancel()
+				if time.Since(start) > r.w.cons.LeaseTTL()/3 {
+					// Redis was slow to answer: other workers' heartbeats
+					// may have been held up too. Let them renew first.
+					r.trouble.Store(time.Now().UnixNano())
+				}
+				switch {
+				case err != nil && ctx.Err() == nil:
+					r.redisFailed(err)
+					r.w.log.Warn("reap failed", zap.String("queue", q.name), zap.Int("shard", shard), zap.Error(err))
+				case n > 0:
+					r.w.log.Info("returned the batches of expired leases", zap.String("queue", q.name), zap.Int("shard", shard), zap.Int("leases", n))
+				}
+			}
+		}
+	}
+}
+
+// retryWait is the pause after the n-th Redis failure in a row: 50ms
+// doubling to 500ms, so that a worker is back within a second of Redis.
+func retryWait(n int) time.Duration {
+	return min(50*time.Millisecond<<min(n-1, 4), 500*time.Millisecond)
+}
+
+// sleep waits d or until shutdown begins.
+func (r *runner) sleep(d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-r.stop:
+	}
+}
+
+// extendLoop extends the leases of running batches every third of the
+// lease TTL until done is closed.
+func (r *runner) extendLoop(done <-chan struct{}) {
+	t := time.NewTicker(r.w.cons.LeaseTTL() / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		bs := make([]*protocol.Batch, 0, len(r.active))
+		for b := range r.active {
+			bs = append(bs, b)
+		}
+		r.mu.Unlock()
+		if len(bs) == 0 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.w.cons.LeaseTTL()/3)
+		if err := r.w.cons.Extend(ctx, bs...); err != nil {
+			r.redisFailed(err)
+			r.w.log.Warn("extending leases failed", zap.Error(err), zap.Int("batches", len(bs)))
+		}
+		cancel()
+	}
+}

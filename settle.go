@@ -1,0 +1,136 @@
+package batchq
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/batchq/batchq/internal/protocol"
+)
+
+// finish settles a handled batch, without waiting, and gives up its slot.
+// A batch whose items all succeeded gives up its slot at once, and its
+// lease is released by its fetcher's next round, or by the ack loop if no
+// round comes within releaseWait. The ack loop settles every other batch,
+// together with those that finish while an earlier group is on its way;
+// such a batch keeps its slot until it is settled, so that a worker whose
+// settles fail does not fetch more.
+func (r *runner) finish(f *fetcher, b *protocol.Batch, out []protocol.Outcome) {
+	if b.Releasable(out) {
+		r.release(1)
+		f.enqueue(ackReq{b: b, out: out, done: func(err error) { r.settled(f.q, b, out, err, nil) }})
+		return
+	}
+	r.acks <- ackReq{b: b, out: out, done: func(err error) { r.settled(f.q, b, out, err, func() { r.release(1) }) }}
+}
+
+// ackReq asks for a batch to be settled; done gets the outcome. done must
+// not block: it runs on the fetcher or the ack loop.
+type ackReq struct {
+	b    *protocol.Batch
+	out  []protocol.Outcome
+	done func(error)
+}
+
+// settled ends the settling of b, whose first try returned err, and calls
+// end (if not nil) once b is settled or given up on. If Redis failed, it
+// tries again on a goroutine of its own, with backoff, while the batch
+// keeps its lease heartbeat; it gives up once the shutdown timeout has
+// passed: the lease then expires and the batch is delivered again.
+func (r *runner) settled(q *queue, b *protocol.Batch, out []protocol.Outcome, err error, end func()) {
+	if err == nil || errors.Is(err, protocol.ErrLeaseLost) || r.hctx.Err() != nil {
+		r.settleEnded(q, b, out, err, 1, end)
+		return
+	}
+	go func() {
+		for attempt := 2; ; attempt++ {
+			r.redisFailed(err)
+			r.w.log.Warn("settle failed; retrying", zap.String("queue", q.name), zap.String("key", b.Key),
+				zap.Int("items", len(b.Items)), zap.Error(err), zap.Int("attempt", attempt-1))
+			t := time.NewTimer(retryWait(attempt - 1))
+			select {
+			case <-t.C:
+			case <-r.hctx.Done():
+				t.Stop()
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+			err = r.w.cons.Settle(ctx, b, out)
+			cancel()
+			if err == nil || errors.Is(err, protocol.ErrLeaseLost) || r.hctx.Err() != nil {
+				r.settleEnded(q, b, out, err, attempt, end)
+				return
+			}
+		}
+	}()
+}
+
+// settleEnded records how the settling of b ended, at its attempt-th try.
+func (r *runner) settleEnded(q *queue, b *protocol.Batch, out []protocol.Outcome, err error, attempt int, end func()) {
+	log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
+	switch {
+	case err == nil:
+		var n [4]int // by protocol.OutcomeKind
+		for _, o := range out {
+			n[o.Kind]++
+		}
+		r.w.obs.Settled(q.name, n[protocol.Done], n[protocol.Retry], n[protocol.Dead])
+	case errors.Is(err, protocol.ErrLeaseLost) && attempt == 1:
+		log.Warn("lease expired before the batch was settled; it will be delivered again")
+	case errors.Is(err, protocol.ErrLeaseLost):
+		// Most likely the earlier try landed and only its reply was lost.
+		log.Info("lease gone when the settle was tried again: the earlier try landed unseen, or the lease expired before the batch was settled and it will be delivered again",
+			zap.Int("attempt", attempt))
+	default:
+		log.Error("giving up settling the batch at shutdown; it will be delivered again", zap.Error(err))
+	}
+	if end != nil {
+		end()
+	}
+	r.mu.Lock()
+	delete(r.active, b)
+	r.mu.Unlock()
+	r.batches.Done()
+}
+
+// maxAckGroup bounds the batches the ack loop settles in one round trip.
+const maxAckGroup = 256
+
+// ackLoop settles the batches sent on r.acks until done is closed (after
+// every batch has settled), together those that come while an earlier group
+// is on its way: one round trip for many under load, no added wait when
+// idle.
+func (r *runner) ackLoop(done <-chan struct{}) {
+	group := make([]ackReq, 0, maxAckGroup)
+	batches := make([]*protocol.Batch, 0, maxAckGroup)
+	outs := make([][]protocol.Outcome, 0, maxAckGroup)
+	for {
+		select {
+		case <-done:
+			return
+		case req := <-r.acks:
+			group = append(group[:0], req)
+		}
+	more:
+		for len(group) < maxAckGroup {
+			select {
+			case req := <-r.acks:
+				group = append(group, req)
+			default:
+				break more
+			}
+		}
+		batches, outs = batches[:0], outs[:0]
+		for _, req := range group {
+			batches, outs = append(batches, req.b), append(outs, req.out)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+		errs := r.w.cons.SettleAll(ctx, batches, outs)
+		cancel()
+		for i, req := range group {
+			req.done(errs[i])
+		}
+		clear(group) // drop references to settled batches
+	}
+}
