@@ -27,6 +27,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -68,6 +69,8 @@ type config struct {
 	// Caps on the items of the slow asynq phases.
 	groupHotItems   int // hot-key items for asynq-group
 	asynqPlainItems int // items of every phase but fixed-rate for asynq-plain
+
+	cpuProfile string // file for a CPU profile of the whole run; "": none
 }
 
 // items returns the items a phase offers a system. Two systems get fewer
@@ -121,6 +124,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.BoolVar(&c.force, "force", false, "run even if the database holds keys (they are flushed)")
 	fs.StringVar(&systems, "systems", strings.Join(allSystems, ","), "comma-separated systems to run")
 	fs.StringVar(&phases, "phases", strings.Join(allPhases, ","), "comma-separated phases to run, by name or number (1-5)")
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (producers, workers and the bench itself) to this file")
 	fs.BoolVar(&quick, "quick", false, "smoke test: -n 10000 -rate-items 4000 -hot-items 10000 -group-hot-items 500 -runs 1, unless given")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -233,6 +237,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("redis %s holds %d keys; the bench flushes its database between phases: use a private server, or -force", cfg.addr, size)
 	}
 
+	if cfg.cpuProfile != "" {
+		f, err := os.Create(cfg.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	b := &bench{ctx: ctx, cfg: cfg, stats: st}
 	// The steps of one run: drain runs with append (it drains what append
 	// left), so the pair is one step.
