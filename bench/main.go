@@ -296,9 +296,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 // logResult writes one line of progress.
 func logResult(w io.Writer, runNo, runs int, phase, system string, r result) {
 	c := float64(r.count(phase))
-	fmt.Fprintf(w, "run %d/%d %-10s %-13s %9.0f items/s %7.2fs %6.2f cmds/item %7.1f cpu-µs/item",
+	fmt.Fprintf(w, "run %d/%d %-10s %-13s %9.0f items/s %7.2fs %6.2f cmds/item %5.2f trips/item %7.1f cpu-µs/item %7.1f client-µs/item",
 		runNo, runs, phase, system, div(c, r.elapsed.Seconds()), r.elapsed.Seconds(),
-		div(float64(r.commands), c), div(r.cpu*1e6, c))
+		div(float64(r.commands), c), div(float64(r.trips), c), div(r.cpu*1e6, c), div(r.clientCPU*1e6, c))
+	if phase == phaseAppend {
+		fmt.Fprintf(w, " %5.0f B/item", div(float64(r.memory), c))
+	}
 	if len(r.latencies) > 0 {
 		fmt.Fprintf(w, " p50 %s p99 %s", ms(percentile(r.latencies, 0.5)), ms(percentile(r.latencies, 0.99)))
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -34,6 +36,9 @@ type result struct {
 	elapsed    time.Duration // from the start of the phase until all were appended (phase 1) or handled
 	commands   int64         // commands the server processed during the phase
 	cpu        float64       // server CPU time during the phase, in seconds
+	trips      int64         // round trips the system's clients made during the phase
+	clientCPU  float64       // CPU time of this process (producers, workers, and the bench's own tracking) during the phase, in seconds
+	memory     int64         // phase 1: Redis memory the stored items take (used_memory after less before); 0 otherwise
 	latencies  []int64       // sorted append-to-handler latencies in ns; nil where not measured
 	timeout    bool          // the phase timeout cut the phase short
 }
@@ -52,27 +57,43 @@ type bench struct {
 	ctx   context.Context // cancelled: stop at once
 	cfg   *config
 	stats *statsConn
+	trips atomic.Int64 // round trips of the systems' clients (see newSystem)
 }
 
-// measure reads the server's counters right before and right after fn and
-// stores their deltas and fn's duration in r. The INFO command sent before fn
-// is left out of the command count (INFO counts a command once it is done,
-// so the one after fn is not in its own reply).
+// measure reads the server's counters, the clients' round trips and this
+// process's CPU time right before and right after fn and stores their
+// deltas and fn's duration in r. The INFO command sent before fn is left out
+// of the command count (INFO counts a command once it is done, so the one
+// after fn is not in its own reply).
 func (b *bench) measure(r *result, fn func() error) error {
 	before, err := b.stats.stats()
 	if err != nil {
 		return err
 	}
+	trips, cpu := b.trips.Load(), processCPU()
 	start := time.Now()
 	fnErr := fn()
 	r.elapsed = time.Since(start)
+	r.clientCPU = processCPU() - cpu
+	r.trips = b.trips.Load() - trips
 	after, err := b.stats.stats()
 	if err != nil {
 		return err
 	}
 	r.commands = after.commands - before.commands - 1
 	r.cpu = after.cpu - before.cpu
+	r.memory = after.memory - before.memory
 	return fnErr
+}
+
+// processCPU returns the user and system CPU time this process has used, in
+// seconds.
+func processCPU() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // phaseContext bounds a phase by the phase timeout.
@@ -186,7 +207,7 @@ func (b *bench) settle(r *result, tr *tracker, latency bool) {
 // append on the same system (append runs unreported when only drain was
 // asked for); the caller passes phaseAppend for the pair.
 func (b *bench) runPhase(phase, name string) (map[string]result, error) {
-	sys, err := newSystem(name, b.cfg)
+	sys, err := newSystem(name, b.cfg, &b.trips)
 	if err != nil {
 		return nil, err
 	}

@@ -81,6 +81,7 @@ func (s *statsConn) do(args ...string) (string, error) {
 type serverStats struct {
 	commands int64   // total_commands_processed
 	cpu      float64 // used_cpu_sys + used_cpu_user, in seconds
+	memory   int64   // used_memory, in bytes
 	version  string  // redis_version
 }
 
@@ -106,6 +107,9 @@ func (s *statsConn) stats() (serverStats, error) {
 			f, err = strconv.ParseFloat(v, 64)
 			st.cpu += f
 			found++
+		case "used_memory":
+			st.memory, err = strconv.ParseInt(v, 10, 64)
+			found++
 		case "redis_version":
 			st.version = v
 		}
@@ -113,8 +117,8 @@ func (s *statsConn) stats() (serverStats, error) {
 			return serverStats{}, fmt.Errorf("redis INFO: field %s: %w", k, err)
 		}
 	}
-	if found != 3 {
-		return serverStats{}, errors.New("redis INFO: total_commands_processed or used_cpu_* missing")
+	if found != 4 {
+		return serverStats{}, errors.New("redis INFO: total_commands_processed, used_cpu_* or used_memory missing")
 	}
 	return st, nil
 }

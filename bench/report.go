@@ -58,26 +58,32 @@ type reportConfig struct {
 // summary is one phase on one system: the median of each figure over the
 // runs, and the sums of the counts that should be zero.
 type summary struct {
-	ItemsPerS    float64   `json:"items_per_s"`
-	CmdsPerItem  float64   `json:"cmds_per_item"`
-	CPUUsPerItem float64   `json:"cpu_us_per_item"`
-	P50ms        *float64  `json:"p50_ms,omitempty"`
-	P99ms        *float64  `json:"p99_ms,omitempty"`
-	MaxMs        *float64  `json:"max_ms,omitempty"`
-	Items        int       `json:"items"`         // items of one run
-	Lost         int64     `json:"lost"`          // over all runs
-	Duplicates   int64     `json:"duplicates"`    // over all runs
-	AppendErrors int64     `json:"append_errors"` // over all runs
-	Timeout      bool      `json:"timeout"`       // in any run
-	RunsPerS     []float64 `json:"items_per_s_runs"`
+	ItemsPerS          float64   `json:"items_per_s"`
+	CmdsPerItem        float64   `json:"cmds_per_item"`
+	TripsPerItem       float64   `json:"round_trips_per_item"`
+	CPUUsPerItem       float64   `json:"cpu_us_per_item"`
+	ClientCPUUsPerItem float64   `json:"client_cpu_us_per_item"`
+	MemBytesPerItem    *float64  `json:"memory_bytes_per_item,omitempty"` // append: Redis memory per stored item
+	P50ms              *float64  `json:"p50_ms,omitempty"`
+	P99ms              *float64  `json:"p99_ms,omitempty"`
+	MaxMs              *float64  `json:"max_ms,omitempty"`
+	Items              int       `json:"items"`         // items of one run
+	Lost               int64     `json:"lost"`          // over all runs
+	Duplicates         int64     `json:"duplicates"`    // over all runs
+	AppendErrors       int64     `json:"append_errors"` // over all runs
+	Timeout            bool      `json:"timeout"`       // in any run
+	RunsPerS           []float64 `json:"items_per_s_runs"`
 }
 
 // ratio compares batchq with asynq on one phase; above 1 means batchq is
 // better.
 type ratio struct {
-	ThroughputX float64 `json:"throughput_x"` // batchq items/s ÷ asynq items/s
-	CPUX        float64 `json:"cpu_x"`        // asynq Redis CPU per item ÷ batchq's
-	CmdsX       float64 `json:"cmds_x"`       // asynq Redis commands per item ÷ batchq's
+	ThroughputX float64  `json:"throughput_x"`       // batchq items/s ÷ asynq items/s
+	CPUX        float64  `json:"cpu_x"`              // asynq Redis CPU per item ÷ batchq's
+	CmdsX       float64  `json:"cmds_x"`             // asynq Redis commands per item ÷ batchq's
+	TripsX      float64  `json:"round_trips_x"`      // asynq client round trips per item ÷ batchq's
+	ClientCPUX  float64  `json:"client_cpu_x"`       // asynq's process CPU per item ÷ batchq's
+	MemX        *float64 `json:"memory_x,omitempty"` // append: asynq Redis memory per stored item ÷ batchq's
 }
 
 // newReport summarises results (phase → system → one result per run).
@@ -106,11 +112,17 @@ func newReport(cfg *config, redisVersion string, results map[string]map[string][
 		for bq, aq := range pairs {
 			b, a := rep.Results[phase][bq], rep.Results[phase][aq]
 			if b != nil && a != nil {
-				ratios[bq+"/"+aq] = ratio{
+				r := ratio{
 					ThroughputX: round(div(b.ItemsPerS, a.ItemsPerS), 3),
 					CPUX:        round(div(a.CPUUsPerItem, b.CPUUsPerItem), 3),
 					CmdsX:       round(div(a.CmdsPerItem, b.CmdsPerItem), 3),
+					TripsX:      round(div(a.TripsPerItem, b.TripsPerItem), 3),
+					ClientCPUX:  round(div(a.ClientCPUUsPerItem, b.ClientCPUUsPerItem), 3),
 				}
+				if b.MemBytesPerItem != nil && a.MemBytesPerItem != nil {
+					r.MemX = ptr(round(div(*a.MemBytesPerItem, *b.MemBytesPerItem), 3))
+				}
+				ratios[bq+"/"+aq] = r
 			}
 		}
 		if len(ratios) > 0 {
@@ -145,12 +157,15 @@ func pairs(yield func(bq, aq string) bool) {
 // summarise takes the median of each figure over runs.
 func summarise(phase string, runs []result) *summary {
 	s := &summary{Items: runs[0].items}
-	var ips, cmds, cpu, p50, p99, pmax []float64
+	var ips, cmds, trips, cpu, ccpu, mem, p50, p99, pmax []float64
 	for _, r := range runs {
 		c := float64(r.count(phase))
 		ips = append(ips, div(c, r.elapsed.Seconds()))
 		cmds = append(cmds, div(float64(r.commands), c))
+		trips = append(trips, div(float64(r.trips), c))
 		cpu = append(cpu, div(r.cpu*1e6, c))
+		ccpu = append(ccpu, div(r.clientCPU*1e6, c))
+		mem = append(mem, div(float64(r.memory), c))
 		if len(r.latencies) > 0 {
 			p50 = append(p50, float64(percentile(r.latencies, 0.50))/1e6)
 			p99 = append(p99, float64(percentile(r.latencies, 0.99))/1e6)
@@ -164,7 +179,12 @@ func summarise(phase string, runs []result) *summary {
 	}
 	s.ItemsPerS = round(median(ips), 1)
 	s.CmdsPerItem = round(median(cmds), 3)
+	s.TripsPerItem = round(median(trips), 3)
 	s.CPUUsPerItem = round(median(cpu), 3)
+	s.ClientCPUUsPerItem = round(median(ccpu), 3)
+	if phase == phaseAppend {
+		s.MemBytesPerItem = ptr(round(median(mem), 1))
+	}
 	if len(p50) > 0 {
 		s.P50ms, s.P99ms, s.MaxMs = ptr(round(median(p50), 3)), ptr(round(median(p99), 3)), ptr(round(median(pmax), 3))
 	}
@@ -174,24 +194,29 @@ func summarise(phase string, runs []result) *summary {
 // write prints the table, then the JSON object as the last line.
 func (rep *report) write(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "phase\tsystem\titems/s\tcmds/item\tredis-cpu µs/item\tp50\tp99\tnotes\t")
+	fmt.Fprintln(tw, "phase\tsystem\titems/s\tcmds/item\ttrips/item\tredis-cpu µs/item\tclient-cpu µs/item\tp50\tp99\tnotes\t")
 	for phase, system := range rep.rows {
 		s := rep.Results[phase][system]
-		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.2f\t%.1f\t%s\t%s\t%s\t\n", phase, system, s.ItemsPerS, s.CmdsPerItem,
-			s.CPUUsPerItem, msCell(s.P50ms), msCell(s.P99ms), s.notes(rep.phaseItems(phase)))
+		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.2f\t%.2f\t%.1f\t%.1f\t%s\t%s\t%s\t\n", phase, system, s.ItemsPerS, s.CmdsPerItem,
+			s.TripsPerItem, s.CPUUsPerItem, s.ClientCPUUsPerItem, msCell(s.P50ms), msCell(s.P99ms), s.notes(rep.phaseItems(phase)))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	if len(rep.Ratios) > 0 {
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "batchq vs asynq (throughput_x: items/s ratio; cpu_x, cmds_x: asynq per item ÷ batchq per item; >1 favours batchq)")
+		fmt.Fprintln(w, "batchq vs asynq (throughput_x: items/s ratio; the others: asynq per item ÷ batchq per item; >1 favours batchq)")
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "phase\tpair\tthroughput_x\tcpu_x\tcmds_x\t")
+		fmt.Fprintln(tw, "phase\tpair\tthroughput_x\tcpu_x\tcmds_x\ttrips_x\tclient_cpu_x\tmemory_x\t")
 		for _, phase := range allPhases {
 			for bq, aq := range pairs {
 				if r, ok := rep.Ratios[phase][bq+"/"+aq]; ok {
-					fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t\n", phase, bq+"/"+aq, r.ThroughputX, r.CPUX, r.CmdsX)
+					mem := "-"
+					if r.MemX != nil {
+						mem = strconv.FormatFloat(*r.MemX, 'f', 2, 64)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t\n", phase, bq+"/"+aq, r.ThroughputX, r.CPUX, r.CmdsX,
+						r.TripsX, r.ClientCPUX, mem)
 				}
 			}
 		}

@@ -4,12 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 	"github.com/redis/rueidis"
 
 	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/internal/rtcount"
 	"github.com/batchq/batchq/producer"
 )
 
@@ -48,17 +51,18 @@ type system interface {
 	worker(tr *tracker) (start func() error, stop func(), err error)
 }
 
-// newSystem returns the system named name.
-func newSystem(name string, cfg *config) (system, error) {
+// newSystem returns the system named name. Its clients add each round
+// trip they make to trips: a command, a pipeline or a MULTI/EXEC block.
+func newSystem(name string, cfg *config, trips *atomic.Int64) (system, error) {
 	switch name {
 	case sysBatchq:
-		return batchqSystem{cfg: cfg}, nil
+		return batchqSystem{cfg: cfg, trips: trips}, nil
 	case sysBatchqLinger:
-		return batchqSystem{cfg: cfg, linger: true}, nil
+		return batchqSystem{cfg: cfg, trips: trips, linger: true}, nil
 	case sysAsynqPlain:
-		return asynqSystem{cfg: cfg}, nil
+		return asynqSystem{cfg: cfg, trips: trips}, nil
 	case sysAsynqGroup:
-		return asynqSystem{cfg: cfg, group: true}, nil
+		return asynqSystem{cfg: cfg, trips: trips, group: true}, nil
 	}
 	return nil, fmt.Errorf("unknown system %q (want some of %v)", name, allSystems)
 }
@@ -67,6 +71,7 @@ func newSystem(name string, cfg *config) (system, error) {
 // and a typed handler.
 type batchqSystem struct {
 	cfg    *config
+	trips  *atomic.Int64
 	linger bool // producer.WithLinger(lingerWait, lingerItems)
 }
 
@@ -75,7 +80,7 @@ func (s batchqSystem) client() (rueidis.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to redis: %w", err)
 	}
-	return c, nil
+	return rtcount.Into(c, s.trips), nil
 }
 
 func (s batchqSystem) producer() (appendFunc, func(), error) {
@@ -138,11 +143,41 @@ func (s batchqSystem) worker(tr *tracker) (func() error, func(), error) {
 // items as a JSON array.
 type asynqSystem struct {
 	cfg   *config
+	trips *atomic.Int64
 	group bool
 }
 
+// redis returns the go-redis client asynq.NewClient and asynq.NewServer
+// would make of asynq.RedisClientOpt{Addr: addr}, counting its round trips.
+func (s asynqSystem) redis() *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: s.cfg.addr})
+	c.AddHook(tripHook{s.trips})
+	return c
+}
+
+// tripHook counts the round trips of a go-redis client: one per command,
+// one per pipeline (a MULTI/EXEC block is one).
+type tripHook struct{ n *atomic.Int64 }
+
+func (h tripHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h tripHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmd)
+	}
+}
+
+func (h tripHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmds)
+	}
+}
+
 func (s asynqSystem) producer() (appendFunc, func(), error) {
-	c := asynq.NewClient(asynq.RedisClientOpt{Addr: s.cfg.addr})
+	rc := s.redis()
+	c := asynq.NewClientFromRedisClient(rc)
 	add := func(ctx context.Context, key string, it item) error {
 		payload, err := json.Marshal(it)
 		if err != nil {
@@ -155,7 +190,7 @@ func (s asynqSystem) producer() (appendFunc, func(), error) {
 		_, err = c.EnqueueContext(ctx, asynq.NewTask(queueName, payload, opts...))
 		return err
 	}
-	return add, func() { _ = c.Close() }, nil
+	return add, func() { _ = c.Close(); _ = rc.Close() }, nil
 }
 
 func (s asynqSystem) worker(tr *tracker) (func() error, func(), error) {
@@ -170,7 +205,8 @@ func (s asynqSystem) worker(tr *tracker) (func() error, func(), error) {
 		cfg.GroupGracePeriod = s.cfg.groupGrace
 		cfg.GroupMaxDelay = s.cfg.groupMaxDelay
 	}
-	srv := asynq.NewServer(asynq.RedisClientOpt{Addr: s.cfg.addr}, cfg)
+	rc := s.redis()
+	srv := asynq.NewServerFromRedisClient(rc, cfg)
 	handler := asynq.HandlerFunc(func(_ context.Context, t *asynq.Task) error {
 		switch t.Type() {
 		case queueName:
@@ -192,7 +228,7 @@ func (s asynqSystem) worker(tr *tracker) (func() error, func(), error) {
 		}
 		return nil
 	})
-	return func() error { return srv.Start(handler) }, srv.Shutdown, nil
+	return func() error { return srv.Start(handler) }, func() { srv.Shutdown(); _ = rc.Close() }, nil
 }
 
 // aggregate joins the payloads of a group's tasks into one JSON array.
