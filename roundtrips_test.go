@@ -117,6 +117,10 @@ func tripKind(cmds [][]string, res []rueidis.RedisResult) string {
 		return "pop"
 	case "TIME", "CONFIG":
 		return "periodic " + strings.ToLower(name(0)) // clock sync, server settings
+	case "ZRANGEBYSCORE":
+		if len(cmds) == 1 && strings.HasSuffix(cmds[0][1], ":leases") {
+			return "periodic reap" // looking for expired leases
+		}
 	}
 	var names []string
 	for i := range cmds {
@@ -137,4 +141,41 @@ func fmtTrips(m map[string]int) string {
 		s = append(s, fmt.Sprintf("%s: %d", k, m[k]))
 	}
 	return strings.Join(s, ", ")
+}
+
+// An idle worker on one queue shard costs Redis about seven commands a
+// second: a claim script (three reads), a blocking pop that times out, and a
+// reap that finds no expired lease (one read); and a clock sync every 30s.
+func TestIdleWorkerCost(t *testing.T) {
+	b := testredis.Real(t)
+	var mu sync.Mutex
+	trips := map[string]int{}
+	w, err := batchq.NewWorker(rtcount.Wrap(b.Client, func(cmds [][]string, res []rueidis.RedisResult) {
+		mu.Lock()
+		trips[tripKind(cmds, res)]++
+		mu.Unlock()
+	}), batchq.WithPrefix(b.Prefix))
+	must(t, err)
+	batchq.Handle(w, "idle", func(context.Context, item) error { return nil })
+	run(t, w)
+	time.Sleep(time.Second) // start-up: registry, clock sync, server settings
+	mu.Lock()
+	clear(trips)
+	mu.Unlock()
+	const window = 3 * time.Second
+	time.Sleep(window)
+	mu.Lock()
+	defer mu.Unlock()
+	for kind, n := range trips {
+		switch kind {
+		case "periodic claim", "periodic pop", "periodic reap":
+			if n > int(window/time.Second)+1 {
+				t.Errorf("%d round trips of %s in %v, want at most one a second", n, kind, window)
+			}
+		case "periodic time", "periodic register": // every 30s
+		default:
+			t.Errorf("%d unexpected round trips of an idle worker: %s", n, kind)
+		}
+	}
+	t.Logf("in %v: %s", window, fmtTrips(trips))
 }
