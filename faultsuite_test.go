@@ -366,9 +366,9 @@ func (m *memCounts) handledAll(ids []int) bool {
 	return true
 }
 
-// leasesOf returns the tokens of the leases owner holds on crashQueue, and
-// the ids of the items those leases hold.
-func leasesOf(t testing.TB, b testredis.Backend, owner string) (tokens []string, ids []int) {
+// leasesOf returns the leases owner holds on crashQueue (their members of
+// the leases index), and the ids of the items those leases hold.
+func leasesOf(t testing.TB, b testredis.Backend, owner string) (leases []string, ids []int) {
 	t.Helper()
 	ctx, c := context.Background(), b.Client
 	sp := keys.For(b.Prefix, crashQueue, 0)
@@ -380,7 +380,7 @@ func leasesOf(t testing.TB, b testredis.Backend, owner string) (tokens []string,
 			continue
 		}
 		tok := l.Token
-		tokens = append(tokens, tok)
+		leases = append(leases, m)
 		isKey := l.Key != ""
 		if isKey {
 			v, err := c.Do(ctx, c.B().Get().Key(sp.Lease(tok)).Build()).AsBytes()
@@ -405,13 +405,14 @@ func leasesOf(t testing.TB, b testredis.Backend, owner string) (tokens []string,
 			ids = append(ids, env.Item.ID)
 		}
 	}
-	return tokens, ids
+	return leases, ids
 }
 
-// leasesGone reports whether none of tokens is left in the shard's leases.
-func leasesGone(ctx context.Context, b testredis.Backend, tokens []string) (bool, error) {
+// leasesGone reports whether none of leases is left in the shard's leases
+// index.
+func leasesGone(ctx context.Context, b testredis.Backend, leases []string) (bool, error) {
 	sp := keys.For(b.Prefix, crashQueue, 0)
-	arr, err := b.Client.Do(ctx, b.Client.B().Zmscore().Key(sp.Leases()).Member(tokens...).Build()).ToArray()
+	arr, err := b.Client.Do(ctx, b.Client.B().Zmscore().Key(sp.Leases()).Member(leases...).Build()).ToArray()
 	if err != nil {
 		return false, err
 	}
@@ -586,19 +587,19 @@ func testWorkerKills(t *testing.T, s killSpec) {
 		live[i] = spawn()
 		victim.wait(t, 10*time.Second)
 		kills++
-		tokens, ids := leasesOf(t, b, victim.name)
-		leasesHeld += len(tokens)
+		leases, ids := leasesOf(t, b, victim.name)
+		leasesHeld += len(leases)
 		itemsHeld += len(ids)
 		for _, id := range ids {
 			killedHeld[id] = true
 		}
-		if len(tokens) == 0 {
+		if len(leases) == 0 {
 			continue
 		}
 		wg.Go(func() {
 			const limit = time.Minute
 			for {
-				gone, err := leasesGone(ctx, b, tokens)
+				gone, err := leasesGone(ctx, b, leases)
 				took := time.Since(killed)
 				switch {
 				case gone:
@@ -613,7 +614,7 @@ func testWorkerKills(t *testing.T, s killSpec) {
 					return
 				case took > limit:
 					mu.Lock()
-					slowRedeliveries = append(slowRedeliveries, fmt.Sprintf("%s (%d leases)", victim.name, len(tokens)))
+					slowRedeliveries = append(slowRedeliveries, fmt.Sprintf("%s (%d leases)", victim.name, len(leases)))
 					mu.Unlock()
 					return
 				}
@@ -658,6 +659,15 @@ func testWorkerKills(t *testing.T, s killSpec) {
 	ttl := s.worker.LeaseTTL
 	if ttl == 0 {
 		ttl = protocol.DefaultLeaseTTL
+	}
+	// A live worker extends its leases every third of the TTL, so a killed
+	// one's run at least two thirds of it more: a quicker redelivery means
+	// the poll does not see the leases it waits for.
+	for _, d := range redeliveries {
+		if d < ttl/2 {
+			t.Errorf("a killed worker's leases gone %v after the kill, under half the lease TTL %v", d, ttl)
+			break
+		}
 	}
 	slow := ""
 	if s.worker.SlowEvery > 0 {
