@@ -65,22 +65,16 @@ func (r *runner) newExecutor() *executor {
 	return x
 }
 
-// A resumption is the rest of a batch whose executor was abandoned.
-type resumption struct {
-	j    job
-	out  []protocol.Outcome
-	from int // the handler's step to start at
-}
-
-// loop handles first, if not nil, then the jobs of r.work until it is
-// closed. It returns early, without counting itself out of r.executing,
-// when the watchdog abandons it: its replacement counts for it.
-func (x *executor) loop(first *resumption) {
-	if first != nil && !x.run(first.j, first.out, first.from) {
+// loop carries on with the batch of abandoned, if not nil, then handles the
+// jobs of r.work until it is closed. It returns early, without counting
+// itself out of r.executing, when the watchdog abandons it: its replacement
+// counts for it.
+func (x *executor) loop(abandoned *handlerCall) {
+	if abandoned != nil && !x.resume(abandoned) {
 		return
 	}
 	for j := range x.r.work {
-		if !x.run(j, nil, 0) {
+		if !x.run(j, nil, 0, nil) {
 			return
 		}
 	}
@@ -91,24 +85,35 @@ func (x *executor) loop(first *resumption) {
 	x.r.executing.Done()
 }
 
+// resume records that the handler call hc was abandoned, and carries on with
+// its batch after it.
+func (x *executor) resume(hc *handlerCall) bool {
+	return x.run(hc.j, hc.out, hc.step+1, func() {
+		x.r.w.obs.Handled(hc.q.name, time.Since(hc.start), ErrHandlerTimeout)
+		hc.apply(ErrHandlerTimeout)
+	})
+}
+
 // run handles j from the handler's step from (out holds the outcomes of
-// the steps before it; nil: none yet) and settles it. It reports false
-// when the watchdog abandoned the executor meanwhile.
-func (x *executor) run(j job, out []protocol.Outcome, from int) bool {
+// the steps before it; nil: none yet), after calling before if not nil,
+// and settles it. It reports false when the watchdog abandoned the executor
+// meanwhile.
+func (x *executor) run(j job, out []protocol.Outcome, from int, before func()) bool {
 	if out == nil {
 		out = make([]protocol.Outcome, len(j.b.Items))
 	}
-	if !x.handle(j, out, from) {
+	if !x.handle(j, out, from, before) {
 		return false
 	}
 	x.r.finish(j.f, j.b, out)
 	return true
 }
 
-// handle runs the queue's handler over j.b from step from. A panic outside
-// the user's handler (in a Backoff, say) is recovered: the items without an
-// outcome yet go back unhandled rather than taking the process down.
-func (x *executor) handle(j job, out []protocol.Outcome, from int) (ok bool) {
+// handle runs the queue's handler over j.b from step from, after calling
+// before. A panic outside the user's handler (in a Backoff, or an Observer,
+// say) is recovered: the items without an outcome yet go back unhandled
+// rather than taking the process down.
+func (x *executor) handle(j job, out []protocol.Outcome, from int, before func()) (ok bool) {
 	q, b := j.f.q, j.b
 	defer func() {
 		v := recover()
@@ -132,6 +137,9 @@ func (x *executor) handle(j job, out []protocol.Outcome, from int) (ok bool) {
 			}
 		}
 	}()
+	if before != nil {
+		before()
+	}
 	return q.handle(x, j, out, from)
 }
 
@@ -210,20 +218,17 @@ func (r *runner) watchdog(stop <-chan struct{}) {
 	}
 }
 
-// abandon gives up on the executor x, stuck in the handler call hc: the
-// call fails with ErrHandlerTimeout, and a new executor takes x's place and
-// carries on with the batch after it.
+// abandon gives up on the executor x, stuck in the handler call hc: a new
+// executor takes x's place, records that the call failed with
+// ErrHandlerTimeout and carries on with the batch after it.
 func (r *runner) abandon(x *executor, hc *handlerCall) {
 	r.abandoned.Add(1)
 	r.w.log.Error("handler ignored its context; abandoned", zap.String("queue", hc.info.Queue), zap.String("key", hc.info.Key))
-	r.w.obs.Handled(hc.q.name, time.Since(hc.start), ErrHandlerTimeout)
-	hc.apply(ErrHandlerTimeout)
 	r.mu.Lock()
 	delete(r.executors, x)
 	r.mu.Unlock()
 	x.cancel()
-	nx := r.newExecutor()
-	go nx.loop(&resumption{j: hc.j, out: hc.out, from: hc.step + 1})
+	go r.newExecutor().loop(hc)
 }
 
 // outcome turns a handler's error into what happens to its item.
