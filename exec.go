@@ -147,7 +147,7 @@ func (x *executor) handle(j job, out []protocol.Outcome, from int, before func()
 // recovering panics; apply records its outcome (it gets fn's error). step
 // is the handler's step the call is: should the call be abandoned, the
 // batch resumes after it. call reports false when the watchdog abandoned
-// the call: the watchdog applied ErrHandlerTimeout, another executor carries
+// the call: another executor records ErrHandlerTimeout for it and carries
 // on with the batch, and the caller must return at once.
 func (x *executor) call(j job, out []protocol.Outcome, info ItemInfo, step int, fn func(context.Context) error, apply func(error)) bool {
 	q := j.f.q

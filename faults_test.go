@@ -2,10 +2,15 @@ package batchq_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/rueidis"
+	"go.uber.org/zap"
 
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/internal/keys"
@@ -169,5 +174,78 @@ func TestRetriesAreNotStarvedByBusyKeys(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("the failed item was not retried within 10s while keys kept coming")
 		}
+	})
+}
+
+// failingDrains is a client whose MULTI blocks fail, as they do when Redis
+// is out of memory (EXECABORT), while everything else goes through.
+type failingDrains struct {
+	rueidis.Client
+	fail *atomic.Bool
+}
+
+func (f failingDrains) DoMulti(ctx context.Context, cmds ...rueidis.Completed) []rueidis.RedisResult {
+	multi, exec := -1, -1
+	for i, c := range cmds {
+		switch c.Commands()[0] {
+		case "MULTI":
+			multi = i
+		case "EXEC":
+			exec = i
+		}
+	}
+	if !f.fail.Load() || multi < 0 {
+		return f.Client.DoMulti(ctx, cmds...)
+	}
+	res := make([]rueidis.RedisResult, len(cmds))
+	var send []rueidis.Completed
+	var at []int
+	for i, c := range cmds {
+		if i >= multi && i <= exec {
+			res[i] = rueidis.NewErrorResult(errors.New("EXECABORT Transaction discarded (test: OOM)"))
+			continue
+		}
+		send, at = append(send, c), append(at, i)
+	}
+	if len(send) > 0 {
+		for j, r := range f.Client.DoMulti(ctx, send...) {
+			res[at[j]] = r
+		}
+	}
+	return res
+}
+
+// Drains that fail while the pops of the same round trips succeed (Redis
+// refuses writes when out of memory, not LPOP) must not leave fetch loops
+// holding slots for keys they cannot drain: once drains work again, every
+// item is handled. With three queues, each fetch loop used to keep the keys
+// of its failed rounds and add the ones popped since, until they held all
+// the slots between them, waiting for each other.
+func TestFailedDrainsDoNotWedgeTheWorker(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		var fail atomic.Bool
+		fail.Store(true)
+		p := newProducer(t, b)
+		queues := []string{"qa", "qb", "qc"}
+		for _, q := range queues {
+			for i := range 200 {
+				must(t, p.Add(ctx, q, fmt.Sprint("k", i), item{ID: i}))
+			}
+		}
+		w, err := batchq.NewWorker(failingDrains{b.Client, &fail}, batchq.WithPrefix(b.Prefix), batchq.WithConcurrency(16),
+			batchq.WithLogger(zap.NewNop()))
+		must(t, err)
+		var handled atomic.Int64
+		for _, q := range queues {
+			batchq.Handle(w, q, func(context.Context, item) error { handled.Add(1); return nil })
+		}
+		run(t, w)
+		time.Sleep(2 * time.Second)
+		if n := handled.Load(); n != 0 {
+			t.Fatalf("%d items handled while every drain failed", n)
+		}
+		fail.Store(false)
+		eventually(t, 20*time.Second, "every item handled once drains work", func() bool { return handled.Load() == 600 })
 	})
 }

@@ -78,18 +78,9 @@ func (f *fetcher) run(ctx context.Context) {
 		f.log.Warn(what+" failed", zap.Error(err), zap.Int("failures", failures))
 		r.sleep(retryWait(failures))
 	}
-	var popped []string // keys to drain
-	defer func() {
-		if len(popped) > 0 {
-			// Shutdown came first: the keys go back for another worker.
-			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
-			if err := r.w.cons.Unpop(uctx, q.name, shard, popped); err != nil {
-				f.log.Warn("could not put popped keys back; a claim finds them again", zap.Error(err), zap.Int("keys", len(popped)))
-			}
-			cancel()
-		}
-	}()
-	var nextClaim, nextRetry time.Time // zero: at once, and none known
+	var popped []string                     // keys to drain
+	defer func() { f.unpop(ctx, popped) }() // shutdown came first: the keys go back for another worker
+	var nextClaim, nextRetry time.Time      // zero: at once, and none known
 	for !r.stopping() {
 		if !r.synced.Load() {
 			r.sleep(100 * time.Millisecond) // the reap loop syncs
@@ -173,13 +164,27 @@ func (f *fetcher) run(ctx context.Context) {
 		if err != nil {
 			// Draining a key twice is harmless (the second drain finds it
 			// gone), and one that was not drained must not wait for a
-			// sweep: drain them all again.
-			popped = append(popped, res.Next...)
+			// sweep: drain them again. The keys the round popped go back
+			// for any worker: this one has no slots for them.
+			f.unpop(ctx, res.Next)
 			failed("drain", err)
 			continue
 		}
 		failures = 0
 		popped = res.Next
+	}
+}
+
+// unpop puts popped keys that will not be drained back on the wake list.
+// If that fails, a claim's sweep finds them (docs/PROTOCOL.md, "Sweep").
+func (f *fetcher) unpop(ctx context.Context, popped []string) {
+	if len(popped) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+	defer cancel()
+	if err := f.r.w.cons.Unpop(ctx, f.q.name, f.shard, popped); err != nil {
+		f.log.Warn("could not put popped keys back; a claim finds them again", zap.Error(err), zap.Int("keys", len(popped)))
 	}
 }
 

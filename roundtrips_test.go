@@ -58,8 +58,13 @@ func TestOneItemBatchTakesFourRoundTrips(t *testing.T) {
 		one := func(id int) {
 			t.Helper()
 			must(t, p.Add(ctx, "rt", fmt.Sprint("k", id), item{ID: id}))
-			if got := <-handled; got != id {
-				t.Fatalf("handled %d, want %d", got, id)
+			select {
+			case got := <-handled:
+				if got != id {
+					t.Fatalf("handled %d, want %d", got, id)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("item %d not handled in 10s", id)
 			}
 			eventually(t, 5*time.Second, "lease released", settled)
 			time.Sleep(5 * time.Millisecond) // no item comes while the release waits for a round
@@ -166,6 +171,11 @@ func TestIdleWorkerCost(t *testing.T) {
 	time.Sleep(window)
 	mu.Lock()
 	defer mu.Unlock()
+	for _, kind := range []string{"periodic claim", "periodic pop", "periodic reap"} {
+		if n := trips[kind]; n < int(window/time.Second)-1 {
+			t.Errorf("%d round trips of %s in %v, want about one a second", n, kind, window)
+		}
+	}
 	for kind, n := range trips {
 		switch kind {
 		case "periodic claim", "periodic pop", "periodic reap":

@@ -25,6 +25,8 @@ type runner struct {
 	batches   sync.WaitGroup
 	executing sync.WaitGroup
 
+	acquiring sync.Mutex // held by the one caller of acquire waiting for slots
+
 	mu        sync.Mutex
 	active    map[*protocol.Batch]struct{} // the batches of batches, for the lease heartbeat
 	executors map[*executor]struct{}       // the executors, less those abandoned
@@ -64,9 +66,13 @@ func (r *runner) stopping() bool {
 	}
 }
 
-// acquire takes n slots, waiting for each, and returns how many it took:
-// fewer when shutdown begins first.
+// acquire takes n slots, at most the worker's concurrency, waiting for
+// each, and returns how many it took: fewer when shutdown begins first. One
+// caller at a time waits: fetch loops that each held part of the slots they
+// wait for would wait for each other for ever.
 func (r *runner) acquire(n int) int {
+	r.acquiring.Lock()
+	defer r.acquiring.Unlock()
 	for i := range n {
 		select {
 		case r.slots <- struct{}{}:

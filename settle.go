@@ -76,6 +76,10 @@ func (r *runner) settleEnded(q *queue, b *protocol.Batch, out []protocol.Outcome
 			n[o.Kind]++
 		}
 		r.w.obs.Settled(q.name, n[protocol.Done], n[protocol.Retry], n[protocol.Dead])
+	case errors.Is(err, protocol.ErrLeaseLost) && attempt == 1 && b.Releasable(out):
+		// The reaper may have come between the release's DEL and ZREM, and
+		// found nothing to put back.
+		log.Warn("lease expired before the batch was settled; it will be delivered again, unless the reaper found it released already")
 	case errors.Is(err, protocol.ErrLeaseLost) && attempt == 1:
 		log.Warn("lease expired before the batch was settled; it will be delivered again")
 	case errors.Is(err, protocol.ErrLeaseLost):

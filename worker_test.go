@@ -415,10 +415,20 @@ func testHungHandler(t *testing.T, b testredis.Backend) {
 	})
 	close(release)
 	<-returned
+	// The abandoned goroutine, back from the handler, must touch nothing:
+	// no other item, no outcome, no lease.
+	time.Sleep(200 * time.Millisecond)
 	mu.Lock()
 	defer mu.Unlock()
 	if !slices.Equal(handled, []int{0, 2, 3, 1}) {
 		t.Errorf("handled %v: the abandoned call may return, but nothing else", handled)
+	}
+	if n, err := cons.Count(ctx, "hang"); err != nil || n != 1 {
+		t.Errorf("%d dead letters (%v) after the abandoned call returned, want 1", n, err)
+	}
+	leases := keys.For(b.Prefix, "hang", 0).Leases()
+	if n, err := b.Client.Do(ctx, b.Client.B().Zcard().Key(leases).Build()).AsInt64(); err != nil || n != 0 {
+		t.Errorf("%d leases (%v) after the abandoned call returned, want none", n, err)
 	}
 }
 

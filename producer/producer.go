@@ -74,8 +74,9 @@ var (
 	// ErrNotArray: the key holds a value batchq did not write, however much
 	// it looks like a JSON array ("[ ]", "[1,2]]"): batchq knows its arrays
 	// by the count it keeps beside each, of their items and length. The key
-	// is made ready, so that a worker moves the value to dead letters;
-	// appends then work again. An item whose append returned nil never ends
+	// is made due, so that a worker drains the value (an array's elements
+	// are handled as items, anything else goes to dead letters); appends
+	// then work again. An item whose append returned nil never ends
 	// up inside such a value.
 	ErrNotArray = protocol.ErrNotArray
 	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.

@@ -369,7 +369,7 @@ func (c *Consumer) Drain(ctx context.Context, queue string, shard int, popped []
 // RoundResult is what a Round did.
 type RoundResult struct {
 	Fetched          // the batches drained, and dead letters
-	Done    []error  // the outcome of releasing each done batch: nil, ErrLeaseLost, or a Redis error
+	Done    []error  // the outcome of releasing each done batch: nil, ErrLeaseLost, or an error; always one per batch
 	Next    []string // keys popped for the next round
 	Hint    bool     // a producer scheduled a key: Claim soon
 }
@@ -382,17 +382,23 @@ type RoundResult struct {
 // commands of another hash slot in Redis Cluster.) Drain the keys in Next
 // at once: until then they are in no worker's lease (see Pop).
 func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*Batch, popped []string, popMax int) (RoundResult, error) {
-	if err := keys.CheckQueue(queue); err != nil {
-		return RoundResult{}, err
-	}
 	var r RoundResult
 	r.Done = make([]error, len(done))
+	refuse := func(err error) (RoundResult, error) {
+		for i := range r.Done {
+			r.Done[i] = err
+		}
+		return r, err
+	}
+	if err := keys.CheckQueue(queue); err != nil {
+		return refuse(err)
+	}
 	sp := c.space(queue, shard)
 	var cmds rueidis.Commands
 	at := make([]int, len(done)) // the index in cmds of each release's ZREM
 	for i, b := range done {
 		if b.Queue != queue || b.Shard != shard || !b.leased() || len(b.dead) > 0 {
-			return RoundResult{}, fmt.Errorf("round %s/%d: batch of %s/%d is not releasable here", queue, shard, b.Queue, b.Shard)
+			return refuse(fmt.Errorf("round %s/%d: batch of %s/%d is not releasable here", queue, shard, b.Queue, b.Shard))
 		}
 		cmds = append(cmds, releaseCmds(c.c, sp, b.lease)...)
 		at[i] = len(cmds) - 1
