@@ -111,8 +111,8 @@ func (x *executor) run(j job, out []protocol.Outcome, from int, before func()) b
 
 // handle runs the queue's handler over j.b from step from, after calling
 // before. A panic outside the user's handler (in a Backoff, or an Observer,
-// say) is recovered: the items without an outcome yet go back unhandled
-// rather than taking the process down.
+// say) is recovered rather than taking the process down: the items without
+// an outcome yet count as failed.
 func (x *executor) handle(j job, out []protocol.Outcome, from int, before func()) (ok bool) {
 	q, b := j.f.q, j.b
 	defer func() {
