@@ -108,8 +108,9 @@ func pending(t testing.TB, b testredis.Backend, queue string, keyNames []string)
 }
 
 // leftKeys returns the keys of the test's prefix that hold data, leaving
-// out wake-up lists (a few wake-up tokens may outlive the workers: they are
-// capped at 64 and cost one spurious fetch) and the registry of queues.
+// out wake lists (a key's name pushed twice, by a sweep racing a slow
+// worker, may outlive its items: its second drain finds nothing) and the
+// registry of queues.
 func leftKeys(t testing.TB, b testredis.Backend) []string {
 	t.Helper()
 	var out []string

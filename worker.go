@@ -212,9 +212,10 @@ func WithMaxAttempts(n int) QueueOption {
 
 // WithTimeout sets how long one handler call may take (default 1 minute):
 // its context is cancelled then. A handler that ignores its context is
-// abandoned 2s later, still running, and its item counts as failed with
+// abandoned about 2s later, still running: its item counts as failed with
 // ErrHandlerTimeout (or, when the shutdown timeout cancelled it, as not
-// handled: it goes back to its key). 0 means no timeout.
+// handled: it goes back to its key), and the rest of its batch is handled.
+// 0 means no timeout.
 func WithTimeout(d time.Duration) QueueOption {
 	return func(q *queue) {
 		if d < 0 {

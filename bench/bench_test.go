@@ -30,8 +30,11 @@ func TestQuick(t *testing.T) {
 	var rep struct {
 		Runs    int `json:"runs"`
 		Results map[string]map[string]struct {
-			ItemsPerS float64 `json:"items_per_s"`
-			Lost      *int64  `json:"lost"`
+			ItemsPerS float64  `json:"items_per_s"`
+			Trips     float64  `json:"round_trips_per_item"`
+			ClientCPU float64  `json:"client_cpu_us_per_item"`
+			Memory    *float64 `json:"memory_bytes_per_item"`
+			Lost      *int64   `json:"lost"`
 		} `json:"results"`
 		Ratios map[string]map[string]struct {
 			ThroughputX float64 `json:"throughput_x"`
@@ -53,6 +56,13 @@ func TestQuick(t *testing.T) {
 				t.Errorf("%s/%s: items_per_s = %v, want > 0", phase, system, r.ItemsPerS)
 			case r.Lost == nil || *r.Lost != 0:
 				t.Errorf("%s/%s: lost = %v, want 0", phase, system, r.Lost)
+			case r.Trips <= 0 || r.ClientCPU <= 0:
+				t.Errorf("%s/%s: round trips %v, client CPU %v µs per item, want both > 0", phase, system, r.Trips, r.ClientCPU)
+			case phase == phaseAppend && (r.Memory == nil || *r.Memory <= 0):
+				t.Errorf("%s/%s: memory per item %v, want > 0", phase, system, r.Memory)
+			case phase == phaseAppend && system != sysBatchqLinger && (r.Trips < 1 || r.Trips > 1.05):
+				// One call per item, plus a few at start (registry, clock).
+				t.Errorf("%s/%s: %v round trips per item, want 1", phase, system, r.Trips)
 			}
 		}
 		if _, ok := rep.Ratios[phase]["batchq/asynq-plain"]; !ok {

@@ -158,14 +158,20 @@ func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, e
 
 // Count returns the number of dead letters of a queue.
 func (c *Client) Count(ctx context.Context, queue string) (int64, error) {
+	return c.sum(ctx, queue, "count", protocol.CountDead)
+}
+
+// sum adds up what fn returns for each shard of queue; what names it in an
+// error.
+func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Context, rueidis.Client, keys.Space) (int64, error)) (int64, error) {
 	if err := keys.CheckQueue(queue); err != nil {
 		return 0, err
 	}
 	var n int64
 	for shard := range c.shards {
-		m, err := protocol.CountDead(ctx, c.c, c.space(queue, shard))
+		m, err := fn(ctx, c.c, c.space(queue, shard))
 		if err != nil {
-			return n, fmt.Errorf("count dead letters of %s: %w", queue, err)
+			return n, fmt.Errorf("%s dead letters of %s: %w", what, queue, err)
 		}
 		n += m
 	}
@@ -279,16 +285,5 @@ func (c *Client) RequeueNewest(ctx context.Context, queue string, max int) (requ
 // Purge deletes every dead letter of a queue, and the values kept in
 // quarantine, and returns how many dead letters there were.
 func (c *Client) Purge(ctx context.Context, queue string) (int64, error) {
-	if err := keys.CheckQueue(queue); err != nil {
-		return 0, err
-	}
-	var n int64
-	for shard := range c.shards {
-		m, err := protocol.PurgeDead(ctx, c.c, c.space(queue, shard))
-		if err != nil {
-			return n, fmt.Errorf("purge dead letters of %s: %w", queue, err)
-		}
-		n += m
-	}
-	return n, nil
+	return c.sum(ctx, queue, "purge", protocol.PurgeDead)
 }

@@ -245,7 +245,7 @@ type Item struct {
 	LastError string          // the error of the last failed attempt
 }
 
-// Fetched is what Drain, Claim or Fetch took.
+// Fetched is what a Round, Claim or Fetch took.
 type Fetched struct {
 	Batches []*Batch
 	// Dead lists keys whose value was not a JSON array (each moved to dead
@@ -329,9 +329,9 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 // Pop pops up to max due keys of a queue shard from its wake list, waiting
 // up to timeout while none is due; none means the timeout passed. hint
 // reports that a producer scheduled a key (a flush policy) meanwhile: the
-// caller should Claim soon. Drain the keys it returns at once: until then
-// they are in no worker's lease, and only a claim's sweep finds them again
-// should the worker die.
+// caller should Claim soon. Drain the keys it returns at once, with a
+// Round: until then they are in no worker's lease, and only a claim's sweep
+// finds them again should the worker die.
 func (c *Consumer) Pop(ctx context.Context, queue string, shard, max int, timeout time.Duration) (popped []string, hint bool, err error) {
 	ks, err := c.popper.Pop(ctx, c.c, c.space(queue, shard), max, timeout)
 	popped = ks[:0]
@@ -355,17 +355,6 @@ func (c *Consumer) Unpop(ctx context.Context, queue string, shard int, popped []
 // BLMPOP, for tests.
 func (c *Consumer) NoBLMPOP() { c.popper.NoBLMPOP() }
 
-// Drain drains popped keys of a queue shard, with one MULTI/EXEC, into
-// batches: leased (the default), each to be settled, and extended until
-// then; or, WithAtMostOnce, without a lease. A key holding a value that is
-// not a JSON array goes to dead letters whole, an element of an array that
-// is not valid JSON (or nests too deeply) alone. A key drained by another
-// worker first is left out.
-func (c *Consumer) Drain(ctx context.Context, queue string, shard int, popped []string) (Fetched, error) {
-	r, err := c.Round(ctx, queue, shard, nil, popped, 0)
-	return r.Fetched, err
-}
-
 // RoundResult is what a Round did.
 type RoundResult struct {
 	Fetched          // the batches drained, and dead letters
@@ -375,8 +364,13 @@ type RoundResult struct {
 }
 
 // Round is one round trip of a worker on a queue shard, to the effect of a
-// Settle of each batch of done, a Drain of popped, and a Pop of up to popMax
-// more due keys that does not wait (none when popMax is 0). done holds
+// Settle of each batch of done, a drain of popped, and a Pop of up to popMax
+// more due keys that does not wait (none when popMax is 0). The drain is one
+// MULTI/EXEC that moves each key's array into a lease (without one,
+// WithAtMostOnce) and reads it: a value that is not a JSON array goes to
+// dead letters whole, an element of an array that is not valid JSON (or
+// nests too deeply) alone; a key drained by another worker first is left
+// out. done holds
 // batches of this queue shard that are Releasable with the outcomes they
 // were handled with: their leases are released without a script. (A MULTI may not share a round trip with
 // commands of another hash slot in Redis Cluster.) Drain the keys in Next
@@ -454,7 +448,7 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 // claims (a batch of due retries first, if any), then pops and drains due
 // keys for the rest. With at-least-once delivery (the default) every batch
 // is leased and must be settled; until then, call Extend to keep its lease.
-// A Worker runs Claim, Pop and Drain itself.
+// A Worker runs Claim, Pop and Round itself; Fetch is for tests.
 func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fetched, error) {
 	if max < 1 {
 		return Fetched{}, nil
@@ -463,12 +457,11 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	if err != nil || len(f.Batches) >= max {
 		return f, err
 	}
-	popped, err := LPop(ctx, c.c, c.space(queue, shard), max-len(f.Batches))
+	pop, err := c.Round(ctx, queue, shard, nil, nil, max-len(f.Batches))
 	if err != nil {
-		return f, fmt.Errorf("fetch %s: %w", queue, err)
+		return f, err
 	}
-	popped = slices.DeleteFunc(popped, func(k string) bool { return k == "" })
-	d, err := c.Drain(ctx, queue, shard, popped)
+	d, err := c.Round(ctx, queue, shard, nil, pop.Next, 0)
 	f.Batches = append(f.Batches, d.Batches...)
 	f.Dead = append(f.Dead, d.Dead...)
 	return f, err

@@ -277,22 +277,7 @@ func value(m rueidis.RedisMessage) (data []byte, wrongType bool, err error) {
 	return data, false, err
 }
 
-// Drain drains keys of a shard, as a drain does (see drain), in one round
-// trip; leases nil drains without leases (at-most-once). What was drained
-// is returned along with any error: those batches are leased and must be
-// handled, or they wait for the reaper.
-func Drain(ctx context.Context, c rueidis.Client, sp keys.Space, keyNames []string, leases []Lease, deadline int64) ([]Drained, error) {
-	d := drain{sp: sp, keys: keyNames, leases: leases}
-	res := c.DoMulti(ctx, d.cmds(c, deadline)...)
-	out, phantom, err := d.results(res[len(res)-1])
-	return out, errors.Join(err, removePhantoms(ctx, c, sp, phantom))
-}
-
-// LPop pops up to max keys from a shard's wake list without waiting.
-func LPop(ctx context.Context, c rueidis.Client, sp keys.Space, max int) ([]string, error) {
-	return poppedKeys(c.Do(ctx, lpopCmd(c, sp, max)))
-}
-
+// lpopCmd pops up to max keys from a shard's wake list without waiting.
 func lpopCmd(c rueidis.Client, sp keys.Space, max int) rueidis.Completed {
 	return c.B().Lpop().Key(sp.Wake()).Count(int64(max)).Build()
 }

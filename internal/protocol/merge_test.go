@@ -56,7 +56,7 @@ func TestMergeScriptsAgree(t *testing.T) {
 			payload := protocol.Payload(strings.Join(items, ","))
 			caps := protocol.Caps{Items: rng.IntN(8), Bytes: rng.IntN(30)}
 			if rng.IntN(3) == 0 {
-				caps = protocol.Caps{} // the hot path sends none
+				caps = protocol.Caps{} // none: the most there is
 			}
 			errOne := protocol.Append(ctx, b.Client, one, key, payload, n, caps, protocol.Flush{}, now+int64(step))
 			errsMany, err := protocol.AppendMany(ctx, b.Client, many, []protocol.KeyItems{{Key: key, Payload: payload, N: n}}, caps, protocol.Flush{}, now+int64(step))

@@ -49,7 +49,7 @@ var (
 
 // ScriptName returns the name of the script whose SHA-1 is sha ("merge",
 // "claim" and so on, as its file under lua/), or "" for none of batchq's:
-// for tests and the bench, which tell round trips apart by what they run.
+// for tests, which tell round trips apart by what they run.
 func ScriptName(sha string) string {
 	for name, s := range map[string]script{"merge": mergeScript, "mergemany": mergeMany, "claim": claimScript,
 		"settle": settleScript, "reap": reapScript, "requeue": requeueScript, "register": registerScript} {

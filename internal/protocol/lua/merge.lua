@@ -15,8 +15,8 @@
 -- ARGV[2] how many items ARGV[1] holds
 -- ARGV[3] the key, as a member of the ready and later indexes
 -- ARGV[4] now (ms): the server's time, as the producer knows it
--- ARGV[5] the key's item cap (0 or none: the most, 8,388,607)
--- ARGV[6] the key's byte cap (0 or none: the most, 512 MiB)
+-- ARGV[5] the key's item cap (0: the most, 8,388,607)
+-- ARGV[6] the key's byte cap (0: the most, 512 MiB)
 --
 -- Returns 0. Errors, storing nothing, with NOTARRAY when the items key holds
 -- something other than the array batchq wrote, or with FULL <items>
@@ -24,7 +24,7 @@
 -- at once either way, so that a worker drains it (or moves the bad value to
 -- dead letters).
 local payload, n = ARGV[1], tonumber(ARGV[2])
-local maxn, maxb = tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 0)
+local maxn, maxb = tonumber(ARGV[5]), tonumber(ARGV[6])
 if maxn <= 0 or maxn > 8388607 then
   maxn = 8388607 -- max_items
 end
