@@ -61,7 +61,10 @@ func testInspector(t *testing.T, b testredis.Backend, shards int) {
 		t.Fatalf("Queues: %+v", qs)
 	}
 
-	time.Sleep(20 * time.Millisecond) // some lag to see
+	// Some lag to see. Due times are the producer's reckoning of the
+	// server's clock, which may be off by a few milliseconds: sleep well
+	// past the lag the test asks for.
+	time.Sleep(50 * time.Millisecond)
 	st, err := in.Stats(ctx, "orders")
 	must(t, err)
 	if st.ReadyKeys != 3 || st.PendingItems != 6 || st.InFlightBatches != 0 || st.Retries != 0 || st.DeadLetters != 0 || st.Partial {
