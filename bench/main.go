@@ -9,8 +9,9 @@
 // with producer.WithLinger(0, 1000): group commit), asynq-plain (one task per item) and
 // asynq-group (one task per item in a group per key, aggregated into one
 // task per group). The phases: append only, drain only, saturated, fixed
-// rate and hot key (see README.md). Each phase runs on every system in
-// turn, the whole sequence -runs times; the table and the JSON report the
+// rate, hot key and busy key (see README.md). Each phase runs on every
+// system in turn (busy key on batchq and asynq-plain only), the whole
+// sequence -runs times; the table and the JSON report the
 // median of each figure over the runs.
 //
 // The bench empties the Redis database between phases (FLUSHDB), so it
@@ -55,6 +56,7 @@ type config struct {
 	rate         int // items per second offered in phase 4
 	rateItems    int // items of phase 4
 	hotItems     int // items of phase 5
+	busyItems    int // items of phase 6
 	runs         int
 	phaseTimeout time.Duration
 	force        bool
@@ -89,6 +91,8 @@ func (c *config) items(phase, system string) int {
 		if system == sysAsynqGroup {
 			n = min(n, c.groupHotItems)
 		}
+	case phaseBusyKey:
+		n = c.busyItems
 	default:
 		n = c.n
 	}
@@ -114,6 +118,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.rate, "rate", 2000, "items per second offered in the fixed-rate phase, across all producers")
 	fs.IntVar(&c.rateItems, "rate-items", 20_000, "items of the fixed-rate phase")
 	fs.IntVar(&c.hotItems, "hot-items", 50_000, "items of the hot-key phase")
+	fs.IntVar(&c.busyItems, "busy-items", 2000, "items of the busy-key phase (one key, a 1 ms handler: about 2s for one item at a time)")
 	fs.IntVar(&c.groupHotItems, "group-hot-items", 1000, "asynq-group: items of the hot-key phase, at most -hot-items (it aggregates at most -group-max-size items of one group per check, about 100/s)")
 	fs.IntVar(&c.asynqPlainItems, "asynq-plain-items", 20_000, "asynq-plain: items of every phase but fixed-rate, at most theirs (it handles a few thousand items/s)")
 	fs.IntVar(&c.groupMaxSize, "group-max-size", 100, "asynq-group: GroupMaxSize")
@@ -123,7 +128,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.DurationVar(&c.phaseTimeout, "phase-timeout", 120*time.Second, "time limit of one phase on one system")
 	fs.BoolVar(&c.force, "force", false, "run even if the database holds keys (they are flushed)")
 	fs.StringVar(&systems, "systems", strings.Join(allSystems, ","), "comma-separated systems to run")
-	fs.StringVar(&phases, "phases", strings.Join(allPhases, ","), "comma-separated phases to run, by name or number (1-5)")
+	fs.StringVar(&phases, "phases", strings.Join(allPhases, ","), "comma-separated phases to run, by name or number (1-"+strconv.Itoa(len(allPhases))+")")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (producers, workers and the bench itself) to this file")
 	fs.BoolVar(&quick, "quick", false, "smoke test: -n 10000 -rate-items 4000 -hot-items 10000 -group-hot-items 500 -runs 1, unless given")
 	if err := fs.Parse(args); err != nil {
@@ -142,7 +147,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 		}
 	}
 	for name, v := range map[string]int{"n": c.n, "keys": c.keys, "producers": c.producers, "concurrency": c.concurrency,
-		"shards": c.shards, "rate": c.rate, "rate-items": c.rateItems, "hot-items": c.hotItems,
+		"shards": c.shards, "rate": c.rate, "rate-items": c.rateItems, "hot-items": c.hotItems, "busy-items": c.busyItems,
 		"group-hot-items": c.groupHotItems, "asynq-plain-items": c.asynqPlainItems, "group-max-size": c.groupMaxSize, "runs": c.runs} {
 		if v < 1 {
 			return nil, fmt.Errorf("-%s must be at least 1, got %d", name, v)
@@ -265,6 +270,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	for runNo := 1; runNo <= cfg.runs; runNo++ {
 		for _, step := range steps {
 			for _, name := range cfg.systems {
+				if why := skipped(step, name); why != "" {
+					if runNo == 1 {
+						fmt.Fprintf(stderr, "%s %s: not run: %s\n", step, name, why)
+					}
+					continue
+				}
 				out, err := b.runPhase(step, name)
 				if err != nil {
 					return fmt.Errorf("run %d: %w", runNo, err)
@@ -297,10 +308,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 func logResult(w io.Writer, runNo, runs int, phase, system string, r result) {
 	c := float64(r.count(phase))
 	fmt.Fprintf(w, "run %d/%d %-10s %-13s %9.0f items/s %7.2fs %6.2f cmds/item %5.2f trips/item %7.1f cpu-µs/item %7.1f client-µs/item",
-		runNo, runs, phase, system, div(c, r.elapsed.Seconds()), r.elapsed.Seconds(),
+		runNo, runs, phase, system, div(c, r.span(phase).Seconds()), r.elapsed.Seconds(),
 		div(float64(r.commands), c), div(float64(r.trips), c), div(r.cpu*1e6, c), div(r.clientCPU*1e6, c))
 	if phase == phaseAppend {
 		fmt.Fprintf(w, " %5.0f B/item", div(float64(r.memory), c))
+	}
+	if phase == phaseBusyKey {
+		fmt.Fprintf(w, " (items/s over %.2fs of handling)", r.handling.Seconds())
 	}
 	if len(r.latencies) > 0 {
 		fmt.Fprintf(w, " p50 %s p99 %s", ms(percentile(r.latencies, 0.5)), ms(percentile(r.latencies, 0.99)))

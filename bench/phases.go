@@ -16,13 +16,39 @@ const (
 	phaseSaturated = "saturated"  // 3: producers and workers at once, flat out
 	phaseRate      = "fixed-rate" // 4: a fixed offered rate; latency
 	phaseHotKey    = "hot-key"    // 5: every item to one key
+	phaseBusyKey   = "busy-key"   // 6: every item to one key, appended up front, then drained by a 1 ms handler
 )
 
 // allPhases lists the phases in the order they run.
-var allPhases = []string{phaseAppend, phaseDrain, phaseSaturated, phaseRate, phaseHotKey}
+var allPhases = []string{phaseAppend, phaseDrain, phaseSaturated, phaseRate, phaseHotKey, phaseBusyKey}
 
 // hotKey is the one key of the hot-key phase.
 const hotKey = "hot"
+
+// The busy-key phase: its one key, and the time its handler takes per item.
+const (
+	busyKey  = "busy"
+	busyWork = time.Millisecond
+)
+
+// skipped returns why phase does not run on system, or "" when it does.
+// Busy-key measures how a worker gets through one key's backlog: its
+// append is set-up, outside the figures, so batchq-linger (batchq's worker
+// behind another producer) would only repeat batchq; and asynq-group drains
+// one group at asynq's aggregation pace (at most -group-max-size tasks per
+// -group-grace), as the hot-key phase shows, whatever its handler does.
+func skipped(phase, system string) string {
+	if phase != phaseBusyKey {
+		return ""
+	}
+	switch system {
+	case sysBatchqLinger:
+		return "its worker is batchq's, and the append is not measured"
+	case sysAsynqGroup:
+		return "one group drains at asynq's aggregation pace (-group-max-size tasks per -group-grace check, see hot-key), not its handler's"
+	}
+	return ""
+}
 
 // result is what one phase measured on one system in one run.
 type result struct {
@@ -34,6 +60,7 @@ type result struct {
 	duplicates int64         // handler calls beyond the first of an item
 	lost       int64         // phase 1: items whose append failed; others: items appended, never handled
 	elapsed    time.Duration // from the start of the phase until all were appended (phase 1) or handled
+	handling   time.Duration // busy-key: from the first handler call until the last item's first call returned
 	commands   int64         // commands the server processed during the phase
 	cpu        float64       // server CPU time during the phase, in seconds
 	trips      int64         // round trips the system's clients made during the phase
@@ -50,6 +77,16 @@ func (r result) count(phase string) int64 {
 		return r.produced
 	}
 	return r.handled
+}
+
+// span returns the time the phase's items/s are over: from the first
+// handler call to the last for busy-key (its figure is how fast the workers
+// get through the key, start-up aside), the whole phase otherwise.
+func (r result) span(phase string) time.Duration {
+	if phase == phaseBusyKey {
+		return r.handling
+	}
+	return r.elapsed
 }
 
 // bench runs phases against one Redis server.
@@ -190,6 +227,46 @@ func (b *bench) concurrent(sys system, n, rate int, key func(int64) string) (res
 	return r, err
 }
 
+// busy runs phase 6: the producers append n items to one key, outside the
+// figures, then workers whose handler takes busyWork per item start on them
+// and run until all are handled. The items are all there before the workers
+// start, so the phase measures how fast a worker gets through one key's
+// backlog: with items trickling in, a system that keeps up shows only the
+// offered rate.
+func (b *bench) busy(sys system, n int) (result, error) {
+	if err := b.stats.flush(); err != nil {
+		return result{}, err
+	}
+	ctx, cancel := b.phaseContext()
+	defer cancel()
+	add, closeProducer, err := sys.producer()
+	if err != nil {
+		return result{}, err
+	}
+	p := produce(ctx, n, b.cfg.producers, 0, func(int64) string { return busyKey }, add)
+	closeProducer()
+	r := result{items: n, produced: p.ok, appendErrs: p.failed, firstErr: p.err}
+	r.timeout = p.ok+p.failed < int64(n)
+	tr := newTracker(n)
+	tr.work = busyWork
+	tr.expect(p.ok)
+	start, stop, err := sys.worker(tr)
+	if err != nil {
+		return result{}, err
+	}
+	err = b.measure(&r, func() error {
+		if err := start(); err != nil {
+			return err
+		}
+		r.timeout = tr.wait(ctx) != nil || r.timeout
+		return nil
+	})
+	stop()
+	b.settle(&r, tr, false)
+	r.handling = tr.handling()
+	return r, err
+}
+
 // settle copies the tracker's counts into r, after the workers stopped (so
 // that late duplicates count too). Its lost count is the items appended
 // successfully but never handled.
@@ -238,6 +315,12 @@ func (b *bench) runPhase(phase, name string) (map[string]result, error) {
 			key = func(int64) string { return hotKey }
 		}
 		r, err := b.concurrent(sys, n, rate, key)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", phase, name, err)
+		}
+		out[phase] = r
+	case phaseBusyKey:
+		r, err := b.busy(sys, n)
 		if err != nil {
 			return nil, fmt.Errorf("%s %s: %w", phase, name, err)
 		}

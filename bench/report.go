@@ -44,6 +44,8 @@ type reportConfig struct {
 	Rate          int     `json:"rate"`
 	RateItems     int     `json:"rate_items"`
 	HotItems      int     `json:"hot_items"`
+	BusyItems     int     `json:"busy_items"`
+	BusyWorkMs    float64 `json:"busy_work_ms"` // busy-key: what the handler takes per item
 	PhaseTimeoutS float64 `json:"phase_timeout_s"`
 	Linger        string  `json:"batchq_linger"`
 	AsynqGroup    struct {
@@ -67,11 +69,13 @@ type summary struct {
 	P50ms              *float64  `json:"p50_ms,omitempty"`
 	P99ms              *float64  `json:"p99_ms,omitempty"`
 	MaxMs              *float64  `json:"max_ms,omitempty"`
-	Items              int       `json:"items"`         // items of one run
-	Lost               int64     `json:"lost"`          // over all runs
-	Duplicates         int64     `json:"duplicates"`    // over all runs
-	AppendErrors       int64     `json:"append_errors"` // over all runs
-	Timeout            bool      `json:"timeout"`       // in any run
+	HandlingS          *float64  `json:"handling_s,omitempty"` // busy-key: first handler call to last, what items_per_s is over
+	TotalS             *float64  `json:"total_s,omitempty"`    // busy-key: workers' start to the last item handled
+	Items              int       `json:"items"`                // items of one run
+	Lost               int64     `json:"lost"`                 // over all runs
+	Duplicates         int64     `json:"duplicates"`           // over all runs
+	AppendErrors       int64     `json:"append_errors"`        // over all runs
+	Timeout            bool      `json:"timeout"`              // in any run
 	RunsPerS           []float64 `json:"items_per_s_runs"`
 }
 
@@ -98,6 +102,7 @@ func newReport(cfg *config, redisVersion string, results map[string]map[string][
 	rc := &rep.Config
 	rc.Items, rc.Keys, rc.Producers, rc.Concurrency, rc.Shards = cfg.n, cfg.keys, cfg.producers, cfg.concurrency, cfg.shards
 	rc.Rate, rc.RateItems, rc.HotItems, rc.PhaseTimeoutS = cfg.rate, cfg.rateItems, cfg.hotItems, cfg.phaseTimeout.Seconds()
+	rc.BusyItems, rc.BusyWorkMs = cfg.busyItems, float64(busyWork)/1e6
 	rc.Linger = fmt.Sprintf("WithLinger(%v, %d)", lingerWait, lingerItems)
 	rc.AsynqGroup.MaxSize, rc.AsynqGroup.GracePeriodS = cfg.groupMaxSize, cfg.groupGrace.Seconds()
 	rc.AsynqGroup.MaxDelayS, rc.AsynqGroup.HotItems = cfg.groupMaxDelay.Seconds(), cfg.items(phaseHotKey, sysAsynqGroup)
@@ -157,10 +162,12 @@ func pairs(yield func(bq, aq string) bool) {
 // summarise takes the median of each figure over runs.
 func summarise(phase string, runs []result) *summary {
 	s := &summary{Items: runs[0].items}
-	var ips, cmds, trips, cpu, ccpu, mem, p50, p99, pmax []float64
+	var ips, cmds, trips, cpu, ccpu, mem, p50, p99, pmax, handling, total []float64
 	for _, r := range runs {
 		c := float64(r.count(phase))
-		ips = append(ips, div(c, r.elapsed.Seconds()))
+		ips = append(ips, div(c, r.span(phase).Seconds()))
+		handling = append(handling, r.handling.Seconds())
+		total = append(total, r.elapsed.Seconds())
 		cmds = append(cmds, div(float64(r.commands), c))
 		trips = append(trips, div(float64(r.trips), c))
 		cpu = append(cpu, div(r.cpu*1e6, c))
@@ -184,6 +191,9 @@ func summarise(phase string, runs []result) *summary {
 	s.ClientCPUUsPerItem = round(median(ccpu), 3)
 	if phase == phaseAppend {
 		s.MemBytesPerItem = ptr(round(median(mem), 1))
+	}
+	if phase == phaseBusyKey {
+		s.HandlingS, s.TotalS = ptr(round(median(handling), 3)), ptr(round(median(total), 3))
 	}
 	if len(p50) > 0 {
 		s.P50ms, s.P99ms, s.MaxMs = ptr(round(median(p50), 3)), ptr(round(median(p99), 3)), ptr(round(median(pmax), 3))
@@ -240,6 +250,8 @@ func (rep *report) phaseItems(phase string) int {
 		return rep.Config.RateItems
 	case phaseHotKey:
 		return rep.Config.HotItems
+	case phaseBusyKey:
+		return rep.Config.BusyItems
 	}
 	return rep.Config.Items
 }
@@ -262,6 +274,9 @@ func (s *summary) notes(phaseItems int) string {
 	}
 	if s.Items != phaseItems {
 		n = append(n, fmt.Sprintf("items=%d", s.Items))
+	}
+	if s.TotalS != nil {
+		n = append(n, fmt.Sprintf("total=%.2fs", *s.TotalS))
 	}
 	return strings.Join(n, " ")
 }

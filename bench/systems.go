@@ -114,7 +114,7 @@ func (s batchqSystem) worker(tr *tracker) (func() error, func(), error) {
 		return nil, nil, err
 	}
 	batchq.Handle(w, queueName, func(_ context.Context, it item) error {
-		tr.record(it)
+		tr.handle(it)
 		return nil
 	})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -214,14 +214,14 @@ func (s asynqSystem) worker(tr *tracker) (func() error, func(), error) {
 			if err := json.Unmarshal(t.Payload(), &it); err != nil {
 				return asynq.SkipRetry
 			}
-			tr.record(it)
+			tr.handle(it)
 		case batchTaskType:
 			var items []item
 			if err := json.Unmarshal(t.Payload(), &items); err != nil {
 				return asynq.SkipRetry
 			}
 			for _, it := range items {
-				tr.record(it)
+				tr.handle(it)
 			}
 		default:
 			return fmt.Errorf("unexpected task type %q: %w", t.Type(), asynq.SkipRetry)

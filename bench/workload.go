@@ -89,14 +89,22 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// tracker counts the items handlers see, by id, and their latency from
-// append to handler. It is safe for concurrent use.
+// tracker counts the items handlers see, by id, their latency from
+// append to handler, and when handling began and ended. It is safe for
+// concurrent use; set work before the handlers run. It times handling only
+// where work > 0, so that the other phases pay nothing for it.
 type tracker struct {
+	work time.Duration // what each item takes in handle: a sleep, so that handlers running at once overlap
+
 	seen     []atomic.Int32 // handler calls per id
 	latency  []atomic.Int64 // ns from append to the first handler call, per id
 	calls    atomic.Int64   // handler calls
 	distinct atomic.Int64   // ids seen at least once
 	bad      atomic.Int64   // calls for ids out of range (never expected: the database is flushed before each phase)
+
+	base  time.Time    // when the tracker was made; first and last are ns since, 0 until set (and where work is 0)
+	first atomic.Int64 // the start of the first handle call
+	last  atomic.Int64 // the latest return of an item's first handle call
 
 	want atomic.Int64 // done closes once distinct reaches it
 	once sync.Once
@@ -105,9 +113,36 @@ type tracker struct {
 
 // newTracker returns a tracker for the ids 0..n-1 that expects all of them.
 func newTracker(n int) *tracker {
-	t := &tracker{seen: make([]atomic.Int32, n), latency: make([]atomic.Int64, n), done: make(chan struct{})}
+	t := &tracker{seen: make([]atomic.Int32, n), latency: make([]atomic.Int64, n), done: make(chan struct{}), base: time.Now()}
 	t.want.Store(int64(n))
 	return t
+}
+
+// handle is the work of a handler on one item: it notes the first call,
+// sleeps for work (time.Sleep, as a handler waiting on I/O would), then
+// records it. Handlers call it once per item, one item after the other
+// within an aggregated task.
+func (t *tracker) handle(it item) {
+	if t.work > 0 {
+		if t.first.Load() == 0 {
+			t.first.CompareAndSwap(0, t.now())
+		}
+		time.Sleep(t.work)
+	}
+	t.record(it)
+}
+
+// now returns the time since t.base in ns, at least 1.
+func (t *tracker) now() int64 { return max(int64(time.Since(t.base)), 1) }
+
+// handling returns the time from the start of the first handle call to the
+// return of the last item's first: how long handling took, start-up aside.
+func (t *tracker) handling() time.Duration {
+	first, last := t.first.Load(), t.last.Load()
+	if first == 0 || last < first {
+		return 0
+	}
+	return time.Duration(last - first)
 }
 
 // record notes that a handler got it, now.
@@ -122,6 +157,11 @@ func (t *tracker) record(it item) {
 		return // a duplicate
 	}
 	t.latency[it.ID].Store(lat)
+	for now := t.now(); t.work > 0; {
+		if l := t.last.Load(); l >= now || t.last.CompareAndSwap(l, now) {
+			break
+		}
+	}
 	if t.distinct.Add(1) >= t.want.Load() {
 		t.once.Do(func() { close(t.done) })
 	}

@@ -57,7 +57,7 @@ const MaxShards = 1024
 // CheckPrefix reports whether p can be used as a key prefix.
 func CheckPrefix(p string) error {
 	if p == "" || len(p) > MaxNameLen || strings.ContainsAny(p, "{}") {
-		return fmt.Errorf("%w %q: must be 1-%d bytes without braces", ErrPrefix, p, MaxNameLen)
+		return fmt.Errorf("%w %q: must be 1-%d bytes without braces", ErrPrefix, Short(p), MaxNameLen)
 	}
 	return nil
 }
@@ -69,8 +69,8 @@ func CheckPrefix(p string) error {
 // those are dot segments, which browsers and ServeMux resolve away).
 func CheckQueue(q string) error {
 	if q == "" || len(q) > MaxNameLen || strings.ContainsAny(q, "{}:") || q == "." || q == ".." || !printable(q) {
-		return fmt.Errorf("%w %.64q: must be 1-%d bytes of UTF-8 without braces, colons or control characters, and not . or ..",
-			ErrQueueName, q, MaxNameLen)
+		return fmt.Errorf("%w %q: must be 1-%d bytes of UTF-8 without braces, colons or control characters, and not . or ..",
+			ErrQueueName, Short(q), MaxNameLen)
 	}
 	return nil
 }
@@ -88,12 +88,48 @@ func printable(s string) bool {
 	return true
 }
 
-// CheckKey reports whether k can be used as a key of a queue.
+// CheckKey reports whether k can be used as a key of a queue: 1-512 bytes
+// of UTF-8 without control characters (NUL, newline, escape and the like).
+// Keys are printed and logged, and a key's items are drained together, so a
+// key that a terminal or a log line cannot show as it is would be an
+// operator's trap. Any other character is fine, colons and braces included:
+// a key never leaves its queue's hash tag (see For).
 func CheckKey(k string) error {
-	if k == "" || len(k) > MaxNameLen {
-		return fmt.Errorf("%w %q: must be 1-%d bytes", ErrKeyName, k, MaxNameLen)
+	if k == "" || len(k) > MaxNameLen || !printable(k) {
+		return fmt.Errorf("%w %q: must be 1-%d bytes of UTF-8 without control characters", ErrKeyName, Short(k), MaxNameLen)
 	}
 	return nil
+}
+
+// CheckStoredKey reports whether k can name a key that may hold items
+// already: 1-512 bytes, what CheckKey asked before it refused invalid UTF-8
+// and control characters. Reading a key and requeueing a dead letter to its
+// key use it, so that keys stored before still work; only appends check
+// CheckKey.
+func CheckStoredKey(k string) error {
+	if k == "" || len(k) > MaxNameLen {
+		return fmt.Errorf("%w %q: must be 1-%d bytes", ErrKeyName, Short(k), MaxNameLen)
+	}
+	return nil
+}
+
+// shortLen is how many bytes of a name Short keeps.
+const shortLen = 64
+
+// Short returns s for an error message or a log line: whole when it is at
+// most 64 bytes long, else its first 64 bytes or fewer, cut at a rune
+// boundary, followed by "…(N bytes)", N being the length of s. Names may be
+// up to MaxNameLen bytes long, and a name that fails a check any length.
+// Quote the result (%q) where s may hold control characters.
+func Short(s string) string {
+	if len(s) <= shortLen {
+		return s
+	}
+	cut := shortLen
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…(" + strconv.Itoa(len(s)) + " bytes)"
 }
 
 // Shard returns the shard of key in a queue split into n shards: a stable

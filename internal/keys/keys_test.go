@@ -81,8 +81,21 @@ func TestChecks(t *testing.T) {
 		{CheckQueue("esc\x1b[31mRED"), ErrQueueName},
 		{CheckQueue("\xff"), ErrQueueName},
 		{CheckKey("user:42/{x}"), nil},
+		{CheckKey("ü日本 a/b\u200b"), nil},
 		{CheckKey(""), ErrKeyName},
 		{CheckKey(long), ErrKeyName},
+		{CheckKey("a\x00b"), ErrKeyName},
+		{CheckKey("a\nb"), ErrKeyName},
+		{CheckKey("a\rb"), ErrKeyName},
+		{CheckKey("a\tb"), ErrKeyName},
+		{CheckKey("esc\x1b[31mRED"), ErrKeyName},
+		{CheckKey("del\x7f"), ErrKeyName},
+		{CheckKey("c1\u0085"), ErrKeyName},
+		{CheckKey("\xff"), ErrKeyName},
+		{CheckKey("ab\xc3"), ErrKeyName}, // a rune cut short
+		{CheckStoredKey("a\nb\xff"), nil},
+		{CheckStoredKey(""), ErrKeyName},
+		{CheckStoredKey(long), ErrKeyName},
 		{CheckPrefix("app:v2"), nil},
 		{CheckPrefix(""), ErrPrefix},
 		{CheckPrefix("a}"), ErrPrefix},
@@ -90,5 +103,39 @@ func TestChecks(t *testing.T) {
 		if !errors.Is(c.err, c.want) || (c.want == nil) != (c.err == nil) {
 			t.Errorf("got %v, want %v", c.err, c.want)
 		}
+	}
+}
+
+func TestShort(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"", ""},
+		{"user:42", "user:42"},
+		{strings.Repeat("a", 64), strings.Repeat("a", 64)},
+		{strings.Repeat("a", 65), strings.Repeat("a", 64) + "…(65 bytes)"},
+		{strings.Repeat("a", 10240), strings.Repeat("a", 64) + "…(10240 bytes)"},
+		// 63 bytes, then a 3-byte rune across the cut: the rune goes whole.
+		{strings.Repeat("a", 63) + "日本", strings.Repeat("a", 63) + "…(69 bytes)"},
+		{strings.Repeat("a", 62) + "日本", strings.Repeat("a", 62) + "…(68 bytes)"},
+		{strings.Repeat("a", 61) + "日本", strings.Repeat("a", 61) + "日…(67 bytes)"},
+		// Invalid UTF-8 is cut at a byte like any other.
+		{strings.Repeat("\xff", 70), strings.Repeat("\xff", 64) + "…(70 bytes)"},
+	} {
+		if got := Short(c.in); got != c.want {
+			t.Errorf("Short(%.20q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}
+
+// Errors name a long or hostile name by its start, quoted: a 10 KB name
+// makes a short error, and no control character reaches a log line.
+func TestCheckErrorsAreShort(t *testing.T) {
+	huge := strings.Repeat("x", 10<<10)
+	for _, err := range []error{CheckKey(huge), CheckStoredKey(huge), CheckQueue(huge), CheckPrefix(huge), CheckKey(huge + "\n")} {
+		if err == nil || len(err.Error()) > 256 {
+			t.Errorf("%d-byte error: %.300s", len(err.Error()), err)
+		}
+	}
+	if err := CheckKey("a\nb\x00\x1b[31m"); !strings.Contains(err.Error(), `"a\nb\x00\x1b[31m"`) {
+		t.Errorf("control characters not escaped: %v", err)
 	}
 }
