@@ -89,11 +89,10 @@ func printable(s string) bool {
 }
 
 // CheckKey reports whether k can be used as a key of a queue: 1-512 bytes
-// of UTF-8 without control characters (NUL, newline, escape and the like).
-// Keys are printed and logged, and a key's items are drained together, so a
-// key that a terminal or a log line cannot show as it is would be an
-// operator's trap. Any other character is fine, colons and braces included:
-// a key never leaves its queue's hash tag (see For).
+// of UTF-8 without control characters (NUL, newline, escape and the like:
+// keys are printed and logged, and such a key could forge a line or a
+// terminal escape). Any other character is fine, colons and braces
+// included: a key never leaves its queue's hash tag (see For).
 func CheckKey(k string) error {
 	if k == "" || len(k) > MaxNameLen || !printable(k) {
 		return fmt.Errorf("%w %q: must be 1-%d bytes of UTF-8 without control characters", ErrKeyName, Short(k), MaxNameLen)

@@ -81,7 +81,7 @@ func TestChecks(t *testing.T) {
 		{CheckQueue("esc\x1b[31mRED"), ErrQueueName},
 		{CheckQueue("\xff"), ErrQueueName},
 		{CheckKey("user:42/{x}"), nil},
-		{CheckKey("ü日本 a/b\u200b"), nil},
+		{CheckKey("ü日本 a/b\u200b"), nil}, // format characters are not control characters
 		{CheckKey(""), ErrKeyName},
 		{CheckKey(long), ErrKeyName},
 		{CheckKey("a\x00b"), ErrKeyName},
