@@ -79,7 +79,8 @@ var (
 	// then work again. An item whose append returned nil never ends
 	// up inside such a value.
 	ErrNotArray = protocol.ErrNotArray
-	// ErrQueueName and ErrKeyName: the queue name or the key is not valid.
+	// ErrQueueName and ErrKeyName: the queue name or the key is not valid
+	// (see CheckQueue and CheckKey). Names are checked before items.
 	ErrQueueName = keys.ErrQueueName
 	ErrKeyName   = keys.ErrKeyName
 	// ErrKeyFull: the items would take the key past its item or byte cap.
@@ -103,8 +104,8 @@ type KeyFullError struct {
 }
 
 func (e *KeyFullError) Error() string {
-	return fmt.Sprintf("append to %s/%s: key full: it holds %d items and %d bytes; adding %d items would pass the cap of %d items or %d bytes",
-		e.Queue, e.Key, e.Items, e.Bytes, e.Adding, e.MaxItems, e.MaxBytes)
+	return fmt.Sprintf("append to %s: key full: it holds %d items and %d bytes; adding %d items would pass the cap of %d items or %d bytes",
+		target(e.Queue, e.Key), e.Items, e.Bytes, e.Adding, e.MaxItems, e.MaxBytes)
 }
 
 // Is reports whether target is ErrKeyFull.
@@ -236,6 +237,9 @@ func (p *Producer) Add(ctx context.Context, queue, key string, items ...any) err
 	if len(items) == 0 {
 		return nil
 	}
+	if err := checkNames(queue, key); err != nil {
+		return err
+	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
@@ -273,6 +277,9 @@ func (p *Producer) AddRaw(ctx context.Context, queue, key string, items ...json.
 	if len(items) == 0 {
 		return nil
 	}
+	if err := checkNames(queue, key); err != nil {
+		return err
+	}
 	n := len(items) - 1
 	for i, it := range items {
 		if err := p.check(it); err != nil {
@@ -307,30 +314,35 @@ func checkDepth(item []byte) error {
 	return nil
 }
 
+// checkNames checks a queue's name and a key before anything else: every
+// error after it names them, and may then do so as they are (shortened).
+func checkNames(queue, key string) error {
+	if err := keys.CheckQueue(queue); err != nil {
+		return err
+	}
+	return keys.CheckKey(key)
+}
+
+// append stores the items of a call whose names and items passed their
+// checks.
 func (p *Producer) append(ctx context.Context, queue, key, joined string, n int) error {
 	err := p.store(ctx, queue, key, joined, n)
-	if p.obs != nil && !errors.Is(err, keys.ErrQueueName) && !errors.Is(err, keys.ErrKeyName) {
+	if p.obs != nil {
 		p.obs.Appended(queue, n, len(joined), err)
 	}
 	return err
 }
 
 func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) error {
-	if err := keys.CheckQueue(queue); err != nil {
-		return err
-	}
-	if err := keys.CheckKey(key); err != nil {
-		return err
-	}
 	if (p.caps.Items > 0 && n > p.caps.Items) || (p.caps.Bytes > 0 && len(joined)+2 > p.caps.Bytes) {
-		return fmt.Errorf("append to %s/%s: %w: %d items, %d bytes; cap %d items, %d bytes",
-			queue, key, ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
+		return fmt.Errorf("append to %s: %w: %d items, %d bytes; cap %d items, %d bytes",
+			target(queue, key), ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
 	}
 	if err := p.register(ctx, queue); err != nil {
-		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
+		return fmt.Errorf("append to %s: %w", target(queue, key), err)
 	}
 	if err := p.syncClock(ctx); err != nil {
-		return fmt.Errorf("append to %s/%s: %w", queue, key, err)
+		return fmt.Errorf("append to %s: %w", target(queue, key), err)
 	}
 	if p.linger != nil {
 		return p.linger.add(ctx, p, queue, key, joined, n)
@@ -420,12 +432,20 @@ func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) e
 // before use.
 func CheckQueue(name string) error { return keys.CheckQueue(name) }
 
-// CheckKey returns an ErrKeyName error when k cannot be a key of a queue.
+// CheckKey returns an ErrKeyName error when k cannot be a key of a queue,
+// and nil when it can: 1-512 bytes of UTF-8 without control characters (NUL,
+// newline, escape and the like), which could forge log lines or terminal
+// output. Any other character is fine, colons and braces included.
 func CheckKey(k string) error { return keys.CheckKey(k) }
 
 func itemErr(queue, key string, i int, err error) error {
-	return fmt.Errorf("append to %s/%s: item %d: %w", queue, key, i, err)
+	return fmt.Errorf("append to %s: item %d: %w", target(queue, key), i, err)
 }
+
+// target names a queue's key in an error, as "queue/key", each cut to its
+// first 64 bytes or so (keys.Short): both are checked before any error names
+// them, so they hold no control characters, but they may be 512 bytes long.
+func target(queue, key string) string { return keys.Short(queue) + "/" + keys.Short(key) }
 
 // Queue is a typed view of one queue of a Producer.
 type Queue[T any] struct {
