@@ -171,7 +171,7 @@ func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Co
 	for shard := range c.shards {
 		m, err := fn(ctx, c.c, c.space(queue, shard))
 		if err != nil {
-			return n, fmt.Errorf("%s dead letters of %s: %w", what, queue, err)
+			return n, fmt.Errorf("%s dead letters of %s: %w", what, keys.Short(queue), err)
 		}
 		n += m
 	}
@@ -184,18 +184,20 @@ func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Co
 // many it requeued; letters already gone are skipped. A letter that cannot
 // be requeued (not Requeueable, or not of this client's shards) is an
 // error before anything is requeued; a Redis error stops it at that
-// letter's chunk.
+// letter's chunk. A key that producers now refuse (one with control
+// characters or invalid UTF-8, stored before they did) takes its items
+// back all the same.
 func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
 	rs := make([]protocol.Requeued, len(letters))
 	for i, d := range letters {
 		if err := d.requeueError(); err != nil {
-			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
+			return 0, fmt.Errorf("requeue %s: %w", keys.Short(d.ID), err)
 		}
-		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckKey(d.Key)); err != nil {
-			return 0, fmt.Errorf("requeue %s: %w", d.ID, err)
+		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckStoredKey(d.Key)); err != nil {
+			return 0, fmt.Errorf("requeue %s: %w", keys.Short(d.ID), err)
 		}
 		if d.Shard < 0 || d.Shard >= c.shards {
-			return 0, fmt.Errorf("requeue %s: shard %d out of range", d.ID, d.Shard)
+			return 0, fmt.Errorf("requeue %s: shard %d out of range", keys.Short(d.ID), d.Shard)
 		}
 		rs[i] = protocol.Requeued{Space: c.space(d.Queue, d.Shard), ID: d.ID, Key: d.Key, Item: string(d.Item)}
 	}
@@ -208,7 +210,7 @@ func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
 				n++
 			}
 			if errs[i] != nil && first == nil {
-				first = fmt.Errorf("requeue %s: %w", chunk[i].ID, errs[i])
+				first = fmt.Errorf("requeue %s: %w", keys.Short(chunk[i].ID), errs[i])
 			}
 		}
 		if first != nil {
@@ -229,7 +231,7 @@ func (c *Client) RequeueNewest(ctx context.Context, queue string, max int) (requ
 	// Letters are stamped by their workers' reckoning of the server's clock.
 	start, err := protocol.Time(ctx, c.c)
 	if err != nil {
-		return 0, 0, fmt.Errorf("requeue dead letters of %s: read the server's clock: %w", queue, err)
+		return 0, 0, fmt.Errorf("requeue dead letters of %s: read the server's clock: %w", keys.Short(queue), err)
 	}
 	total, err := c.Count(ctx, queue)
 	if err != nil {

@@ -78,7 +78,7 @@ func (in *Inspector) Queues(ctx context.Context) ([]Queue, error) {
 	for name, v := range m {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
-			return nil, fmt.Errorf("queue registry: queue %q has shard count %q", name, v)
+			return nil, fmt.Errorf("queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
 		}
 		qs = append(qs, Queue{Name: name, Shards: n})
 	}
@@ -93,14 +93,14 @@ func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 	}
 	v, err := in.c.Do(ctx, in.c.B().Hget().Key(keys.Registry(in.prefix)).Field(name).Build()).ToString()
 	if rueidis.IsRedisNil(err) {
-		return Queue{}, fmt.Errorf("%w %q under prefix %q", ErrNoQueue, name, in.prefix)
+		return Queue{}, fmt.Errorf("%w %q under prefix %q", ErrNoQueue, keys.Short(name), keys.Short(in.prefix))
 	}
 	if err != nil {
 		return Queue{}, fmt.Errorf("read the queue registry: %w", err)
 	}
 	n, err := strconv.Atoi(v)
 	if err != nil || n < 1 {
-		return Queue{}, fmt.Errorf("queue registry: queue %q has shard count %q", name, v)
+		return Queue{}, fmt.Errorf("queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
 	}
 	return Queue{Name: name, Shards: n}, nil
 }
@@ -127,7 +127,7 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 		}
 		if s := st[0]; s.ReadyKeys+s.InFlightBatches+s.Retries+s.DeadLetters > 0 {
 			return fmt.Errorf("%w: queue %q has %d pending keys, %d batches in flight, %d retries and %d dead letters",
-				ErrNotEmpty, name, s.ReadyKeys, s.InFlightBatches, s.Retries, s.DeadLetters)
+				ErrNotEmpty, keys.Short(name), s.ReadyKeys, s.InFlightBatches, s.Retries, s.DeadLetters)
 		}
 		return nil
 	}
@@ -135,7 +135,7 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 		return err
 	}
 	if err := in.c.Do(ctx, in.c.B().Hdel().Key(keys.Registry(in.prefix)).Field(name).Build()).Error(); err != nil {
-		return fmt.Errorf("forget queue %q: %w", name, err)
+		return fmt.Errorf("forget queue %q: %w", keys.Short(name), err)
 	}
 	if err := empty(); err != nil {
 		if _, rerr := protocol.Register(ctx, in.c, in.prefix, q.Shards, name); rerr != nil {
@@ -242,7 +242,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 			var n [5]int64
 			for j := range n {
 				if n[j], err = r[j].AsInt64(); err != nil {
-					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+					return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 			}
 			st.ReadyKeys += n[0] + n[1]
@@ -252,7 +252,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 			for _, h := range r[5:7] {
 				head, err := h.AsZScores()
 				if err != nil {
-					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+					return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 				if len(head) > 0 {
 					due := time.UnixMilli(int64(head[0].Score))
@@ -264,7 +264,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 			var names [3][]string
 			for j := range names {
 				if names[j], err = r[7+j].AsStrSlice(); err != nil {
-					return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+					return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 			}
 			readyKeys[qi][shard] = append(names[0], names[1]...)
@@ -328,7 +328,7 @@ func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string,
 	for i, r := range in.c.DoMulti(ctx, cmds...) {
 		vals, err := r.ToArray()
 		if err != nil {
-			return nil, fmt.Errorf("queue %q shard %d: %w", qs[where[i].q].Name, where[i].shard, err)
+			return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(qs[where[i].q].Name), where[i].shard, err)
 		}
 		cs := make([]int64, len(vals))
 		for j, v := range vals {
@@ -373,7 +373,7 @@ func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs .
 			zs, err := zscores(res[i : i+2])
 			i += 2
 			if err != nil {
-				return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+				return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 			}
 			for _, z := range zs {
 				k := DueKey{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
@@ -477,7 +477,7 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 	for shard := range q.Shards {
 		zs, err := zscores(res[2*shard : 2*shard+2])
 		if err != nil {
-			return nil, fmt.Errorf("queue %q shard %d: %w", q.Name, shard, err)
+			return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 		}
 		for _, z := range zs {
 			ks := KeyStats{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
@@ -545,7 +545,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 	if err != nil {
 		return Peeked{}, err
 	}
-	if err := keys.CheckKey(key); err != nil {
+	if err := keys.CheckStoredKey(key); err != nil { // not CheckKey: a key stored before it refused control characters can be read
 		return Peeked{}, err
 	}
 	shard := keys.Shard(key, q.Shards)
@@ -558,7 +558,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 	p := Peeked{KeyStats: KeyStats{Key: key, Shard: shard}}
 	if p.Bytes, err = res[0].AsInt64(); err != nil {
 		t, _ := protocol.Type(ctx, in.c, sp.Items(key))
-		return Peeked{}, fmt.Errorf("key %s of queue %s holds a Redis %s, not a JSON array: %w", key, name, t, err)
+		return Peeked{}, fmt.Errorf("key %q of queue %s holds a Redis %s, not a JSON array: %w", keys.Short(key), keys.Short(name), t, err)
 	}
 	if v, err := res[1].AsInt64(); err == nil {
 		p.Items, _ = protocol.UnpackCount(v)
@@ -574,7 +574,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		}
 	}
 	if p.Bytes > MaxPeekBytes {
-		return Peeked{}, fmt.Errorf("key %s of queue %s holds %d bytes, more than Peek returns (%d)", key, name, p.Bytes, MaxPeekBytes)
+		return Peeked{}, fmt.Errorf("key %q of queue %s holds %d bytes, more than Peek returns (%d)", keys.Short(key), keys.Short(name), p.Bytes, MaxPeekBytes)
 	}
 	if p.Bytes == 0 {
 		return p, nil
@@ -584,7 +584,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		return p, nil // drained meanwhile
 	}
 	if err != nil {
-		return Peeked{}, fmt.Errorf("read key %s of queue %s: %w", key, name, err)
+		return Peeked{}, fmt.Errorf("read key %q of queue %s: %w", keys.Short(key), keys.Short(name), err)
 	}
 	p.Array, p.Bytes = v, int64(len(v))
 	return p, nil

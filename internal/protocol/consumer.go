@@ -115,7 +115,7 @@ func WithDeadLetterCap(n int) Option {
 func WithName(name string) Option {
 	return func(c *Consumer) error {
 		if name == "" || len(name) > 128 || strings.ContainsAny(name, ":{}") {
-			return fmt.Errorf("consumer: name %q must be 1-128 bytes without colons or braces", name)
+			return fmt.Errorf("consumer: name %q must be 1-128 bytes without colons or braces", keys.Short(name))
 		}
 		c.name = name
 		return nil
@@ -280,7 +280,7 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 	}
 	cl, err := Claim(ctx, c.c, sp, a)
 	if err != nil {
-		return Fetched{}, fmt.Errorf("claim %s: %w", queue, err)
+		return Fetched{}, fmt.Errorf("claim %s: %w", keys.Short(queue), err)
 	}
 	f := Fetched{Pushed: cl.Pushed}
 	if cl.NextKey > 0 {
@@ -392,7 +392,7 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 	at := make([]int, len(done)) // the index in cmds of each release's ZREM
 	for i, b := range done {
 		if b.Queue != queue || b.Shard != shard || !b.leased() || len(b.dead) > 0 {
-			return refuse(fmt.Errorf("round %s/%d: batch of %s/%d is not releasable here", queue, shard, b.Queue, b.Shard))
+			return refuse(fmt.Errorf("round %s/%d: batch of %s/%d is not releasable here", keys.Short(queue), shard, keys.Short(b.Queue), b.Shard))
 		}
 		cmds = append(cmds, releaseCmds(c.c, sp, b.lease)...)
 		at[i] = len(cmds) - 1
@@ -439,7 +439,7 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
-		return r, fmt.Errorf("drain %s: %w", queue, err)
+		return r, fmt.Errorf("drain %s: %w", keys.Short(queue), err)
 	}
 	return r, nil
 }
@@ -662,7 +662,7 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("settle %s: %w", b.Queue, err)
+		return fmt.Errorf("settle %s: %w", keys.Short(b.Queue), err)
 	}
 	return nil
 }
@@ -690,7 +690,7 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 			// Rare: Settle sends the unfinished items to the retry index.
 			errs[i] = c.Settle(ctx, batches[i], outcomes[i])
 		case err != nil:
-			errs[i] = fmt.Errorf("settle %s: %w", batches[i].Queue, err)
+			errs[i] = fmt.Errorf("settle %s: %w", keys.Short(batches[i].Queue), err)
 		}
 	}
 	return errs
@@ -732,7 +732,7 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 			dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
 			s.Dead = append(s.Dead, Entry{ID: dl.ID, Env: string(dl.encode())})
 		default:
-			return s, fmt.Errorf("settle %s: unknown outcome kind %d", b.Queue, o.Kind)
+			return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
 		}
 	}
 	if back != nil {
@@ -777,7 +777,7 @@ func (c *Consumer) Reap(ctx context.Context, queue string, shard int) (int, erro
 	now := c.nowMs()
 	n, err := Reap(ctx, c.c, c.space(queue, shard), now, reapLimit, now+c.leaseTTL.Milliseconds(), c.maxReapLag())
 	if err != nil {
-		return n, fmt.Errorf("reap %s: %w", queue, err)
+		return n, fmt.Errorf("reap %s: %w", keys.Short(queue), err)
 	}
 	return n, nil
 }

@@ -77,7 +77,7 @@ func dueTime(m rueidis.RedisMessage) (int64, error) {
 	}
 	f, err := strconv.ParseFloat(s, 64)
 	if err != nil {
-		return 0, fmt.Errorf("claim: bad due time %q", s)
+		return 0, fmt.Errorf("claim: bad due time %q", keys.Short(s))
 	}
 	return int64(f), nil
 }
@@ -237,7 +237,7 @@ func (d drain) results(exec rueidis.RedisResult) (out []Drained, phantom []Lease
 		case rueidis.IsRedisNil(err):
 		case err != nil:
 			// Leased but unreadable: the reaper returns it after the deadline.
-			errs = append(errs, fmt.Errorf("drain %s: %w", k, err))
+			errs = append(errs, fmt.Errorf("drain %q: %w", keys.Short(k), err))
 		default:
 			out[i].Data, out[i].WrongType, out[i].Missing = data, wrongType, false
 		}
