@@ -109,13 +109,14 @@ func pending(t testing.TB, b testredis.Backend, queue string, keyNames []string)
 
 // leftKeys returns the keys of the test's prefix that hold data, leaving
 // out wake lists (a key's name pushed twice, by a sweep racing a slow
-// worker, may outlive its items: its second drain finds nothing) and the
-// registry of queues.
+// worker, may outlive its items: its second drain finds nothing), the
+// registry of queues and the list of live workers.
 func leftKeys(t testing.TB, b testredis.Backend) []string {
 	t.Helper()
 	var out []string
 	for _, k := range testredis.Keys(t, b, b.Prefix+":*") {
-		if !strings.HasSuffix(k, ":wake") && !strings.Contains(k, ":test:") && k != keys.Registry(b.Prefix) {
+		if !strings.HasSuffix(k, ":wake") && !strings.Contains(k, ":test:") &&
+			k != keys.Registry(b.Prefix) && k != keys.Workers(b.Prefix) && k != keys.WorkerData(b.Prefix) {
 			out = append(out, k)
 		}
 	}

@@ -150,7 +150,9 @@ func (r *runner) register(ctx context.Context, queues []*queue) error {
 	for i, q := range queues {
 		names[i] = q.name
 	}
-	recorded, err := r.w.cons.Register(ctx, names...)
+	// The same script call announces the worker as a live one, with its
+	// concurrency, for the inspector (batchq workers).
+	recorded, err := r.w.cons.Announce(ctx, r.w.concurrency, names...)
 	for i, n := range recorded {
 		if q := queues[i]; n > r.w.cons.Shards() && n != q.warnedShards {
 			q.warnedShards = n

@@ -491,6 +491,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	r.executing.Wait()
 	close(extendDone)
 	background.Wait()
+	r.retire()
 	w.log.Info("worker stopped", zap.Int64("abandoned_handlers", r.abandoned.Load()))
 	return nil
 }

@@ -22,10 +22,15 @@
 //	<prefix>:{<queue>:<shard>}:quarantined   SET of the quarantine keys
 //	<prefix>:{<queue>:<shard>}:settled:<id>  marks a batch without a lease as settled (expires in a day)
 //
-// Beside them, one key per prefix, outside every hash tag, written with a
-// plain HSET by producers and workers and read by the inspector:
+// Beside them, the keys of the whole prefix: the registry, outside every
+// hash tag, written by producers and workers and read by the inspector; and
+// the live workers, in the registry's hash slot (their hash tag is the
+// registry's name), so that the one script that records a worker's queues
+// announces the worker too, on Redis Cluster as well:
 //
 //	<prefix>:queues                          HASH queue -> shards: the queues under the prefix
+//	<prefix>:workers:{<prefix>:queues}       ZSET worker name -> last seen (ms)
+//	<prefix>:workerdata:{<prefix>:queues}    HASH worker name -> what it announced (JSON)
 package keys
 
 import (
@@ -146,6 +151,15 @@ func Shard(key string, n int) int {
 // Producers and workers write it; the inspector reads it. It is the one key
 // outside every queue's hash tag.
 func Registry(prefix string) string { return prefix + ":queues" }
+
+// Workers is the ZSET of the workers under prefix, scored by when each last
+// announced itself (ms, the server's clock). It shares the registry's hash
+// slot.
+func Workers(prefix string) string { return prefix + ":workers:{" + Registry(prefix) + "}" }
+
+// WorkerData is the hash of worker name to what the worker announced (see
+// Workers).
+func WorkerData(prefix string) string { return prefix + ":workerdata:{" + Registry(prefix) + "}" }
 
 // Space names the keys of one queue shard.
 type Space struct {

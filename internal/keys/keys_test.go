@@ -35,6 +35,24 @@ func TestSpaceNames(t *testing.T) {
 	}
 }
 
+// The keys of live workers share the registry's hash slot (its name is
+// their hash tag), and neither looks like a queue shard's key space.
+func TestWorkerKeys(t *testing.T) {
+	for _, c := range []struct{ got, want string }{
+		{Registry("app"), "app:queues"},
+		{Workers("app"), "app:workers:{app:queues}"},
+		{WorkerData("app"), "app:workerdata:{app:queues}"},
+		{Workers("a:b"), "a:b:workers:{a:b:queues}"},
+	} {
+		if c.got != c.want {
+			t.Errorf("got %q, want %q", c.got, c.want)
+		}
+	}
+	if strings.HasPrefix(Workers("app"), "app:{") || strings.HasPrefix(WorkerData("app"), "app:{") {
+		t.Error("a worker key looks like a queue's key space")
+	}
+}
+
 func TestShard(t *testing.T) {
 	if Shard("anything", 1) != 0 || Shard("anything", 0) != 0 {
 		t.Fatal("one shard must be shard 0")

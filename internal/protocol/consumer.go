@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -45,6 +46,7 @@ type Consumer struct {
 	name       string
 	clock      *Clock
 	popper     Popper
+	started    atomic.Int64 // when Announce first ran (Unix ms); 0 before
 }
 
 // Option configures a Consumer.
