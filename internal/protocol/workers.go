@@ -65,12 +65,12 @@ func (c *Consumer) Announce(ctx context.Context, concurrency int, queues ...stri
 		Concurrency: concurrency, Started: c.started.Load()}
 	desc, err := json.Marshal(a)
 	if err != nil {
-		return nil, fmt.Errorf("announce worker %s: %w", c.name, err)
+		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
 	}
 	args := append([]string{strconv.Itoa(c.shards), c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, queues...)
 	res, err := registerScript.Exec(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix)}, args).AsIntSlice()
 	if err != nil {
-		return nil, fmt.Errorf("announce worker %s: %w", c.name, err)
+		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
 	}
 	out := make([]int, len(res))
 	for i, n := range res {
@@ -88,7 +88,7 @@ func (c *Consumer) Retire(ctx context.Context) error {
 		c.c.B().Hdel().Key(keys.WorkerData(c.prefix)).Field(c.name).Build(),
 		c.c.B().Zrem().Key(keys.Workers(c.prefix)).Member(c.name).Build()) {
 		if err := r.Error(); err != nil {
-			return fmt.Errorf("retire worker %s: %w", c.name, err)
+			return fmt.Errorf("retire worker %q: %w", keys.Short(c.name), err)
 		}
 	}
 	return nil

@@ -1,0 +1,79 @@
+package inspect_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/protocol"
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+// Retries lists a queue's retries over every shard, soonest due first, with
+// key, attempts, last error, due time and item, and counts them all.
+func TestRetries(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testRetries(t, b, 1) })
+	t.Run("cluster", func(t *testing.T) { testRetries(t, testredis.Cluster(t), 4) })
+}
+
+func testRetries(t *testing.T, b testredis.Backend, shards int) {
+	ctx := context.Background()
+	in, err := inspect.New(b.Client, b.Prefix)
+	must(t, err)
+	if _, err := in.Retries(ctx, "orders", 10); !errors.Is(err, inspect.ErrNoQueue) {
+		t.Fatalf("Retries of an unknown queue: %v, want ErrNoQueue", err)
+	}
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	must(t, err)
+	keysByDelay := map[string]time.Duration{"a": 3 * time.Hour, "b": time.Hour, "c": 2 * time.Hour, "d": 4 * time.Hour}
+	for k := range keysByDelay {
+		must(t, p.AddRaw(ctx, "orders", k, []byte(`{"k":"`+k+`"}`)))
+	}
+	fail(t, b, "orders", shards, keysByDelay)
+	if rs, err := in.Retries(ctx, "orders", 0); err == nil {
+		t.Errorf("Retries with limit 0: %+v, want an error", rs)
+	}
+
+	rs, err := in.Retries(ctx, "orders", 3)
+	must(t, err)
+	if rs.Queue != "orders" || rs.Total != 4 || len(rs.Retries) != 3 || rs.Now.IsZero() {
+		t.Fatalf("Retries: %+v", rs)
+	}
+	for i, want := range []string{"b", "c", "a"} {
+		r := rs.Retries[i]
+		d := r.Due.Sub(rs.Now)
+		if r.Key != want || r.Attempts != 1 || r.Error != "failed "+want || string(r.Item) != `{"k":"`+want+`"}` || r.Corrupt ||
+			d < keysByDelay[want]-time.Minute || d > keysByDelay[want]+time.Minute {
+			t.Errorf("retry %d: %+v (due in %v), want key %s", i, r, d, want)
+		}
+	}
+	st, err := in.Stats(ctx, "orders")
+	must(t, err)
+	if st.Retries != rs.Total {
+		t.Errorf("Stats counts %d retries, Retries %d", st.Retries, rs.Total)
+	}
+}
+
+// fail fetches every due key of a queue and settles each item as a retry
+// due after the delay of its key, with the error "failed <key>".
+func fail(t *testing.T, b testredis.Backend, queue string, shards int, delays map[string]time.Duration) {
+	t.Helper()
+	ctx := context.Background()
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
+	must(t, err)
+	must(t, c.Sync(ctx))
+	for shard := range shards {
+		f, err := c.Fetch(ctx, queue, shard, 10)
+		must(t, err)
+		for _, bt := range f.Batches {
+			out := make([]protocol.Outcome, len(bt.Items))
+			for i := range out {
+				out[i] = protocol.Outcome{Kind: protocol.Retry, Err: errors.New("failed " + bt.Key), Delay: delays[bt.Key]}
+			}
+			must(t, c.Settle(ctx, bt, out))
+		}
+	}
+}
