@@ -8,6 +8,7 @@
 //	dl, err := deadletter.New(rdb)
 //	n, err := dl.Count(ctx, "emails")
 //	letters, err := dl.List(ctx, "emails", 100) // newest first
+//	letters, err = dl.Get(ctx, "emails", id)    // by id
 //	_, err = dl.Requeue(ctx, letters...)        // back to the end of their keys
 //	_, err = dl.Purge(ctx, "emails")
 package deadletter
@@ -131,16 +132,7 @@ func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, e
 			return nil, fmt.Errorf("dead letters of %s: %w", queue, err)
 		}
 		for i, env := range envs {
-			d, err := protocol.DecodeDead(env)
-			l := Letter(d)
-			if err != nil {
-				// Listed, not fatal: one bad envelope must not hide the
-				// others; it can be purged.
-				l = Letter{ID: ids[i], Queue: queue, Item: protocol.JSONString(env), Corrupt: true,
-					Error: "the stored dead letter does not decode: " + err.Error()}
-			}
-			l.Shard = shard
-			out = append(out, l)
+			out = append(out, decode(queue, shard, ids[i], env))
 		}
 	}
 	if c.shards > 1 {
@@ -154,6 +146,53 @@ func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, e
 		})
 	}
 	return out[:min(limit, len(out))], nil
+}
+
+// decode returns the dead letter id of a queue shard stored as env. One
+// that does not decode is a corrupt letter, not an error: one bad envelope
+// must not hide the others, and it can be purged.
+func decode(queue string, shard int, id, env string) Letter {
+	d, err := protocol.DecodeDead(env)
+	l := Letter(d)
+	if err != nil {
+		l = Letter{ID: id, Queue: queue, Item: protocol.JSONString(env), Corrupt: true,
+			Error: "the stored dead letter does not decode: " + err.Error()}
+	}
+	l.Shard = shard
+	return l
+}
+
+// Get returns the dead letters of a queue whose ids are given, in the
+// order of ids (an id given twice once), looking in every shard at once:
+// one round trip. Ids that name no letter (requeued or purged already, or
+// never there) are left out. A letter whose stored form does not decode is
+// returned as a corrupt letter, as List does.
+func (c *Client) Get(ctx context.Context, queue string, ids ...string) ([]Letter, error) {
+	if err := keys.CheckQueue(queue); err != nil {
+		return nil, err
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	spaces := make([]keys.Space, c.shards)
+	for shard := range spaces {
+		spaces[shard] = c.space(queue, shard)
+	}
+	envs, err := protocol.GetDead(ctx, c.c, spaces, ids)
+	if err != nil {
+		return nil, fmt.Errorf("dead letters of %s: %w", keys.Short(queue), err)
+	}
+	var out []Letter
+	seen := make(map[string]bool, len(ids))
+	for j, id := range ids {
+		for shard := range envs {
+			if env := envs[shard][j]; env != "" && !seen[id] {
+				seen[id] = true
+				out = append(out, decode(queue, shard, id, env))
+			}
+		}
+	}
+	return out, nil
 }
 
 // Count returns the number of dead letters of a queue.

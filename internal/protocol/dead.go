@@ -91,6 +91,28 @@ func ListDead(ctx context.Context, c rueidis.Client, sp keys.Space, offset, limi
 	return out, envs, nil
 }
 
+// GetDead returns the envelopes of the dead letters ids in the shards
+// spaces, in one round trip: envs[i][j] is that of ids[j] in spaces[i], ""
+// when that shard has none.
+func GetDead(ctx context.Context, c rueidis.Client, spaces []keys.Space, ids []string) (envs [][]string, err error) {
+	cmds := make(rueidis.Commands, len(spaces))
+	for i, sp := range spaces {
+		cmds[i] = c.B().Hmget().Key(sp.DeadData()).Field(ids...).Build()
+	}
+	envs = make([][]string, len(spaces))
+	for i, r := range c.DoMulti(ctx, cmds...) {
+		vals, err := r.ToArray()
+		if err != nil {
+			return nil, err
+		}
+		envs[i] = make([]string, len(ids))
+		for j, v := range vals {
+			envs[i][j], _ = v.ToString() // "" for nil: no such letter
+		}
+	}
+	return envs, nil
+}
+
 // CountDead returns the number of dead letters of a shard.
 func CountDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, error) {
 	return c.Do(ctx, c.B().Zcard().Key(sp.Dead()).Build()).AsInt64()
