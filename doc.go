@@ -35,10 +35,12 @@
 //
 // # Handling
 //
-// Items of one batch are handled one after the other, in append order; up
-// to the worker's concurrency batches run at once. Items appended to a key
-// while its batch runs form a new batch, which may run at the same time on
-// another slot: order across batches of one key is not guaranteed.
+// Up to the worker's concurrency handler calls run at once: the batches of
+// many keys, and, while slots are free, the items of one busy key (for
+// Handle) or its WithMaxBatch chunks (for HandleBatch). A batch's calls
+// start in append order, but may end in any order. Items appended to a key
+// while its batch runs form a new batch, which may run at the same time:
+// no order is guaranteed between the items of a key.
 //
 // Every item gets its own outcome: a success is never run again because
 // another item of its batch failed. A failed item is retried after its

@@ -62,10 +62,25 @@ type PanicError struct {
 
 func (e *PanicError) Error() string { return fmt.Sprintf("handler panicked: %v", e.Value) }
 
-// ErrHandlerTimeout is recorded for a handler that did not return within
-// its queue's timeout plus a grace period, ignoring its context. The worker
-// stops waiting for it and moves on; the goroutine is left running.
-var ErrHandlerTimeout = errors.New("batchq: handler did not return after its timeout")
+// ErrHandlerTimeout is the error of a *TimeoutError for a handler that did
+// not return within its queue's timeout plus a grace period of about 2s,
+// ignoring its context. The worker stops waiting for it and moves on; the
+// goroutine is left running.
+var ErrHandlerTimeout = errors.New("batchq: handler ignored its context and was abandoned")
+
+// TimeoutError is recorded for a handler call that its queue's timeout
+// (WithTimeout) ended: Err is what the handler returned (usually wrapping
+// context.DeadlineExceeded), or ErrHandlerTimeout when it did not return.
+type TimeoutError struct {
+	Timeout time.Duration
+	Err     error
+}
+
+func (e *TimeoutError) Error() string {
+	return fmt.Sprintf("batchq: handler timed out after %v (WithTimeout): %v", e.Timeout, e.Err)
+}
+
+func (e *TimeoutError) Unwrap() error { return e.Err }
 
 // ErrDecode wraps the error of an item that does not decode into the
 // handler's type. Such an item goes to dead letters at once.

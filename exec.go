@@ -4,28 +4,63 @@ import (
 	"context"
 	"errors"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/protocol"
 )
 
-// A job is a batch to handle, and the fetcher that drained it.
+// A job is a batch run for an executor to take part in: as its owner,
+// which settles the batch once every step is done, or as a helper.
 type job struct {
-	f *fetcher
-	b *protocol.Batch
+	br     *batchRun
+	helper bool
+}
+
+// A batchRun is the handling of one batch: the handler calls (steps) it
+// takes, and their outcomes. Its owner claims steps one at a time, in
+// order; while steps are left and slots are free, it recruits idle
+// executors, each in a slot of its own, to claim steps too, so that the
+// items of a busy key are handled at once, within the worker's
+// concurrency. A helper leaves after its step when a fetcher waits for a
+// slot, so that other keys are not starved by a big batch.
+type batchRun struct {
+	f     *fetcher
+	b     *protocol.Batch
+	out   []protocol.Outcome // out[i] is the outcome of b.Items[i]
+	steps [][]int            // the items of each step; nil: step i is item i
+	next  atomic.Int64       // the next step to claim
+	// helpers counts the helpers at work; the owner waits for them before
+	// it settles the batch.
+	helpers sync.WaitGroup
+}
+
+func (br *batchRun) len() int {
+	if br.steps == nil {
+		return len(br.b.Items)
+	}
+	return len(br.steps)
+}
+
+// items returns the indexes of step s's items.
+func (br *batchRun) items(s int) []int {
+	if br.steps == nil {
+		return []int{s}
+	}
+	return br.steps[s]
 }
 
 // An executor handles batches, one at a time, calling their handlers on its
 // own goroutine. A worker keeps one per unit of concurrency, long-lived, so
 // that a batch costs no goroutine and no stack growth. A handler that
 // outlives its context by abandonGrace is abandoned by the watchdog: its
-// call counts as failed with ErrHandlerTimeout, a new executor carries on
-// with the rest of the batch, and the stuck goroutine is left behind; when
-// the handler returns at last, that goroutine ends without touching the
-// batch.
+// call counts as failed with a *TimeoutError, a new executor carries on
+// with the batch, and the stuck goroutine is left behind; when the handler
+// returns at last, that goroutine ends without touching the batch.
 type executor struct {
 	r      *runner
 	ctx    context.Context // parent of its handlers' contexts (a child of r.hctx of its own, so that they do not contend)
@@ -38,10 +73,8 @@ type handlerCall struct {
 	ctx   context.Context
 	state atomic.Int32 // callRunning, callReturned or callAbandoned
 	j     job
-	out   []protocol.Outcome
-	q     *queue
 	info  ItemInfo
-	step  int         // the handler's step (see queue.handle): an abandoned batch resumes after it
+	step  int         // the batch's step the call is
 	apply func(error) // records the call's outcome
 	start time.Time
 
@@ -65,100 +98,142 @@ func (r *runner) newExecutor() *executor {
 	return x
 }
 
-// loop carries on with the batch of abandoned, if not nil, then handles the
-// jobs of r.work until it is closed. It returns early, without counting
-// itself out of r.executing, when the watchdog abandons it: its replacement
-// counts for it.
+// loop carries on with the batch of abandoned, if not nil, then takes the
+// batches of r.work, and helps with those of r.help, until r.work is
+// closed. It returns early, without counting itself out of r.executing,
+// when the watchdog abandons it: its replacement counts for it.
 func (x *executor) loop(abandoned *handlerCall) {
 	if abandoned != nil && !x.resume(abandoned) {
 		return
 	}
-	for j := range x.r.work {
-		if !x.run(j, nil, 0, nil) {
+	for {
+		var j job
+		select {
+		case w, ok := <-x.r.work:
+			if !ok {
+				x.r.mu.Lock()
+				delete(x.r.executors, x)
+				x.r.mu.Unlock()
+				x.cancel()
+				x.r.executing.Done()
+				return
+			}
+			j = w
+		case j = <-x.r.help:
+		}
+		if !x.run(j) {
 			return
 		}
 	}
-	x.r.mu.Lock()
-	delete(x.r.executors, x)
-	x.r.mu.Unlock()
-	x.cancel()
-	x.r.executing.Done()
 }
 
-// resume records that the handler call hc was abandoned, and carries on with
-// its batch after it.
+// resume records that the handler call hc was abandoned, and carries on
+// with its batch.
 func (x *executor) resume(hc *handlerCall) bool {
-	return x.run(hc.j, hc.out, hc.step+1, func() {
-		x.r.w.obs.Handled(hc.q.name, time.Since(hc.start), ErrHandlerTimeout)
-		hc.apply(ErrHandlerTimeout)
+	err := &TimeoutError{Timeout: hc.j.br.f.q.timeout, Err: ErrHandlerTimeout}
+	x.guard(hc.j, hc.step, func() bool {
+		x.r.w.obs.Handled(hc.info.Queue, time.Since(hc.start), err)
+		hc.apply(err)
+		return true
 	})
+	return x.run(hc.j)
 }
 
-// run handles j from the handler's step from (out holds the outcomes of
-// the steps before it; nil: none yet), after calling before if not nil,
-// and settles it. It reports false when the watchdog abandoned the executor
-// meanwhile.
-func (x *executor) run(j job, out []protocol.Outcome, from int, before func()) bool {
-	if out == nil {
-		out = make([]protocol.Outcome, len(j.b.Items))
+// run takes part in j's batch: it claims steps and handles them until none
+// is left (or shutdown begins, or, for a helper, a fetcher waits for a
+// slot). The owner then waits for its helpers and settles the batch; a
+// helper gives its slot back. run reports false when the watchdog
+// abandoned the executor meanwhile.
+func (x *executor) run(j job) bool {
+	br, r := j.br, x.r
+	q := br.f.q
+	for !r.stopping() && !(j.helper && r.waiting.Load() > 0) {
+		s := int(br.next.Add(1) - 1)
+		if s >= br.len() {
+			break
+		}
+		if s+1 < br.len() {
+			x.recruit(br)
+		}
+		if !x.guard(j, s, func() bool { return q.step(x, j, s) }) {
+			return false
+		}
 	}
-	if !x.handle(j, out, from, before) {
-		return false
+	if j.helper {
+		br.helpers.Done()
+		r.release(1)
+		return true
 	}
-	x.r.finish(j.f, j.b, out)
+	br.helpers.Wait()
+	r.finish(br.f, br.b, br.out)
 	return true
 }
 
-// handle runs the queue's handler over j.b from step from, after calling
-// before. A panic outside the user's handler (in a Backoff, or an Observer,
-// say) is recovered rather than taking the process down: the items without
-// an outcome yet count as failed.
-func (x *executor) handle(j job, out []protocol.Outcome, from int, before func()) (ok bool) {
-	q, b := j.f.q, j.b
+// recruit asks an idle executor, in a slot of its own, to help with br,
+// if a slot is free, no fetcher waits for one, and an executor is idle.
+func (x *executor) recruit(br *batchRun) {
+	r := x.r
+	if r.free() == 0 || r.waiting.Load() > 0 || !r.tryAcquire() {
+		return
+	}
+	br.helpers.Add(1)
+	select {
+	case r.help <- job{br: br, helper: true}:
+	default:
+		br.helpers.Done()
+		r.release(1)
+	}
+}
+
+// guard runs fn, which handles step s of j's batch, and reports what fn
+// does. A panic outside the user's handler (in a Backoff or an Observer,
+// say) is recovered rather than taking the process down: the step's items
+// without an outcome yet count as failed, with a fixed delay (the queue's
+// backoff may be what panicked), so that a panic that always comes back
+// ends in dead letters, not in a hot loop.
+func (x *executor) guard(j job, s int, fn func() bool) (ok bool) {
 	defer func() {
 		v := recover()
 		if v == nil {
 			return
 		}
 		ok = true
-		x.r.w.log.Error("panic while handling a batch", zap.String("queue", q.name), zap.String("key", b.Key), zap.Any("panic", v))
-		// The items without an outcome count as failed, with a fixed delay
-		// (the queue's backoff may be what panicked), so that a panic that
-		// always comes back ends in dead letters, not in a hot loop.
+		br, q := j.br, j.br.f.q
+		x.r.w.log.Error("panic while handling a batch", zap.String("queue", q.name), zap.String("key", keys.Short(br.b.Key)), zap.Any("panic", v))
 		err := &PanicError{Value: v, Stack: debug.Stack()}
-		for i := range out {
-			if out[i].Kind != protocol.Unfinished {
+		for _, i := range br.items(s) {
+			if br.out[i].Kind != protocol.Unfinished {
 				continue
 			}
-			if b.Items[i].Attempt+1 >= q.maxAttempts {
-				out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
+			if br.b.Items[i].Attempt+1 >= q.maxAttempts {
+				br.out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
 			} else {
-				out[i] = protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: panicRetryDelay}
+				br.out[i] = protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: panicRetryDelay}
 			}
 		}
 	}()
-	if before != nil {
-		before()
-	}
-	return q.handle(x, j, out, from)
+	return fn()
 }
 
-// call runs fn, one call of q's handler, with the queue's timeout,
-// recovering panics; apply records its outcome (it gets fn's error). step
-// is the handler's step the call is: should the call be abandoned, the
-// batch resumes after it. call reports false when the watchdog abandoned
-// the call: another executor records ErrHandlerTimeout for it and carries
-// on with the batch, and the caller must return at once.
-func (x *executor) call(j job, out []protocol.Outcome, info ItemInfo, step int, fn func(context.Context) error, apply func(error)) bool {
-	q := j.f.q
+// call runs fn, one call of the queue's handler for step s of j's batch,
+// with the queue's timeout, recovering panics; apply records its outcome
+// (it gets fn's error, a *TimeoutError when the timeout ended the call).
+// call reports false when the watchdog abandoned the call: another
+// executor records a *TimeoutError for it and carries on with the batch,
+// and the caller must return at once.
+func (x *executor) call(j job, info ItemInfo, s int, fn func(context.Context) error, apply func(error)) bool {
+	q := j.br.f.q
 	ctx := context.WithValue(x.ctx, infoKey{}, info)
 	cancel := func() {}
 	if q.timeout > 0 {
 		ctx, cancel = context.WithTimeout(ctx, q.timeout)
 	}
-	hc := &handlerCall{ctx: ctx, j: j, out: out, q: q, info: info, step: step, apply: apply, start: time.Now()}
+	hc := &handlerCall{ctx: ctx, j: j, info: info, step: s, apply: apply, start: time.Now()}
 	x.cur.Store(hc)
 	err := x.r.safe(ctx, info, fn)
+	if err != nil && q.timeout > 0 && errors.Is(ctx.Err(), context.DeadlineExceeded) && x.ctx.Err() == nil {
+		err = &TimeoutError{Timeout: q.timeout, Err: err}
+	}
 	cancel()
 	if !hc.state.CompareAndSwap(callRunning, callReturned) {
 		return false
@@ -173,7 +248,7 @@ func (r *runner) safe(ctx context.Context, info ItemInfo, fn func(context.Contex
 	defer func() {
 		if v := recover(); v != nil {
 			pe := &PanicError{Value: v, Stack: debug.Stack()}
-			r.w.log.Warn("handler panicked", zap.String("queue", info.Queue), zap.String("key", info.Key), zap.Any("panic", v))
+			r.w.log.Warn("handler panicked", zap.String("queue", info.Queue), zap.String("key", keys.Short(info.Key)), zap.Any("panic", v))
 			r.w.log.Debug("handler panic stack", zap.ByteString("stack", pe.Stack))
 			err = pe
 		}
@@ -219,11 +294,11 @@ func (r *runner) watchdog(stop <-chan struct{}) {
 }
 
 // abandon gives up on the executor x, stuck in the handler call hc: a new
-// executor takes x's place, records that the call failed with
-// ErrHandlerTimeout and carries on with the batch after it.
+// executor takes x's place, records that the call failed with a
+// *TimeoutError and carries on with the batch.
 func (r *runner) abandon(x *executor, hc *handlerCall) {
 	r.abandoned.Add(1)
-	r.w.log.Error("handler ignored its context; abandoned", zap.String("queue", hc.info.Queue), zap.String("key", hc.info.Key))
+	r.w.log.Error("handler ignored its context; abandoned", zap.String("queue", hc.info.Queue), zap.String("key", keys.Short(hc.info.Key)))
 	r.mu.Lock()
 	delete(r.executors, x)
 	r.mu.Unlock()
@@ -231,8 +306,10 @@ func (r *runner) abandon(x *executor, hc *handlerCall) {
 	go r.newExecutor().loop(hc)
 }
 
-// outcome turns a handler's error into what happens to its item.
-func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) protocol.Outcome {
+// outcome turns a handler's error into what happens to an item that had
+// failed attempt times before. Failures are logged once per batch, when it
+// is settled (settleEnded).
+func (r *runner) outcome(q *queue, attempt int, err error) protocol.Outcome {
 	if err == nil {
 		return protocol.Outcome{Kind: protocol.Done}
 	}
@@ -241,17 +318,14 @@ func (r *runner) outcome(q *queue, info ItemInfo, attempt int, err error) protoc
 		// handled, not failed.
 		return protocol.Outcome{Kind: protocol.Unfinished}
 	}
-	failed := attempt + 1
 	var nr *noRetryError
-	if errors.As(err, &nr) || failed >= q.maxAttempts {
-		r.w.log.Warn("item failed for good; moved to dead letters", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Error(err))
+	if errors.As(err, &nr) || attempt+1 >= q.maxAttempts {
 		return protocol.Outcome{Kind: protocol.Dead, Err: err}
 	}
-	delay := q.backoff.Delay(failed)
+	delay := q.backoff.Delay(attempt + 1)
 	var ra *retryAfterError
 	if errors.As(err, &ra) {
 		delay = ra.d
 	}
-	r.w.log.Info("item failed; will retry", zap.String("queue", q.name), zap.String("key", info.Key), zap.Int("attempts", failed), zap.Duration("delay", delay), zap.Error(err))
 	return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: delay}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -152,7 +153,7 @@ func TestRetriesAreNotStarvedByBusyKeys(t *testing.T) {
 		p := newProducer(t, b)
 		// A backlog of due keys, and a producer that keeps adding more.
 		for i := 1; i <= 50; i++ {
-			must(t, p.Add(ctx, "starve", "key"+string(rune(i)), item{ID: i}))
+			must(t, p.Add(ctx, "starve", "key"+strconv.Itoa(i), item{ID: i}))
 		}
 		must(t, p.Add(ctx, "starve", "first", item{ID: 0}))
 		pctx, stop := context.WithCancel(ctx)

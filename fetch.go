@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/protocol"
 )
 
@@ -74,8 +75,7 @@ func (f *fetcher) run(ctx context.Context) {
 	failures := 0
 	failed := func(what string, err error) {
 		failures++
-		r.redisFailed(err)
-		f.log.Warn(what+" failed", zap.Error(err), zap.Int("failures", failures))
+		r.redisFailed(what, err, zap.String("queue", q.name), zap.Int("shard", shard))
 		r.sleep(retryWait(failures))
 	}
 	var popped []string                     // keys to drain
@@ -103,10 +103,11 @@ func (f *fetcher) run(ctx context.Context) {
 				r.release(1)
 			}
 			if err != nil {
-				failed("claim", err)
+				failed("claiming keys and retries", err)
 				continue
 			}
 			failures = 0
+			r.redisOK()
 			nextClaim, nextRetry = now.Add(maxIdleWait), fe.NextRetry
 			for _, t := range []time.Time{fe.NextKey, fe.NextRetry} {
 				if !t.IsZero() && t.Before(nextClaim) {
@@ -117,13 +118,18 @@ func (f *fetcher) run(ctx context.Context) {
 		if len(popped) == 0 {
 			count := max(1, r.free()/r.loops)
 			wait := min(max(nextClaim.Sub(now), time.Millisecond), maxIdleWait)
-			ks, hint, err := r.w.cons.Pop(ctx, q.name, shard, count, wait)
+			// The pop's deadline is past its server-side timeout: a
+			// connection that answers nothing (cut without a reset, or a
+			// server that lost its blocked clients) must not hold the loop.
+			pctx, cancel := context.WithTimeout(ctx, wait+popGrace)
+			ks, hint, err := r.w.cons.Pop(pctx, q.name, shard, count, wait)
+			cancel()
 			if hint {
 				nextClaim = time.Time{} // a producer scheduled a key: learn when it is due
 			}
 			if err != nil {
 				if ctx.Err() == nil {
-					failed("pop", err)
+					failed("popping due keys", err)
 				}
 				continue
 			}
@@ -167,10 +173,11 @@ func (f *fetcher) run(ctx context.Context) {
 			// sweep: drain them again. The keys the round popped go back
 			// for any worker: this one has no slots for them.
 			f.unpop(ctx, res.Next)
-			failed("drain", err)
+			failed("draining keys", err)
 			continue
 		}
 		failures = 0
+		r.redisOK()
 		popped = res.Next
 	}
 }
@@ -200,7 +207,7 @@ func (f *fetcher) started(fe protocol.Fetched) int {
 		f.r.start(f, b)
 	}
 	for _, d := range fe.Dead {
-		f.log.Warn("moved a corrupt value to dead letters", zap.String("key", d.Key), zap.String("reason", d.Error))
+		f.log.Warn("moved a corrupt value to dead letters", zap.String("key", keys.Short(d.Key)), zap.String("reason", d.Error))
 	}
 	if len(fe.Dead) > 0 {
 		f.r.w.obs.Settled(f.q.name, 0, 0, len(fe.Dead)) // one dead letter per corrupt value

@@ -10,8 +10,8 @@ type Observer interface {
 	// one key (retry false), or due retries (retry true); bytes is the size
 	// of their JSON.
 	Fetched(queue string, items, bytes int, retry bool)
-	// Handled: one handler call (one item, or one key's items for a batch
-	// handler) returned err after d.
+	// Handled: one handler call (one item, or one key's items, or a
+	// WithMaxBatch chunk of them, for a batch handler) returned err after d.
 	Handled(queue string, d time.Duration, err error)
 	// Settled: the outcomes of a batch were recorded in Redis: done items,
 	// items scheduled for another attempt, and items moved to dead letters

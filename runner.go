@@ -16,16 +16,18 @@ type runner struct {
 	w     *Worker
 	hctx  context.Context // handlers' parent context
 	stop  <-chan struct{} // closed when shutdown begins
-	slots chan struct{}   // one token per batch being handled, or settled by the ack loop
+	slots chan struct{}   // one token per batch being handled or settled by the ack loop, and per helper
 	loops int             // fetch loops: queues times shards
 	work  chan job        // batches to handle, taken by the executors
+	help  chan job        // batches to help with, taken by idle executors
 	acks  chan ackReq     // batches to settle, served by ackLoop
 	// batches counts the batches started and not yet settled (or given
 	// up on); executing, the executors, less those abandoned.
 	batches   sync.WaitGroup
 	executing sync.WaitGroup
 
-	acquiring sync.Mutex // held by the one caller of acquire waiting for slots
+	acquiring sync.Mutex   // held by the one caller of acquire waiting for slots
+	waiting   atomic.Int32 // fetchers in acquire: helpers leave, and no more are recruited
 
 	mu        sync.Mutex
 	active    map[*protocol.Batch]struct{} // the batches of batches, for the lease heartbeat
@@ -39,16 +41,68 @@ type runner struct {
 	// server's: until then the worker neither fetches nor reaps, since its
 	// deadlines could be off by its clock's skew.
 	synced atomic.Bool
+	// outage is the run of failed Redis calls under way, if any (see
+	// redisFailed); inOutage is set while it lasts.
+	outage   outage
+	inOutage atomic.Bool
 }
 
-// redisFailed records a failed Redis call. Only batchq's own error replies
-// (a corrupt or full key, a lease in an unexpected state) leave Redis
-// trusted; anything else, a lost connection or a reply such as BUSY,
-// LOADING or READONLY, may have failed heartbeats too.
-func (r *runner) redisFailed(err error) {
-	if !protocol.Trusted(err) {
-		r.trouble.Store(time.Now().UnixNano())
+// An outage is a run of failed Redis calls.
+type outage struct {
+	mu       sync.Mutex
+	since    time.Time // its first failure; zero: none under way
+	logged   time.Time // when it was last logged
+	failures int
+}
+
+// outageLogEvery is how often a worker logs that Redis calls keep failing.
+var outageLogEvery = 30 * time.Second
+
+// redisFailed records and logs a failed Redis call: what it was, and
+// fields about it. Only batchq's own error replies (a corrupt or full key,
+// a lease in an unexpected state) leave Redis trusted, and are logged each
+// time; anything else, a lost connection or a reply such as BUSY, LOADING
+// or READONLY, may have failed heartbeats too, and starts or continues an
+// outage: its first failure is logged, then one line every outageLogEvery
+// with the count, until a call succeeds (redisOK).
+func (r *runner) redisFailed(what string, err error, fields ...zap.Field) {
+	fields = append(fields, zap.Error(err))
+	if protocol.Trusted(err) {
+		r.w.log.Warn(what+" failed", fields...)
+		return
 	}
+	now := time.Now()
+	r.trouble.Store(now.UnixNano())
+	o := &r.outage
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.failures++
+	switch {
+	case o.since.IsZero():
+		o.since, o.logged, o.failures = now, now, 1
+		r.inOutage.Store(true)
+		r.w.log.Warn("Redis call failed: "+what+"; retrying (further failures are logged every "+outageLogEvery.String()+")", fields...)
+	case now.Sub(o.logged) >= outageLogEvery:
+		o.logged = now
+		r.w.log.Warn("Redis calls still failing: "+what,
+			append(fields, zap.Int("failures", o.failures), zap.Duration("since", now.Sub(o.since)))...)
+	}
+}
+
+// redisOK records a Redis call that succeeded, ending an outage.
+func (r *runner) redisOK() {
+	if !r.inOutage.Load() {
+		return
+	}
+	o := &r.outage
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.since.IsZero() {
+		return
+	}
+	r.w.log.Info("Redis calls succeed again", zap.Int("failures", o.failures), zap.Duration("outage", time.Since(o.since)))
+	o.since, o.failures = time.Time{}, 0
+	r.inOutage.Store(false)
 }
 
 // calm reports whether the clock is synced and no Redis call failed for a
@@ -69,14 +123,21 @@ func (r *runner) stopping() bool {
 // acquire takes n slots, at most the worker's concurrency, waiting for
 // each, and returns how many it took: fewer when shutdown begins first. One
 // caller at a time waits: fetch loops that each held part of the slots they
-// wait for would wait for each other for ever.
+// wait for would wait for each other for ever. While it waits, helpers give
+// their slots back after their step.
 func (r *runner) acquire(n int) int {
 	r.acquiring.Lock()
 	defer r.acquiring.Unlock()
 	for i := range n {
+		if r.tryAcquire() {
+			continue
+		}
+		r.waiting.Add(1)
 		select {
 		case r.slots <- struct{}{}:
+			r.waiting.Add(-1)
 		case <-r.stop:
+			r.waiting.Add(-1)
 			return i
 		}
 	}
@@ -103,13 +164,18 @@ func (r *runner) release(n int) {
 func (r *runner) free() int { return cap(r.slots) - len(r.slots) }
 
 // start hands b, in a slot the caller holds, to a free executor. One is
-// free: an executor is busy only with a batch that holds a slot.
+// free: an executor is busy only with a batch or a helper's part of one,
+// each of which holds a slot.
 func (r *runner) start(f *fetcher, b *protocol.Batch) {
 	r.mu.Lock()
 	r.active[b] = struct{}{}
 	r.mu.Unlock()
 	r.batches.Add(1)
-	r.work <- job{f: f, b: b}
+	br := &batchRun{f: f, b: b, out: make([]protocol.Outcome, len(b.Items))}
+	if f.q.batch {
+		br.steps = f.q.plan(b)
+	}
+	r.work <- job{br: br}
 }
 
 func (r *runner) activeCount() int {
@@ -170,7 +236,7 @@ func (r *runner) sync(ctx context.Context) bool {
 	defer cancel()
 	if err := r.w.cons.Sync(ctx); err != nil {
 		if ctx.Err() == nil {
-			r.redisFailed(err)
+			r.redisFailed("reading the server's clock", err)
 		}
 		return false
 	}
@@ -216,9 +282,11 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 				}
 				switch {
 				case err != nil && ctx.Err() == nil:
-					r.redisFailed(err)
-					r.w.log.Warn("reap failed", zap.String("queue", q.name), zap.Int("shard", shard), zap.Error(err))
-				case n > 0:
+					r.redisFailed("reap", err, zap.String("queue", q.name), zap.Int("shard", shard))
+				case err == nil:
+					r.redisOK()
+				}
+				if n > 0 {
 					r.w.log.Info("returned the batches of expired leases", zap.String("queue", q.name), zap.Int("shard", shard), zap.Int("leases", n))
 				}
 			}
@@ -264,8 +332,9 @@ func (r *runner) extendLoop(done <-chan struct{}) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), r.w.cons.LeaseTTL()/3)
 		if err := r.w.cons.Extend(ctx, bs...); err != nil {
-			r.redisFailed(err)
-			r.w.log.Warn("extending leases failed", zap.Error(err), zap.Int("batches", len(bs)))
+			r.redisFailed("extending leases", err, zap.Int("batches", len(bs)))
+		} else {
+			r.redisOK()
 		}
 		cancel()
 	}

@@ -425,8 +425,9 @@ func TestACL(t *testing.T) {
 	// The logs: no permission error, nothing about CONFIG, no payload above
 	// debug level, and no warning but the expected ones.
 	expectedWarn := map[string]bool{
-		"item failed for good; moved to dead letters": true,
-		"moved a corrupt value to dead letters":       true,
+		"item moved to dead letters":            true,
+		"batch failed":                          true,
+		"moved a corrupt value to dead letters": true,
 	}
 	for _, e := range logs.All() {
 		text := entryText(e)

@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/protocol"
 )
 
@@ -46,9 +47,8 @@ func (r *runner) settled(q *queue, b *protocol.Batch, out []protocol.Outcome, er
 	}
 	go func() {
 		for attempt := 2; ; attempt++ {
-			r.redisFailed(err)
-			r.w.log.Warn("settle failed; retrying", zap.String("queue", q.name), zap.String("key", b.Key),
-				zap.Int("items", len(b.Items)), zap.Error(err), zap.Int("attempt", attempt-1))
+			r.redisFailed("settling a batch", err, zap.String("queue", q.name), zap.String("key", keys.Short(b.Key)),
+				zap.Int("items", len(b.Items)), zap.Int("attempt", attempt-1))
 			t := time.NewTimer(retryWait(attempt - 1))
 			select {
 			case <-t.C:
@@ -68,14 +68,20 @@ func (r *runner) settled(q *queue, b *protocol.Batch, out []protocol.Outcome, er
 
 // settleEnded records how the settling of b ended, at its attempt-th try.
 func (r *runner) settleEnded(q *queue, b *protocol.Batch, out []protocol.Outcome, err error, attempt int, end func()) {
-	log := r.w.log.With(zap.String("queue", q.name), zap.String("key", b.Key), zap.Int("items", len(b.Items)))
+	log := r.w.log.With(zap.String("queue", q.name), zap.String("key", keys.Short(b.Key)), zap.Int("items", len(b.Items)))
 	switch {
 	case err == nil:
+		if attempt > 1 {
+			r.redisOK()
+		}
 		var n [4]int // by protocol.OutcomeKind
 		for _, o := range out {
 			n[o.Kind]++
 		}
 		r.w.obs.Settled(q.name, n[protocol.Done], n[protocol.Retry], n[protocol.Dead])
+		if n[protocol.Retry]+n[protocol.Dead] > 0 {
+			r.logFailures(log, q, b, out, n[protocol.Done], n[protocol.Retry], n[protocol.Dead])
+		}
 	case errors.Is(err, protocol.ErrLeaseLost) && attempt == 1 && b.Releasable(out):
 		// The reaper may have come between the release's DEL and ZREM, and
 		// found nothing to put back.
@@ -96,6 +102,36 @@ func (r *runner) settleEnded(q *queue, b *protocol.Batch, out []protocol.Outcome
 	delete(r.active, b)
 	r.mu.Unlock()
 	r.batches.Done()
+}
+
+// logFailures logs a settled batch with failed items: one line for the
+// batch, with counts and the first error, and one per dead letter.
+func (r *runner) logFailures(log *zap.Logger, q *queue, b *protocol.Batch, out []protocol.Outcome, done, retried, dead int) {
+	var first error
+	var delay time.Duration // the soonest retry
+	for i, o := range out {
+		switch o.Kind {
+		case protocol.Retry:
+			if first == nil {
+				first = o.Err
+			}
+			if delay == 0 || o.Delay < delay {
+				delay = o.Delay
+			}
+		case protocol.Dead:
+			if first == nil {
+				first = o.Err
+			}
+			it := b.Items[i]
+			r.w.log.Warn("item moved to dead letters", zap.String("queue", q.name), zap.String("key", keys.Short(it.Key)),
+				zap.Int("attempts", it.Attempt+1), zap.Error(o.Err))
+		}
+	}
+	fields := []zap.Field{zap.Int("done", done), zap.Int("retried", retried), zap.Int("dead", dead), zap.Error(first)}
+	if retried > 0 {
+		fields = append(fields, zap.Duration("next_retry_in", delay))
+	}
+	log.Warn("batch failed", fields...)
 }
 
 // maxAckGroup bounds the batches the ack loop settles in one round trip.

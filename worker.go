@@ -41,6 +41,9 @@ const (
 	panicRetryDelay = time.Minute
 	// redisTimeout bounds one fetch or settle round trip.
 	redisTimeout = 10 * time.Second
+	// popGrace bounds how long a blocking pop may outlive its server-side
+	// timeout.
+	popGrace = 2 * time.Second
 	// releaseWait is how long a batch whose items all succeeded waits for
 	// its fetcher's next round to release its lease, before it is settled
 	// on its own round trip. At a steady trickle of keys the next round
@@ -57,9 +60,10 @@ var ErrNoHandlers = errors.New("batchq: no handler registered")
 // its queue. Register handlers with Handle, HandleRaw or HandleBatch, then
 // call Run once.
 //
-// Within a batch (the items of one key drained at once) items are handled
-// one after the other, in append order; up to the worker's concurrency
-// batches are handled at once.
+// A batch is the items of one key drained at once. Up to the worker's
+// concurrency handler calls run at once: the batches of many keys, and the
+// items (or WithMaxBatch chunks) of one busy key while slots are free. A
+// batch's calls start in append order.
 type Worker struct {
 	cons            *protocol.Consumer
 	dead            *deadletter.Client
@@ -84,7 +88,8 @@ type workerConfig struct {
 	observer        Observer
 }
 
-// WithConcurrency sets how many batches a worker handles at once (default 16).
+// WithConcurrency sets how many handler calls a worker runs at once
+// (default 16): the batches of as many keys, or the items of one busy key.
 func WithConcurrency(n int) Option {
 	return func(c *workerConfig) error {
 		if n < 1 {
@@ -95,9 +100,12 @@ func WithConcurrency(n int) Option {
 	}
 }
 
-// WithLogger sets the logger (default: none). The worker logs failures at
-// warn level and lifecycle at info level, with the queue and key but never
-// an item's contents.
+// WithLogger sets the logger (default: none). The worker logs lifecycle at
+// info level and failures at warn level: one line per batch with failed
+// items (with counts and the first error), one per dead letter, and one
+// when Redis calls start failing, then at most one every 30 seconds until
+// they succeed again (at info level). It logs queues and keys (cut to 64
+// bytes) but never an item's contents.
 func WithLogger(l *zap.Logger) Option {
 	return func(c *workerConfig) error {
 		if l == nil {
@@ -211,17 +219,35 @@ func WithMaxAttempts(n int) QueueOption {
 }
 
 // WithTimeout sets how long one handler call may take (default 1 minute):
-// its context is cancelled then. A handler that ignores its context is
-// abandoned about 2s later, still running: its item counts as failed with
-// ErrHandlerTimeout (or, when the shutdown timeout cancelled it, as not
-// handled: it goes back to its key), and the rest of its batch is handled.
-// 0 means no timeout.
+// its context is cancelled then, and its error is recorded as a
+// *TimeoutError naming the timeout. A handler that ignores its context is
+// abandoned about 2s later, still running: its items count as failed with
+// a *TimeoutError wrapping ErrHandlerTimeout (or, when the shutdown timeout
+// cancelled it, as not handled: they go back to their key), and the rest
+// of its batch is handled. 0 means no timeout.
 func WithTimeout(d time.Duration) QueueOption {
 	return func(q *queue) {
 		if d < 0 {
 			panic(fmt.Sprintf("batchq: negative timeout %v", d))
 		}
 		q.timeout = d
+	}
+}
+
+// WithMaxBatch bounds the calls of a batch handler (HandleBatch): each gets
+// at most items items and at most bytes bytes of JSON, in append order; an
+// item bigger than bytes gets a call of its own. Each call has its own
+// outcome, and the calls of one batch may run at once. 0 means no bound,
+// the default for both: a call gets all the items drained from its key,
+// which the producer's per-key caps bound (WithMaxKeyItems, 1,000,000, and
+// WithMaxKeyBytes, 64 MiB). It panics given a negative bound, and
+// registering it with Handle or HandleRaw panics: their calls get one item.
+func WithMaxBatch(items, bytes int) QueueOption {
+	return func(q *queue) {
+		if items < 0 || bytes < 0 {
+			panic(fmt.Sprintf("batchq: negative batch bound (%d items, %d bytes)", items, bytes))
+		}
+		q.maxItems, q.maxBytes = items, bytes
 	}
 }
 
@@ -244,32 +270,26 @@ func Info(ctx context.Context) (ItemInfo, bool) {
 // Handle registers fn as the handler of queue's items, each decoded from
 // JSON into a T. An item that does not decode goes to dead letters at once.
 // A nil error from fn means the item is done; any other error fails this
-// attempt (see NoRetry and RetryAfter). Handle panics when queue already
-// has a handler, when its name is invalid, or once Run has been called.
+// attempt (see NoRetry and RetryAfter). The items of one key's batch start
+// in append order, and run at once while the worker has free slots. Handle
+// panics when queue already has a handler, when its name is invalid, or
+// once Run has been called.
 func Handle[T any](w *Worker, queueName string, fn func(ctx context.Context, item T) error, opts ...QueueOption) {
 	if fn == nil {
 		panic("batchq: nil handler")
 	}
 	// A step is an item.
-	w.register(queueName, opts, func(x *executor, j job, out []protocol.Outcome, from int) bool {
-		q, b := j.f.q, j.b
-		for i := from; i < len(b.Items); i++ {
-			if x.r.stopping() {
-				return true // the rest stays Unfinished
-			}
-			it := b.Items[i]
-			v, err := decode[T](it.Data)
-			if err != nil {
-				out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
-				continue
-			}
-			info := ItemInfo{Queue: q.name, Key: it.Key, Attempt: it.Attempt}
-			if !x.call(j, out, info, i, func(ctx context.Context) error { return fn(ctx, v) },
-				func(err error) { out[i] = x.r.outcome(q, info, it.Attempt, err) }) {
-				return false
-			}
+	w.register(queueName, opts, false, func(x *executor, j job, s int) bool {
+		br := j.br
+		q, it := br.f.q, br.b.Items[s]
+		v, err := decode[T](it.Data)
+		if err != nil {
+			br.out[s] = protocol.Outcome{Kind: protocol.Dead, Err: err}
+			return true
 		}
-		return true
+		info := ItemInfo{Queue: q.name, Key: it.Key, Attempt: it.Attempt}
+		return x.call(j, info, s, func(ctx context.Context) error { return fn(ctx, v) },
+			func(err error) { br.out[s] = x.r.outcome(q, it.Attempt, err) })
 	})
 }
 
@@ -279,63 +299,81 @@ func HandleRaw(w *Worker, queueName string, fn func(ctx context.Context, item js
 	Handle(w, queueName, fn, opts...)
 }
 
-// HandleBatch registers fn as the handler of queue's batches: fn gets all
-// the items drained from one key at once, in append order, each decoded
-// into a T (items that do not decode go to dead letters and are left out).
-// A nil error means every item is done; a *BatchError fails only the items
-// it names; any other error fails them all. See Handle.
+// HandleBatch registers fn as the handler of queue's batches: fn gets the
+// items drained from one key, in append order, each decoded into a T
+// (items that do not decode go to dead letters and are left out), at most
+// as many as WithMaxBatch allows per call. A batch of retries may hold the
+// items of several keys: fn gets one call per key. A nil error means every
+// item of the call is done; a *BatchError fails only the items it names, by
+// their index in items; any other error fails them all. See Handle.
 func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context, key string, items []T) error, opts ...QueueOption) {
 	if fn == nil {
 		panic("batchq: nil handler")
 	}
-	// A step is a key's group of items: a batch of retries may hold items of
-	// several keys, and gets one call per key.
-	w.register(queueName, opts, func(x *executor, j job, out []protocol.Outcome, from int) bool {
-		q, b := j.f.q, j.b
-		groups := groupByKey(b.Items)
-		for g := from; g < len(groups); g++ {
-			if x.r.stopping() {
-				return true
-			}
-			vals := make([]T, 0, len(groups[g]))
-			idx := make([]int, 0, len(groups[g])) // vals[k] is b.Items[idx[k]]
-			attempt := 0
-			for _, i := range groups[g] {
-				v, err := decode[T](b.Items[i].Data)
-				if err != nil {
-					out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
-					continue
-				}
-				vals = append(vals, v)
-				idx = append(idx, i)
-				attempt = max(attempt, b.Items[i].Attempt)
-			}
-			if len(vals) == 0 {
+	// A step is a chunk of a key's items (see queue.plan).
+	w.register(queueName, opts, true, func(x *executor, j job, s int) bool {
+		br := j.br
+		q, b := br.f.q, br.b
+		step := br.steps[s]
+		vals := make([]T, 0, len(step))
+		idx := make([]int, 0, len(step)) // vals[k] is b.Items[idx[k]]
+		attempt := 0
+		for _, i := range step {
+			v, err := decode[T](b.Items[i].Data)
+			if err != nil {
+				br.out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
 				continue
 			}
-			info := ItemInfo{Queue: q.name, Key: b.Items[groups[g][0]].Key, Attempt: attempt}
-			apply := func(err error) {
-				var be *BatchError
-				if !errors.As(err, &be) {
-					for _, i := range idx {
-						out[i] = x.r.outcome(q, info, b.Items[i].Attempt, err)
-					}
-					return
+			vals = append(vals, v)
+			idx = append(idx, i)
+			attempt = max(attempt, b.Items[i].Attempt)
+		}
+		if len(vals) == 0 {
+			return true
+		}
+		info := ItemInfo{Queue: q.name, Key: b.Items[step[0]].Key, Attempt: attempt}
+		apply := func(err error) {
+			var be *BatchError
+			if !errors.As(err, &be) {
+				for _, i := range idx {
+					br.out[i] = x.r.outcome(q, b.Items[i].Attempt, err)
 				}
-				var failed map[int]error // a nil *BatchError fails nothing
-				if be != nil {
-					failed = be.Failed
-				}
-				for k, i := range idx {
-					out[i] = x.r.outcome(q, info, b.Items[i].Attempt, failed[k])
-				}
+				return
 			}
-			if !x.call(j, out, info, g, func(ctx context.Context) error { return fn(ctx, info.Key, vals) }, apply) {
-				return false
+			var failed map[int]error // a nil *BatchError fails nothing
+			if be != nil {
+				failed = be.Failed
+			}
+			for k, i := range idx {
+				br.out[i] = x.r.outcome(q, b.Items[i].Attempt, failed[k])
 			}
 		}
-		return true
+		return x.call(j, info, s, func(ctx context.Context) error { return fn(ctx, info.Key, vals) }, apply)
 	})
+}
+
+// plan returns the steps of a batch handler's batch b: the indexes of its
+// items, grouped by key (in order of first appearance) and cut to the
+// queue's batch bounds.
+func (q *queue) plan(b *protocol.Batch) [][]int {
+	groups := groupByKey(b.Items)
+	if q.maxItems == 0 && q.maxBytes == 0 {
+		return groups
+	}
+	steps := make([][]int, 0, len(groups))
+	for _, g := range groups {
+		start, size := 0, 0
+		for k, i := range g {
+			n := len(b.Items[i].Data)
+			if k > start && (q.maxItems > 0 && k-start == q.maxItems || q.maxBytes > 0 && size+n > q.maxBytes) {
+				steps = append(steps, g[start:k:k])
+				start, size = k, 0
+			}
+			size += n
+		}
+		steps = append(steps, g[start:])
+	}
+	return steps
 }
 
 // groupByKey returns the indexes of items grouped by key, groups in order of
@@ -383,29 +421,36 @@ func decode[T any](data json.RawMessage) (T, error) {
 	return v, nil
 }
 
-// queue is a registered queue: its handler and retry settings.
+// queue is a registered queue: its handler and settings.
 type queue struct {
 	name        string
 	backoff     Backoff
 	maxAttempts int
 	timeout     time.Duration
-	// handle fills out[i] with the outcome of j.b.Items[i], from the
-	// handler's step from on (the steps before have their outcomes); entries
-	// it leaves untouched are Unfinished. Each step is one x.call, numbered
-	// as the handler likes; it returns false, at once, when x.call does.
-	handle func(x *executor, j job, out []protocol.Outcome, from int) bool
+	// maxItems and maxBytes bound a batch handler's calls (WithMaxBatch).
+	maxItems, maxBytes int
+	// batch is set for a batch handler, whose steps are planned by plan;
+	// a per-item handler's step i is item i.
+	batch bool
+	// step runs step s of j's batch, one handler call, and fills in the
+	// outcomes of its items (those it leaves untouched are Unfinished). It
+	// returns false, at once, when x.call does.
+	step func(x *executor, j job, s int) bool
 	// warnedShards is the registry's shard count last warned about (see
 	// runner.register; written at start, then by the reap loop only).
 	warnedShards int
 }
 
-func (w *Worker) register(name string, opts []QueueOption, handle func(*executor, job, []protocol.Outcome, int) bool) {
+func (w *Worker) register(name string, opts []QueueOption, batch bool, step func(*executor, job, int) bool) {
 	if err := keys.CheckQueue(name); err != nil {
 		panic(err.Error())
 	}
-	q := &queue{name: name, backoff: DefaultBackoff, maxAttempts: DefaultMaxAttempts, timeout: DefaultTimeout, handle: handle}
+	q := &queue{name: name, backoff: DefaultBackoff, maxAttempts: DefaultMaxAttempts, timeout: DefaultTimeout, batch: batch, step: step}
 	for _, o := range opts {
 		o(q)
+	}
+	if !batch && (q.maxItems > 0 || q.maxBytes > 0) {
+		panic("batchq: WithMaxBatch given to Handle or HandleRaw for queue " + name + ": it bounds HandleBatch's calls")
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -454,6 +499,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		slots:     make(chan struct{}, w.concurrency),
 		loops:     len(queues) * w.cons.Shards(),
 		work:      make(chan job),
+		help:      make(chan job),
 		acks:      make(chan ackReq, maxAckGroup),
 		active:    make(map[*protocol.Batch]struct{}),
 		executors: make(map[*executor]struct{}),

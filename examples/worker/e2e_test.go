@@ -208,16 +208,16 @@ func testEndToEnd(t *testing.T, b testredis.Backend, shards int) {
 		}
 	}
 	for _, w := range workers {
-		var n, retries int
+		var n, failed int
 		for _, l := range w.logLines(t) {
 			switch l["msg"] {
 			case "handled":
 				n++
-			case "item failed; will retry":
-				retries++
+			case "batch failed":
+				failed++
 			}
 		}
-		t.Logf("%s handled %d items and retried %d", w.name, n, retries)
+		t.Logf("%s handled %d items; %d batches failed", w.name, n, failed)
 		for _, msg := range []string{"worker stopping", "worker stopped", "exiting"} {
 			if !w.logged(t, msg) {
 				t.Errorf("%s did not log %q on SIGTERM", w.name, msg)
