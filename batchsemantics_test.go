@@ -149,7 +149,9 @@ func TestSemanticsPerItemNoRetryAndRetryAfterInBatchError(t *testing.T) {
 
 // Retries come back as one batch that may hold the items of several keys;
 // a batch handler gets one call per key, with the key's items together, and
-// batchq.Info gives the highest attempt among them.
+// batchq.Info gives the highest attempt among them. Each item still counts
+// its own attempts: when the call fails, the item at its last attempt goes
+// to dead letters and the other is retried.
 func TestSemanticsRetriesComeGroupedPerKeyWithTheHighestAttempt(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
@@ -175,6 +177,8 @@ func TestSemanticsRetriesComeGroupedPerKeyWithTheHighestAttempt(t *testing.T) {
 			defer mu.Unlock()
 			calls = append(calls, c)
 			switch {
+			case regrouped && key == "k": // item 1 at its third attempt, item 2 at its second
+				return later("fails once more")
 			case regrouped:
 				return nil
 			case key == "k" && info.Attempt == 0: // items 1 and 2: 1 comes back at once, 2 in an hour
@@ -182,7 +186,7 @@ func TestSemanticsRetriesComeGroupedPerKeyWithTheHighestAttempt(t *testing.T) {
 			default: // item 1 at its second attempt, and item 3 of key j
 				return later("fails again")
 			}
-		})
+		}, batchq.WithMaxAttempts(3))
 		p := newProducer(t, b)
 		must(t, p.Add(ctx, "grouped", "k", item{ID: 1}, item{ID: 2}))
 		must(t, p.Add(ctx, "grouped", "j", item{ID: 3}))
@@ -227,6 +231,22 @@ func TestSemanticsRetriesComeGroupedPerKeyWithTheHighestAttempt(t *testing.T) {
 		}
 		if f := obs.fetched(); len(f) == 0 || f[len(f)-1] != (fetched{items: 3, retry: true}) {
 			t.Errorf("batches fetched %v, want the last a batch of 3 retries", f)
+		}
+
+		// The failed call of key k: item 1 has used its 3 attempts, item 2
+		// has one left.
+		dl := newDeadLetters(t, b)
+		eventually(t, 10*time.Second, "item 1 dead and item 2 waiting", func() bool {
+			n, err := dl.Count(ctx, "grouped")
+			return err == nil && n == 1 && len(retries(t, b, "grouped")) == 1
+		})
+		letters, err := dl.List(ctx, "grouped", 10)
+		must(t, err)
+		if len(letters) != 1 || string(letters[0].Item) != `{"id":1}` || letters[0].Attempts != 3 {
+			t.Errorf("dead letters %+v, want item 1 after 3 attempts", letters)
+		}
+		if rs := retries(t, b, "grouped"); len(rs) != 1 || string(rs[0].env.Item) != `{"id":2}` || rs[0].env.Attempts != 2 {
+			t.Errorf("retries %+v, want item 2 with 2 attempts", rs)
 		}
 	})
 }
@@ -295,8 +315,8 @@ func testShutdownUsesNoAttempt(t *testing.T, b testredis.Backend, kind string) {
 		t.Fatalf("after the shutdown: %d dead letters (%v), want none", n, err)
 	}
 	rs := retries(t, b, "cut")
-	if len(rs) != 1 || string(rs[0].env.Item) != `{"id":2}` || rs[0].env.Attempts != 1 {
-		t.Errorf("after the shutdown the retries are %+v, want item 2 with 1 attempt", rs)
+	if len(rs) != 1 || string(rs[0].env.Item) != `{"id":2}` || rs[0].env.Attempts != 1 || rs[0].due > time.Now().UnixMilli() {
+		t.Errorf("after the shutdown the retries are %+v, want item 2 with 1 attempt, due already", rs)
 	}
 	if left := pending(t, b, "cut", []string{"fresh"}); !slices.Equal(left, []int{1}) {
 		t.Errorf("after the shutdown key fresh holds %v, want [1]", left)
