@@ -205,6 +205,9 @@ func (c *Consumer) Register(ctx context.Context, queues ...string) ([]int, error
 	return Register(ctx, c.c, c.prefix, c.shards, queues...)
 }
 
+// Client returns the client the consumer uses.
+func (c *Consumer) Client() rueidis.Client { return c.c }
+
 // Prefix returns the prefix of every Redis key.
 func (c *Consumer) Prefix() string { return c.prefix }
 
