@@ -129,7 +129,7 @@ func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, e
 	for shard := range c.shards {
 		ids, envs, err := protocol.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
 		if err != nil {
-			return nil, fmt.Errorf("dead letters of %s: %w", queue, err)
+			return nil, fmt.Errorf("dead letters of %s: %w", keys.Short(queue), err)
 		}
 		for i, env := range envs {
 			out = append(out, decode(queue, shard, ids[i], env))
