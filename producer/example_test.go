@@ -36,8 +36,8 @@ func signupHandler(rdb rueidis.Client) (http.Handler, error) {
 		// One round trip, however many items: nil means they are all stored.
 		err := emails.Add(r.Context(), "user:"+r.FormValue("user"), Email{To: r.FormValue("email")})
 		if err != nil {
-			// Which errors a retry can fix, and which leave it unknown
-			// whether the item was stored: see the errors below.
+			// The error says whether trying again can help, and whether
+			// the item may be stored all the same: see the producer's errors.
 			http.Error(w, "could not queue the email", http.StatusServiceUnavailable)
 			return
 		}
