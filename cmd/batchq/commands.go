@@ -7,7 +7,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/inspect"
@@ -19,6 +21,7 @@ type command struct {
 	name     string // as typed: "stats", "dead list"
 	synopsis string // its arguments and flags
 	summary  string
+	example  string // command lines, one a line, without the program name
 	// queue says that the first argument is a queue name, key that the
 	// second is a key; minArgs and maxArgs bound the arguments (maxArgs -1:
 	// any number, all queue names).
@@ -32,9 +35,11 @@ type command struct {
 // commands are the commands, in the order the usage lists them.
 var commands = []*command{
 	{name: "stats", synopsis: "[QUEUE...]", maxArgs: -1, run: stats,
-		summary: "per queue (every registered one by default): shards, ready keys, pending items,\nin flight (batches/items), retries, dead letters, and how long the oldest key has been due"},
+		summary: "per queue (every registered one by default): shards, ready keys, pending items,\nin flight (batches/items), retries, dead letters, and how long the oldest key has been due",
+		example: "-redis 10.0.0.5:6379 stats\nstats orders emails -json"},
 	{name: "keys", synopsis: "QUEUE [-by items|bytes|age] [-n 20]", queue: true, minArgs: 1, maxArgs: 1, run: topKeys,
 		summary: "the top pending keys of a queue: most items, most bytes, or longest due",
+		example: "keys orders -by age -n 5",
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.StringVar(&o.by, "by", string(inspect.ByItems), "order: `items`, bytes or age")
 			fs.IntVar(&o.n, "n", 20, "how many keys")
@@ -46,49 +51,110 @@ var commands = []*command{
 			return positive("-n", o.n)
 		}},
 	{name: "peek", synopsis: "QUEUE KEY", queue: true, key: true, minArgs: 2, maxArgs: 2, run: peek,
-		summary: "the pending items of a key, without taking them: its JSON array, pretty-printed\n(byte for byte as \"array\" with -json), and its items, bytes and due time"},
+		summary: "the pending items of a key, without taking them: its JSON array, pretty-printed\n(byte for byte as \"array\" with -json), and its items, bytes and due time",
+		example: "peek orders customer-7\n-json peek orders customer-7 | jq '.array | length'"},
+	{name: "retries list", synopsis: "QUEUE [-n 50] [-items]", queue: true, minArgs: 1, maxArgs: 1, run: retriesList,
+		summary: "the retries of a queue, soonest due first: id, key, attempts, due time, last error;\ntheir payloads only with -items (they may be sensitive)",
+		example: "retries list orders -n 10\n-json retries list orders -items | jq '.retries[].item'",
+		flags: func(fs *flag.FlagSet, o *options) {
+			fs.IntVar(&o.n, "n", 50, "how many retries")
+			fs.BoolVar(&o.items, "items", false, "show the items (payloads) too")
+		},
+		check: func(o *options) error { return positive("-n", o.n) }},
 	{name: "dead list", synopsis: "QUEUE [-n 50] [-items]", queue: true, minArgs: 1, maxArgs: 1, run: deadList,
 		summary: "the dead letters of a queue, newest first: id, key, attempts, time, error;\ntheir payloads only with -items (they may be sensitive)",
+		example: "dead list orders -n 10",
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.IntVar(&o.n, "n", 50, "how many dead letters")
 			fs.BoolVar(&o.items, "items", false, "show the items (payloads) too")
 		},
 		check: func(o *options) error { return positive("-n", o.n) }},
-	{name: "dead requeue", synopsis: "QUEUE (-n N | -all) [-yes]", queue: true, minArgs: 1, maxArgs: 1, run: deadRequeue,
-		summary: "append dead letters' items to the end of their keys again, with no attempts,\nthe newest first; without -yes, only say how many it would requeue",
+	{name: "dead requeue", synopsis: "QUEUE (-n N | -all | -id ID...) [-yes]", queue: true, minArgs: 1, maxArgs: 1, run: deadRequeue,
+		summary: "append dead letters' items to the end of their keys again, with no attempts: the\nnewest N, all, or those whose ids dead list shows (-id, as often as needed, oldest\nfirst); without -yes, only say what it would requeue",
+		example: "dead requeue orders -all -yes\ndead requeue orders -id 2bvyrspclspei1i7a7fbc1mrf4-0000000 -yes",
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.IntVar(&o.n, "n", 0, "requeue the newest `N` dead letters")
 			fs.BoolVar(&o.all, "all", false, "requeue every dead letter there is when it starts")
+			fs.Var((*idList)(&o.ids), "id", "requeue the dead letter `ID` (repeat for more)")
 			fs.BoolVar(&o.yes, "yes", false, "do it")
 		},
 		check: func(o *options) error {
-			switch {
-			case o.all && o.n != 0:
-				return errors.New("give -n N or -all, not both")
-			case o.all:
-				return nil
-			case o.n == 0:
-				return errors.New("say how many: -n N or -all")
+			given := 0
+			for _, g := range []bool{o.n != 0, o.all, len(o.ids) > 0} {
+				if g {
+					given++
+				}
 			}
-			return positive("-n", o.n)
+			switch {
+			case given > 1:
+				return errors.New("give one of -n N, -all or -id ID")
+			case given == 0:
+				return errors.New("say which: -n N, -all or -id ID")
+			case o.n != 0:
+				return positive("-n", o.n)
+			}
+			return nil
 		}},
 	{name: "dead purge", synopsis: "QUEUE [-yes]", queue: true, minArgs: 1, maxArgs: 1, run: deadPurge,
 		summary: "delete every dead letter of a queue, and the values kept in quarantine;\nwithout -yes, only say how many it would delete",
+		example: "dead purge orders -yes",
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.BoolVar(&o.yes, "yes", false, "do it")
 		}},
 	{name: "queue forget", synopsis: "QUEUE [-yes]", queue: true, minArgs: 1, maxArgs: 1, run: queueForget,
 		summary: "take a queue that holds nothing (no pending key, batch in flight, retry or dead letter)\nout of the registry, so that the tools no longer list it; without -yes, only check",
+		example: "queue forget spam00001 -yes",
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.BoolVar(&o.yes, "yes", false, "do it")
 		}},
+	{name: "workers", synopsis: "[QUEUE...]", maxArgs: -1, run: workers,
+		summary: "the live workers (seen within the last 90s), by name: host, pid, queues, shards,\nconcurrency, when each started and was last seen; those of the named queues only, if any",
+		example: "workers\nworkers orders -json"},
 }
 
-// groups are the commands that take a subcommand, with their subcommands
-// as the usage error names them.
+// groups are the commands that take a subcommand, with what 'batchq help
+// GROUP' says of them.
 var groups = map[string]string{
-	"dead":  "list, requeue or purge",
-	"queue": "forget",
+	"retries": "The retries of a queue: items that failed and wait for their next attempt.",
+	"dead":    "The dead letters of a queue: items that failed for good, and values found in a key\nthat were not items.",
+	"queue":   "The registry of queues.",
+}
+
+// subcommands returns the commands of group, in the order of commands.
+func subcommands(group string) []*command {
+	var out []*command
+	for _, c := range commands {
+		if strings.HasPrefix(c.name, group+" ") {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// subcommandList names the subcommands of group as a usage error does:
+// "list, requeue or purge".
+func subcommandList(group string) string {
+	var names []string
+	for _, c := range subcommands(group) {
+		names = append(names, strings.TrimPrefix(c.name, group+" "))
+	}
+	if len(names) < 2 {
+		return strings.Join(names, "")
+	}
+	return strings.Join(names[:len(names)-1], ", ") + " or " + names[len(names)-1]
+}
+
+// idList is a flag that may be given many times, each adding an id.
+type idList []string
+
+func (l *idList) String() string { return strings.Join(*l, ",") }
+
+func (l *idList) Set(v string) error {
+	if v == "" {
+		return errors.New("empty id")
+	}
+	*l = append(*l, v)
+	return nil
 }
 
 // lookup returns the command called name, or nil.
@@ -135,20 +201,8 @@ func (c *command) checkArgs(args []string) error {
 	return nil
 }
 
-// printUsage writes the usage of every command (c nil) or of c.
-func printUsage(w io.Writer, c *command) {
-	if c != nil {
-		fmt.Fprintf(w, "usage: batchq [flags] %s %s\n\n%s\n", c.name, c.synopsis, c.summary)
-		if c.flags != nil {
-			fs := flag.NewFlagSet(c.name, flag.ContinueOnError)
-			c.flags(fs, &options{})
-			fmt.Fprintln(w, "\nFlags:")
-			fs.SetOutput(w)
-			fs.PrintDefaults()
-		}
-		fmt.Fprintln(w, "\nThe global flags (see 'batchq help') may come before or after the command.")
-		return
-	}
+// printUsage writes the usage of every command.
+func printUsage(w io.Writer) {
 	fmt.Fprint(w, `usage: batchq [flags] COMMAND [args]
 
 batchq inspects the batchq queues on a Redis server or Redis Cluster. It only
@@ -160,8 +214,8 @@ Commands:
 	for _, c := range commands {
 		fmt.Fprintf(w, "  %s %s\n%s\n", c.name, c.synopsis, indent(c.summary, "        "))
 	}
-	fmt.Fprint(w, `  help [COMMAND]
-        this text, or one command's
+	fmt.Fprint(w, `  help [COMMAND [SUBCOMMAND]]
+        this text, or a command's usage, flags and examples
 
 Flags, before or after the command:
 `)
@@ -173,7 +227,33 @@ Flags, before or after the command:
 	fmt.Fprint(w, `
 Exit status: 0 on success; 1 on an error (Redis unreachable, no such queue,
 a destructive command without -yes, the timeout); 2 on a usage error.
+Run 'batchq help COMMAND' for a command's flags and examples.
 `)
+}
+
+// printCommandUsage writes the usage of c: synopsis, summary, flags and
+// examples.
+func printCommandUsage(w io.Writer, c *command) {
+	fmt.Fprintf(w, "usage: batchq [flags] %s %s\n\n%s\n", c.name, c.synopsis, c.summary)
+	if c.flags != nil {
+		fs := flag.NewFlagSet(c.name, flag.ContinueOnError)
+		c.flags(fs, &options{})
+		fmt.Fprintln(w, "\nFlags:")
+		fs.SetOutput(w)
+		fs.PrintDefaults()
+	}
+	fmt.Fprintf(w, "\nExamples:\n%s\n", indent(c.example, "  batchq "))
+	fmt.Fprintln(w, "\nThe global flags (see 'batchq help') may come before or after the command.")
+}
+
+// printGroupUsage writes the usage of a command that takes a subcommand:
+// what it is about, and each subcommand's synopsis and summary.
+func printGroupUsage(w io.Writer, group string) {
+	fmt.Fprintf(w, "usage: batchq [flags] %s SUBCOMMAND [args]\n\n%s\n\nSubcommands:\n", group, groups[group])
+	for _, c := range subcommands(group) {
+		fmt.Fprintf(w, "  %s %s\n%s\n", strings.TrimPrefix(c.name, group+" "), c.synopsis, indent(c.summary, "        "))
+	}
+	fmt.Fprintf(w, "\nRun 'batchq help %s SUBCOMMAND' for its flags and examples.\n", group)
 }
 
 func indent(s, by string) string {
@@ -381,15 +461,89 @@ type deadJSON struct {
 	Item json.RawMessage `json:"item,omitempty"`
 }
 
+// retriesList prints retries of a queue.
+func retriesList(ctx context.Context, s *session, args []string) error {
+	queue := args[0]
+	rs, err := s.in.Retries(ctx, queue, s.opts.n)
+	if err != nil {
+		return err
+	}
+	if s.cfg.json {
+		out := struct {
+			Queue   string      `json:"queue"`
+			Total   int64       `json:"total"`
+			Now     time.Time   `json:"now"`
+			Retries []retryJSON `json:"retries"`
+		}{Queue: queue, Total: rs.Total, Now: rs.Now, Retries: make([]retryJSON, len(rs.Retries))}
+		for i, r := range rs.Retries {
+			out.Retries[i].Retry = r
+			if s.opts.items {
+				out.Retries[i].Item = r.Item
+			}
+		}
+		return writeJSON(s.out, out)
+	}
+	if len(rs.Retries) == 0 {
+		_, err := fmt.Fprintf(s.out, "queue %s has no retries\n", cell(queue))
+		return err
+	}
+	head := []string{"ID", "KEY", "ATTEMPTS", "DUE", "IN", "ERROR"}
+	if s.opts.items {
+		head = append(head, "ITEM")
+	}
+	t := newTable(s.out, head...)
+	for _, r := range rs.Retries {
+		e := cell(r.Error)
+		switch {
+		case r.Corrupt:
+			e = cell("[corrupt, goes to dead letters when due] " + r.Error)
+		case r.Error == "":
+			e = "-"
+		}
+		in := age(r.Due.Sub(rs.Now))
+		if !r.Due.After(rs.Now) {
+			in = "overdue " + age(rs.Now.Sub(r.Due))
+		}
+		row := []string{cell(r.ID), cell(r.Key), num(int64(r.Attempts)), stamp(r.Due), in, clip(e, maxErrorCell)}
+		if s.opts.items {
+			row = append(row, item(r.Item))
+		}
+		t.row(row...)
+	}
+	if err := t.flush(); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(s.out, "%d of %s of queue %s\n", len(rs.Retries), retries(rs.Total), cell(queue))
+	return err
+}
+
+// retries returns "1 retry", "2 retries".
+func retries(n int64) string {
+	if n == 1 {
+		return "1 retry"
+	}
+	return num(n) + " retries"
+}
+
+// retryJSON is a retry in -json output: its item only with -items.
+type retryJSON struct {
+	inspect.Retry
+	Item json.RawMessage `json:"item,omitempty"`
+}
+
 // requeuePage bounds the dead letters read at once by dead requeue -all.
 const requeuePage = 1000
 
-// deadRequeue requeues the newest -n dead letters of a queue, or all.
+// deadRequeue requeues the newest -n dead letters of a queue, all, or
+// those named by -id.
 func deadRequeue(ctx context.Context, s *session, args []string) error {
 	queue := args[0]
 	c, err := s.in.DeadLetters(ctx, queue)
 	if err != nil {
 		return err
+	}
+	if len(s.opts.ids) > 0 {
+		return requeueByID(ctx, s, c, queue)
 	}
 	total, err := c.Count(ctx, queue)
 	if err != nil {
@@ -430,6 +584,85 @@ func deadRequeue(ctx context.Context, s *session, args []string) error {
 	}
 	if skipped > 0 {
 		_, err = fmt.Fprintf(s.out, "skipped %d holding a key's corrupt value, not an item (dead purge deletes them)\n", skipped)
+	}
+	return err
+}
+
+// maxIDsNamed bounds the ids a message names.
+const maxIDsNamed = 5
+
+// idNames names ids for a message: each quoted if it must be, and cut, the
+// first maxIDsNamed of them.
+func idNames(ids []string) string {
+	names := make([]string, 0, min(len(ids), maxIDsNamed))
+	for _, id := range ids[:min(len(ids), maxIDsNamed)] {
+		names = append(names, clip(cell(id), maxIDCell))
+	}
+	list := strings.Join(names, ", ")
+	if more := len(ids) - len(names); more > 0 {
+		list += fmt.Sprintf(" and %d more", more)
+	}
+	return list
+}
+
+// requeueByID requeues the dead letters of queue that -id names, oldest
+// first, so that the items of a key keep their order. Any id that names no
+// letter, or a letter that holds a corrupt value, stops it before it
+// requeues anything.
+func requeueByID(ctx context.Context, s *session, c *deadletter.Client, queue string) error {
+	letters, err := c.Get(ctx, queue, s.opts.ids...)
+	if err != nil {
+		return err
+	}
+	found := make(map[string]bool, len(letters))
+	for _, d := range letters {
+		found[d.ID] = true
+	}
+	var missing, corrupt []string
+	for _, id := range s.opts.ids {
+		if !found[id] && !slices.Contains(missing, id) {
+			missing = append(missing, id)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("queue %s has no dead letter %s (requeued or purged already? dead list shows the ids)", cell(queue), idNames(missing))
+	}
+	ids := make([]string, len(letters))
+	for i, d := range letters {
+		ids[i] = d.ID
+		if !d.Requeueable() {
+			corrupt = append(corrupt, d.ID)
+		}
+	}
+	if len(corrupt) > 0 {
+		return fmt.Errorf("dead letter %s of queue %s holds a corrupt value, not an item: it cannot be requeued (dead purge deletes it)", idNames(corrupt), cell(queue))
+	}
+	if !s.opts.yes {
+		return fmt.Errorf("would requeue %s of queue %s: %s; run again with -yes", plural(int64(len(letters)), "dead letter"), cell(queue), idNames(ids))
+	}
+	slices.SortStableFunc(letters, func(a, b deadletter.Letter) int {
+		if n := a.FailedAt.Compare(b.FailedAt); n != 0 {
+			return n
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	n, err := c.Requeue(ctx, letters...)
+	if err != nil {
+		return fmt.Errorf("requeued %d, then: %w", n, err)
+	}
+	if s.cfg.json {
+		return writeJSON(s.out, struct {
+			Queue          string   `json:"queue"`
+			Requeued       int64    `json:"requeued"`
+			SkippedCorrupt int64    `json:"skipped_corrupt"`
+			IDs            []string `json:"ids"`
+		}{queue, int64(n), 0, ids})
+	}
+	if _, err := fmt.Fprintf(s.out, "requeued %s of queue %s\n", plural(int64(n), "dead letter"), cell(queue)); err != nil {
+		return err
+	}
+	if gone := len(letters) - n; gone > 0 {
+		_, err = fmt.Fprintf(s.out, "%d were requeued or purged by someone else meanwhile\n", gone)
 	}
 	return err
 }
@@ -494,5 +727,56 @@ func queueForget(ctx context.Context, s *session, args []string) error {
 		}{queue, true})
 	}
 	_, err := fmt.Fprintf(s.out, "forgot queue %s\n", cell(queue))
+	return err
+}
+
+// workers prints the live workers, or those of the named queues.
+func workers(ctx context.Context, s *session, queues []string) error {
+	lw, err := s.in.Workers(ctx)
+	if err != nil {
+		return err
+	}
+	if len(queues) > 0 {
+		lw.Workers = slices.DeleteFunc(lw.Workers, func(w inspect.Worker) bool {
+			return !slices.ContainsFunc(w.Queues, func(q string) bool { return slices.Contains(queues, q) })
+		})
+	}
+	if s.cfg.json {
+		lw.Workers = nonNil(lw.Workers)
+		return writeJSON(s.out, lw)
+	}
+	if len(lw.Workers) == 0 {
+		msg := fmt.Sprintf("no live worker under prefix %q", s.in.Prefix())
+		if len(queues) > 0 {
+			names := make([]string, len(queues))
+			for i, q := range queues {
+				names[i] = cell(q)
+			}
+			msg += " drains " + strings.Join(names, ", ")
+		}
+		_, err := fmt.Fprintln(s.out, escapeControls(msg))
+		return err
+	}
+	t := newTable(s.out, "NAME", "HOST", "PID", "QUEUES", "SHARDS", "CONCURRENCY", "STARTED", "LAST SEEN")
+	for _, w := range lw.Workers {
+		seen := age(max(lw.Now.Sub(w.LastSeen), 0)) + " ago"
+		if w.Corrupt {
+			t.row(clip(cell(w.Name), maxNameCell), "-", "-", "[announcement does not decode]", "-", "-", "-", seen)
+			continue
+		}
+		host, pid := "-", "-"
+		if w.Host != "" {
+			host = clip(cell(w.Host), maxNameCell)
+		}
+		if w.PID != 0 {
+			pid = num(int64(w.PID))
+		}
+		t.row(clip(cell(w.Name), maxNameCell), host, pid, clip(cell(strings.Join(w.Queues, ",")), maxQueuesCell),
+			num(int64(w.Shards)), num(int64(w.Concurrency)), stamp(w.Started), seen)
+	}
+	if err := t.flush(); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(s.out, "%s seen within %v\n", plural(int64(len(lw.Workers)), "worker"), inspect.WorkerExpiry)
 	return err
 }

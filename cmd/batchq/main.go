@@ -1,8 +1,8 @@
 // Command batchq inspects the batchq queues kept on a Redis server or Redis
 // Cluster: how deep and how late they are, which keys lag most, what a key
-// holds, and the dead letters, which it can requeue or purge. It only reads,
-// except for dead requeue, dead purge and queue forget, which do nothing
-// without -yes.
+// holds, the retries waiting for their next attempt, the dead letters, which
+// it can requeue or purge, and the live workers. It only reads, except for
+// dead requeue, dead purge and queue forget, which do nothing without -yes.
 //
 // Usage:
 //
@@ -14,11 +14,16 @@
 //	                                           in flight (batches/items), retries, dead letters, oldest
 //	keys QUEUE [-by items|bytes|age] [-n 20]   the top pending keys of a queue
 //	peek QUEUE KEY                             the pending items of a key, without taking them
-//	dead list QUEUE [-n 50] [-items]           dead letters, newest first; payloads only with -items
-//	dead requeue QUEUE (-n N | -all) [-yes]    put dead letters back at the end of their keys
+//	retries list QUEUE [-n 50] [-items]        retries, soonest due first; payloads only with -items
+//	dead list QUEUE [-n 50] [-items]           dead letters with their ids, newest first; payloads only with -items
+//	dead requeue QUEUE (-n N | -all | -id ID...) [-yes]
+//	                                           put dead letters back at the end of their keys: the newest N,
+//	                                           all, or those named (-id, repeated; oldest first)
 //	dead purge QUEUE [-yes]                    delete the dead letters of a queue
 //	queue forget QUEUE [-yes]                  take a queue that holds nothing out of the registry
-//	help [COMMAND]                             the usage, of every command or of one
+//	workers [QUEUE...]                         the live workers (of the named queues): name, host, pid,
+//	                                           queues, shards, concurrency, started, last seen
+//	help [COMMAND [SUBCOMMAND]]                the usage of every command, or one's usage, flags and examples
 //
 // Flags, before or after the command:
 //
@@ -36,16 +41,28 @@
 //	batchq -redis 10.0.0.5:6379 stats
 //	batchq keys orders -by age -n 5
 //	batchq -json peek orders customer-7 | jq '.array | length'
+//	batchq retries list orders -n 10
 //	batchq dead requeue orders -all -yes
+//	batchq dead requeue orders -id 2bvyrspclspei1i7a7fbc1mrf4-0000000 -yes
+//	batchq workers orders
+//	batchq help dead requeue
 //
-// Text output is for people: tables, with keys and error messages that hold
-// control characters quoted, long errors cut, and dead letters' payloads
-// left out unless -items is given (they may be sensitive). With -json a
-// command prints one document on stdout: stats the []inspect.Stats, keys the
-// []inspect.KeyStats, peek the key's stats with the pending array byte for
-// byte as "array", dead list {"queue", "total", "dead_letters"}, requeue and
-// purge the counts done, queue forget {"queue", "forgotten"}. Errors go to
-// stderr as text, with control characters escaped.
+// Text output is for people: tables, with keys, names and error messages
+// that hold control characters quoted, long errors and names cut, and the
+// payloads of retries and dead letters left out unless -items is given
+// (they may be sensitive). With -json a command prints one document on
+// stdout: stats the []inspect.Stats, keys the []inspect.KeyStats, peek the
+// key's stats with the pending array byte for byte as "array", retries list
+// {"queue", "total", "now", "retries"} (each an inspect.Retry, "item" only
+// with -items), dead list {"queue", "total", "dead_letters"}, requeue and
+// purge the counts done (requeue -id the ids too), queue forget {"queue",
+// "forgotten"}, workers the inspect.LiveWorkers {"workers", "now"}. Errors
+// go to stderr as text, with control characters escaped.
+//
+// A worker announces itself in Redis when it starts and every 30 seconds,
+// and retires when its Run returns; workers lists those seen within the
+// last 90 seconds (inspect.WorkerExpiry), so a worker that crashed drops
+// off within that time.
 //
 // dead requeue, dead purge and queue forget change nothing without -yes:
 // they say what they would do and exit 1.

@@ -522,6 +522,108 @@ func testRequeueAndPurge(t *testing.T, b testredis.Backend, shards int) {
 	}
 }
 
+// dead requeue -id requeues the letters named, oldest first, and only with
+// -yes; an id that names none, or a corrupt letter, stops it before it
+// requeues anything.
+func TestDeadRequeueByID(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		fixture(t, b, 1)
+		testRequeueByID(t, b, 1)
+
+		// A key's corrupt value, named by its id.
+		ctx := context.Background()
+		sp := keys.For(b.Prefix, "payments", 0)
+		must(t, b.Client.Do(ctx, b.Client.B().Set().Key(sp.Items("bad")).Value("not json").Build()).Error())
+		must(t, b.Client.Do(ctx, b.Client.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, "bad").Build()).Error())
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
+		must(t, err)
+		must(t, c.Sync(ctx))
+		f, err := c.Fetch(ctx, "payments", 0, 10)
+		must(t, err)
+		if len(f.Dead) != 1 {
+			t.Fatalf("fetch of a corrupt key: %+v", f)
+		}
+		r := on(t, b, "dead", "requeue", "payments", "-id", f.Dead[0].ID, "-yes")
+		if r.code != 1 || !strings.Contains(r.stderr, "holds a corrupt value, not an item: it cannot be requeued (dead purge deletes it)") {
+			t.Errorf("dead requeue -id of a corrupt value: %+v", r)
+		}
+	})
+}
+
+// deadIDs returns the ids of a queue's dead letters by key, oldest first,
+// read with dead list -json.
+func deadIDs(t *testing.T, b testredis.Backend, queue string) map[string][]string {
+	t.Helper()
+	var doc struct {
+		DeadLetters []deadletter.Letter `json:"dead_letters"`
+	}
+	decode(t, ok(t, b, "-json", "dead", "list", queue), &doc)
+	ids := map[string][]string{}
+	for _, d := range slices.Backward(doc.DeadLetters) {
+		ids[d.Key] = append(ids[d.Key], d.ID)
+	}
+	return ids
+}
+
+func testRequeueByID(t *testing.T, b testredis.Backend, shards int) {
+	ids := deadIDs(t, b, "payments")
+	if len(ids["p1"]) != 2 || len(ids["p2"]) != 1 {
+		t.Fatalf("dead letters by key: %v", ids)
+	}
+	// dead list shows the ids.
+	out := ok(t, b, "dead", "list", "payments")
+	for _, id := range append(ids["p1"], ids["p2"]...) {
+		if !slices.Contains(column(out, 0), id) {
+			t.Errorf("dead list does not show id %s:\n%s", id, out)
+		}
+	}
+
+	p1 := ids["p1"]
+	r := on(t, b, "dead", "requeue", "payments", "-id", p1[1], "-id", p1[0])
+	if want := "batchq: would requeue 2 dead letters of queue payments: " + p1[1] + ", " + p1[0] + "; run again with -yes\n"; r.code != 1 || r.stdout != "" || r.stderr != want {
+		t.Errorf("dead requeue -id without -yes: %+v, want stderr %q", r, want)
+	}
+	r = on(t, b, "dead", "requeue", "payments", "-id", p1[0], "-id", "nosuch", "-yes")
+	if r.code != 1 || !strings.Contains(r.stderr, "queue payments has no dead letter nosuch (requeued or purged already?") {
+		t.Errorf("dead requeue -id of a missing letter: %+v", r)
+	}
+	if n := countDead(t, b, "payments", shards); n != 3 {
+		t.Fatalf("after refusals: %d dead letters, want 3", n)
+	}
+
+	// Named newest first, requeued oldest first: p1 gets its items back in
+	// their order.
+	if out := ok(t, b, "dead", "requeue", "payments", "-id", p1[1], "-id", p1[0], "-yes"); out != "requeued 2 dead letters of queue payments\n" {
+		t.Errorf("dead requeue -id -id -yes: %q", out)
+	}
+	var p struct {
+		Array []json.RawMessage `json:"array"`
+	}
+	decode(t, ok(t, b, "-json", "peek", "payments", "p1"), &p)
+	if len(p.Array) != 2 || string(p.Array[0]) != secrets[0] || string(p.Array[1]) != secrets[1] {
+		t.Errorf("p1 after the requeue: %s, want %q in order", p.Array, secrets[:2])
+	}
+	var done struct {
+		Queue    string   `json:"queue"`
+		Requeued int64    `json:"requeued"`
+		IDs      []string `json:"ids"`
+	}
+	decode(t, ok(t, b, "-json", "dead", "requeue", "payments", "-id", ids["p2"][0], "-yes"), &done)
+	if done.Queue != "payments" || done.Requeued != 1 || !slices.Equal(done.IDs, ids["p2"]) {
+		t.Errorf("dead requeue -id -yes -json: %+v", done)
+	}
+	if n := countDead(t, b, "payments", shards); n != 0 {
+		t.Errorf("after requeuing all by id: %d dead letters, want 0", n)
+	}
+	r = on(t, b, "dead", "requeue", "payments", "-id", ids["p2"][0], "-yes")
+	if r.code != 1 || !strings.Contains(r.stderr, "has no dead letter") {
+		t.Errorf("dead requeue -id of a letter requeued already: %+v", r)
+	}
+	if n := kill(t, b, "payments", shards); n != 3 {
+		t.Fatalf("%d dead letters after they fail again, want 3", n)
+	}
+}
+
 // A key's corrupt value in dead letters cannot be requeued: requeue -all
 // skips it, says so, and requeues the others.
 func TestDeadRequeueSkipsCorrupt(t *testing.T) {
@@ -576,7 +678,11 @@ func TestCluster(t *testing.T) {
 	if out := ok(t, b, "dead", "list", "payments"); !strings.HasSuffix(out, "3 of 3 dead letters of queue payments\n") {
 		t.Errorf("dead list on a cluster:\n%s", out)
 	}
+	testRequeueByID(t, b, shards)
 	testRequeueAndPurge(t, b, shards)
+	retried(t, b, shards)
+	testRetriesList(t, b)
+	testWorkers(t, b, shards)
 }
 
 func TestErrors(t *testing.T) {
@@ -612,8 +718,16 @@ func TestErrors(t *testing.T) {
 		{"extra arg", []string{"peek", "orders", "a", "b"}, 2, []string{`peek: unexpected argument "b"`}},
 		{"bad order", []string{"keys", "orders", "-by", "size"}, 2, []string{`keys: -by: unknown order "size"`}},
 		{"bad count", []string{"dead", "list", "orders", "-n", "0"}, 2, []string{"-n must be at least 1, got 0"}},
-		{"requeue how many", []string{"dead", "requeue", "orders"}, 2, []string{"say how many: -n N or -all"}},
-		{"requeue both", []string{"dead", "requeue", "orders", "-n", "3", "-all"}, 2, []string{"give -n N or -all, not both"}},
+		{"requeue how many", []string{"dead", "requeue", "orders"}, 2, []string{"say which: -n N, -all or -id ID"}},
+		{"requeue both", []string{"dead", "requeue", "orders", "-n", "3", "-all"}, 2, []string{"give one of -n N, -all or -id ID"}},
+		{"requeue by id and all", []string{"dead", "requeue", "orders", "-id", "x", "-all"}, 2, []string{"give one of -n N, -all or -id ID"}},
+		{"requeue empty id", []string{"dead", "requeue", "orders", "-id", ""}, 2, []string{`invalid value "" for flag -id: empty id`}},
+		{"retries alone", []string{"retries"}, 2, []string{"retries needs a subcommand: list", "batchq help retries"}},
+		{"unknown retries command", []string{"retries", "drop", "q"}, 2, []string{`unknown command "retries drop"`, "batchq help retries"}},
+		{"retries count", []string{"retries", "list", "orders", "-n", "0"}, 2, []string{"-n must be at least 1, got 0"}},
+		{"workers bad queue name", []string{"workers", "a:b"}, 2, []string{`invalid queue name "a:b"`}},
+		{"help unknown", []string{"help", "frobnicate"}, 2, []string{`help: unknown command "frobnicate"`}},
+		{"help unknown subcommand", []string{"help", "dead", "resurrect"}, 2, []string{`help: unknown command "dead resurrect"`}},
 		{"bad timeout", []string{"-timeout", "0s", "stats"}, 2, []string{"-timeout must be positive"}},
 		{"no command", nil, 2, []string{"usage: batchq [flags] COMMAND [args]"}},
 	} {
@@ -653,16 +767,87 @@ func TestHelp(t *testing.T) {
 	doc, err := os.ReadFile("main.go")
 	must(t, err)
 	for _, c := range commands {
-		if !bytes.Contains(doc, []byte("//\t"+c.name+" "+c.synopsis+" ")) {
+		line := []byte("//\t" + c.name + " " + c.synopsis)
+		if !bytes.Contains(doc, append(line, ' ')) && !bytes.Contains(doc, append(line, '\n')) {
 			t.Errorf("the package doc does not list %s %s", c.name, c.synopsis)
 		}
 	}
 	for _, args := range [][]string{{"help", "dead", "requeue"}, {"dead", "requeue", "-h"}} {
 		r := cli(t, args...)
-		if r.code != 0 || !strings.HasPrefix(r.stdout, "usage: batchq [flags] dead requeue QUEUE (-n N | -all) [-yes]\n") ||
-			!strings.Contains(r.stdout, "-yes") {
+		if r.code != 0 || !strings.HasPrefix(r.stdout, "usage: batchq [flags] dead requeue QUEUE (-n N | -all | -id ID...) [-yes]\n") ||
+			!strings.Contains(r.stdout, "-yes") || !strings.Contains(r.stdout, "\n  -id ID\n") {
 			t.Errorf("%q: %+v", args, r)
 		}
+	}
+	if r := cli(t, "help", "help"); r.code != 0 || !strings.HasPrefix(r.stdout, "usage: batchq [flags] COMMAND [args]\n") {
+		t.Errorf("help help: %+v", r)
+	}
+}
+
+// 'batchq help NAME' prints the usage of every command and subcommand:
+// its synopsis, summary, flags and examples, each of which parses; that of
+// a command that takes a subcommand lists them, as NAME -h does.
+func TestHelpOfEachCommand(t *testing.T) {
+	for _, c := range commands {
+		r := cli(t, append([]string{"help"}, strings.Fields(c.name)...)...)
+		if r.code != 0 || r.stderr != "" || !strings.HasPrefix(r.stdout, "usage: batchq [flags] "+c.name+" "+c.synopsis+"\n\n"+c.summary+"\n") {
+			t.Errorf("help %s: %+v", c.name, r)
+			continue
+		}
+		if c.flags != nil && !strings.Contains(r.stdout, "\nFlags:\n") {
+			t.Errorf("help %s lists no flags:\n%s", c.name, r.stdout)
+		}
+		_, examples, ok := strings.Cut(r.stdout, "\nExamples:\n")
+		examples, _, _ = strings.Cut(examples, "\n\n")
+		if !ok || c.example == "" {
+			t.Errorf("help %s shows no example:\n%s", c.name, r.stdout)
+			continue
+		}
+		for line := range strings.Lines(examples) {
+			args, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "  batchq ")
+			if !ok {
+				t.Errorf("help %s: example %q does not start with batchq", c.name, line)
+				continue
+			}
+			args, _, _ = strings.Cut(args, " | ") // a pipe to jq
+			inv, err := parse(strings.Fields(args), func(string) string { return "" })
+			if err != nil || inv.cmd != c {
+				t.Errorf("help %s: example %q: %v", c.name, args, err)
+			}
+		}
+	}
+	for group := range groups {
+		for _, args := range [][]string{{"help", group}, {group, "-h"}, {group, "--help"}} {
+			r := cli(t, args...)
+			if r.code != 0 || r.stderr != "" || !strings.HasPrefix(r.stdout, "usage: batchq [flags] "+group+" SUBCOMMAND [args]\n") ||
+				!strings.Contains(r.stdout, "batchq help "+group+" SUBCOMMAND") {
+				t.Errorf("%q: %+v", args, r)
+				continue
+			}
+			subs := subcommands(group)
+			if len(subs) == 0 {
+				t.Errorf("group %s has no subcommand", group)
+			}
+			for _, c := range subs {
+				if want := "\n  " + strings.TrimPrefix(c.name, group+" ") + " " + c.synopsis + "\n"; !strings.Contains(r.stdout, want) {
+					t.Errorf("%q does not list %s:\n%s", args, c.name, r.stdout)
+				}
+			}
+		}
+	}
+	// Every command is either one of a group or on its own, and the
+	// general usage points to the help of each.
+	for _, c := range commands {
+		if first, _, sub := strings.Cut(c.name, " "); sub && groups[first] == "" {
+			t.Errorf("command %s is in no group", c.name)
+		}
+	}
+	if r := cli(t, "help"); !strings.Contains(r.stdout, "Run 'batchq help COMMAND' for a command's flags and examples.") {
+		t.Errorf("help does not point to the help of each command:\n%s", r.stdout)
+	}
+	// The workers summary states the expiry it filters by.
+	if c := lookup("workers"); !strings.Contains(c.summary, strconv.Itoa(int(inspect.WorkerExpiry.Seconds()))+"s") {
+		t.Errorf("workers summary %q does not say %v", c.summary, inspect.WorkerExpiry)
 	}
 }
 

@@ -140,8 +140,13 @@ func escapeControls(s string) string {
 	return b.String()
 }
 
-// maxErrorCell bounds the error text in dead list's table, in runes.
-const maxErrorCell = 72
+// Bounds of table cells and names in messages, in runes.
+const (
+	maxErrorCell  = 72 // an error, in dead list's and retries list's tables
+	maxIDCell     = 64 // a dead letter's id in a message
+	maxNameCell   = 40 // a worker's name or host
+	maxQueuesCell = 60 // a worker's queues, joined by commas
+)
 
 // clip cuts s to n runes, marking the cut with "...".
 func clip(s string, n int) string {

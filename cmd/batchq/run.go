@@ -58,6 +58,7 @@ type options struct {
 	all   bool
 	yes   bool
 	items bool
+	ids   []string
 }
 
 // invocation is a parsed command line.
@@ -72,14 +73,19 @@ type invocation struct {
 // concerns, if known. Every error of parse is a usage error (exit status
 // 2), a helpRequest or errNoCommand.
 type usageError struct {
-	msg string
-	cmd *command
+	msg   string
+	cmd   *command
+	group string // the command that takes a subcommand it concerns, if cmd is nil
 }
 
 func (e *usageError) Error() string { return e.msg }
 
-// helpRequest asks for the usage of every command (cmd nil) or of one.
-type helpRequest struct{ cmd *command }
+// helpRequest asks for the usage of one command, of a command that takes
+// a subcommand (group), or of every command (neither).
+type helpRequest struct {
+	cmd   *command
+	group string
+}
 
 func (helpRequest) Error() string { return "help requested" }
 
@@ -94,18 +100,28 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		var help helpRequest
 		if errors.As(err, &help) {
-			printUsage(stdout, help.cmd)
+			switch {
+			case help.cmd != nil:
+				printCommandUsage(stdout, help.cmd)
+			case help.group != "":
+				printGroupUsage(stdout, help.group)
+			default:
+				printUsage(stdout)
+			}
 			return 0
 		}
 		if errors.Is(err, errNoCommand) {
-			printUsage(stderr, nil)
+			printUsage(stderr)
 			return 2
 		}
 		fmt.Fprintf(stderr, "batchq: %s\n", message(err))
 		var uerr *usageError
-		if errors.As(err, &uerr) && uerr.cmd != nil {
+		switch {
+		case errors.As(err, &uerr) && uerr.cmd != nil:
 			fmt.Fprintf(stderr, "usage: batchq [flags] %s %s\nRun 'batchq help %s' for details.\n", uerr.cmd.name, uerr.cmd.synopsis, uerr.cmd.name)
-		} else {
+		case errors.As(err, &uerr) && uerr.group != "":
+			fmt.Fprintf(stderr, "usage: batchq [flags] %s SUBCOMMAND [args]\nRun 'batchq help %s' for its subcommands.\n", uerr.group, uerr.group)
+		default:
 			fmt.Fprintln(stderr, "Run 'batchq help' for usage.")
 		}
 		return 2
@@ -170,18 +186,17 @@ func parse(args []string, getenv func(string) string) (*invocation, error) {
 	}
 	name, rest := rest[0], rest[1:]
 	if name == "help" {
-		if len(rest) == 0 {
-			return nil, helpRequest{}
-		}
-		c := lookup(strings.Join(rest, " "))
-		if c == nil {
-			return nil, &usageError{msg: fmt.Sprintf("help: unknown command %q", strings.Join(rest, " "))}
-		}
-		return nil, helpRequest{cmd: c}
+		return nil, help(strings.Join(rest, " "))
 	}
-	if subs, ok := groups[name]; ok {
-		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
-			return nil, &usageError{msg: name + " needs a subcommand: " + subs}
+	if _, ok := groups[name]; ok {
+		switch {
+		case len(rest) > 0 && isHelpFlag(rest[0]):
+			return nil, helpRequest{group: name}
+		case len(rest) == 0 || strings.HasPrefix(rest[0], "-"):
+			return nil, &usageError{msg: name + " needs a subcommand: " + subcommandList(name), group: name}
+		}
+		if lookup(name+" "+rest[0]) == nil {
+			return nil, &usageError{msg: fmt.Sprintf("unknown command %q", name+" "+rest[0]), group: name}
 		}
 		name, rest = name+" "+rest[0], rest[1:]
 	}
@@ -216,6 +231,31 @@ func parse(args []string, getenv func(string) string) (*invocation, error) {
 		return nil, &usageError{msg: err.Error()}
 	}
 	return inv, nil
+}
+
+// help returns the help request for 'batchq help name': name may be a
+// command, a command that takes a subcommand, "help", or nothing (every
+// command).
+func help(name string) error {
+	if _, ok := groups[name]; ok {
+		return helpRequest{group: name}
+	}
+	if c := lookup(name); c != nil {
+		return helpRequest{cmd: c}
+	}
+	if name == "" || name == "help" {
+		return helpRequest{}
+	}
+	return &usageError{msg: fmt.Sprintf("help: unknown command %q", name)}
+}
+
+// isHelpFlag reports whether arg asks for help, as the flag package takes it.
+func isHelpFlag(arg string) bool {
+	switch arg {
+	case "-h", "-help", "--h", "--help":
+		return true
+	}
+	return false
 }
 
 // parseInterleaved parses flags and positional arguments in any order, as

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/protocol"
+	"github.com/batchq/batchq/internal/testredis"
+)
+
+// announce announces a worker called name of queues, as a running worker
+// does, and returns its consumer.
+func announce(t *testing.T, b testredis.Backend, name string, shards, concurrency int, queues ...string) *protocol.Consumer {
+	t.Helper()
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards), protocol.WithName(name))
+	must(t, err)
+	_, err = c.Announce(context.Background(), concurrency, queues...)
+	must(t, err)
+	return c
+}
+
+func TestWorkers(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testWorkers(t, b, 1) })
+}
+
+func testWorkers(t *testing.T, b testredis.Backend, shards int) {
+	if out := ok(t, b, "workers"); out != `no live worker under prefix "`+b.Prefix+`"`+"\n" {
+		t.Errorf("workers with none: %q", out)
+	}
+	w1 := announce(t, b, "w1", shards, 8, "orders", "emails")
+	announce(t, b, "w2", shards, 2, "payments")
+	evil := announce(t, b, "evil\x1b[31m\nforged line", shards, 1, "payments")
+
+	out := ok(t, b, "workers")
+	if strings.Contains(out, "\x1b") || strings.Contains(out, "\nforged") {
+		t.Errorf("workers printed a name raw:\n%q", out)
+	}
+	rs := rows(out)
+	if got := strings.Join(rs[0], " "); got != "NAME HOST PID QUEUES SHARDS CONCURRENCY STARTED LAST SEEN" {
+		t.Errorf("workers header: %q", got)
+	}
+	if len(rs) != 5 || strings.Join(rs[4], " ") != "3 workers seen within "+inspect.WorkerExpiry.String() {
+		t.Fatalf("workers: want 3 rows and a count\n%s", out)
+	}
+	host, _ := os.Hostname()
+	pid := strconv.Itoa(os.Getpid())
+	for i, want := range [][]string{
+		{`"evil\x1b[31m\nforged`, `line"`, host, pid, "payments", strconv.Itoa(shards), "1"},
+		{"w1", host, pid, "orders,emails", strconv.Itoa(shards), "8"},
+		{"w2", host, pid, "payments", strconv.Itoa(shards), "2"},
+	} {
+		r := rs[i+1]
+		if len(r) < len(want)+3 || !slices.Equal(r[:len(want)], want) {
+			t.Errorf("workers row %d: %q, want it to start with %q\n%s", i, r, want, out)
+			continue
+		}
+		if _, err := time.Parse(time.RFC3339, r[len(want)]); err != nil {
+			t.Errorf("workers row %d: started %q: %v", i, r[len(want)], err)
+		}
+		if d, err := time.ParseDuration(r[len(want)+1]); err != nil || d > 10*time.Second || r[len(want)+2] != "ago" {
+			t.Errorf("workers row %d: last seen %q", i, r[len(want)+1:])
+		}
+	}
+
+	out = ok(t, b, "workers", "orders", "nosuch")
+	if got := column(out, 0); !slices.Equal(got[:len(got)-1], []string{"w1"}) {
+		t.Errorf("workers orders: %q\n%s", got, out)
+	}
+	var lw inspect.LiveWorkers
+	decode(t, ok(t, b, "-json", "workers", "payments"), &lw)
+	if len(lw.Workers) != 2 || lw.Workers[1].Name != "w2" || lw.Workers[1].Concurrency != 2 || lw.Workers[1].Host != host ||
+		!slices.Equal(lw.Workers[1].Queues, []string{"payments"}) || lw.Now.IsZero() || lw.Workers[1].LastSeen.After(lw.Now) {
+		t.Errorf("workers -json payments: %+v", lw)
+	}
+	if out := ok(t, b, "workers", "nosuch"); out != `no live worker under prefix "`+b.Prefix+`" drains nosuch`+"\n" {
+		t.Errorf("workers of a queue none drains: %q", out)
+	}
+	if out := ok(t, b, "-json", "workers", "nosuch"); !strings.HasPrefix(out, `{"workers":[],"now":`) {
+		t.Errorf("workers -json of a queue none drains: %q", out)
+	}
+
+	// Retired workers are not listed.
+	must(t, w1.Retire(context.Background()))
+	must(t, evil.Retire(context.Background()))
+	if got := column(ok(t, b, "workers"), 0); !slices.Equal(got, []string{"w2", "1"}) {
+		t.Errorf("workers after two retired: %q", got)
+	}
+}
