@@ -392,6 +392,12 @@ func TestACL(t *testing.T) {
 	if _, err := in.Peek(ctx, "slow", "s"); err != nil {
 		t.Errorf("inspector Peek: %v", err)
 	}
+	if _, err := in.Retries(ctx, "flaky", 10); err != nil {
+		t.Errorf("inspector Retries: %v", err)
+	}
+	if lw, err := in.Workers(ctx); err != nil || len(lw.Workers) != 0 {
+		t.Errorf("inspector Workers after both workers stopped: %+v, %v", lw, err)
+	}
 
 	// The server ran exactly the rule's commands for the user.
 	used := commandStats(t, ac)
