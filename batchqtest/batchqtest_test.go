@@ -158,6 +158,35 @@ func TestEverythingIsHandledBeforeItReturns(t *testing.T) {
 	})
 }
 
+// On Redis Cluster each shard is its own hash slot, and RunUntilIdle reads
+// them all in one round trip all the same.
+func TestCluster(t *testing.T) {
+	t.Parallel()
+	b := testredis.Cluster(t)
+	p := newProducer(t, b, producer.WithShards(8))
+	for k := range 40 {
+		if err := p.Add(t.Context(), "q", fmt.Sprint("k", k), k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := newWorker(t, b, batchq.WithShards(8))
+	var seen recorder
+	batchq.Handle(w, "q", func(ctx context.Context, n int) error {
+		seen.add(fmt.Sprint(n))
+		if n < 40 {
+			return p.Add(ctx, "q", fmt.Sprint("again", n), n+40)
+		}
+		return nil
+	})
+	res, err := runUntilIdle(t, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seen.len() != 80 || res.State != (batchqtest.State{}) {
+		t.Fatalf("handled %d items of 80; result %+v", seen.len(), res)
+	}
+}
+
 // Items that handlers append while the worker runs, to their own queue
 // and key, or to another queue, are handled before RunUntilIdle returns:
 // a chain of appends, each made by the handler of the item before.
