@@ -25,8 +25,9 @@ type Worker struct {
 	Queues      []string `json:"queues"`
 	Shards      int      `json:"shards"`
 	Concurrency int      `json:"concurrency"`
-	// Started is when its Run began; LastSeen when it last announced itself
-	// (the server's clock).
+	// Started is when its Run began, by the worker's clock (synced to the
+	// server's after its start); LastSeen is when it last announced itself,
+	// by the server's clock.
 	Started  time.Time `json:"started"`
 	LastSeen time.Time `json:"last_seen"`
 	// Corrupt marks an announcement whose stored form does not decode
