@@ -61,22 +61,14 @@ func (c *Consumer) Announce(ctx context.Context, concurrency int, queues ...stri
 	now := c.nowMs()
 	c.started.CompareAndSwap(0, now)
 	host, _ := os.Hostname()
-	a := announcement{Name: c.name, Host: host, PID: os.Getpid(), Queues: slices.Clip(queues), Shards: c.shards,
-		Concurrency: concurrency, Started: c.started.Load()}
-	desc, err := json.Marshal(a)
+	desc, _ := json.Marshal(announcement{Name: c.name, Host: host, PID: os.Getpid(), Queues: queues, Shards: c.shards,
+		Concurrency: concurrency, Started: c.started.Load()}) // strings and numbers: it cannot fail
+	recorded, err := register(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix)},
+		append([]string{strconv.Itoa(c.shards), c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, queues...))
 	if err != nil {
 		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
 	}
-	args := append([]string{strconv.Itoa(c.shards), c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, queues...)
-	res, err := registerScript.Exec(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix)}, args).AsIntSlice()
-	if err != nil {
-		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
-	}
-	out := make([]int, len(res))
-	for i, n := range res {
-		out[i] = int(n)
-	}
-	return out, nil
+	return recorded, nil
 }
 
 // Retire takes the consumer out of the live workers Announce put it in: a
