@@ -634,8 +634,11 @@ func requeueByID(ctx context.Context, s *session, c *deadletter.Client, queue st
 			corrupt = append(corrupt, d.ID)
 		}
 	}
-	if len(corrupt) > 0 {
+	switch {
+	case len(corrupt) == 1:
 		return fmt.Errorf("dead letter %s of queue %s holds a corrupt value, not an item: it cannot be requeued (dead purge deletes it)", idNames(corrupt), cell(queue))
+	case len(corrupt) > 1:
+		return fmt.Errorf("dead letters %s of queue %s hold corrupt values, not items: they cannot be requeued (dead purge deletes them)", idNames(corrupt), cell(queue))
 	}
 	if !s.opts.yes {
 		return fmt.Errorf("would requeue %s of queue %s: %s; run again with -yes", plural(int64(len(letters)), "dead letter"), cell(queue), idNames(ids))

@@ -186,7 +186,7 @@ func parse(args []string, getenv func(string) string) (*invocation, error) {
 	}
 	name, rest := rest[0], rest[1:]
 	if name == "help" {
-		return nil, help(strings.Join(rest, " "))
+		return nil, helpFor(strings.Join(rest, " "))
 	}
 	if _, ok := groups[name]; ok {
 		switch {
@@ -233,10 +233,10 @@ func parse(args []string, getenv func(string) string) (*invocation, error) {
 	return inv, nil
 }
 
-// help returns the help request for 'batchq help name': name may be a
+// helpFor returns the help request for 'batchq help name': name may be a
 // command, a command that takes a subcommand, "help", or nothing (every
 // command).
-func help(name string) error {
+func helpFor(name string) error {
 	if _, ok := groups[name]; ok {
 		return helpRequest{group: name}
 	}
