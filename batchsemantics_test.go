@@ -13,6 +13,7 @@ import (
 	"errors"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -405,4 +406,61 @@ func (o *fetchRecorder) fetched() []fetched {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return slices.Clone(o.batches)
+}
+
+// A *BatchError wrapped in NoRetry sends the items it names to dead letters
+// at once; one that names an index out of the handler's slice fails every
+// item of the call, since the handler miscounted and no failure may be lost.
+func TestSemanticsWrappedAndMiscountedBatchErrors(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		var mu sync.Mutex
+		calls := make(map[string]int) // "queue/id"
+		w := newWorker(t, b)
+		count := func(queue string, items []item) bool {
+			mu.Lock()
+			defer mu.Unlock()
+			first := true
+			for _, it := range items {
+				k := queue + "/" + strconv.Itoa(it.ID)
+				calls[k]++
+				first = first && calls[k] == 1
+			}
+			return first
+		}
+		batchq.HandleBatch(w, "wrapped", func(ctx context.Context, key string, items []item) error {
+			count("wrapped", items)
+			return batchq.NoRetry(&batchq.BatchError{Failed: map[int]error{1: errors.New("bad one")}})
+		}, batchq.WithBackoff(batchq.Constant(time.Millisecond)))
+		batchq.HandleBatch(w, "miscounted", func(ctx context.Context, key string, items []item) error {
+			if count("miscounted", items) {
+				return &batchq.BatchError{Failed: map[int]error{len(items): errors.New("off by one")}}
+			}
+			return nil
+		}, batchq.WithBackoff(batchq.Constant(time.Millisecond)))
+		p := newProducer(t, b)
+		must(t, p.Add(ctx, "wrapped", "k", item{ID: 0}, item{ID: 1}, item{ID: 2}))
+		must(t, p.Add(ctx, "miscounted", "k", item{ID: 0}, item{ID: 1}))
+		run(t, w)
+		dl := newDeadLetters(t, b)
+		eventually(t, 10*time.Second, "the wrapped failure dead, the miscounted call retried", func() bool {
+			mu.Lock()
+			retried := calls["miscounted/0"] == 2 && calls["miscounted/1"] == 2
+			mu.Unlock()
+			n, err := dl.Count(ctx, "wrapped")
+			return retried && err == nil && n == 1
+		})
+		time.Sleep(50 * time.Millisecond) // room for a wrong extra delivery
+		letters, err := dl.List(ctx, "wrapped", 10)
+		must(t, err)
+		if len(letters) != 1 || string(letters[0].Item) != `{"id":1}` || letters[0].Error != "bad one" {
+			t.Errorf("dead letters %+v, want item 1 alone, with error %q", letters, "bad one")
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		want := map[string]int{"wrapped/0": 1, "wrapped/1": 1, "wrapped/2": 1, "miscounted/0": 2, "miscounted/1": 2}
+		if !maps.Equal(calls, want) {
+			t.Errorf("calls per item %v, want %v", calls, want)
+		}
+	})
 }

@@ -40,9 +40,12 @@ func (e *retryAfterError) Error() string { return e.err.Error() }
 func (e *retryAfterError) Unwrap() error { return e.err }
 
 // BatchError is returned by a batch handler whose batch partly failed: the
-// items at the indexes of Failed failed with those errors; the others
-// succeeded and are not run again. Any other error from a batch handler
-// fails every item of the batch.
+// items at the indexes of Failed (positions in the slice the handler got)
+// failed with those errors; the others succeeded and are not run again.
+// Each error decides for its item as a Handle handler's would (NoRetry,
+// RetryAfter); NoRetry(batchErr) or RetryAfter(d, batchErr) applies to every
+// failed item. A BatchError with an index out of the slice's range, and any
+// other error from a batch handler, fails every item of the call.
 type BatchError struct {
 	Failed map[int]error
 }

@@ -305,7 +305,9 @@ func HandleRaw(w *Worker, queueName string, fn func(ctx context.Context, item js
 // as many as WithMaxBatch allows per call. A batch of retries may hold the
 // items of several keys: fn gets one call per key. A nil error means every
 // item of the call is done; a *BatchError fails only the items it names, by
-// their index in items; any other error fails them all. See Handle.
+// their index in items (wrapped in NoRetry or RetryAfter, it applies that to
+// each); any other error, or a *BatchError with an index out of items'
+// range, fails them all. See Handle.
 func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context, key string, items []T) error, opts ...QueueOption) {
 	if fn == nil {
 		panic("batchq: nil handler")
@@ -333,23 +335,62 @@ func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context
 		}
 		info := ItemInfo{Queue: q.name, Key: b.Items[step[0]].Key, Attempt: attempt}
 		apply := func(err error) {
-			var be *BatchError
-			if !errors.As(err, &be) {
-				for _, i := range idx {
-					br.out[i] = x.r.outcome(q, b.Items[i].Attempt, err)
-				}
-				return
-			}
-			var failed map[int]error // a nil *BatchError fails nothing
-			if be != nil {
-				failed = be.Failed
-			}
+			failed, ok := itemErrors(err, len(vals))
 			for k, i := range idx {
-				br.out[i] = x.r.outcome(q, b.Items[i].Attempt, failed[k])
+				e := err
+				if ok {
+					e = failed[k]
+				}
+				br.out[i] = x.r.outcome(q, b.Items[i].Attempt, e)
 			}
 		}
 		return x.call(j, info, s, func(ctx context.Context) error { return fn(ctx, info.Key, vals) }, apply)
 	})
+}
+
+// itemErrors returns the errors of the n items of a batch handler's call
+// that returned err, by index, and true, when err is or wraps a
+// *BatchError: nil for an item that succeeded. A NoRetry or RetryAfter
+// around the *BatchError applies to each failed item (a RetryAfter of the
+// item's own comes first). It returns false, for every item to take err,
+// when err is some other error, or a *BatchError with an index that is not
+// one of the call's items: such a handler has miscounted, and no failure
+// may be lost.
+func itemErrors(err error, n int) (map[int]error, bool) {
+	var be *BatchError
+	if !errors.As(err, &be) {
+		return nil, false
+	}
+	if be == nil { // a nil *BatchError fails nothing
+		return nil, true
+	}
+	for k := range be.Failed {
+		if k < 0 || k >= n {
+			return nil, false
+		}
+	}
+	if error(be) == err {
+		return be.Failed, true
+	}
+	var nr *noRetryError
+	noRetry := errors.As(err, &nr)
+	var ra *retryAfterError
+	retryAfter := errors.As(err, &ra)
+	failed := make(map[int]error, len(be.Failed))
+	for k, e := range be.Failed {
+		if e == nil {
+			continue
+		}
+		var own *retryAfterError
+		switch {
+		case noRetry:
+			e = NoRetry(e)
+		case retryAfter && !errors.As(e, &own):
+			e = RetryAfter(ra.d, e)
+		}
+		failed[k] = e
+	}
+	return failed, true
 }
 
 // plan returns the steps of a batch handler's batch b: the indexes of its
