@@ -97,7 +97,7 @@ type Popper struct {
 func (p *Popper) Pop(ctx context.Context, c rueidis.Client, sp keys.Space, max int, timeout time.Duration) ([]string, error) {
 	secs := max0(timeout.Seconds(), 0.001)
 	if !p.noBLMPOP.Load() {
-		r := c.Do(ctx, c.B().Blmpop().Timeout(secs).Numkeys(1).Key(sp.Wake()).Left().Count(int64(max)).Build())
+		r := c.Do(ctx, c.B().Blmpop().Timeout(secs).Numkeys(1).Key(sp.Wake()).Left().Count(int64(max)).Build().UnblockOnCancel())
 		arr, err := r.ToArray()
 		switch {
 		case rueidis.IsRedisNil(err):
@@ -111,7 +111,7 @@ func (p *Popper) Pop(ctx context.Context, c rueidis.Client, sp keys.Space, max i
 		}
 		p.noBLMPOP.Store(true)
 	}
-	kv, err := c.Do(ctx, c.B().Blpop().Key(sp.Wake()).Timeout(secs).Build()).AsStrSlice()
+	kv, err := c.Do(ctx, c.B().Blpop().Key(sp.Wake()).Timeout(secs).Build().UnblockOnCancel()).AsStrSlice()
 	if rueidis.IsRedisNil(err) {
 		return nil, nil
 	}
