@@ -1,10 +1,11 @@
 // Package inspect reads the state of batchq queues from Redis: how deep
-// they are, how late, which keys lag most, what a key holds, and the dead
-// letters. The metrics package, the batchq CLI and the status page are
-// built on it.
+// they are, how late, which keys lag most, what a key holds, the retries
+// waiting for their next attempt, the dead letters, and the live workers.
+// The metrics package, the batchq CLI and the status page are built on it.
 //
 // The inspector finds queues in the registry producers and workers keep
-// under the prefix (<prefix>:queues, queue -> shards), never by SCAN. It
+// under the prefix (<prefix>:queues, queue -> shards), never by SCAN, and
+// workers in the list they announce themselves in (Workers). It
 // only reads, except for Forget, which takes an empty queue out of the
 // registry, and the dead-letter actions of the client it hands out
 // (DeadLetters).
