@@ -7,13 +7,25 @@
 // typed with generics:
 //
 //	w, err := batchq.NewWorker(rdb, batchq.WithConcurrency(64), batchq.WithLogger(log))
+//	if err != nil {
+//		return err
+//	}
 //	batchq.Handle(w, "emails", func(ctx context.Context, e Email) error { return send(ctx, e) })
-//	batchq.HandleBatch(w, "events", func(ctx context.Context, key string, evs []Event) error { ... })
+//	batchq.HandleBatch(w, "events", func(ctx context.Context, key string, evs []Event) error { return store(ctx, key, evs) },
+//		batchq.WithMaxBatch(500, 0)) // at most 500 events per call
 //
+//	ctx, cancel := context.WithCancel(ctx)
+//	defer cancel()
 //	var g run.Group
 //	g.Add(run.SignalHandler(ctx, os.Interrupt, syscall.SIGTERM))
 //	g.Add(func() error { return w.Run(ctx) }, func(error) { cancel() })
-//	err = g.Run()
+//	if err := g.Run(); err != nil && !errors.Is(err, run.ErrSignal) {
+//		return err // a signal is how a worker is told to stop
+//	}
+//
+// The README's "In short" has the whole main function (it is
+// examples/worker's Example_worker), and package batchqtest runs a worker
+// in a test until its queues are idle.
 //
 // # Guarantees
 //

@@ -15,12 +15,24 @@
 // Wire one Metrics into every producer and worker of a process, and register
 // it once:
 //
-//	in, _ := inspect.New(rdb, "")
+//	in, err := inspect.New(rdb, "") // the default prefix
+//	if err != nil {
+//		return err
+//	}
 //	m := metrics.New(in)
 //	prometheus.MustRegister(m)
-//	p, _ := producer.New(rdb, producer.WithObserver(m))
-//	w, _ := batchq.NewWorker(rdb, batchq.WithObserver(m))
-//	http.Handle("/metrics", promhttp.Handler())
+//	http.Handle("GET /metrics", promhttp.Handler())
+//	p, err := producer.New(rdb, producer.WithObserver(m))
+//	if err != nil {
+//		return err
+//	}
+//	w, err := batchq.NewWorker(rdb, batchq.WithObserver(m))
+//	if err != nil {
+//		return err
+//	}
+//
+// (Example, in this package's tests, runs the same with a registry of its
+// own.)
 //
 // The counters are those of this process; sum them over processes in
 // queries. The gauges read Redis, so every process that exports them

@@ -6,6 +6,7 @@ package producer_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -35,7 +36,13 @@ func signupHandler(rdb rueidis.Client) (http.Handler, error) {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// One round trip, however many items: nil means they are all stored.
 		err := emails.Add(r.Context(), "user:"+r.FormValue("user"), Email{To: r.FormValue("email")})
-		if err != nil {
+		switch {
+		case errors.Is(err, producer.ErrKeyName):
+			// A user name too long, or with control characters: nothing is
+			// stored, and trying again cannot help.
+			http.Error(w, "invalid user", http.StatusBadRequest)
+			return
+		case err != nil:
 			// The error says whether trying again can help, and whether
 			// the item may be stored all the same: see the producer's errors.
 			http.Error(w, "could not queue the email", http.StatusServiceUnavailable)
@@ -60,6 +67,9 @@ func ExampleNewQueue() {
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest("POST", "/signup?user=42&email=a@example.com", nil))
 	fmt.Println(rec.Code)
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", "/signup?user=%0A&email=b@example.com", nil))
+	fmt.Println(rec.Code)
 
 	in, err := inspect.New(rdb.Client, "") // the default prefix
 	if err != nil {
@@ -72,6 +82,7 @@ func ExampleNewQueue() {
 	fmt.Println(string(key.Array))
 	// Output:
 	// 202
+	// 400
 	// [{"to":"a@example.com"}]
 }
 

@@ -51,7 +51,8 @@ func Example_worker() {
 	}
 	batchq.Handle(w, "emails", func(ctx context.Context, e Email) error { return send(ctx, e) },
 		batchq.WithMaxAttempts(5), batchq.WithTimeout(30*time.Second))
-	batchq.HandleBatch(w, "events", func(ctx context.Context, key string, evs []Event) error { return store(ctx, key, evs) })
+	batchq.HandleBatch(w, "events", func(ctx context.Context, key string, evs []Event) error { return store(ctx, key, evs) },
+		batchq.WithMaxBatch(500, 0)) // at most 500 events per call
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
