@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"slices"
 	"sync"
+	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/batchq/batchq"
@@ -55,6 +58,7 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	slices.Sort(sent) // the items of a key may run at once
 	fmt.Println(sent)
 	fmt.Println("pending keys:", res.PendingKeys, "retries:", res.Retries, "dead letters:", res.DeadLetters)
 	// Output:
@@ -106,4 +110,33 @@ func ExampleWithRetriesWithin() {
 	// Output:
 	// tries: 3 3
 	// retries: 0 dead letters: 1
+}
+
+// The README's testing snippet: a test of a handler, with no polling.
+func TestWelcomeEmails(t *testing.T) {
+	rdb := batchqtest.Redis(t) // an embedded Redis, closed when the test ends
+	p, err := producer.New(rdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := batchq.NewWorker(rdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sent atomic.Int32
+	batchq.Handle(w, "emails", func(ctx context.Context, e Email) error {
+		sent.Add(1)
+		return nil
+	})
+	if err := p.Add(t.Context(), "emails", "user:42", Email{To: "a@example.com"}); err != nil {
+		t.Fatal(err)
+	}
+	// Runs w until nothing is pending, in flight or due, then stops it.
+	res, err := batchqtest.RunUntilIdle(t.Context(), w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sent.Load() != 1 || res.DeadLetters != 0 {
+		t.Fatalf("sent %d emails, %d dead letters; want 1 and 0", sent.Load(), res.DeadLetters)
+	}
 }
