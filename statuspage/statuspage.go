@@ -43,10 +43,6 @@ const MaxListed = 1000
 // QueuesPerPage is how many queues the index lists per page, by name.
 const QueuesPerPage = 100
 
-// lookupLimit is how many dead letters of a queue a requeue of one id looks
-// through (dead letters have no lookup by id).
-const lookupLimit = MaxListed
-
 // maxItemShown bounds the bytes of an item shown with WithShowItems.
 const maxItemShown = 1024
 
@@ -459,27 +455,20 @@ func (p *page) requeue(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, http.StatusBadRequest, "Say which dead letter to requeue (id), or all=1.")
 		return
 	}
-	letters, err := c.List(ctx, name, lookupLimit)
+	letters, err := c.Get(ctx, name, id)
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
 	}
-	i := -1
-	for j, d := range letters {
-		if d.ID == id {
-			i = j
-			break
-		}
-	}
-	if i < 0 {
-		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("Queue %s has no dead letter %s among its first %d: it was requeued or purged meanwhile.", name, id, lookupLimit))
+	if len(letters) == 0 {
+		p.fail(w, r, http.StatusNotFound, fmt.Sprintf("Queue %s has no dead letter %s: it was requeued or purged meanwhile.", name, id))
 		return
 	}
-	if !letters[i].Requeueable() {
+	if !letters[0].Requeueable() {
 		p.fail(w, r, http.StatusConflict, fmt.Sprintf("Dead letter %s of queue %s holds a corrupt value, not an item: it cannot be requeued, only purged.", id, name))
 		return
 	}
-	n, err := c.Requeue(ctx, letters[i])
+	n, err := c.Requeue(ctx, letters[0])
 	if err != nil {
 		p.redisError(w, r, name, err)
 		return
