@@ -151,7 +151,9 @@ func WithAtMostOnce() Option { return withConsumer(protocol.WithAtMostOnce()) }
 func WithDeadLetterCap(n int) Option { return withConsumer(protocol.WithDeadLetterCap(n)) }
 
 // WithName names the worker in the leases it holds (default
-// "<hostname>-<pid>-<random>"); it may not hold a colon.
+// "<hostname>-<pid>-<random>"): 1-128 bytes of UTF-8 without colons,
+// braces or control characters. It should be unique: a worker that stops
+// takes its name off the list of live workers.
 func WithName(name string) Option { return withConsumer(protocol.WithName(name)) }
 
 func withConsumer(o protocol.Option) Option {

@@ -456,6 +456,13 @@ func TestRegistrationMistakesPanic(t *testing.T) {
 	if _, err := batchq.NewWorker(b.Client, batchq.WithConcurrency(0)); err == nil {
 		t.Error("WithConcurrency(0) accepted")
 	}
+	for _, name := range []string{"", "a:b", "a{b", "a\nb", "a\x1b[31m", "\xff", strings.Repeat("x", 129)} {
+		if _, err := batchq.NewWorker(b.Client, batchq.WithName(name)); err == nil {
+			t.Errorf("WithName(%q) accepted", name)
+		} else if len(err.Error()) > 200 {
+			t.Errorf("WithName's error is %d bytes long", len(err.Error()))
+		}
+	}
 	empty := newWorker(t, b)
 	if err := empty.Run(context.Background()); !errors.Is(err, batchq.ErrNoHandlers) {
 		t.Errorf("Run without handlers: %v", err)

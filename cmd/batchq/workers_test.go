@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"slices"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 )
@@ -25,6 +27,30 @@ func announce(t *testing.T, b testredis.Backend, name string, shards, concurrenc
 	return c
 }
 
+// forgeName renames the announced worker from to to, as a client with
+// write access to Redis could.
+func forgeName(t *testing.T, b testredis.Backend, from, to string) {
+	t.Helper()
+	ctx, c := context.Background(), b.Client
+	data, idx := keys.WorkerData(b.Prefix), keys.Workers(b.Prefix)
+	raw, err := c.Do(ctx, c.B().Hget().Key(data).Field(from).Build()).ToString()
+	must(t, err)
+	var desc map[string]any
+	must(t, json.Unmarshal([]byte(raw), &desc))
+	desc["name"] = to
+	forged, err := json.Marshal(desc)
+	must(t, err)
+	seen, err := c.Do(ctx, c.B().Zscore().Key(idx).Member(from).Build()).AsFloat64()
+	must(t, err)
+	for _, r := range c.DoMulti(ctx,
+		c.B().Hset().Key(data).FieldValue().FieldValue(to, string(forged)).Build(),
+		c.B().Hdel().Key(data).Field(from).Build(),
+		c.B().Zadd().Key(idx).ScoreMember().ScoreMember(seen, to).Build(),
+		c.B().Zrem().Key(idx).Member(from).Build()) {
+		must(t, r.Error())
+	}
+}
+
 func TestWorkers(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testWorkers(t, b, 1) })
 }
@@ -35,7 +61,10 @@ func testWorkers(t *testing.T, b testredis.Backend, shards int) {
 	}
 	w1 := announce(t, b, "w1", shards, 8, "orders", "emails")
 	announce(t, b, "w2", shards, 2, "payments")
-	evil := announce(t, b, "evil\x1b[31m\nforged line", shards, 1, "payments")
+	// WithName refuses control characters, but anyone who can write to
+	// Redis can forge a worker: rename one.
+	evil := announce(t, b, "evil", shards, 1, "payments")
+	forgeName(t, b, "evil", "evil\x1b[31m\nforged line")
 
 	out := ok(t, b, "workers")
 	if strings.Contains(out, "\x1b") || strings.Contains(out, "\nforged") {
@@ -87,6 +116,7 @@ func testWorkers(t *testing.T, b testredis.Backend, shards int) {
 
 	// Retired workers are not listed.
 	must(t, w1.Retire(context.Background()))
+	forgeName(t, b, "evil\x1b[31m\nforged line", "evil")
 	must(t, evil.Retire(context.Background()))
 	if got := column(ok(t, b, "workers"), 0); !slices.Equal(got, []string{"w2", "1"}) {
 		t.Errorf("workers after two retired: %q", got)

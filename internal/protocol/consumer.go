@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/redis/rueidis"
 
@@ -116,8 +118,8 @@ func WithDeadLetterCap(n int) Option {
 // It may not hold a colon.
 func WithName(name string) Option {
 	return func(c *Consumer) error {
-		if name == "" || len(name) > 128 || strings.ContainsAny(name, ":{}") {
-			return fmt.Errorf("consumer: name %q must be 1-128 bytes without colons or braces", keys.Short(name))
+		if name == "" || len(name) > 128 || strings.ContainsAny(name, ":{}") || !utf8.ValidString(name) || strings.ContainsFunc(name, unicode.IsControl) {
+			return fmt.Errorf("consumer: name %q must be 1-128 bytes of UTF-8 without colons, braces or control characters", keys.Short(name))
 		}
 		c.name = name
 		return nil
