@@ -196,7 +196,9 @@ func (c *command) checkArgs(args []string) error {
 		}
 	}
 	if c.key {
-		return keys.CheckKey(args[1])
+		// A key stored before CheckKey refused control characters can
+		// still be peeked at.
+		return keys.CheckStoredKey(args[1])
 	}
 	return nil
 }
