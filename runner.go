@@ -28,6 +28,7 @@ type runner struct {
 
 	acquiring sync.Mutex   // held by the one caller of acquire waiting for slots
 	waiting   atomic.Int32 // fetchers in acquire: helpers leave, and no more are recruited
+	helping   atomic.Int32 // helpers at work, each in a slot
 
 	mu        sync.Mutex
 	active    map[*protocol.Batch]struct{} // the batches of batches, for the lease heartbeat
@@ -53,10 +54,17 @@ type outage struct {
 	since    time.Time // its first failure; zero: none under way
 	logged   time.Time // when it was last logged
 	failures int
+	last     time.Time // its latest failure
 }
 
-// outageLogEvery is how often a worker logs that Redis calls keep failing.
-var outageLogEvery = 30 * time.Second
+// outageLogEvery is how often a worker logs that Redis calls keep failing;
+// outageQuiet, how long calls must succeed without a failure for an outage
+// to end (when one node of a Redis Cluster is down, calls to the others
+// succeed all along).
+var (
+	outageLogEvery = 30 * time.Second
+	outageQuiet    = 5 * time.Second
+)
 
 // redisFailed records and logs a failed Redis call: what it was, and
 // fields about it. Only batchq's own error replies (a corrupt or full key,
@@ -64,7 +72,7 @@ var outageLogEvery = 30 * time.Second
 // time; anything else, a lost connection or a reply such as BUSY, LOADING
 // or READONLY, may have failed heartbeats too, and starts or continues an
 // outage: its first failure is logged, then one line every outageLogEvery
-// with the count, until a call succeeds (redisOK).
+// with the count, until calls succeed for outageQuiet (redisOK).
 func (r *runner) redisFailed(what string, err error, fields ...zap.Field) {
 	fields = append(fields, zap.Error(err))
 	if protocol.Trusted(err) {
@@ -77,6 +85,7 @@ func (r *runner) redisFailed(what string, err error, fields ...zap.Field) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.failures++
+	o.last = now
 	switch {
 	case o.since.IsZero():
 		o.since, o.logged, o.failures = now, now, 1
@@ -89,7 +98,8 @@ func (r *runner) redisFailed(what string, err error, fields ...zap.Field) {
 	}
 }
 
-// redisOK records a Redis call that succeeded, ending an outage.
+// redisOK records a Redis call that succeeded, ending an outage whose
+// latest failure is outageQuiet old.
 func (r *runner) redisOK() {
 	if !r.inOutage.Load() {
 		return
@@ -97,7 +107,7 @@ func (r *runner) redisOK() {
 	o := &r.outage
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if o.since.IsZero() {
+	if o.since.IsZero() || time.Since(o.last) < outageQuiet {
 		return
 	}
 	r.w.log.Info("Redis calls succeed again", zap.Int("failures", o.failures), zap.Duration("outage", time.Since(o.since)))
@@ -162,6 +172,11 @@ func (r *runner) release(n int) {
 
 // free returns how many slots are free now.
 func (r *runner) free() int { return cap(r.slots) - len(r.slots) }
+
+// room returns how many slots a fetch loop may pop keys for: those free,
+// and those of helpers, which give them back after their step once a
+// fetch loop waits for them.
+func (r *runner) room() int { return r.free() + int(r.helping.Load()) }
 
 // start hands b, in a slot the caller holds, to a free executor. One is
 // free: an executor is busy only with a batch or a helper's part of one,
