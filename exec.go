@@ -130,7 +130,10 @@ func (x *executor) loop(abandoned *handlerCall) {
 // resume records that the handler call hc was abandoned, and carries on
 // with its batch.
 func (x *executor) resume(hc *handlerCall) bool {
-	err := &TimeoutError{Timeout: hc.j.br.f.q.timeout, Err: ErrHandlerTimeout}
+	var err error = ErrHandlerTimeout // the shutdown timeout, with no queue timeout
+	if d := hc.j.br.f.q.timeout; d > 0 {
+		err = &TimeoutError{Timeout: d, Err: ErrHandlerTimeout}
+	}
 	x.guard(hc.j, hc.step, func() bool {
 		x.r.w.obs.Handled(hc.info.Queue, time.Since(hc.start), err)
 		hc.apply(err)
@@ -160,6 +163,7 @@ func (x *executor) run(j job) bool {
 		}
 	}
 	if j.helper {
+		r.helping.Add(-1)
 		br.helpers.Done()
 		r.release(1)
 		return true
@@ -177,9 +181,11 @@ func (x *executor) recruit(br *batchRun) {
 		return
 	}
 	br.helpers.Add(1)
+	r.helping.Add(1)
 	select {
 	case r.help <- job{br: br, helper: true}:
 	default:
+		r.helping.Add(-1)
 		br.helpers.Done()
 		r.release(1)
 	}
@@ -231,7 +237,7 @@ func (x *executor) call(j job, info ItemInfo, s int, fn func(context.Context) er
 	hc := &handlerCall{ctx: ctx, j: j, info: info, step: s, apply: apply, start: time.Now()}
 	x.cur.Store(hc)
 	err := x.r.safe(ctx, info, fn)
-	if err != nil && q.timeout > 0 && errors.Is(ctx.Err(), context.DeadlineExceeded) && x.ctx.Err() == nil {
+	if q.timeout > 0 && errors.Is(err, context.DeadlineExceeded) && errors.Is(ctx.Err(), context.DeadlineExceeded) && x.ctx.Err() == nil {
 		err = &TimeoutError{Timeout: q.timeout, Err: err}
 	}
 	cancel()
@@ -248,8 +254,9 @@ func (r *runner) safe(ctx context.Context, info ItemInfo, fn func(context.Contex
 	defer func() {
 		if v := recover(); v != nil {
 			pe := &PanicError{Value: v, Stack: debug.Stack()}
-			r.w.log.Warn("handler panicked", zap.String("queue", info.Queue), zap.String("key", keys.Short(info.Key)), zap.Any("panic", v))
-			r.w.log.Debug("handler panic stack", zap.ByteString("stack", pe.Stack))
+			// The batch's line says it failed; the value may hold an item.
+			r.w.log.Debug("handler panicked", zap.String("queue", info.Queue), zap.String("key", keys.Short(info.Key)),
+				zap.Any("panic", v), zap.ByteString("stack", pe.Stack))
 			err = pe
 		}
 	}()

@@ -32,7 +32,8 @@ func loggedWorker(t *testing.T, b testredis.Backend, opts ...batchq.Option) (*ba
 func TestFailedBatchIsOneLine(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		addItems(t, b, "q", "k", 0, 5)
-		if err := newProducer(t, b).AddRaw(context.Background(), "q", "k", []byte(`"not an item"`)); err != nil {
+		// The decoder quotes the number in its error: it must not reach a log.
+		if err := newProducer(t, b).AddRaw(context.Background(), "q", "k", []byte(`{"id":987654321987654321987}`)); err != nil {
 			t.Fatal(err)
 		}
 		w, logs := loggedWorker(t, b)
@@ -60,15 +61,19 @@ func TestFailedBatchIsOneLine(t *testing.T) {
 			t.Fatalf("failed batch logged as %v %v", f.Level, fields)
 		}
 		dead := logs.FilterMessage("item moved to dead letters").All()
-		if len(dead) != 1 || !strings.Contains(dead[0].ContextMap()["error"].(string), "does not decode") {
+		if len(dead) != 1 || !strings.Contains(dead[0].ContextMap()["error"].(string), `does not decode into the handler's type: field "id"`) {
 			t.Fatalf("dead letter lines: %v", dead)
+		}
+		letters, err := newDeadLetters(t, b).List(context.Background(), "q", 1)
+		if err != nil || len(letters) != 1 || !strings.Contains(letters[0].Error, "987654321987654321987") {
+			t.Fatalf("the dead letter does not keep the decoder's whole error: %+v %v", letters, err)
 		}
 		for _, e := range logs.All() {
 			if e.Level == zapcore.InfoLevel && strings.Contains(e.Message, "retry") {
 				t.Errorf("an info line per retried item: %q %v", e.Message, e.ContextMap())
 			}
 			for k, v := range e.ContextMap() {
-				if s, ok := v.(string); ok && strings.Contains(s, "not an item") {
+				if s, ok := v.(string); ok && strings.Contains(s, "987654321") {
 					t.Errorf("a log line holds a payload in %s: %q", k, s)
 				}
 			}
@@ -151,5 +156,34 @@ func TestOutageIsLoggedOnce(t *testing.T) {
 		srv := testredis.Start(t)
 		b := srv.Backend(t)
 		check(t, b, srv.Stop, func() { srv.Restart(t) })
+	})
+}
+
+// A call of many items that fails for good is one batch line and a bounded
+// number of dead letter lines; a panic's value is logged at debug level
+// only, since it may hold an item.
+func TestManyDeadLettersAreLoggedBounded(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		addItems(t, b, "q", "k", 0, 100)
+		w, logs := loggedWorker(t, b)
+		batchq.HandleBatch(w, "q", func(ctx context.Context, key string, items []item) error {
+			panic("secret-payload")
+		}, batchq.WithMaxAttempts(1))
+		run(t, w)
+		eventually(t, 10*time.Second, "the batch line", func() bool { return logs.FilterMessage("batch failed").Len() == 1 })
+		fields := logs.FilterMessage("batch failed").All()[0].ContextMap()
+		if fields["dead"] != int64(100) || fields["dead_not_logged"] != int64(80) {
+			t.Fatalf("batch line %v, want 100 dead and 80 not logged", fields)
+		}
+		if n := logs.FilterMessage("item moved to dead letters").Len(); n != 20 {
+			t.Fatalf("%d dead letter lines, want 20", n)
+		}
+		for _, e := range logs.All() {
+			for k, v := range e.ContextMap() {
+				if s, ok := v.(string); ok && strings.Contains(s, "secret-payload") {
+					t.Errorf("%s line %q holds the panic's value in %s", e.Level, e.Message, k)
+				}
+			}
+		}
 	})
 }

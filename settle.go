@@ -2,7 +2,9 @@ package batchq
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 
 	"go.uber.org/zap"
@@ -109,6 +111,7 @@ func (r *runner) settleEnded(q *queue, b *protocol.Batch, out []protocol.Outcome
 func (r *runner) logFailures(log *zap.Logger, q *queue, b *protocol.Batch, out []protocol.Outcome, done, retried, dead int) {
 	var first error
 	var delay time.Duration // the soonest retry
+	logged := 0             // dead letter lines
 	for i, o := range out {
 		switch o.Kind {
 		case protocol.Retry:
@@ -122,16 +125,51 @@ func (r *runner) logFailures(log *zap.Logger, q *queue, b *protocol.Batch, out [
 			if first == nil {
 				first = o.Err
 			}
+			if logged++; logged > maxDeadLines {
+				continue
+			}
 			it := b.Items[i]
 			r.w.log.Warn("item moved to dead letters", zap.String("queue", q.name), zap.String("key", keys.Short(it.Key)),
-				zap.Int("attempts", it.Attempt+1), zap.Error(o.Err))
+				zap.Int("attempts", it.Attempt+1), zap.String("error", logSafe(o.Err)))
 		}
 	}
-	fields := []zap.Field{zap.Int("done", done), zap.Int("retried", retried), zap.Int("dead", dead), zap.Error(first)}
+	fields := []zap.Field{zap.Int("done", done), zap.Int("retried", retried), zap.Int("dead", dead), zap.String("error", logSafe(first))}
+	if dead > maxDeadLines {
+		fields = append(fields, zap.Int("dead_not_logged", dead-maxDeadLines))
+	}
 	if retried > 0 {
 		fields = append(fields, zap.Duration("next_retry_in", delay))
 	}
 	log.Warn("batch failed", fields...)
+}
+
+// maxDeadLines bounds the dead letter lines logged for one batch: a
+// call of 10,000 items that failed for good is one batch line and this
+// many others. The dead letters themselves are all kept.
+const maxDeadLines = 20
+
+// logSafe returns err's text for a log line, which must not hold an item's
+// contents: the error of an item that does not decode (Go's JSON errors
+// may quote its values) becomes where and why it failed; a panic, that the
+// handler panicked (its value is logged at debug level where it happens).
+// Dead letters keep the whole error.
+func logSafe(err error) string {
+	var pe *PanicError
+	var te *json.UnmarshalTypeError
+	var se *json.SyntaxError
+	switch {
+	case err == nil:
+		return ""
+	case errors.As(err, &te):
+		return fmt.Sprintf("%v: field %q (offset %d) cannot hold the JSON value for Go type %v", ErrDecode, te.Field, te.Offset, te.Type)
+	case errors.As(err, &se):
+		return fmt.Sprintf("%v: invalid JSON at offset %d", ErrDecode, se.Offset)
+	case errors.Is(err, ErrDecode):
+		return ErrDecode.Error() + " (the dead letter holds the decoder's error)"
+	case errors.As(err, &pe):
+		return "handler panicked (the dead letter or retry holds its value)"
+	}
+	return err.Error()
 }
 
 // maxAckGroup bounds the batches the ack loop settles in one round trip.

@@ -63,7 +63,8 @@ var ErrNoHandlers = errors.New("batchq: no handler registered")
 // A batch is the items of one key drained at once. Up to the worker's
 // concurrency handler calls run at once: the batches of many keys, and the
 // items (or WithMaxBatch chunks) of one busy key while slots are free. A
-// batch's calls start in append order.
+// batch's calls are taken in append order; those that run at once may
+// start and end in any order.
 type Worker struct {
 	cons            *protocol.Consumer
 	dead            *deadletter.Client
@@ -102,10 +103,12 @@ func WithConcurrency(n int) Option {
 
 // WithLogger sets the logger (default: none). The worker logs lifecycle at
 // info level and failures at warn level: one line per batch with failed
-// items (with counts and the first error), one per dead letter, and one
-// when Redis calls start failing, then at most one every 30 seconds until
-// they succeed again (at info level). It logs queues and keys (cut to 64
-// bytes) but never an item's contents.
+// items (with counts and the first error), one per dead letter (at most 20
+// per batch), and one when Redis calls start failing, then at most one
+// every 30 seconds until they have succeeded for 5 seconds with no failure
+// (at info level). It logs queues and keys (cut to 64 bytes) but never an
+// item's contents: not the values a decoder quotes, nor a panic's value
+// (at debug level only).
 func WithLogger(l *zap.Logger) Option {
 	return func(c *workerConfig) error {
 		if l == nil {
@@ -459,7 +462,7 @@ func decode[T any](data json.RawMessage) (T, error) {
 		return v, nil
 	}
 	if err := json.Unmarshal(data, &v); err != nil {
-		return v, fmt.Errorf("%w: %v", ErrDecode, err)
+		return v, fmt.Errorf("%w: %w", ErrDecode, err)
 	}
 	return v, nil
 }
