@@ -116,7 +116,7 @@ func (f *fetcher) run(ctx context.Context) {
 			}
 		}
 		if len(popped) == 0 {
-			count := max(1, r.free()/r.loops)
+			count := max(1, r.room()/r.loops)
 			wait := min(max(nextClaim.Sub(now), time.Millisecond), maxIdleWait)
 			// The pop's deadline is past its server-side timeout: a
 			// connection that answers nothing (cut without a reset, or a
@@ -146,7 +146,7 @@ func (f *fetcher) run(ctx context.Context) {
 		// as many as there are free slots: they are drained by the next
 		// round, without a blocking pop in between.
 		popMax := 0
-		if free := r.free(); free > 0 {
+		if free := r.room(); free > 0 {
 			popMax = max(1, free/r.loops)
 		}
 		reqs := f.takeReleases()
