@@ -50,7 +50,8 @@
 // Up to the worker's concurrency handler calls run at once: the batches of
 // many keys, and, while slots are free, the items of one busy key (for
 // Handle) or its WithMaxBatch chunks (for HandleBatch). A batch's calls
-// start in append order, but may end in any order. Items appended to a key
+// are taken in append order, but those that run at once may start and end
+// in any order. Items appended to a key
 // while its batch runs form a new batch, which may run at the same time:
 // no order is guaranteed between the items of a key.
 //
