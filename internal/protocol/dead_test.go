@@ -564,6 +564,10 @@ func TestRequeueNewestDead(t *testing.T) {
 		die(t, p, c, "old", `0`)
 		time.Sleep(5 * time.Millisecond) // the batch of k dies later
 		die(t, p, c, "k", `1`, `2`, `3`)
+		// Letters are stamped by the consumer's reckoning of the server's
+		// clock, which may run a few ms ahead of it (half a round trip at
+		// most); RequeueNewest leaves letters younger than its start.
+		time.Sleep(50 * time.Millisecond)
 
 		n, skipped, err := dl(c).RequeueNewest(ctx, queue, 3)
 		if err != nil || n != 3 || skipped != 0 {
