@@ -47,8 +47,8 @@ func WithRetriesWithin(d time.Duration) Option {
 }
 
 // WithPollInterval sets how often RunUntilIdle reads the state of the
-// worker's queues (default DefaultPollInterval, 5ms): each read is two
-// round trips to Redis.
+// worker's queues (default DefaultPollInterval, 5ms): each read is one
+// round trip to Redis.
 func WithPollInterval(d time.Duration) Option {
 	return func(c *config) error {
 		if d <= 0 {
@@ -125,7 +125,10 @@ func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result
 	}
 	q := queues{c: w.Client(), prefix: w.Prefix(), shards: w.Shards(), names: w.Queues()}
 
-	runCtx, stop := context.WithCancel(ctx)
+	// Only end stops the worker: were it stopped by ctx, Run could return
+	// before this loop sees ctx done, and the loop would take that for a
+	// failed Run.
+	runCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	defer stop()
 	done := make(chan error, 1)
 	go func() { done <- w.Run(runCtx) }()
