@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -531,6 +533,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		queues = append(queues, q)
 	}
 	w.mu.Unlock()
+	slices.SortFunc(queues, func(a, b *queue) int { return strings.Compare(a.name, b.name) }) // listed in order by batchq workers
 	if len(queues) == 0 {
 		return ErrNoHandlers
 	}

@@ -230,13 +230,13 @@ func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
 	rs := make([]protocol.Requeued, len(letters))
 	for i, d := range letters {
 		if err := d.requeueError(); err != nil {
-			return 0, fmt.Errorf("requeue %s: %w", keys.Short(d.ID), err)
+			return 0, fmt.Errorf("requeue %q: %w", keys.Short(d.ID), err)
 		}
 		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckStoredKey(d.Key)); err != nil {
-			return 0, fmt.Errorf("requeue %s: %w", keys.Short(d.ID), err)
+			return 0, fmt.Errorf("requeue %q: %w", keys.Short(d.ID), err)
 		}
 		if d.Shard < 0 || d.Shard >= c.shards {
-			return 0, fmt.Errorf("requeue %s: shard %d out of range", keys.Short(d.ID), d.Shard)
+			return 0, fmt.Errorf("requeue %q: shard %d out of range", keys.Short(d.ID), d.Shard)
 		}
 		rs[i] = protocol.Requeued{Space: c.space(d.Queue, d.Shard), ID: d.ID, Key: d.Key, Item: string(d.Item)}
 	}

@@ -46,8 +46,9 @@ type Retries struct {
 
 // Retries returns up to limit retries of a registered queue, over all its
 // shards, soonest due first (ties: by id, so the items of one batch keep
-// their order), and how many there are. It reads them in three round
-// trips, however many shards the queue has.
+// their order), and how many there are. It reads them in four round
+// trips (the registry, the server's clock, the indexes, the retries),
+// however many shards the queue has.
 func (in *Inspector) Retries(ctx context.Context, name string, limit int) (Retries, error) {
 	q, err := in.Queue(ctx, name)
 	if err != nil {

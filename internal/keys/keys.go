@@ -130,8 +130,8 @@ func Short(s string) string {
 		return s
 	}
 	cut := shortLen
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
+	for cut > shortLen-utf8.UTFMax+1 && !utf8.RuneStart(s[cut]) {
+		cut-- // at most to the start of a rune of valid UTF-8
 	}
 	return s[:cut] + "…(" + strconv.Itoa(len(s)) + " bytes)"
 }

@@ -137,6 +137,8 @@ func TestShort(t *testing.T) {
 		{strings.Repeat("a", 61) + "日本", strings.Repeat("a", 61) + "日…(67 bytes)"},
 		// Invalid UTF-8 is cut at a byte like any other.
 		{strings.Repeat("\xff", 70), strings.Repeat("\xff", 64) + "…(70 bytes)"},
+		// A run of continuation bytes is cut within a rune's length.
+		{strings.Repeat("\x80", 70), strings.Repeat("\x80", 61) + "…(70 bytes)"},
 	} {
 		if got := Short(c.in); got != c.want {
 			t.Errorf("Short(%.20q) = %q, want %q", c.in, got, c.want)
