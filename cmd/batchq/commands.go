@@ -56,19 +56,11 @@ var commands = []*command{
 	{name: "retries list", synopsis: "QUEUE [-n 50] [-items]", queue: true, minArgs: 1, maxArgs: 1, run: retriesList,
 		summary: "the retries of a queue, soonest due first: id, key, attempts, due time, last error;\ntheir payloads only with -items (they may be sensitive)",
 		example: "retries list orders -n 10\n-json retries list orders -items | jq '.retries[].item'",
-		flags: func(fs *flag.FlagSet, o *options) {
-			fs.IntVar(&o.n, "n", 50, "how many retries")
-			fs.BoolVar(&o.items, "items", false, "show the items (payloads) too")
-		},
-		check: func(o *options) error { return positive("-n", o.n) }},
+		flags:   listFlags("retries"), check: func(o *options) error { return positive("-n", o.n) }},
 	{name: "dead list", synopsis: "QUEUE [-n 50] [-items]", queue: true, minArgs: 1, maxArgs: 1, run: deadList,
 		summary: "the dead letters of a queue, newest first: id, key, attempts, time, error;\ntheir payloads only with -items (they may be sensitive)",
 		example: "dead list orders -n 10",
-		flags: func(fs *flag.FlagSet, o *options) {
-			fs.IntVar(&o.n, "n", 50, "how many dead letters")
-			fs.BoolVar(&o.items, "items", false, "show the items (payloads) too")
-		},
-		check: func(o *options) error { return positive("-n", o.n) }},
+		flags:   listFlags("dead letters"), check: func(o *options) error { return positive("-n", o.n) }},
 	{name: "dead requeue", synopsis: "QUEUE (-n N | -all | -id ID...) [-yes]", queue: true, minArgs: 1, maxArgs: 1, run: deadRequeue,
 		summary: "append dead letters' items to the end of their keys again, with no attempts: the\nnewest N, all, or those whose ids dead list shows (-id, as often as needed, oldest\nfirst); without -yes, only say what it would requeue",
 		example: "dead requeue orders -all -yes\ndead requeue orders -id 2bvyrspclspei1i7a7fbc1mrf4-0000000 -yes",
@@ -165,6 +157,15 @@ func lookup(name string) *command {
 		}
 	}
 	return nil
+}
+
+// listFlags returns the flags of a command that lists what, newest or
+// soonest first: -n and -items.
+func listFlags(what string) func(*flag.FlagSet, *options) {
+	return func(fs *flag.FlagSet, o *options) {
+		fs.IntVar(&o.n, "n", 50, "how many "+what)
+		fs.BoolVar(&o.items, "items", false, "show the items (payloads) too")
+	}
 }
 
 func positive(name string, n int) error {
