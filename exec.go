@@ -177,7 +177,7 @@ func (x *executor) run(j job) bool {
 // if a slot is free, no fetcher waits for one, and an executor is idle.
 func (x *executor) recruit(br *batchRun) {
 	r := x.r
-	if r.free() == 0 || r.waiting.Load() > 0 || !r.tryAcquire() {
+	if r.waiting.Load() > 0 || !r.tryAcquire() {
 		return
 	}
 	br.helpers.Add(1)
