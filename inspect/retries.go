@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
@@ -76,12 +74,5 @@ func (in *Inspector) Retries(ctx context.Context, name string, limit int) (Retri
 	for _, n := range counts {
 		out.Total += n
 	}
-	slices.SortStableFunc(out.Retries, func(a, b Retry) int {
-		if n := a.Due.Compare(b.Due); n != 0 {
-			return n
-		}
-		return strings.Compare(a.ID, b.ID)
-	})
-	out.Retries = out.Retries[:min(limit, len(out.Retries))]
-	return out, nil
+	return out, nil // ListRetries chose and sorted them
 }

@@ -1,10 +1,13 @@
 package protocol
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -28,10 +31,12 @@ type Waiting struct {
 	Corrupt bool `json:"corrupt,omitempty"`
 }
 
-// ListRetries returns up to limit of the retries of the shards spaces of
-// queue (spaces[i] is shard i), the soonest due of each shard, and how many
-// each shard holds, in two round trips. Retries a worker claims meanwhile
-// are left out. The result is in shard order, each shard's soonest first.
+// ListRetries returns the limit soonest due retries of the shards spaces of
+// queue (spaces[i] is shard i), ties broken by id, and how many each shard
+// holds, in two round trips: the indexes of every shard first, then the
+// stored retries of the limit chosen among them (retries hold items, up to
+// a MiB each: only those are read). Retries a worker claims meanwhile are
+// left out. The result is soonest first.
 func ListRetries(ctx context.Context, c rueidis.Client, queue string, spaces []keys.Space, limit int) ([]Waiting, []int64, error) {
 	cmds := make(rueidis.Commands, 0, 2*len(spaces))
 	top := strconv.Itoa(limit - 1)
@@ -42,42 +47,46 @@ func ListRetries(ctx context.Context, c rueidis.Client, queue string, spaces []k
 	}
 	res := c.DoMulti(ctx, cmds...)
 	counts := make([]int64, len(spaces))
-	due := make([][]rueidis.ZScore, len(spaces))
-	var reads rueidis.Commands
-	var shards []int
-	for i, sp := range spaces {
+	type indexed struct {
+		shard int
+		z     rueidis.ZScore
+	}
+	var soonest []indexed
+	for i := range spaces {
 		var err error
 		if counts[i], err = res[2*i].AsInt64(); err != nil {
 			return nil, nil, err
 		}
-		if due[i], err = res[2*i+1].AsZScores(); err != nil {
-			return nil, nil, err
-		}
-		if len(due[i]) == 0 {
-			continue
-		}
-		ids := make([]string, len(due[i]))
-		for j, z := range due[i] {
-			ids[j] = z.Member
-		}
-		reads = append(reads, c.B().Hmget().Key(sp.RetryData()).Field(ids...).Build())
-		shards = append(shards, i)
-	}
-	var out []Waiting
-	for j, r := range c.DoMulti(ctx, reads...) {
-		vals, err := r.ToArray()
+		zs, err := res[2*i+1].AsZScores()
 		if err != nil {
 			return nil, nil, err
 		}
-		shard := shards[j]
-		for k, v := range vals {
-			env, err := v.ToString()
-			if err != nil {
-				continue // claimed meanwhile
-			}
-			z := due[shard][k]
-			out = append(out, decodeWaiting(queue, shard, z.Member, time.UnixMilli(int64(z.Score)), env))
+		for _, z := range zs {
+			soonest = append(soonest, indexed{i, z})
 		}
+	}
+	slices.SortFunc(soonest, func(a, b indexed) int {
+		return cmp.Or(cmp.Compare(a.z.Score, b.z.Score), strings.Compare(a.z.Member, b.z.Member))
+	})
+	soonest = soonest[:min(limit, len(soonest))]
+	if len(soonest) == 0 {
+		return nil, counts, nil
+	}
+	reads := make(rueidis.Commands, len(soonest))
+	for j, x := range soonest {
+		reads[j] = c.B().Hget().Key(spaces[x.shard].RetryData()).Field(x.z.Member).Build()
+	}
+	out := make([]Waiting, 0, len(soonest))
+	for j, r := range c.DoMulti(ctx, reads...) {
+		env, err := r.ToString()
+		if rueidis.IsRedisNil(err) {
+			continue // claimed meanwhile
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		x := soonest[j]
+		out = append(out, decodeWaiting(queue, x.shard, x.z.Member, time.UnixMilli(int64(x.z.Score)), env))
 	}
 	return out, counts, nil
 }
