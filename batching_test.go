@@ -47,6 +47,18 @@ func (c *calls) handled() int {
 	return len(c.seen)
 }
 
+// checkOnce checks that no item was handled more than once.
+func (c *calls) checkOnce(t *testing.T) {
+	t.Helper()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id, k := range c.seen {
+		if k != 1 {
+			t.Errorf("item %d handled %d times", id, k)
+		}
+	}
+}
+
 // addItems appends items with the ids [from, to) to key, in one call.
 func addItems(t *testing.T, b testredis.Backend, queue, key string, from, to int) {
 	t.Helper()
@@ -95,6 +107,7 @@ func TestMaxBatchBoundsItems(t *testing.T) {
 		run(t, w)
 		eventually(t, 10*time.Second, "all handled", func() bool { return c.handled() == 250 })
 		got := checkChunks(t, &c, 250)
+		c.checkOnce(t)
 		var sizes []int
 		for _, call := range got {
 			sizes = append(sizes, len(call))
@@ -231,30 +244,17 @@ func TestBusyKeyItemsRunAtOnce(t *testing.T) {
 		addItems(t, b, "q", "hot", 0, n)
 		w := newWorker(t, b, batchq.WithConcurrency(concurrency))
 		var p peak
-		var mu sync.Mutex
-		seen := make(map[int]int)
+		var c calls
 		batchq.Handle(w, "q", func(ctx context.Context, it item) error {
 			p.enter()
 			defer p.leave()
 			time.Sleep(5 * time.Millisecond)
-			mu.Lock()
-			seen[it.ID]++
-			mu.Unlock()
+			c.add([]item{it})
 			return nil
 		})
 		run(t, w)
-		eventually(t, 20*time.Second, "all handled", func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			return len(seen) == n
-		})
-		mu.Lock()
-		for id, k := range seen {
-			if k != 1 {
-				t.Errorf("item %d handled %d times", id, k)
-			}
-		}
-		mu.Unlock()
+		eventually(t, 20*time.Second, "all handled", func() bool { return c.handled() == n })
+		c.checkOnce(t)
 		if m := p.max.Load(); m < concurrency/2 || m > concurrency {
 			t.Fatalf("at most %d calls ran at once, want between %d and %d", m, concurrency/2, concurrency)
 		}
@@ -331,18 +331,11 @@ func TestBusyKeyShutdownLosesNothing(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		const n = 300
 		addItems(t, b, "q", "hot", 0, n)
-		var mu sync.Mutex
-		seen := make(map[int]int)
-		count := func() int {
-			mu.Lock()
-			defer mu.Unlock()
-			return len(seen)
-		}
+		var c calls
+		count := c.handled
 		handler := func(ctx context.Context, it item) error {
 			time.Sleep(10 * time.Millisecond)
-			mu.Lock()
-			seen[it.ID]++
-			mu.Unlock()
+			c.add([]item{it})
 			return nil
 		}
 		w1 := newWorker(t, b, batchq.WithConcurrency(8))
@@ -358,12 +351,6 @@ func TestBusyKeyShutdownLosesNothing(t *testing.T) {
 		run(t, w2)
 		eventually(t, 20*time.Second, "all handled", func() bool { return count() == n })
 		time.Sleep(50 * time.Millisecond)
-		mu.Lock()
-		defer mu.Unlock()
-		for id, k := range seen {
-			if k != 1 {
-				t.Errorf("item %d handled %d times", id, k)
-			}
-		}
+		c.checkOnce(t)
 	})
 }
