@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/internal/protocol"
@@ -93,8 +92,8 @@ func TestClockSkew(t *testing.T) {
 func TestWarnsAboutEviction(t *testing.T) {
 	srv := testredis.Start(t, "--maxmemory-policy", "allkeys-lru")
 	b := srv.Backend(t)
-	core, logs := observer.New(zap.WarnLevel)
-	w, err := batchq.NewWorker(b.Client, batchq.WithPrefix(b.Prefix), batchq.WithLogger(zap.New(core)))
+	log, logs := observed(t, zap.IncreaseLevel(zap.WarnLevel))
+	w, err := batchq.NewWorker(b.Client, batchq.WithPrefix(b.Prefix), batchq.WithLogger(log))
 	must(t, err)
 	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
 	stop := run(t, w)

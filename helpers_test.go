@@ -9,7 +9,10 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/deadletter"
@@ -18,6 +21,14 @@ import (
 	"github.com/batchq/batchq/producer"
 )
 
+// TestMain does one of two things.
+//
+// With workerEnv set, this process is not a test run: it is a worker
+// process the fault suite started by re-executing the test binary
+// (startProc), and workerMain runs the worker until it is told to stop. The
+// fault harness, re-exec and worker included, is in faultharness_test.go.
+//
+// Otherwise it runs the tests, then checks that none left goroutines behind.
 func TestMain(m *testing.M) {
 	if os.Getenv(workerEnv) != "" {
 		os.Exit(workerMain())
@@ -136,4 +147,31 @@ func newDeadLetters(t testing.TB, b testredis.Backend) *deadletter.Client {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// observed returns a logger that keeps in memory every entry it writes, for
+// a test to assert on what was logged, and writes the last 200 of them to
+// the test log if the test fails: tests that fault workers make them log
+// many expected failures, too many to print when nothing is wrong. opts
+// apply to the logger; zap.IncreaseLevel keeps out the entries below a
+// level, which a test that inspects every entry it sees (a debug line may
+// hold an item) needs.
+//
+// It is the one observed logger of the root package's tests. The internal
+// test outage_internal_test.go (package batchq) cannot call it, and makes a
+// bare observer of its own: see there.
+func observed(t testing.TB, opts ...zap.Option) (*zap.Logger, *observer.ObservedLogs) {
+	t.Helper()
+	core, logs := observer.New(zapcore.DebugLevel)
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		all := logs.All()
+		t.Logf("the last %d of %d log entries:", min(len(all), 200), len(all))
+		for _, e := range all[max(len(all)-200, 0):] {
+			t.Logf("%s %s %s %v", e.Time.Format("15:04:05.000"), e.Level, e.Message, e.ContextMap())
+		}
+	})
+	return zap.New(core, opts...), logs
 }

@@ -10,7 +10,6 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
@@ -20,12 +19,12 @@ import (
 // Tests of what a worker logs: a line per failed batch and per dead letter,
 // not per retried item; an outage logged once, not per failed call.
 
-// loggedWorker returns a worker logging to an observer at info level and up.
+// loggedWorker returns a worker logging to an observer (observed) at info
+// level and up.
 func loggedWorker(t *testing.T, b testredis.Backend, opts ...batchq.Option) (*batchq.Worker, *observer.ObservedLogs) {
 	t.Helper()
-	core, logs := observer.New(zap.InfoLevel)
-	tee := zapcore.NewTee(core, zaptest.NewLogger(t).Core())
-	w := newWorker(t, b, append(opts, batchq.WithLogger(zap.New(tee)))...)
+	log, logs := observed(t, zap.IncreaseLevel(zap.InfoLevel))
+	w := newWorker(t, b, append(opts, batchq.WithLogger(log))...)
 	return w, logs
 }
 

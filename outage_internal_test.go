@@ -15,6 +15,10 @@ import (
 func TestPartialOutageIsLoggedOnce(t *testing.T) {
 	defer func(every, quiet time.Duration) { outageLogEvery, outageQuiet = every, quiet }(outageLogEvery, outageQuiet)
 	outageLogEvery, outageQuiet = 300*time.Millisecond, 100*time.Millisecond
+	// A bare observer, not the root tests' observed (helpers_test.go): that
+	// helper is in package batchq_test, which this internal test cannot
+	// import, and giving it to both packages would mean exporting a test
+	// helper from package batchq.
 	core, logs := observer.New(zap.InfoLevel)
 	r := &runner{w: &Worker{log: zap.New(core)}}
 	down := errors.New("dial tcp: connection refused")

@@ -25,9 +25,7 @@ import (
 	"time"
 
 	"github.com/redis/rueidis"
-	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/batchq/batchq"
@@ -93,13 +91,6 @@ func userClient(t testing.TB, addr, user, password string) rueidis.Client {
 	}
 	t.Cleanup(c.Close)
 	return c
-}
-
-// observed returns a logger that records every entry, debug included, and
-// also writes to the test log.
-func observed(t testing.TB) (*zap.Logger, *observer.ObservedLogs) {
-	core, logs := observer.New(zapcore.DebugLevel)
-	return zap.New(zapcore.NewTee(core, zaptest.NewLogger(t).Core())), logs
 }
 
 // entryText is a log entry's message and fields, as text.
@@ -380,7 +371,7 @@ func TestACL(t *testing.T) {
 	}
 	// The inspector (metrics, status page, CLI) reads every queue as the
 	// same user.
-	in, err := inspect.New(uc, prefix)
+	in, err := inspect.New(uc, inspect.WithPrefix(prefix))
 	must(t, err)
 	all, err := in.AllStats(ctx)
 	must(t, err)
