@@ -64,6 +64,23 @@
 // handler's type goes to dead letters at once, as does a key whose value is
 // not a JSON array.
 //
+// # Middleware
+//
+// Worker.Use wraps the handler of every queue, and WithMiddleware one
+// queue's, in Middleware: a func(next HandlerFunc) HandlerFunc, as net/http
+// middleware is, that sees each Call (queue, key, attempt, the raw JSON of
+// its items) and its error. The worker's panic recovery is built on it, and
+// OpenTelemetry tracing is middleware of a module of its own
+// (github.com/batchq/batchq/otel).
+//
+// # Options and errors
+//
+// An option checks its value and returns an error: NewWorker returns it, and
+// Handle, HandleRaw, HandleBatch and Use, which return nothing, panic with
+// it, as http.Handle does. Runtime conditions are errors, each starting with
+// "batchq: ". Retry decisions are types middleware can find with errors.As:
+// *NoRetryError, *RetryAfterError, *BatchError, *PanicError, *TimeoutError.
+//
 // # Shutdown
 //
 // Run returns once its context is cancelled and shutdown is done: fetching

@@ -12,13 +12,15 @@ func NoRetry(err error) error {
 	if err == nil {
 		return nil
 	}
-	return &noRetryError{err}
+	return &NoRetryError{Err: err}
 }
 
-type noRetryError struct{ err error }
+// NoRetryError is the error NoRetry returns: middleware can find it with
+// errors.As. Its text is Err's.
+type NoRetryError struct{ Err error }
 
-func (e *noRetryError) Error() string { return e.err.Error() }
-func (e *noRetryError) Unwrap() error { return e.err }
+func (e *NoRetryError) Error() string { return e.Err.Error() }
+func (e *NoRetryError) Unwrap() error { return e.Err }
 
 // RetryAfter wraps err so that the item's next attempt comes after d
 // instead of the queue's backoff delay. It still counts as an attempt: past
@@ -28,16 +30,18 @@ func RetryAfter(d time.Duration, err error) error {
 	if err == nil {
 		return nil
 	}
-	return &retryAfterError{d: d, err: err}
+	return &RetryAfterError{Delay: d, Err: err}
 }
 
-type retryAfterError struct {
-	d   time.Duration
-	err error
+// RetryAfterError is the error RetryAfter returns: middleware can find it
+// with errors.As. Its text is Err's.
+type RetryAfterError struct {
+	Delay time.Duration
+	Err   error
 }
 
-func (e *retryAfterError) Error() string { return e.err.Error() }
-func (e *retryAfterError) Unwrap() error { return e.err }
+func (e *RetryAfterError) Error() string { return e.Err.Error() }
+func (e *RetryAfterError) Unwrap() error { return e.Err }
 
 // BatchError is returned by a batch handler whose batch partly failed: the
 // items at the indexes of Failed (positions in the slice the handler got)
@@ -63,7 +67,7 @@ type PanicError struct {
 	Stack []byte
 }
 
-func (e *PanicError) Error() string { return fmt.Sprintf("handler panicked: %v", e.Value) }
+func (e *PanicError) Error() string { return fmt.Sprintf("batchq: handler panicked: %v", e.Value) }
 
 // ErrHandlerTimeout is the error of a *TimeoutError for a handler that did
 // not return within its queue's timeout plus a grace period of about 2s,

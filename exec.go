@@ -2,9 +2,9 @@ package batchq
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"runtime/debug"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,39 +19,6 @@ import (
 type job struct {
 	br     *batchRun
 	helper bool
-}
-
-// A batchRun is the handling of one batch: the handler calls (steps) it
-// takes, and their outcomes. Its owner claims steps one at a time, in
-// order; while steps are left and slots are free, it recruits idle
-// executors, each in a slot of its own, to claim steps too, so that the
-// items of a busy key are handled at once, within the worker's
-// concurrency. A helper leaves after its step when a fetcher waits for a
-// slot, so that other keys are not starved by a big batch.
-type batchRun struct {
-	f     *fetcher
-	b     *protocol.Batch
-	out   []protocol.Outcome // out[i] is the outcome of b.Items[i]
-	steps [][]int            // the items of each step; nil: step i is item i
-	next  atomic.Int64       // the next step to claim
-	// helpers counts the helpers at work; the owner waits for them before
-	// it settles the batch.
-	helpers sync.WaitGroup
-}
-
-func (br *batchRun) len() int {
-	if br.steps == nil {
-		return len(br.b.Items)
-	}
-	return len(br.steps)
-}
-
-// items returns the indexes of step s's items.
-func (br *batchRun) items(s int) []int {
-	if br.steps == nil {
-		return []int{s}
-	}
-	return br.steps[s]
 }
 
 // An executor handles batches, one at a time, calling their handlers on its
@@ -149,7 +116,6 @@ func (x *executor) resume(hc *handlerCall) bool {
 // abandoned the executor meanwhile.
 func (x *executor) run(j job) bool {
 	br, r := j.br, x.r
-	q := br.f.q
 	for !r.stopping() && !(j.helper && r.waiting.Load() > 0) {
 		s := int(br.next.Add(1) - 1)
 		if s >= br.len() {
@@ -158,7 +124,7 @@ func (x *executor) run(j job) bool {
 		if s+1 < br.len() {
 			x.recruit(br)
 		}
-		if !x.guard(j, s, func() bool { return q.step(x, j, s) }) {
+		if !x.guard(j, s, func() bool { return x.step(j, s) }) {
 			return false
 		}
 	}
@@ -191,8 +157,32 @@ func (x *executor) recruit(br *batchRun) {
 	}
 }
 
+// step handles step s of j's batch, one call of its queue's handler, and
+// records the outcomes of its items. It reports false, at once, when the
+// watchdog abandoned the call (see call).
+func (x *executor) step(j job, s int) bool {
+	br := j.br
+	q, b := br.f.q, br.b
+	idx := br.items(s)
+	c := Call{Queue: q.name, Key: b.Items[idx[0]].Key, Items: make([]json.RawMessage, len(idx)), Batch: q.batch}
+	for k, i := range idx {
+		c.Items[k] = b.Items[i].Data
+		c.Attempt = max(c.Attempt, b.Items[i].Attempt)
+	}
+	return x.call(j, c, s, func(err error) {
+		errs, ok := itemErrors(err, len(idx))
+		for k, i := range idx {
+			e := err
+			if ok {
+				e = errs[k]
+			}
+			br.out[i] = x.r.outcome(q, b.Items[i].Attempt, e)
+		}
+	})
+}
+
 // guard runs fn, which handles step s of j's batch, and reports what fn
-// does. A panic outside the user's handler (in a Backoff or an Observer,
+// does. A panic outside the handler chain (in a Backoff or an Observer,
 // say) is recovered rather than taking the process down: the step's items
 // without an outcome yet count as failed, with a fixed delay (the queue's
 // backoff may be what panicked), so that a panic that always comes back
@@ -206,29 +196,25 @@ func (x *executor) guard(j job, s int, fn func() bool) (ok bool) {
 		ok = true
 		br, q := j.br, j.br.f.q
 		x.r.w.log.Error("panic while handling a batch", zap.String("queue", q.name), zap.String("key", keys.Short(br.b.Key)), zap.Any("panic", v))
-		err := &PanicError{Value: v, Stack: debug.Stack()}
+		err := RetryAfter(panicRetryDelay, &PanicError{Value: v, Stack: debug.Stack()})
 		for _, i := range br.items(s) {
-			if br.out[i].Kind != protocol.Unfinished {
-				continue
-			}
-			if br.b.Items[i].Attempt+1 >= q.maxAttempts {
-				br.out[i] = protocol.Outcome{Kind: protocol.Dead, Err: err}
-			} else {
-				br.out[i] = protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: panicRetryDelay}
+			if br.out[i].Kind == protocol.Unfinished {
+				br.out[i] = x.r.outcome(q, br.b.Items[i].Attempt, err)
 			}
 		}
 	}()
 	return fn()
 }
 
-// call runs fn, one call of the queue's handler for step s of j's batch,
-// with the queue's timeout, recovering panics; apply records its outcome
-// (it gets fn's error, a *TimeoutError when the timeout ended the call).
-// call reports false when the watchdog abandoned the call: another
-// executor records a *TimeoutError for it and carries on with the batch,
-// and the caller must return at once.
-func (x *executor) call(j job, info ItemInfo, s int, fn func(context.Context) error, apply func(error)) bool {
+// call runs c through its queue's handler chain, with the queue's timeout,
+// as step s of j's batch; apply records its outcome (it gets the chain's
+// error, a *TimeoutError when the timeout ended the call). call reports
+// false when the watchdog abandoned the call: another executor records a
+// *TimeoutError for it and carries on with the batch, and the caller must
+// return at once.
+func (x *executor) call(j job, c Call, s int, apply func(error)) bool {
 	q := j.br.f.q
+	info := ItemInfo{Queue: c.Queue, Key: c.Key, Attempt: c.Attempt}
 	ctx := context.WithValue(x.ctx, infoKey{}, info)
 	cancel := func() {}
 	if q.timeout > 0 {
@@ -236,7 +222,7 @@ func (x *executor) call(j job, info ItemInfo, s int, fn func(context.Context) er
 	}
 	hc := &handlerCall{ctx: ctx, j: j, info: info, step: s, apply: apply, start: time.Now()}
 	x.cur.Store(hc)
-	err := x.r.safe(ctx, info, fn)
+	err := q.chain(ctx, c)
 	if q.timeout > 0 && errors.Is(err, context.DeadlineExceeded) && errors.Is(ctx.Err(), context.DeadlineExceeded) && x.ctx.Err() == nil {
 		err = &TimeoutError{Timeout: q.timeout, Err: err}
 	}
@@ -248,19 +234,6 @@ func (x *executor) call(j job, info ItemInfo, s int, fn func(context.Context) er
 	x.r.w.obs.Handled(q.name, time.Since(hc.start), err)
 	apply(err)
 	return true
-}
-
-func (r *runner) safe(ctx context.Context, info ItemInfo, fn func(context.Context) error) (err error) {
-	defer func() {
-		if v := recover(); v != nil {
-			pe := &PanicError{Value: v, Stack: debug.Stack()}
-			// The batch's line says it failed; the value may hold an item.
-			r.w.log.Debug("handler panicked", zap.String("queue", info.Queue), zap.String("key", keys.Short(info.Key)),
-				zap.Any("panic", v), zap.ByteString("stack", pe.Stack))
-			err = pe
-		}
-	}()
-	return fn(ctx)
 }
 
 // watchdogEvery is how often the watchdog looks for handlers to abandon: an
@@ -325,14 +298,13 @@ func (r *runner) outcome(q *queue, attempt int, err error) protocol.Outcome {
 		// handled, not failed.
 		return protocol.Outcome{Kind: protocol.Unfinished}
 	}
-	var nr *noRetryError
+	var nr *NoRetryError
 	if errors.As(err, &nr) || attempt+1 >= q.maxAttempts {
 		return protocol.Outcome{Kind: protocol.Dead, Err: err}
 	}
-	delay := q.backoff.Delay(attempt + 1)
-	var ra *retryAfterError
+	var ra *RetryAfterError
 	if errors.As(err, &ra) {
-		delay = ra.d
+		return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: ra.Delay}
 	}
-	return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: delay}
+	return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: q.backoff.Delay(attempt + 1)}
 }

@@ -1,6 +1,9 @@
 package batchq
 
-import "time"
+import (
+	"errors"
+	"time"
+)
 
 // Observer is told what a Worker does, for metrics: the metrics package
 // implements it for Prometheus. Its methods are called from the worker's
@@ -23,6 +26,9 @@ type Observer interface {
 // WithObserver makes the worker report to o (see Observer).
 func WithObserver(o Observer) Option {
 	return func(c *workerConfig) error {
+		if o == nil {
+			return errors.New("nil observer")
+		}
 		c.observer = o
 		return nil
 	}

@@ -259,27 +259,45 @@ func (r *runner) sync(ctx context.Context) bool {
 	return true
 }
 
-// reapLoop returns the expired leases of every shard of the worker's queues
-// every reapEvery until ctx is done, and syncs the clock every syncEvery.
-// It takes no slot, so long handlers do not delay the redelivery of a dead
-// worker's batches.
-func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
+// syncLoop keeps the worker's view of the server current until ctx is
+// done: every syncEvery (every reapEvery until the first success) it syncs
+// the consumer's clock to the server's and, when that worked, registers
+// the queues again, so that the worker learns of producers deployed after
+// it (see register).
+func (r *runner) syncLoop(ctx context.Context, queues []*queue) {
 	t := time.NewTicker(reapEvery)
 	defer t.Stop()
-	lastSync := time.Now()
+	var last time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		if !r.synced.Load() || time.Since(lastSync) >= syncEvery {
-			if r.sync(ctx) {
-				lastSync = time.Now()
-				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
-				r.register(rctx, queues) // failures show in the next fetch or reap
-				cancel()
-			}
+		if r.synced.Load() && time.Since(last) < syncEvery {
+			continue
+		}
+		if r.sync(ctx) {
+			last = time.Now()
+			rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			r.register(rctx, queues) // failures show in the next fetch or reap
+			cancel()
+		}
+	}
+}
+
+// reapLoop returns the expired leases of every shard of the worker's
+// queues every reapEvery until ctx is done, while the clock is synced and
+// Redis calm (see calm). It takes no slot, so long handlers do
+// not delay the redelivery of a dead worker's batches.
+func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
+	t := time.NewTicker(reapEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
 		if !r.calm() {
 			continue
