@@ -104,7 +104,7 @@ func TestMaxBatchBoundsItems(t *testing.T) {
 			c.add(items)
 			return nil
 		}, batchq.WithMaxBatch(100, 0))
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 10*time.Second, "all handled", func() bool { return c.handled() == 250 })
 		got := checkChunks(t, &c, 250)
 		c.checkOnce(t)
@@ -137,7 +137,7 @@ func TestMaxBatchBoundsBytes(t *testing.T) {
 			c.add(items)
 			return nil
 		}, batchq.WithMaxBatch(0, 30))
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 10*time.Second, "all handled", func() bool { return c.handled() == 32 })
 		c.mu.Lock()
 		got := slices.Clone(c.got)
@@ -171,7 +171,7 @@ func TestMaxBatchCallsFailAlone(t *testing.T) {
 			}
 			return nil
 		}, batchq.WithMaxBatch(10, 0))
-		run(t, w)
+		runWorker(t, w)
 		dl := newDeadLetters(t, b)
 		eventually(t, 10*time.Second, "dead letters", func() bool {
 			n, err := dl.Count(context.Background(), "q")
@@ -252,7 +252,7 @@ func TestBusyKeyItemsRunAtOnce(t *testing.T) {
 			c.add([]item{it})
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 20*time.Second, "all handled", func() bool { return c.handled() == n })
 		c.checkOnce(t)
 		if m := p.max.Load(); m < concurrency/2 || m > concurrency {
@@ -276,7 +276,7 @@ func TestMaxBatchCallsRunAtOnce(t *testing.T) {
 			c.add(items)
 			return nil
 		}, batchq.WithMaxBatch(10, 0))
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 20*time.Second, "all handled", func() bool { return c.handled() == 400 })
 		checkChunks(t, &c, 400)
 		if m := p.max.Load(); m < 4 || m > 8 {
@@ -307,7 +307,7 @@ func TestBusyKeyLeavesRoomForOthers(t *testing.T) {
 			hot.Add(1)
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 10*time.Second, "the hot key under way", func() bool { return hot.Load() >= 20 })
 		if err := newProducer(t, b).Add(context.Background(), "q", "cold", item{ID: -1}); err != nil {
 			t.Fatal(err)
@@ -340,7 +340,7 @@ func TestBusyKeyShutdownLosesNothing(t *testing.T) {
 		}
 		w1 := newWorker(t, b, batchq.WithConcurrency(8))
 		batchq.Handle(w1, "q", handler)
-		stop := run(t, w1)
+		stop := runWorker(t, w1)
 		eventually(t, 10*time.Second, "some handled", func() bool { return count() >= 50 })
 		stop()
 		if c := count(); c >= n {
@@ -348,7 +348,7 @@ func TestBusyKeyShutdownLosesNothing(t *testing.T) {
 		}
 		w2 := newWorker(t, b, batchq.WithConcurrency(8))
 		batchq.Handle(w2, "q", handler)
-		run(t, w2)
+		runWorker(t, w2)
 		eventually(t, 20*time.Second, "all handled", func() bool { return count() == n })
 		time.Sleep(50 * time.Millisecond)
 		c.checkOnce(t)

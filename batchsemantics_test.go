@@ -48,7 +48,7 @@ func TestSemanticsBatchErrorIndexesTheDecodedSlice(t *testing.T) {
 		})
 		// Before Run: the key is drained whole, as one batch of four.
 		must(t, newProducer(t, b).Add(ctx, "decoded", "k", item{ID: 1}, "not an object", item{ID: 2}, item{ID: 3}))
-		stop := run(t, w)
+		stop := runWorker(t, w)
 		eventually(t, 10*time.Second, "the handler called", func() bool {
 			mu.Lock()
 			defer mu.Unlock()
@@ -114,7 +114,7 @@ func TestSemanticsPerItemNoRetryAndRetryAfterInBatchError(t *testing.T) {
 		}, batchq.WithBackoff(batchq.Constant(time.Millisecond)))
 		must(t, newProducer(t, b).Add(ctx, "peritem", "k", item{ID: 0}, item{ID: 1}, item{ID: 2}, item{ID: 3}))
 		start := time.Now()
-		run(t, w)
+		runWorker(t, w)
 
 		dl := newDeadLetters(t, b)
 		eventually(t, 10*time.Second, "item 2 retried, item 0 dead and item 1 waiting", func() bool {
@@ -191,7 +191,7 @@ func TestSemanticsRetriesComeGroupedPerKeyWithTheHighestAttempt(t *testing.T) {
 		p := newProducer(t, b)
 		must(t, p.Add(ctx, "grouped", "k", item{ID: 1}, item{ID: 2}))
 		must(t, p.Add(ctx, "grouped", "j", item{ID: 3}))
-		run(t, w)
+		runWorker(t, w)
 
 		// Item 1 has failed twice, items 2 and 3 once: all three wait an hour.
 		eventually(t, 10*time.Second, "three retries, item 1 at its second attempt", func() bool {
@@ -301,7 +301,7 @@ func testShutdownUsesNoAttempt(t *testing.T, b testredis.Backend, kind string) {
 	p := newProducer(t, b)
 	must(t, p.Add(ctx, "cut", "fresh", item{ID: 1}))
 	must(t, p.Add(ctx, "cut", "retried", item{ID: 2}))
-	stop := run(t, w1)
+	stop := runWorker(t, w1)
 	for range 2 {
 		select {
 		case <-blocked:
@@ -333,7 +333,7 @@ func testShutdownUsesNoAttempt(t *testing.T, b testredis.Backend, kind string) {
 		attempts[key] = attempt
 		return nil
 	})
-	run(t, w2)
+	runWorker(t, w2)
 	eventually(t, 10*time.Second, "both items handled", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
@@ -441,7 +441,7 @@ func TestSemanticsWrappedAndMiscountedBatchErrors(t *testing.T) {
 		p := newProducer(t, b)
 		must(t, p.Add(ctx, "wrapped", "k", item{ID: 0}, item{ID: 1}, item{ID: 2}))
 		must(t, p.Add(ctx, "miscounted", "k", item{ID: 0}, item{ID: 1}))
-		run(t, w)
+		runWorker(t, w)
 		dl := newDeadLetters(t, b)
 		eventually(t, 10*time.Second, "the wrapped failure dead, the miscounted call retried", func() bool {
 			mu.Lock()

@@ -55,7 +55,7 @@ func TestClockSkew(t *testing.T) {
 				}
 				return nil
 			})
-			run(t, w)
+			runWorker(t, w)
 		}
 		died := time.Now()
 		for i := range 16 {
@@ -96,7 +96,7 @@ func TestWarnsAboutEviction(t *testing.T) {
 	w, err := batchq.NewWorker(b.Client, batchq.WithPrefix(b.Prefix), batchq.WithLogger(log))
 	must(t, err)
 	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
-	stop := run(t, w)
+	stop := runWorker(t, w)
 	eventually(t, 5*time.Second, "an eviction warning", func() bool {
 		return logs.FilterField(zap.String("maxmemory_policy", "allkeys-lru")).Len() == 1
 	})
@@ -117,7 +117,7 @@ func TestIdleWorkerAheadOfServerDoesNotSpin(t *testing.T) {
 		}
 		return nil
 	})
-	run(t, w)
+	runWorker(t, w)
 	must(t, newProducer(t, b).Add(ctx, "spin", "k", item{ID: 1}))
 	eventually(t, 5*time.Second, "the first attempt", func() bool { return calls.Load() == 1 })
 	before := b.Mini.CommandCount()

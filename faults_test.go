@@ -39,7 +39,7 @@ func TestRedisStallLongerThanLeaseTTLDoublesNothing(t *testing.T) {
 			time.Sleep(800 * time.Millisecond)
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 	}
 	p := newProducer(t, b)
 	for i := range 8 {
@@ -94,7 +94,7 @@ func TestReaperRunsWhileSlotsAreBusy(t *testing.T) {
 			return nil
 		})
 		must(t, p.Add(ctx, "busy", "long", item{ID: 2}))
-		run(t, w)
+		runWorker(t, w)
 		<-running
 		start := time.Now()
 		sp := keys.For(b.Prefix, "busy", 0)
@@ -119,7 +119,7 @@ func TestTypedNilBatchError(t *testing.T) {
 		var be *batchq.BatchError
 		return be
 	}, batchq.WithBackoff(batchq.Constant(time.Millisecond)))
-	run(t, w)
+	runWorker(t, w)
 	must(t, newProducer(t, b).Add(context.Background(), "nil", "k", item{ID: 1}, item{ID: 2}))
 	eventually(t, 5*time.Second, "the batch handled", func() bool { return calls.Load() >= 2 })
 	time.Sleep(50 * time.Millisecond) // room for a wrong retry
@@ -169,7 +169,7 @@ func TestRetriesAreNotStarvedByBusyKeys(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 		})
-		run(t, w)
+		runWorker(t, w)
 		select {
 		case <-retried:
 		case <-time.After(10 * time.Second):
@@ -241,7 +241,7 @@ func TestFailedDrainsDoNotWedgeTheWorker(t *testing.T) {
 		for _, q := range queues {
 			batchq.Handle(w, q, func(context.Context, item) error { handled.Add(1); return nil })
 		}
-		run(t, w)
+		runWorker(t, w)
 		time.Sleep(2 * time.Second)
 		if n := handled.Load(); n != 0 {
 			t.Fatalf("%d items handled while every drain failed", n)

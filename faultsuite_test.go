@@ -335,7 +335,7 @@ func TestFaultRedisRestart(t *testing.T) {
 			}
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 	}
 	f := startFeed(t, newProducer(t, b), feedSpec{keys: 200, goroutines: 6, perAdd: 3, every: 2 * time.Millisecond, timeout: time.Second})
 	eventually(t, 30*time.Second, "items handled before the crash", func() bool {
@@ -422,7 +422,7 @@ func TestFaultBrokenConnections(t *testing.T) {
 			handled.add(it.ID)
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 	}
 	f := startFeed(t, newProducer(t, via), feedSpec{keys: 200, goroutines: 6, perAdd: 3, every: 2 * time.Millisecond, timeout: 2 * time.Second})
 

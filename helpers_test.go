@@ -57,9 +57,9 @@ func newWorker(t testing.TB, b testredis.Backend, opts ...batchq.Option) *batchq
 	return w
 }
 
-// run starts w.Run and returns a function that cancels it and waits for it
+// runWorker starts w.Run and returns a function that cancels it and waits for it
 // to return (also called at cleanup).
-func run(t testing.TB, w *batchq.Worker) (stop func()) {
+func runWorker(t testing.TB, w *batchq.Worker) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

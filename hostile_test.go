@@ -45,7 +45,7 @@ func TestDeepItemIsIsolated(t *testing.T) {
 				array := `[{"ID":"good-1"},` + nested(depth) + `,{"ID":"good-3"}]`
 				must(t, c.Do(ctx, c.B().Set().Key(sp.Items("k")).Value(array).Build()).Error())
 				must(t, c.Do(ctx, c.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, "k").Build()).Error())
-				run(t, w)
+				runWorker(t, w)
 
 				cons := newDeadLetters(t, b)
 				eventually(t, 20*time.Second, "both good items handled and one dead letter", func() bool {
@@ -103,7 +103,7 @@ func TestForeignValueNeverSwallowsAnAppend(t *testing.T) {
 				t.Fatalf("%s: append onto %q: got %v, want ErrNotArray", k, v, err)
 			}
 		}
-		run(t, w)
+		runWorker(t, w)
 		for k := range foreign {
 			eventually(t, 10*time.Second, "the foreign value of "+k+" moved away", func() bool {
 				n, err := c.Do(ctx, c.B().Exists().Key(sp.Items(k)).Build()).AsInt64()

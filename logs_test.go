@@ -43,7 +43,7 @@ func TestFailedBatchIsOneLine(t *testing.T) {
 			}
 			return nil
 		}, batchq.WithBackoff(batchq.Constant(10*time.Millisecond)))
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 10*time.Second, "the retry", func() bool { return calls.Load() == 2 })
 		eventually(t, 5*time.Second, "the failed batch's line", func() bool {
 			return logs.FilterMessage("batch failed").Len() == 1
@@ -91,7 +91,7 @@ func TestTimeoutErrorNamesTheTimeout(t *testing.T) {
 			<-ctx.Done()
 			return ctx.Err()
 		}, batchq.WithTimeout(50*time.Millisecond), batchq.WithMaxAttempts(1))
-		run(t, w)
+		runWorker(t, w)
 		dl := newDeadLetters(t, b)
 		eventually(t, 10*time.Second, "the dead letter", func() bool {
 			ls, err := dl.List(context.Background(), "q", 1)
@@ -119,7 +119,7 @@ func TestOutageIsLoggedOnce(t *testing.T) {
 			calls.Add(1)
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 		addItems(t, b, "q", "k", 0, 1)
 		eventually(t, 10*time.Second, "the first item", func() bool { return calls.Load() == 1 })
 		down()
@@ -168,7 +168,7 @@ func TestManyDeadLettersAreLoggedBounded(t *testing.T) {
 		batchq.HandleBatch(w, "q", func(ctx context.Context, key string, items []item) error {
 			panic("secret-payload")
 		}, batchq.WithMaxAttempts(1))
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 10*time.Second, "the batch line", func() bool { return logs.FilterMessage("batch failed").Len() == 1 })
 		fields := logs.FilterMessage("batch failed").All()[0].ContextMap()
 		if fields["dead"] != int64(100) || fields["dead_not_logged"] != int64(80) {

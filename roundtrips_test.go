@@ -49,7 +49,7 @@ func TestOneItemBatchTakesFourRoundTrips(t *testing.T) {
 			handled <- it.ID
 			return nil
 		})
-		run(t, w)
+		runWorker(t, w)
 		leases := keys.For(b.Prefix, "rt", 0).Leases()
 		settled := func() bool {
 			n, err := b.Client.Do(ctx, b.Client.B().Zcard().Key(leases).Build()).AsInt64()
@@ -162,7 +162,7 @@ func TestIdleWorkerCost(t *testing.T) {
 	}), batchq.WithPrefix(b.Prefix))
 	must(t, err)
 	batchq.Handle(w, "idle", func(context.Context, item) error { return nil })
-	run(t, w)
+	runWorker(t, w)
 	time.Sleep(time.Second) // start-up: registry, clock sync, server settings
 	mu.Lock()
 	clear(trips)

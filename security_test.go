@@ -286,7 +286,7 @@ func TestACL(t *testing.T) {
 		<-ctx.Done() // runs until the shutdown timeout cancels it
 		return ctx.Err()
 	})
-	stop := run(t, w)
+	stop := runWorker(t, w)
 
 	// At-most-once draining (GETDEL), with one dead letter kept per shard.
 	once := newWorker(t, u, batchq.WithLogger(log), batchq.WithAtMostOnce(), batchq.WithDeadLetterCap(1))
@@ -297,7 +297,7 @@ func TestACL(t *testing.T) {
 		}
 		return nil
 	})
-	stopOnce := run(t, once)
+	stopOnce := runWorker(t, once)
 
 	count := func(queue string) int64 {
 		n, err := cons.Count(ctx, queue)
@@ -579,7 +579,7 @@ func TestTLS(t *testing.T) {
 		handled[it.ID]++
 		return nil
 	})
-	run(t, w)
+	runWorker(t, w)
 	p := newProducer(t, b)
 	const n = 50
 	for i := range n {
@@ -645,7 +645,7 @@ func TestNamespaces(t *testing.T) {
 				}
 				return nil
 			})
-			run(t, w)
+			runWorker(t, w)
 		}
 		var wg sync.WaitGroup
 		for i, a := range apps {

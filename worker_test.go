@@ -48,7 +48,7 @@ func testExactlyOnce(t *testing.T, b testredis.Backend, n, nkeys, shards int) {
 			handled.Add(1)
 			return nil
 		})
-		stops = append(stops, run(t, w))
+		stops = append(stops, runWorker(t, w))
 	}
 	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
 	must(t, err)
@@ -108,7 +108,7 @@ func TestGracefulShutdownUnderLoad(t *testing.T) {
 			mu.Unlock()
 			return nil
 		})
-		stop := run(t, w)
+		stop := runWorker(t, w)
 
 		p := newProducer(t, b)
 		var next atomic.Int64
@@ -188,7 +188,7 @@ func TestShutdownTimeoutReturnsUnfinishedItems(t *testing.T) {
 		}
 		// Appended before Run: each key is drained once, whole, so its
 		// batch is the only one of that key and its order can be checked.
-		stop := run(t, w)
+		stop := runWorker(t, w)
 		for range 3 {
 			select {
 			case <-started:
@@ -246,7 +246,7 @@ func TestBadItemsGoToDeadLetters(t *testing.T) {
 			}
 			return nil
 		}, batchq.WithMaxAttempts(3), batchq.WithBackoff(batchq.Constant(10*time.Millisecond)))
-		run(t, w)
+		runWorker(t, w)
 
 		p := newProducer(t, b)
 		sp := keys.For(b.Prefix, "bad", 0)
@@ -340,7 +340,7 @@ func TestBatchHandlerRetriesOnlyFailedItems(t *testing.T) {
 			all[i] = item{ID: i}
 		}
 		must(t, p.Add(ctx, "batch", "k", all...)) // before Run: one batch of 12
-		run(t, w)
+		runWorker(t, w)
 		eventually(t, 10*time.Second, "failed items retried", func() bool {
 			mu.Lock()
 			defer mu.Unlock()
@@ -390,7 +390,7 @@ func testHungHandler(t *testing.T, b testredis.Backend) {
 	}, batchq.WithTimeout(50*time.Millisecond), batchq.WithMaxAttempts(1))
 	// One batch of three items, the second of which hangs.
 	must(t, newProducer(t, b).Add(ctx, "hang", "k", item{ID: 0}, item{ID: 1}, item{ID: 2}))
-	run(t, w)
+	runWorker(t, w)
 	cons := newDeadLetters(t, b)
 	eventually(t, 10*time.Second, "hung item dead-lettered", func() bool {
 		n, _ := cons.Count(ctx, "hang")
@@ -436,36 +436,75 @@ func TestRegistrationMistakesPanic(t *testing.T) {
 	b := testredis.Mini(t)
 	w := newWorker(t, b)
 	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
-	for name, f := range map[string]func(){
-		"duplicate":   func() { batchq.Handle(w, "q", func(context.Context, item) error { return nil }) },
-		"bad name":    func() { batchq.Handle(w, "a:b", func(context.Context, item) error { return nil }) },
-		"nil handler": func() { batchq.Handle[item](w, "r", nil) },
-		"max attempts": func() {
-			batchq.Handle(w, "s", func(context.Context, item) error { return nil }, batchq.WithMaxAttempts(0))
-		},
+	ok := func(context.Context, item) error { return nil }
+	for name, c := range map[string]struct {
+		f    func()
+		want string // the panic's value
+	}{
+		"duplicate":    {func() { batchq.Handle(w, "q", ok) }, "batchq: second handler for queue q"},
+		"bad name":     {func() { batchq.Handle(w, "a:b", ok) }, `batchq: invalid queue name "a:b"`},
+		"nil handler":  {func() { batchq.Handle[item](w, "r", nil) }, "batchq: nil handler for queue r"},
+		"max attempts": {func() { batchq.Handle(w, "s", ok, batchq.WithMaxAttempts(0)) }, "batchq: queue s: max attempts must be at least 1, got 0"},
+		"nil backoff":  {func() { batchq.Handle(w, "s", ok, batchq.WithBackoff(nil)) }, "batchq: queue s: nil backoff"},
+		"timeout":      {func() { batchq.Handle(w, "s", ok, batchq.WithTimeout(-time.Second)) }, "batchq: queue s: negative timeout -1s"},
+		"middleware":   {func() { batchq.Handle(w, "s", ok, batchq.WithMiddleware(nil)) }, "batchq: queue s: nil middleware"},
+		"use nil":      {func() { w.Use(nil) }, "batchq: nil middleware"},
 	} {
 		func() {
 			defer func() {
-				if recover() == nil {
-					t.Errorf("%s: no panic", name)
+				v := recover()
+				if s, _ := v.(string); !strings.HasPrefix(s, c.want) {
+					t.Errorf("%s: panicked with %v, want %q", name, v, c.want)
 				}
 			}()
-			f()
+			c.f()
 		}()
 	}
-	if _, err := batchq.NewWorker(b.Client, batchq.WithConcurrency(0)); err == nil {
-		t.Error("WithConcurrency(0) accepted")
+	for name, c := range map[string]struct {
+		opt  batchq.Option
+		want string
+	}{
+		"concurrency": {batchq.WithConcurrency(0), "batchq: concurrency must be at least 1, got 0"},
+		"logger":      {batchq.WithLogger(nil), "batchq: nil logger"},
+		"observer":    {batchq.WithObserver(nil), "batchq: nil observer"},
+		"shutdown":    {batchq.WithShutdownTimeout(-time.Second), "batchq: negative shutdown timeout -1s"},
+	} {
+		if _, err := batchq.NewWorker(b.Client, c.opt); err == nil || err.Error() != c.want {
+			t.Errorf("%s: NewWorker returned %v, want %q", name, err, c.want)
+		}
 	}
 	for _, name := range []string{"", "a:b", "a{b", "a\nb", "a\x1b[31m", "\xff", strings.Repeat("x", 129)} {
 		if _, err := batchq.NewWorker(b.Client, batchq.WithName(name)); err == nil {
 			t.Errorf("WithName(%q) accepted", name)
-		} else if len(err.Error()) > 200 {
-			t.Errorf("WithName's error is %d bytes long", len(err.Error()))
+		} else if len(err.Error()) > 200 || !strings.HasPrefix(err.Error(), "batchq: ") || strings.Count(err.Error(), "batchq:") != 1 {
+			t.Errorf("WithName's error: %q", err)
 		}
 	}
 	empty := newWorker(t, b)
 	if err := empty.Run(context.Background()); !errors.Is(err, batchq.ErrNoHandlers) {
 		t.Errorf("Run without handlers: %v", err)
+	}
+}
+
+func TestRegistrationAfterRunPanics(t *testing.T) {
+	b := testredis.Mini(t)
+	w := newWorker(t, b)
+	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
+	runWorker(t, w)
+	panics := func(f func()) (v any) {
+		defer func() { v = recover() }()
+		f()
+		return nil
+	}
+	nop := func(next batchq.HandlerFunc) batchq.HandlerFunc { return next }
+	// Run marks the worker running on its goroutine: Use succeeds (adding
+	// a middleware that does nothing) until then.
+	eventually(t, 5*time.Second, "Use to panic", func() bool { return panics(func() { w.Use(nop) }) != nil })
+	if v := panics(func() { w.Use(nop) }); v != "batchq: Use called after Run" {
+		t.Errorf("Use after Run panicked with %v", v)
+	}
+	if v := panics(func() { batchq.Handle(w, "r", func(context.Context, item) error { return nil }) }); v != "batchq: handler registered after Run" {
+		t.Errorf("Handle after Run panicked with %v", v)
 	}
 }
 
@@ -490,7 +529,7 @@ func TestWorkerWarnsOfMoreShards(t *testing.T) {
 		log, logs := observed(t)
 		w := newWorker(t, b, batchq.WithLogger(log), batchq.WithShards(2))
 		batchq.Handle(w, "q", func(context.Context, int) error { return nil })
-		stop := run(t, w)
+		stop := runWorker(t, w)
 		defer stop()
 		eventually(t, 10*time.Second, "the warning", func() bool {
 			for _, e := range logs.FilterMessageSnippet("more shards than this worker drains").All() {
