@@ -2,8 +2,9 @@ package main
 
 // The README's worker snippet ("In short") is copied from this file;
 // TestREADMESnippetsAreExamples (readme_test.go, at the root) fails when
-// they differ. It lives here rather than in the root package, whose tests
-// name a helper run, as the oklog/run package is named.
+// they differ. It is this directory's program in short, and needs a Redis
+// server, so it is only compiled; the root package's examples run on an
+// embedded Redis.
 
 import (
 	"context"
