@@ -83,7 +83,7 @@ func (f *fetcher) run(ctx context.Context) {
 	var nextClaim, nextRetry time.Time      // zero: at once, and none known
 	for !r.stopping() {
 		if !r.synced.Load() {
-			r.sleep(100 * time.Millisecond) // the reap loop syncs
+			r.sleep(100 * time.Millisecond) // the sync loop syncs
 			continue
 		}
 		now := r.w.cons.Now()

@@ -14,7 +14,9 @@ type Observer interface {
 	// of their JSON.
 	Fetched(queue string, items, bytes int, retry bool)
 	// Handled: one handler call (one item, or one key's items, or a
-	// WithMaxBatch chunk of them, for a batch handler) returned err after d.
+	// WithMaxBatch chunk of them, for a batch handler), with its middleware,
+	// returned err after d, or was abandoned (see WithTimeout). A call of
+	// items that do not decode fails without reaching the handler.
 	Handled(queue string, d time.Duration, err error)
 	// Settled: the outcomes of a batch were recorded in Redis: done items,
 	// items scheduled for another attempt, and items moved to dead letters
