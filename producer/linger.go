@@ -157,11 +157,11 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 	default:
 	}
 	if l.leave(sk, g, kp, pt) {
-		return fmt.Errorf("append to %s: not sent: %w", target(queue, key), ctx.Err())
+		return fmt.Errorf("producer: append to %s: not sent: %w", target(queue, key), ctx.Err())
 	}
 	// The call holding the items is on its way: they may be stored, as with
 	// any Redis error the outcome is unknown.
-	return fmt.Errorf("append to %s: %w", target(queue, key), ctx.Err())
+	return appendErr(queue, key, ctx.Err())
 }
 
 // leave takes pt out of g unless g was sent already, and reports whether it
@@ -273,7 +273,7 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue], p.clock.NowMs())
 		for i, kp := range g.keys {
 			if err != nil {
-				errs[i] = fmt.Errorf("append to %s: %w", target(sk.queue, kp.key), err)
+				errs[i] = appendErr(sk.queue, kp.key, err)
 			} else {
 				errs[i] = p.keyError(sk.queue, kp.key, kp.n, kerrs[i])
 			}
@@ -330,7 +330,7 @@ func (p *Producer) keyError(queue, key string, n int, err error) error {
 		return &KeyFullError{Queue: queue, Key: key, Items: full.Items, Bytes: full.Bytes, Adding: n,
 			MaxItems: p.caps.Items, MaxBytes: p.caps.Bytes}
 	case err != nil:
-		return fmt.Errorf("append to %s: %w", target(queue, key), err)
+		return appendErr(queue, key, err)
 	}
 	return nil
 }

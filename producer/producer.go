@@ -15,7 +15,8 @@
 // ErrItemTooLarge, ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull or
 // ErrNotArray means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
 // unknown: the script may have run before the reply was lost, so adding the
-// items again may store them twice.
+// items again may store them twice. Every error starts with "producer: ";
+// test them with errors.Is and errors.As, not by their text.
 //
 //	p, err := producer.New(rdb)
 //	err = p.Add(r.Context(), "emails", "user:42", Email{To: "a@example.com"})
@@ -104,7 +105,7 @@ type KeyFullError struct {
 }
 
 func (e *KeyFullError) Error() string {
-	return fmt.Sprintf("append to %s: key full: it holds %d items and %d bytes; adding %d items would pass the cap of %d items or %d bytes",
+	return fmt.Sprintf("producer: append to %s: key full: it holds %d items and %d bytes; adding %d items would pass the cap of %d items or %d bytes",
 		target(e.Queue, e.Key), e.Items, e.Bytes, e.Adding, e.MaxItems, e.MaxBytes)
 }
 
@@ -122,7 +123,7 @@ type Producer struct {
 	linger  *linger                   // nil: every call is sent at once
 	known   sync.Map                  // queue -> *registration
 	obs     Observer                  // nil: none
-	clock   *protocol.Clock           // the server\'s clock, as this producer knows it
+	clock   *protocol.Clock           // the server's clock, as this producer knows it
 	syncing chan struct{}             // holds a token while one caller syncs the clock
 }
 
@@ -151,7 +152,7 @@ type Option func(*Producer) error
 func WithPrefix(p string) Option {
 	return func(pr *Producer) error {
 		if err := keys.CheckPrefix(p); err != nil {
-			return err
+			return fmt.Errorf("producer: %w", err)
 		}
 		pr.prefix = p
 		return nil
@@ -210,8 +211,11 @@ func WithMaxKeyBytes(n int) Option {
 
 // New returns a Producer that uses c, which the caller keeps owning. Create
 // the client with DisableCache: true; batchq has no use for client-side
-// caching.
+// caching. A nil client, or an option given a bad value, is an error.
 func New(c rueidis.Client, opts ...Option) (*Producer, error) {
+	if c == nil {
+		return nil, errors.New("producer: nil client")
+	}
 	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes,
 		caps:  protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes},
 		clock: protocol.NewClock(nil), syncing: make(chan struct{}, 1)}
@@ -318,9 +322,12 @@ func checkDepth(item []byte) error {
 // error after it names them, and may then do so as they are (shortened).
 func checkNames(queue, key string) error {
 	if err := keys.CheckQueue(queue); err != nil {
-		return err
+		return fmt.Errorf("producer: %w", err)
 	}
-	return keys.CheckKey(key)
+	if err := keys.CheckKey(key); err != nil {
+		return fmt.Errorf("producer: %w", err)
+	}
+	return nil
 }
 
 // append stores the items of a call whose names and items passed their
@@ -335,14 +342,14 @@ func (p *Producer) append(ctx context.Context, queue, key, joined string, n int)
 
 func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) error {
 	if (p.caps.Items > 0 && n > p.caps.Items) || (p.caps.Bytes > 0 && len(joined)+2 > p.caps.Bytes) {
-		return fmt.Errorf("append to %s: %w: %d items, %d bytes; cap %d items, %d bytes",
+		return fmt.Errorf("producer: append to %s: %w: %d items, %d bytes; cap %d items, %d bytes",
 			target(queue, key), ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
 	}
 	if err := p.register(ctx, queue); err != nil {
-		return fmt.Errorf("append to %s: %w", target(queue, key), err)
+		return appendErr(queue, key, err)
 	}
 	if err := p.syncClock(ctx); err != nil {
-		return fmt.Errorf("append to %s: %w", target(queue, key), err)
+		return appendErr(queue, key, err)
 	}
 	if p.linger != nil {
 		return p.linger.add(ctx, p, queue, key, joined, n)
@@ -430,16 +437,32 @@ func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) e
 // CheckQueue returns an ErrQueueName error when name cannot be a queue's
 // name, and nil when it can: for checking names that come from outside
 // before use.
-func CheckQueue(name string) error { return keys.CheckQueue(name) }
+func CheckQueue(name string) error {
+	if err := keys.CheckQueue(name); err != nil {
+		return fmt.Errorf("producer: %w", err)
+	}
+	return nil
+}
 
 // CheckKey returns an ErrKeyName error when k cannot be a key of a queue,
 // and nil when it can: 1-512 bytes of UTF-8 without control characters (NUL,
 // newline, escape and the like), which could forge log lines or terminal
 // output. Any other character is fine, colons and braces included.
-func CheckKey(k string) error { return keys.CheckKey(k) }
+func CheckKey(k string) error {
+	if err := keys.CheckKey(k); err != nil {
+		return fmt.Errorf("producer: %w", err)
+	}
+	return nil
+}
+
+// appendErr is the error of an append to a queue's key that failed with
+// err, as callers get it.
+func appendErr(queue, key string, err error) error {
+	return fmt.Errorf("producer: append to %s: %w", target(queue, key), err)
+}
 
 func itemErr(queue, key string, i int, err error) error {
-	return fmt.Errorf("append to %s: item %d: %w", target(queue, key), i, err)
+	return fmt.Errorf("producer: append to %s: item %d: %w", target(queue, key), i, err)
 }
 
 // target names a queue's key in an error, as "queue/key", each cut to its
