@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
@@ -12,7 +13,7 @@ import (
 )
 
 // Every error a caller gets from the producer starts with "producer: ",
-// once: options, New, each way an append fails and the name checks.
+// once: options, New, each way an append fails, the name checks and Close.
 func TestErrorsStartWithPackageName(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
@@ -25,6 +26,10 @@ func TestErrorsStartWithPackageName(t *testing.T) {
 			t.Fatal(err)
 		}
 		if err := b.Client.Do(ctx, b.Client.B().Set().Key(keys.For(b.Prefix, "q", 0).Items("foreign")).Value("x").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		closed := newProducer(t, b, producer.WithLinger(time.Millisecond, 10))
+		if err := closed.Close(ctx); err != nil {
 			t.Fatal(err)
 		}
 		var nilClient error
@@ -57,6 +62,7 @@ func TestErrorsStartWithPackageName(t *testing.T) {
 			{"key full", p.Add(ctx, "q", "full", 2), "producer: append to q/full: key full: it holds 1 items and 3 bytes; adding 1 items would pass the cap of 1 items or 67108864 bytes"},
 			{"not an array", p.Add(ctx, "q", "foreign", 1), ""},
 			{"context", p.Add(canceled(), "q", "other", 1), "producer: append to q/other: context canceled"},
+			{"closed", closed.Add(ctx, "q", "k", 1), "producer: append to q/k: producer closed"},
 		} {
 			if c.err == nil {
 				t.Errorf("%s: no error", c.name)

@@ -16,6 +16,10 @@ import (
 // flushTimeout bounds one merge call sent on behalf of lingering callers.
 const flushTimeout = 10 * time.Second
 
+// errNoAnswer ends a call sent on behalf of lingering callers after
+// flushTimeout.
+var errNoAnswer = fmt.Errorf("no answer within %v: %w", flushTimeout, context.DeadlineExceeded)
+
 // WithLinger makes the producer gather concurrent appends per queue shard,
 // whatever their keys, and send each gathering as one script call that
 // appends to all of its keys: fewer round trips and much less Redis time per
@@ -36,12 +40,17 @@ const flushTimeout = 10 * time.Second
 // they are not stored. Items of one caller keep their order; with wait ==
 // 0, items of concurrent callers to one key are stored in the order they
 // arrived.
+//
+// The calls go out from goroutines and timers of the producer: call Close
+// at shutdown, to send what is gathered at once and wait for them.
 func WithLinger(wait time.Duration, maxItems int) Option {
 	return func(p *Producer) error {
 		if wait < 0 || wait > time.Second || maxItems < 1 {
 			return fmt.Errorf("producer: linger wants 0 <= wait <= 1s and maxItems >= 1, got %v and %d", wait, maxItems)
 		}
-		p.linger = &linger{wait: wait, maxItems: maxItems, shards: make(map[shardKey]*shardState)}
+		ctx, cancel := context.WithCancel(context.Background())
+		p.linger = &linger{wait: wait, maxItems: maxItems, shards: make(map[shardKey]*shardState),
+			ctx: ctx, cancel: cancel, idle: make(chan struct{})}
 		return nil
 	}
 }
@@ -50,9 +59,15 @@ func WithLinger(wait time.Duration, maxItems int) Option {
 type linger struct {
 	wait     time.Duration
 	maxItems int
+	ctx      context.Context    // every call's parent: cancelled when a Close gives up (close.go)
+	cancel   context.CancelFunc // cancels ctx
 
-	mu     sync.Mutex
-	shards map[shardKey]*shardState
+	mu      sync.Mutex
+	shards  map[shardKey]*shardState
+	running int           // goroutines and armed timers (see start, arm and end)
+	closed  bool          // Close has sent every gathering; add refuses
+	idle    chan struct{} // closed once closed and nothing runs
+	gaveUp  error         // the error of the Close whose ctx ended first, if one did
 }
 
 type shardKey struct {
@@ -97,6 +112,12 @@ type part struct {
 func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string, n int) error {
 	sk := shardKey{queue, keys.Shard(key, p.shards)}
 	l.mu.Lock()
+	if l.closed {
+		// Begun before Close, but too late for its flush: refused like the
+		// appends that begin after it.
+		l.mu.Unlock()
+		return appendErr(queue, key, ErrClosed)
+	}
 	s := l.shards[sk]
 	if s == nil {
 		s = &shardState{}
@@ -111,7 +132,7 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 			if l.wait > 0 {
 				s.queue = s.queue[:len(s.queue)-1]
 				g.sent = true
-				go l.send(p, sk, g)
+				l.start(func() { l.send(p, sk, g) })
 			}
 			g = nil
 		}
@@ -120,7 +141,7 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 		g = &gathered{byKey: make(map[string]*keyPart), done: make(chan struct{})}
 		s.queue = append(s.queue, g)
 		if l.wait > 0 {
-			g.timer = time.AfterFunc(l.wait, func() { l.flush(p, sk, g) })
+			l.arm(g, func() { l.flush(p, sk, g) })
 		}
 	}
 	kp := g.byKey[key]
@@ -138,11 +159,11 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 	switch {
 	case l.wait == 0 && !s.busy:
 		s.busy = true
-		go l.drive(p, sk, s)
+		l.start(func() { l.drive(p, sk, s) })
 	case l.wait > 0 && full:
 		l.removeLocked(sk, g)
 		g.sent = true
-		go l.send(p, sk, g)
+		l.start(func() { l.send(p, sk, g) })
 	}
 	l.mu.Unlock()
 
@@ -162,6 +183,48 @@ func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string
 	// The call holding the items is on its way: they may be stored, as with
 	// any Redis error the outcome is unknown.
 	return appendErr(queue, key, ctx.Err())
+}
+
+// start runs fn in a goroutine that Close waits for. Call it with l.mu held
+// and l.closed false.
+func (l *linger) start(fn func()) {
+	l.running++
+	go func() {
+		defer l.end()
+		fn()
+	}()
+}
+
+// arm sets g's timer to run fn after the linger's wait. An armed timer
+// counts as running until fn returns or stopTimerLocked stops it. Call it with
+// l.mu held and l.closed false.
+func (l *linger) arm(g *gathered, fn func()) {
+	l.running++
+	g.timer = time.AfterFunc(l.wait, func() {
+		defer l.end()
+		fn()
+	})
+}
+
+// stopTimerLocked stops g's timer, if it has one that has not fired.
+func (l *linger) stopTimerLocked(g *gathered) {
+	if g.timer != nil && g.timer.Stop() {
+		l.endLocked()
+	}
+}
+
+// end marks a goroutine of start or arm as done.
+func (l *linger) end() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.endLocked()
+}
+
+func (l *linger) endLocked() {
+	l.running--
+	if l.closed && l.running == 0 {
+		close(l.idle)
+	}
 }
 
 // leave takes pt out of g unless g was sent already, and reports whether it
@@ -184,9 +247,7 @@ func (l *linger) leave(sk shardKey, g *gathered, kp *keyPart, pt *part) bool {
 	}
 	if len(g.keys) == 0 {
 		l.removeLocked(sk, g)
-		if g.timer != nil {
-			g.timer.Stop()
-		}
+		l.stopTimerLocked(g)
 	}
 	return true
 }
@@ -252,35 +313,44 @@ func (l *linger) drive(p *Producer, sk shardKey, s *shardState) {
 	}
 }
 
+// errNotSent is the outcome of the items of a call that Close gave up on
+// before it was made (see outcome).
+var errNotSent = errors.New("not sent")
+
 // send makes g's merge call and hands each caller its outcome.
 func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
-	if g.timer != nil {
-		g.timer.Stop()
-	}
 	defer close(g.done)
-	ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
+	l.mu.Lock()
+	l.stopTimerLocked(g)
+	l.mu.Unlock()
+	ctx, cancel := l.callContext()
 	defer cancel()
-	errs := make([]error, len(g.keys))
-	if len(g.keys) == 1 {
+	errs := make([]error, len(g.keys)) // by key, as the protocol returned them
+	switch {
+	case l.ctx.Err() != nil:
+		for i := range errs {
+			errs[i] = errNotSent
+		}
+	case len(g.keys) == 1:
 		// One key: the plain merge script.
 		kp := g.keys[0]
-		errs[0] = p.send(ctx, sk.queue, kp.key, kp.joined(), kp.n)
-	} else {
+		errs[0] = p.merge(ctx, sk.queue, kp.key, kp.joined(), kp.n)
+	default:
 		ks := make([]protocol.KeyItems, len(g.keys))
 		for i, kp := range g.keys {
 			ks[i] = protocol.KeyItems{Key: kp.key, Payload: protocol.Payload(kp.joined()), N: kp.n}
 		}
 		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue], p.clock.NowMs())
-		for i, kp := range g.keys {
-			if err != nil {
-				errs[i] = appendErr(sk.queue, kp.key, err)
-			} else {
-				errs[i] = p.keyError(sk.queue, kp.key, kp.n, kerrs[i])
+		for i := range errs {
+			errs[i] = err
+			if err == nil {
+				errs[i] = kerrs[i]
 			}
 		}
 	}
 	for i, kp := range g.keys {
-		if errors.Is(errs[i], ErrKeyFull) && len(kp.parts) > 1 {
+		var full *protocol.FullError
+		if errors.As(errs[i], &full) && len(kp.parts) > 1 {
 			// Together the callers' items pass the key's cap: each caller's
 			// may still fit on its own, in arrival order; not those of
 			// callers who gave up meanwhile, which must not be stored
@@ -292,17 +362,53 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 			}
 			l.mu.Unlock()
 			for j, pt := range kp.parts {
-				pt.err = errs[i]
-				if !gone[j] {
-					pt.err = p.send(ctx, sk.queue, kp.key, pt.joined, pt.n)
+				err := errs[i]
+				switch {
+				case gone[j]:
+				case l.ctx.Err() != nil:
+					err = errNotSent
+				default:
+					err = p.merge(ctx, sk.queue, kp.key, pt.joined, pt.n)
 				}
+				pt.err = l.outcome(ctx, p, sk.queue, kp.key, pt.n, err)
 			}
 			continue
 		}
+		err := l.outcome(ctx, p, sk.queue, kp.key, kp.n, errs[i])
 		for _, pt := range kp.parts {
-			pt.err = errs[i]
+			pt.err = err
 		}
 	}
+}
+
+// callContext returns the context of one call sent for lingering callers:
+// it ends when a Close gives up (l.ctx) or after flushTimeout. It has no
+// deadline, on purpose: rueidis makes a lone call whose context has one
+// synchronously, bounded by the connection's deadline, where cancelling the
+// context does not cut it short; without one, it does.
+func (l *linger) callContext() (context.Context, func()) {
+	ctx, cancel := context.WithCancelCause(l.ctx)
+	t := time.AfterFunc(flushTimeout, func() { cancel(errNoAnswer) })
+	return ctx, func() {
+		t.Stop()
+		cancel(nil)
+	}
+}
+
+// outcome returns the error a caller gets for the n items of a call to key
+// that returned err, ctx being the call's: errNotSent, a call cut short by
+// Close and one that had no answer in time get their own, every other
+// error is wrapped by keyError.
+func (l *linger) outcome(ctx context.Context, p *Producer, queue, key string, n int, err error) error {
+	switch {
+	case err == errNotSent:
+		return fmt.Errorf("producer: append to %s: not sent: %w", target(queue, key), ErrClosed)
+	case errors.Is(err, context.Canceled) && l.ctx.Err() != nil:
+		return fmt.Errorf("producer: append to %s: call cut short by Close, the items may be stored: %w", target(queue, key), err)
+	case errors.Is(err, context.Canceled) && context.Cause(ctx) == errNoAnswer:
+		return appendErr(queue, key, errNoAnswer)
+	}
+	return p.keyError(queue, key, n, err)
 }
 
 // joined returns the items of every part, joined by commas.

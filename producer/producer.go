@@ -12,14 +12,24 @@
 // A Producer is safe for concurrent use; concurrent calls share connections
 // and are pipelined by the rueidis client. A nil error means the items are
 // stored in Redis. A validation error (ErrInvalidJSON, ErrTooDeep,
-// ErrItemTooLarge, ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull or
-// ErrNotArray means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
+// ErrItemTooLarge, ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull,
+// ErrNotArray or ErrClosed means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
 // unknown: the script may have run before the reply was lost, so adding the
 // items again may store them twice. Every error starts with "producer: ";
 // test them with errors.Is and errors.As, not by their text.
 //
 //	p, err := producer.New(rdb)
 //	err = p.Add(r.Context(), "emails", "user:42", Email{To: "a@example.com"})
+//
+// A producer with WithLinger sends appends from goroutines of its own: at
+// shutdown, once nothing calls Add any more (an HTTP server has drained),
+// call Close, which sends what it has gathered and waits for them. After
+// Close, appends fail with ErrClosed. Close never closes the rueidis client:
+// close it after Close returns.
+//
+//	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+//	defer cancel()
+//	err = p.Close(ctx)
 package producer
 
 import (
@@ -125,6 +135,7 @@ type Producer struct {
 	obs     Observer                  // nil: none
 	clock   *protocol.Clock           // the server's clock, as this producer knows it
 	syncing chan struct{}             // holds a token while one caller syncs the clock
+	closed  atomic.Bool               // Close was called: appends fail with ErrClosed
 }
 
 // Observer is told about appends, for metrics: the metrics package
@@ -236,12 +247,13 @@ func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 // Add encodes each item as JSON and appends them, in order, to the key of a
 // queue, in one round trip. A json.RawMessage item is taken as raw JSON, as
 // with AddRaw. Adding no item does nothing. Values are encoded like
-// json.Marshal does, but without escaping <, > and &.
+// json.Marshal does, but without escaping <, > and &. After Close it fails
+// at once with ErrClosed.
 func (p *Producer) Add(ctx context.Context, queue, key string, items ...any) error {
 	if len(items) == 0 {
 		return nil
 	}
-	if err := checkNames(queue, key); err != nil {
+	if err := p.begin(queue, key); err != nil {
 		return err
 	}
 	var buf bytes.Buffer
@@ -276,12 +288,13 @@ func (p *Producer) Add(ctx context.Context, queue, key string, items ...any) err
 
 // AddRaw appends items that are already JSON, in order, to the key of a
 // queue, in one round trip. Each item must be exactly one valid JSON value;
-// it is stored byte for byte. Adding no item does nothing.
+// it is stored byte for byte. Adding no item does nothing. After Close it
+// fails at once with ErrClosed.
 func (p *Producer) AddRaw(ctx context.Context, queue, key string, items ...json.RawMessage) error {
 	if len(items) == 0 {
 		return nil
 	}
-	if err := checkNames(queue, key); err != nil {
+	if err := p.begin(queue, key); err != nil {
 		return err
 	}
 	n := len(items) - 1
@@ -318,14 +331,18 @@ func checkDepth(item []byte) error {
 	return nil
 }
 
-// checkNames checks a queue's name and a key before anything else: every
-// error after it names them, and may then do so as they are (shortened).
-func checkNames(queue, key string) error {
+// begin checks a queue's name and a key before anything else (every error
+// after it names them, and may then do so as they are, shortened), then
+// that the producer is not closed.
+func (p *Producer) begin(queue, key string) error {
 	if err := keys.CheckQueue(queue); err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
 	if err := keys.CheckKey(key); err != nil {
 		return fmt.Errorf("producer: %w", err)
+	}
+	if p.closed.Load() {
+		return appendErr(queue, key, ErrClosed)
 	}
 	return nil
 }
@@ -354,7 +371,7 @@ func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) 
 	if p.linger != nil {
 		return p.linger.add(ctx, p, queue, key, joined, n)
 	}
-	return p.send(ctx, queue, key, joined, n)
+	return p.keyError(queue, key, n, p.merge(ctx, queue, key, joined, n))
 }
 
 // registration is whether a producer recorded a queue in the registry.
@@ -427,11 +444,11 @@ func (p *Producer) syncClock(ctx context.Context) error {
 	return nil
 }
 
-// send makes one merge call.
-func (p *Producer) send(ctx context.Context, queue, key, joined string, n int) error {
+// merge makes one merge call for the n items of one key, and returns the
+// protocol's error as it is (see keyError).
+func (p *Producer) merge(ctx context.Context, queue, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
-	err := protocol.Append(ctx, p.c, sp, key, protocol.Payload(joined), n, p.caps, p.flush[queue], p.clock.NowMs())
-	return p.keyError(queue, key, n, err)
+	return protocol.Append(ctx, p.c, sp, key, protocol.Payload(joined), n, p.caps, p.flush[queue], p.clock.NowMs())
 }
 
 // CheckQueue returns an ErrQueueName error when name cannot be a queue's
@@ -481,7 +498,8 @@ func NewQueue[T any](p *Producer, queue string) Queue[T] {
 	return Queue[T]{p: p, name: queue}
 }
 
-// Add appends items to key, as Producer.Add does.
+// Add appends items to key, as Producer.Add does; after the producer's
+// Close it fails at once with ErrClosed.
 func (q Queue[T]) Add(ctx context.Context, key string, items ...T) error {
 	if len(items) == 0 {
 		return nil
