@@ -46,11 +46,12 @@ import (
 // DefaultPrefix is the key prefix used when none is configured.
 const DefaultPrefix = "batchq"
 
-// Validation errors.
+// Validation errors. They hold no package prefix: the public package that
+// returns one adds its own (producer: invalid queue name ...).
 var (
-	ErrQueueName = errors.New("batchq: invalid queue name")
-	ErrKeyName   = errors.New("batchq: invalid key")
-	ErrPrefix    = errors.New("batchq: invalid prefix")
+	ErrQueueName = errors.New("invalid queue name")
+	ErrKeyName   = errors.New("invalid key")
+	ErrPrefix    = errors.New("invalid prefix")
 )
 
 // MaxNameLen bounds queue names and keys, in bytes.

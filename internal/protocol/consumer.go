@@ -71,7 +71,7 @@ func WithPrefix(p string) Option {
 func WithShards(n int) Option {
 	return func(c *Consumer) error {
 		if n < 1 || n > keys.MaxShards {
-			return fmt.Errorf("batchq: shards must be 1-%d, got %d", keys.MaxShards, n)
+			return fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
 		c.shards = n
 		return nil
@@ -85,7 +85,7 @@ func WithShards(n int) Option {
 func WithLeaseTTL(d time.Duration) Option {
 	return func(c *Consumer) error {
 		if d < 100*time.Millisecond {
-			return fmt.Errorf("consumer: lease TTL must be at least 100ms, got %v", d)
+			return fmt.Errorf("lease TTL must be at least 100ms, got %v", d)
 		}
 		c.leaseTTL = d
 		return nil
@@ -106,7 +106,7 @@ func WithAtMostOnce() Option {
 func WithDeadLetterCap(n int) Option {
 	return func(c *Consumer) error {
 		if n < 0 {
-			return fmt.Errorf("consumer: dead letter cap must not be negative, got %d", n)
+			return fmt.Errorf("dead letter cap must not be negative, got %d", n)
 		}
 		c.deadCap = n
 		return nil
@@ -119,7 +119,7 @@ func WithDeadLetterCap(n int) Option {
 func WithName(name string) Option {
 	return func(c *Consumer) error {
 		if name == "" || len(name) > 128 || strings.ContainsAny(name, ":{}") || !utf8.ValidString(name) || strings.ContainsFunc(name, unicode.IsControl) {
-			return fmt.Errorf("consumer: name %q must be 1-128 bytes of UTF-8 without colons, braces or control characters", keys.Short(name))
+			return fmt.Errorf("name %q must be 1-128 bytes of UTF-8 without colons, braces or control characters", keys.Short(name))
 		}
 		c.name = name
 		return nil
@@ -131,7 +131,7 @@ func WithName(name string) Option {
 func WithClock(now func() time.Time) Option {
 	return func(c *Consumer) error {
 		if now == nil {
-			return errors.New("consumer: nil clock")
+			return errors.New("nil clock")
 		}
 		c.clock = NewClock(now)
 		return nil

@@ -10,5 +10,6 @@
 //
 // Nothing here is public: users reach the protocol through producer,
 // batchq.Worker, deadletter and inspect, so that it can change without
-// breaking them.
+// breaking them. Its errors hold no package prefix ("shards must be 1-1024,
+// got 0"): the public package that returns one adds its own.
 package protocol
