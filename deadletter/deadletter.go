@@ -11,6 +11,9 @@
 //	letters, err = dl.Get(ctx, "emails", id)    // by id
 //	_, err = dl.Requeue(ctx, letters...)        // back to the end of their keys
 //	_, err = dl.Purge(ctx, "emails")
+//
+// Every error it returns starts with "deadletter: ", and wraps what caused
+// it: errors.Is finds ErrNotRequeueable and rueidis's errors through it.
 package deadletter
 
 import (
@@ -49,8 +52,8 @@ type Letter struct {
 
 // ErrNotRequeueable reports a letter that holds no item a producer would
 // take: a corrupt value, or an item that is not valid JSON or nests too
-// deeply.
-var ErrNotRequeueable = errors.New("deadletter: the letter holds a corrupt value, not an item")
+// deeply. Requeue returns it wrapped, in an error that names the letter.
+var ErrNotRequeueable = errors.New("the letter holds a corrupt value, not an item")
 
 // Requeueable reports whether l holds an item that Requeue can put back:
 // not a corrupt value, and an item a producer would take (valid JSON,
@@ -82,7 +85,8 @@ type Client struct {
 type Option func(*Client) error
 
 // WithPrefix sets the prefix of every Redis key (default "batchq"), as
-// producers and workers have it.
+// producers and workers have it: 1-512 bytes without braces. An invalid
+// prefix makes New fail.
 func WithPrefix(p string) Option {
 	return func(c *Client) error {
 		if err := keys.CheckPrefix(p); err != nil {
@@ -94,23 +98,29 @@ func WithPrefix(p string) Option {
 }
 
 // WithShards sets the shards of the queues (default 1), as producers and
-// workers have it.
+// workers have it: 1 to 1024. Another number makes New fail.
 func WithShards(n int) Option {
 	return func(c *Client) error {
 		if n < 1 || n > keys.MaxShards {
-			return fmt.Errorf("deadletter: shards must be 1-%d, got %d", keys.MaxShards, n)
+			return fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
 		c.shards = n
 		return nil
 	}
 }
 
-// New returns a Client that uses c, which the caller keeps owning.
+// New returns a Client of the dead letters under the default prefix
+// ("batchq") in queues of one shard, unless WithPrefix and WithShards say
+// otherwise, that uses c, which the caller keeps owning. It returns an
+// error, and no client, when c is nil or an option is invalid.
 func New(c rueidis.Client, opts ...Option) (*Client, error) {
+	if c == nil {
+		return nil, errors.New("deadletter: nil client")
+	}
 	cl := &Client{c: c, prefix: keys.DefaultPrefix, shards: 1}
 	for _, o := range opts {
 		if err := o(cl); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("deadletter: %w", err)
 		}
 	}
 	return cl, nil
@@ -123,13 +133,13 @@ func (c *Client) space(queue string, shard int) keys.Space { return keys.For(c.p
 // another program) is listed as a corrupt letter, which Purge deletes.
 func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, error) {
 	if err := keys.CheckQueue(queue); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("deadletter: %w", err)
 	}
 	var out []Letter
 	for shard := range c.shards {
 		ids, envs, err := protocol.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
 		if err != nil {
-			return nil, fmt.Errorf("dead letters of %s: %w", keys.Short(queue), err)
+			return nil, fmt.Errorf("deadletter: dead letters of %s: %w", keys.Short(queue), err)
 		}
 		for i, env := range envs {
 			out = append(out, decode(queue, shard, ids[i], env))
@@ -169,7 +179,7 @@ func decode(queue string, shard int, id, env string) Letter {
 // returned as a corrupt letter, as List does.
 func (c *Client) Get(ctx context.Context, queue string, ids ...string) ([]Letter, error) {
 	if err := keys.CheckQueue(queue); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("deadletter: %w", err)
 	}
 	if len(ids) == 0 {
 		return nil, nil
@@ -180,7 +190,7 @@ func (c *Client) Get(ctx context.Context, queue string, ids ...string) ([]Letter
 	}
 	envs, err := protocol.GetDead(ctx, c.c, spaces, ids)
 	if err != nil {
-		return nil, fmt.Errorf("dead letters of %s: %w", keys.Short(queue), err)
+		return nil, fmt.Errorf("deadletter: dead letters of %s: %w", keys.Short(queue), err)
 	}
 	var out []Letter
 	seen := make(map[string]bool, len(ids))
@@ -204,13 +214,13 @@ func (c *Client) Count(ctx context.Context, queue string) (int64, error) {
 // error.
 func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Context, rueidis.Client, keys.Space) (int64, error)) (int64, error) {
 	if err := keys.CheckQueue(queue); err != nil {
-		return 0, err
+		return 0, fmt.Errorf("deadletter: %w", err)
 	}
 	var n int64
 	for shard := range c.shards {
 		m, err := fn(ctx, c.c, c.space(queue, shard))
 		if err != nil {
-			return n, fmt.Errorf("%s dead letters of %s: %w", what, keys.Short(queue), err)
+			return n, fmt.Errorf("deadletter: %s dead letters of %s: %w", what, keys.Short(queue), err)
 		}
 		n += m
 	}
@@ -230,13 +240,13 @@ func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
 	rs := make([]protocol.Requeued, len(letters))
 	for i, d := range letters {
 		if err := d.requeueError(); err != nil {
-			return 0, fmt.Errorf("requeue %q: %w", keys.Short(d.ID), err)
+			return 0, fmt.Errorf("deadletter: requeue %q: %w", keys.Short(d.ID), err)
 		}
 		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckStoredKey(d.Key)); err != nil {
-			return 0, fmt.Errorf("requeue %q: %w", keys.Short(d.ID), err)
+			return 0, fmt.Errorf("deadletter: requeue %q: %w", keys.Short(d.ID), err)
 		}
 		if d.Shard < 0 || d.Shard >= c.shards {
-			return 0, fmt.Errorf("requeue %q: shard %d out of range", keys.Short(d.ID), d.Shard)
+			return 0, fmt.Errorf("deadletter: requeue %q: shard %d out of range", keys.Short(d.ID), d.Shard)
 		}
 		rs[i] = protocol.Requeued{Space: c.space(d.Queue, d.Shard), ID: d.ID, Key: d.Key, Item: string(d.Item)}
 	}
@@ -249,7 +259,7 @@ func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
 				n++
 			}
 			if errs[i] != nil && first == nil {
-				first = fmt.Errorf("requeue %s: %w", keys.Short(chunk[i].ID), errs[i])
+				first = fmt.Errorf("deadletter: requeue %s: %w", keys.Short(chunk[i].ID), errs[i])
 			}
 		}
 		if first != nil {
@@ -270,7 +280,7 @@ func (c *Client) RequeueNewest(ctx context.Context, queue string, max int) (requ
 	// Letters are stamped by their workers' reckoning of the server's clock.
 	start, err := protocol.Time(ctx, c.c)
 	if err != nil {
-		return 0, 0, fmt.Errorf("requeue dead letters of %s: read the server's clock: %w", keys.Short(queue), err)
+		return 0, 0, fmt.Errorf("deadletter: requeue dead letters of %s: read the server's clock: %w", keys.Short(queue), err)
 	}
 	total, err := c.Count(ctx, queue)
 	if err != nil {
