@@ -21,7 +21,8 @@
 // Items are stored byte for byte as sent. A key holding a slash is sent
 // escaped (user%2F42). With -queues, only the queues listed are served;
 // without it, any queue name is taken, so that anyone who can post creates
-// queues (it warns at start).
+// queues (it warns at start). With -linger, the appends of concurrent
+// requests to a queue shard go to Redis in one call (group commit).
 //
 // Every answer but 202 has the body {"error": "...", "stored": "none"} or
 // {"error": "...", "stored": "unknown"}: "none" means nothing of the request
@@ -39,15 +40,19 @@
 //	413 none          the body is larger than -max-body-bytes, an item larger
 //	                  than -max-item-bytes, or the items more than a key may
 //	                  hold: never storable as sent
-//	503 none          the key is full, or Redis cannot be reached: try again
-//	                  (Retry-After: 1)
+//	503 none          the key is full, Redis cannot be reached, or the server
+//	                  is shutting down: try again (Retry-After: 1)
 //	503 unknown       Redis did not answer within 2s, or the connection broke:
 //	                  the items may be stored (no Retry-After)
 //
 // Requests must arrive within -read-timeout (10s), headers within 5s: a
 // client that trickles its body is cut off.
 //
-// SIGINT or SIGTERM stops it gracefully: requests under way are finished.
+// SIGINT or SIGTERM stops it gracefully: it takes no new request, lets those
+// under way finish for up to -shutdown-timeout, then closes the producer,
+// which sends what it has gathered (with -linger) within 2s. A request
+// still running after that is answered 503 (nothing stored) or, if its
+// call was cut short, 503 unknown.
 package main
 
 import (
@@ -84,6 +89,7 @@ type config struct {
 	maxBody     int64
 	readTimeout time.Duration
 	shutdown    time.Duration
+	linger      bool
 }
 
 func main() {
@@ -97,6 +103,7 @@ func main() {
 	flag.Int64Var(&cfg.maxBody, "max-body-bytes", 16<<20, "size limit of a request body")
 	flag.DurationVar(&cfg.readTimeout, "read-timeout", 10*time.Second, "how long a request, body included, may take to arrive")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", 10*time.Second, "how long requests under way may take at shutdown")
+	flag.BoolVar(&cfg.linger, "linger", false, "send the appends of concurrent requests to a queue shard in one Redis call (group commit: producer.WithLinger(0, 1000)); no added latency")
 	flag.Parse()
 
 	log, err := zap.NewProduction()
@@ -130,7 +137,11 @@ func serve(cfg config, log *zap.Logger) error {
 		return err
 	}
 	defer closeRedis()
-	p, err := producer.New(rdb, producer.WithPrefix(cfg.prefix), producer.WithShards(cfg.shards), producer.WithMaxItemBytes(cfg.maxItem))
+	opts := []producer.Option{producer.WithPrefix(cfg.prefix), producer.WithShards(cfg.shards), producer.WithMaxItemBytes(cfg.maxItem)}
+	if cfg.linger {
+		opts = append(opts, producer.WithLinger(0, 1000))
+	}
+	p, err := producer.New(rdb, opts...)
 	if err != nil {
 		return err
 	}
@@ -152,19 +163,31 @@ func serve(cfg config, log *zap.Logger) error {
 			return err
 		}
 		return nil
-	}, func(error) {
-		sctx, scancel := context.WithTimeout(context.Background(), cfg.shutdown)
-		defer scancel()
-		if err := srv.Shutdown(sctx); err != nil {
-			log.Warn("requests still running at shutdown timeout", zap.Error(err))
-		}
-	})
+	}, func(error) { shutdown(srv, a, cfg.shutdown) })
 	err = g.Run()
 	if errors.Is(err, run.ErrSignal) {
 		log.Info("stopped", zap.String("reason", err.Error()))
 		return nil
 	}
 	return err
+}
+
+// shutdown stops srv, letting the requests under way finish for up to
+// timeout, then a's producer: once no handler appends any more, Close sends
+// what the producer has gathered and waits for it, for up to a.timeout, as
+// long as one append may wait for Redis. The Redis client is closed after
+// it, by serve.
+func shutdown(srv *http.Server, a *api, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		a.log.Warn("requests still running at shutdown timeout", zap.Error(err))
+	}
+	pctx, pcancel := context.WithTimeout(context.Background(), a.timeout)
+	defer pcancel()
+	if err := a.p.Close(pctx); err != nil {
+		a.log.Warn("appends not sent at shutdown: their requests are answered 503", zap.Error(err))
+	}
 }
 
 // newServer returns the HTTP server of a: it cuts off a client whose
@@ -317,6 +340,8 @@ func answerFor(err error) answer {
 		return answer{http.StatusRequestEntityTooLarge, "too large to store, now or later; nothing is stored", storedNone, false}
 	case errors.Is(err, producer.ErrNotArray):
 		return answer{http.StatusConflict, "the key holds a value batchq did not write; nothing is stored (a worker moves the value to dead letters, then the key takes items again)", storedNone, false}
+	case errors.Is(err, producer.ErrClosed):
+		return answer{http.StatusServiceUnavailable, "shutting down; nothing is stored; try again", storedNone, true}
 	case errors.Is(err, producer.ErrKeyFull):
 		return answer{http.StatusServiceUnavailable, "the key is full; nothing is stored; try again once a worker has drained it", storedNone, true}
 	case notSent(err):

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -352,4 +353,80 @@ func doReal(t *testing.T, addr, body string) (int, error) {
 	defer resp.Body.Close()
 	io.Copy(io.Discard, resp.Body)
 	return resp.StatusCode, nil
+}
+
+// At shutdown the server lets the request under way finish, then closes
+// the producer, which sends what it has gathered at once: an item posted
+// just before shutdown is stored and answered 202, though it was still
+// waiting for the producer's linger when the server's shutdown timeout
+// passed. After shutdown an append is answered 503, nothing stored.
+func TestShutdownClosesTheProducer(t *testing.T) {
+	t.Parallel()
+	r, err := embedded.Start()
+	must(t, err)
+	t.Cleanup(r.Close)
+	// A linger far longer than the shutdown timeout: only Close sends the
+	// item in time.
+	p := must2(producer.New(r.Client, producer.WithLinger(time.Second, 1000)))
+	a := &api{p: p, maxBody: testMaxBody, timeout: 2 * time.Second, log: zaptest.NewLogger(t)}
+	srv := newServer(a, 5*time.Second)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	answered := make(chan string, 1)
+	go func() {
+		resp, err := http.Post("http://"+ln.Addr().String()+"/queues/orders/keys/k", "application/json", strings.NewReader(`{"id":1}`))
+		if err != nil {
+			answered <- err.Error()
+			return
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		answered <- resp.Status
+	}()
+	waitLingering(t)
+
+	start := time.Now()
+	shutdown(srv, a, 50*time.Millisecond)
+	if took := time.Since(start); took > 900*time.Millisecond {
+		t.Fatalf("shutdown took %v: the item waited for the producer's linger (1s)", took)
+	}
+	// Stored when shutdown returns, not when the linger's timer fires.
+	stored, err := r.Client.Do(context.Background(), r.Client.B().Get().Key("batchq:{orders:0}:k:k").Build()).ToString()
+	if err != nil || stored != `[{"id":1}]` {
+		t.Fatalf("after shutdown the key holds %q (%v), want the item posted before it", stored, err)
+	}
+	select {
+	case status := <-answered:
+		if status != "202 Accepted" {
+			t.Fatalf("the request under way at shutdown: %s, want 202 Accepted", status)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the request under way at shutdown has no answer 5s after it")
+	}
+	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+		t.Fatalf("Serve: %v", err)
+	}
+	code, got, hdr := doHeader(t, a.routes(), "POST", "/queues/orders/keys/k2", `1`)
+	if code != http.StatusServiceUnavailable || got["stored"] != "none" || hdr.Get("Retry-After") != "1" {
+		t.Fatalf("an append after shutdown: %d %v Retry-After %q; want 503, stored none, Retry-After 1", code, got, hdr.Get("Retry-After"))
+	}
+}
+
+// waitLingering waits until a goroutine is blocked in the lingering
+// producer, waiting for its items to be sent (by the goroutine stacks: a
+// select in producer's (*linger).add), and fails the test after 10s.
+func waitLingering(t *testing.T) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		n := runtime.Stack(buf, true)
+		for _, g := range strings.Split(string(buf[:n]), "\n\n") {
+			if strings.Contains(g, " [select") && strings.Contains(g, "batchq/producer.(*linger).add(") {
+				return
+			}
+		}
+	}
+	t.Fatal("no append waited in the lingering producer after 10s")
 }
