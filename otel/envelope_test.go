@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"testing"
 
 	"go.opentelemetry.io/otel/propagation"
@@ -183,4 +184,36 @@ func FuzzEnvelopeDetection(f *testing.F) {
 			t.Fatalf("%s was opened to %s, which is not its item (%v)", data, got, err)
 		}
 	})
+}
+
+// A batch links once to each distinct span its envelopes carry, up to 128
+// (the SDK's default limit), and opens every envelope all the same.
+func TestLinksCapped(t *testing.T) {
+	var items []string
+	for i := range 130 {
+		tp := fmt.Sprintf("00-0af7651916cd43dd8448eb211c80319c-%016x-01", i+1)
+		env := `{"batchq_trace":{"traceparent":"` + tp + `"},"item":` + fmt.Sprint(i) + `}`
+		items = append(items, env, env) // each span twice: one link
+	}
+	tr := newTracing(t)
+	opened := 0
+	h := batchqotel.Middleware(tr.opts...)(func(ctx context.Context, c batchq.Call) error {
+		for i, it := range c.Items {
+			if string(it) == fmt.Sprint(i/2) {
+				opened++
+			}
+		}
+		return nil
+	})
+	raw := make([]json.RawMessage, len(items))
+	for i, it := range items {
+		raw[i] = json.RawMessage(it)
+	}
+	if err := h(context.Background(), batchq.Call{Queue: "q", Key: "k", Items: raw, Batch: true}); err != nil {
+		t.Fatal(err)
+	}
+	s := tr.one(t, "process q")
+	if opened != len(items) || len(s.Links()) != 128 || s.DroppedLinks() != 0 {
+		t.Errorf("%d of %d items opened, %d links (%d dropped), want all, 128 and 0", opened, len(items), len(s.Links()), s.DroppedLinks())
+	}
 }
