@@ -6,10 +6,13 @@ package producer_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"log"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -52,6 +55,41 @@ func signupHandler(rdb rueidis.Client) (http.Handler, error) {
 	}), nil
 }
 
+// Add appends items to the JSON array of a queue's key, in one round trip;
+// a plain GET reads the array, as a worker will drain it.
+func ExampleProducer_Add() {
+	rdb, err := embedded.Start() // in production: your own rueidis.Client
+	if err != nil {
+		panic(err)
+	}
+	defer rdb.Close()
+	p, err := producer.New(rdb.Client)
+	if err != nil {
+		panic(err)
+	}
+	ctx := context.Background()
+	if err := p.Add(ctx, "emails", "user:42", Email{To: "a@example.com"}, Email{To: "b@example.com"}); err != nil {
+		panic(err)
+	}
+	// Raw JSON is stored byte for byte, spaces and number forms included.
+	if err := p.Add(ctx, "emails", "user:42", json.RawMessage(`{"to": "c@example.com", "n": 1e3}`)); err != nil {
+		panic(err)
+	}
+	// A refused call stores none of its items.
+	err = p.Add(ctx, "emails", "user:42", Email{To: "d@example.com"}, make(chan int))
+	fmt.Println(errors.Is(err, producer.ErrMarshal))
+
+	// The key's array lives at <prefix>:{<queue>:<shard>}:k:<key>.
+	array, err := rdb.Client.Do(ctx, rdb.Client.B().Get().Key("batchq:{emails:0}:k:user:42").Build()).ToString()
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(array)
+	// Output:
+	// true
+	// [{"to":"a@example.com"},{"to":"b@example.com"},{"to": "c@example.com", "n": 1e3}]
+}
+
 // A web handler appends an item to the key of its user; the item waits in
 // the key's JSON array for a worker.
 func ExampleNewQueue() {
@@ -71,7 +109,7 @@ func ExampleNewQueue() {
 	h.ServeHTTP(rec, httptest.NewRequest("POST", "/signup?user=%0A&email=b@example.com", nil))
 	fmt.Println(rec.Code)
 
-	in, err := inspect.New(rdb.Client, "") // the default prefix
+	in, err := inspect.New(rdb.Client) // the default prefix
 	if err != nil {
 		panic(err)
 	}
@@ -106,7 +144,7 @@ func ExampleWithFlushPolicy() {
 	if err != nil {
 		panic(err)
 	}
-	in, err := inspect.New(rdb.Client, "") // the default prefix
+	in, err := inspect.New(rdb.Client) // the default prefix
 	if err != nil {
 		panic(err)
 	}
@@ -128,4 +166,61 @@ func ExampleWithFlushPolicy() {
 	// Output:
 	// device:7 holds 499 items, due in 1s
 	// device:7 holds 500 items, due in 0s
+}
+
+// With WithLinger, concurrent appends to a queue shard go to Redis together,
+// in one script call for all their keys, and each caller gets its own
+// outcome. At shutdown, Close sends what is gathered and waits; appends
+// after it fail with ErrClosed.
+func ExampleWithLinger() {
+	rdb, err := embedded.Start() // in production: your own rueidis.Client
+	if err != nil {
+		panic(err)
+	}
+	defer rdb.Close()
+	// A gathering goes out 5ms after its first append, or at 100 items.
+	p, err := producer.New(rdb.Client, producer.WithLinger(5*time.Millisecond, 100))
+	if err != nil {
+		panic(err)
+	}
+	var wg sync.WaitGroup
+	for i := range 3 { // three requests at once
+		wg.Go(func() {
+			err := p.Add(context.Background(), "events", fmt.Sprintf("device:%d", i), map[string]int{"n": i})
+			if err != nil {
+				panic(err)
+			}
+		})
+	}
+	wg.Wait()
+
+	// At shutdown, once nothing calls Add any more (a web service: once
+	// http.Server.Shutdown has returned), send what the producer has
+	// gathered and wait for its goroutines; close the Redis client after.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Close(ctx); err != nil {
+		// ctx ended first: the callers whose items were not sent got
+		// ErrClosed, those whose call was cut short context.Canceled.
+		log.Printf("closing the producer: %v", err)
+	}
+
+	err = p.Add(ctx, "events", "device:0", map[string]int{"n": 3})
+	fmt.Println(errors.Is(err, producer.ErrClosed))
+	in, err := inspect.New(rdb.Client) // the default prefix
+	if err != nil {
+		panic(err)
+	}
+	for i := range 3 {
+		key, err := in.Peek(ctx, "events", fmt.Sprintf("device:%d", i))
+		if err != nil {
+			panic(err)
+		}
+		fmt.Printf("%s %s\n", key.Key, key.Array)
+	}
+	// Output:
+	// true
+	// device:0 [{"n":0}]
+	// device:1 [{"n":1}]
+	// device:2 [{"n":2}]
 }
