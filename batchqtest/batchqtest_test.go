@@ -479,7 +479,7 @@ func TestKeysStoredBeforeCheckKeyStillWork(t *testing.T) {
 		if n, err := w.DeadLetters().Requeue(ctx, letters...); n != 1 || err != nil {
 			t.Fatalf("requeued %d: %v", n, err)
 		}
-		in, err := inspect.New(b.Client, b.Prefix)
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -13,6 +13,9 @@
 // Reading pending item counts costs one command per ready key: Stats and
 // Keys look at most MaxKeysPerShard ready keys of each shard (Stats says so
 // in Partial when there were more; Keys then ranks those it looked at).
+//
+// Every error it returns starts with "inspect: ", and wraps what caused it:
+// errors.Is finds ErrNoQueue, ErrNotEmpty and rueidis's errors through it.
 package inspect
 
 import (
@@ -37,9 +40,12 @@ import (
 const MaxKeysPerShard = 10_000
 
 // ErrNoQueue reports a queue that is not in the registry of the prefix.
+// It is always returned wrapped, in an error that names the queue
+// (inspect: no such queue "x" under prefix "batchq").
 var ErrNoQueue = errors.New("no such queue")
 
-// ErrNotEmpty reports a queue that Forget keeps: it holds items.
+// ErrNotEmpty reports a queue that Forget keeps: it holds items. It is
+// always returned wrapped, in an error that says what the queue holds.
 var ErrNotEmpty = errors.New("the queue holds items")
 
 // Inspector reads queues under one prefix. It is safe for concurrent use.
@@ -48,16 +54,37 @@ type Inspector struct {
 	prefix string
 }
 
-// New returns an inspector of the queues under prefix (batchq's default
-// prefix when empty) that uses c, which the caller keeps owning.
-func New(c rueidis.Client, prefix string) (*Inspector, error) {
-	if prefix == "" {
-		prefix = keys.DefaultPrefix
+// Option configures New.
+type Option func(*Inspector) error
+
+// WithPrefix sets the prefix of the Redis keys the inspector reads
+// (default "batchq", batchq's default), as producers and workers have it:
+// 1-512 bytes without braces. An invalid prefix makes New fail.
+func WithPrefix(p string) Option {
+	return func(in *Inspector) error {
+		if err := keys.CheckPrefix(p); err != nil {
+			return err
+		}
+		in.prefix = p
+		return nil
 	}
-	if err := keys.CheckPrefix(prefix); err != nil {
-		return nil, err
+}
+
+// New returns an inspector that reads the queues under batchq's default
+// prefix ("batchq"), or under the one WithPrefix gives, through c, which
+// the caller keeps owning. It returns an error, and no inspector, when c is
+// nil or an option is invalid.
+func New(c rueidis.Client, opts ...Option) (*Inspector, error) {
+	if c == nil {
+		return nil, errors.New("inspect: nil client")
 	}
-	return &Inspector{c: c, prefix: prefix}, nil
+	in := &Inspector{c: c, prefix: keys.DefaultPrefix}
+	for _, o := range opts {
+		if err := o(in); err != nil {
+			return nil, fmt.Errorf("inspect: %w", err)
+		}
+	}
+	return in, nil
 }
 
 // Prefix returns the prefix the inspector reads.
@@ -73,35 +100,42 @@ type Queue struct {
 func (in *Inspector) Queues(ctx context.Context) ([]Queue, error) {
 	m, err := in.c.Do(ctx, in.c.B().Hgetall().Key(keys.Registry(in.prefix)).Build()).AsStrMap()
 	if err != nil {
-		return nil, fmt.Errorf("read the queue registry: %w", err)
+		return nil, fmt.Errorf("inspect: read the queue registry: %w", err)
 	}
 	qs := make([]Queue, 0, len(m))
 	for name, v := range m {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			return nil, fmt.Errorf("queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
+		q, err := registered(name, v)
+		if err != nil {
+			return nil, err
 		}
-		qs = append(qs, Queue{Name: name, Shards: n})
+		qs = append(qs, q)
 	}
 	slices.SortFunc(qs, func(a, b Queue) int { return cmp.Compare(a.Name, b.Name) })
 	return qs, nil
 }
 
-// Queue returns the registered queue called name, or ErrNoQueue.
+// Queue returns the registered queue called name, or an error wrapping
+// ErrNoQueue.
 func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 	if err := keys.CheckQueue(name); err != nil {
-		return Queue{}, err
+		return Queue{}, fmt.Errorf("inspect: %w", err)
 	}
 	v, err := in.c.Do(ctx, in.c.B().Hget().Key(keys.Registry(in.prefix)).Field(name).Build()).ToString()
 	if rueidis.IsRedisNil(err) {
-		return Queue{}, fmt.Errorf("%w %q under prefix %q", ErrNoQueue, keys.Short(name), keys.Short(in.prefix))
+		return Queue{}, fmt.Errorf("inspect: %w %q under prefix %q", ErrNoQueue, keys.Short(name), keys.Short(in.prefix))
 	}
 	if err != nil {
-		return Queue{}, fmt.Errorf("read the queue registry: %w", err)
+		return Queue{}, fmt.Errorf("inspect: read the queue registry: %w", err)
 	}
+	return registered(name, v)
+}
+
+// registered returns the queue name whose shard count the registry holds
+// as v: 1 to keys.MaxShards, as producers and workers record it.
+func registered(name, v string) (Queue, error) {
 	n, err := strconv.Atoi(v)
-	if err != nil || n < 1 {
-		return Queue{}, fmt.Errorf("queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
+	if err != nil || n < 1 || n > keys.MaxShards {
+		return Queue{}, fmt.Errorf("inspect: queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
 	}
 	return Queue{Name: name, Shards: n}, nil
 }
@@ -109,9 +143,10 @@ func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 // Forget takes a queue out of the registry, so that the tools, the metrics
 // and the status page no longer list it, after checking that it holds
 // nothing: no pending key, batch in flight, retry or dead letter (purge
-// those first). It returns ErrNoQueue for a queue not registered, and
-// ErrNotEmpty, changing nothing, for one that holds items. If items arrive
-// while it forgets, it registers the queue again and returns ErrNotEmpty.
+// those first). It returns an error wrapping ErrNoQueue for a queue not
+// registered, and one wrapping ErrNotEmpty, changing nothing, for one that
+// holds items. If items arrive while it forgets, it registers the queue
+// again and returns ErrNotEmpty (wrapped).
 // A running producer or worker of the queue registers it again (a worker
 // every 30 seconds, a producer when it restarts), with its own shard count:
 // the registry forgets the largest count recorded before, which the
@@ -127,7 +162,7 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 			return err
 		}
 		if s := st[0]; s.ReadyKeys+s.InFlightBatches+s.Retries+s.DeadLetters > 0 {
-			return fmt.Errorf("%w: queue %q has %d pending keys, %d batches in flight, %d retries and %d dead letters",
+			return fmt.Errorf("inspect: %w: queue %q has %d pending keys, %d batches in flight, %d retries and %d dead letters",
 				ErrNotEmpty, keys.Short(name), s.ReadyKeys, s.InFlightBatches, s.Retries, s.DeadLetters)
 		}
 		return nil
@@ -136,7 +171,7 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 		return err
 	}
 	if err := in.c.Do(ctx, in.c.B().Hdel().Key(keys.Registry(in.prefix)).Field(name).Build()).Error(); err != nil {
-		return fmt.Errorf("forget queue %q: %w", keys.Short(name), err)
+		return fmt.Errorf("inspect: forget queue %q: %w", keys.Short(name), err)
 	}
 	if err := empty(); err != nil {
 		if _, rerr := protocol.Register(ctx, in.c, in.prefix, q.Shards, name); rerr != nil {
@@ -205,7 +240,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 	}
 	now, err := protocol.Time(ctx, in.c) // alone: rueidis takes no keyless command in a cross-slot DoMulti
 	if err != nil {
-		return nil, fmt.Errorf("read the server's clock: %w", err)
+		return nil, fmt.Errorf("inspect: read the server's clock: %w", err)
 	}
 	// Per shard: pending keys (due, then scheduled), leases, retries, dead
 	// letters, the oldest due key, and the names to read counts of.
@@ -243,7 +278,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 			var n [5]int64
 			for j := range n {
 				if n[j], err = r[j].AsInt64(); err != nil {
-					return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
+					return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 			}
 			st.ReadyKeys += n[0] + n[1]
@@ -253,7 +288,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 			for _, h := range r[5:7] {
 				head, err := h.AsZScores()
 				if err != nil {
-					return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
+					return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 				if len(head) > 0 {
 					due := time.UnixMilli(int64(head[0].Score))
@@ -265,7 +300,7 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 			var names [3][]string
 			for j := range names {
 				if names[j], err = r[7+j].AsStrSlice(); err != nil {
-					return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
+					return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 			}
 			readyKeys[qi][shard] = append(names[0], names[1]...)
@@ -329,7 +364,7 @@ func (in *Inspector) counts(ctx context.Context, qs []Queue, names [][][]string,
 	for i, r := range in.c.DoMulti(ctx, cmds...) {
 		vals, err := r.ToArray()
 		if err != nil {
-			return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(qs[where[i].q].Name), where[i].shard, err)
+			return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(qs[where[i].q].Name), where[i].shard, err)
 		}
 		cs := make([]int64, len(vals))
 		for j, v := range vals {
@@ -358,7 +393,7 @@ type DueKey struct {
 // trip, whatever the number of queues.
 func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs ...Queue) ([][]DueKey, error) {
 	if limit < 1 {
-		return nil, fmt.Errorf("limit must be at least 1, got %d", limit)
+		return nil, fmt.Errorf("inspect: limit must be at least 1, got %d", limit)
 	}
 	var cmds rueidis.Commands
 	for _, q := range qs {
@@ -374,7 +409,7 @@ func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs .
 			zs, err := zscores(res[i : i+2])
 			i += 2
 			if err != nil {
-				return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
+				return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 			}
 			for _, z := range zs {
 				k := DueKey{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
@@ -443,7 +478,7 @@ func ParseSortBy(s string) (SortBy, error) {
 	case ByAge, ByItems, ByBytes:
 		return b, nil
 	}
-	return "", fmt.Errorf("unknown order %q: want age, items or bytes", s)
+	return "", fmt.Errorf("inspect: unknown order %q: want age, items or bytes", s)
 }
 
 // Keys returns up to limit pending keys of a registered queue, ordered by.
@@ -456,11 +491,11 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 		return nil, err
 	}
 	if limit < 1 {
-		return nil, fmt.Errorf("limit must be at least 1, got %d", limit)
+		return nil, fmt.Errorf("inspect: limit must be at least 1, got %d", limit)
 	}
 	now, err := protocol.Time(ctx, in.c)
 	if err != nil {
-		return nil, fmt.Errorf("read the server's clock: %w", err)
+		return nil, fmt.Errorf("inspect: read the server's clock: %w", err)
 	}
 	// By age, the limit oldest of each shard are enough; otherwise every
 	// ready key (up to the bound) is a candidate.
@@ -478,7 +513,7 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 	for shard := range q.Shards {
 		zs, err := zscores(res[2*shard : 2*shard+2])
 		if err != nil {
-			return nil, fmt.Errorf("queue %q shard %d: %w", keys.Short(q.Name), shard, err)
+			return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 		}
 		for _, z := range zs {
 			ks := KeyStats{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
@@ -547,7 +582,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		return Peeked{}, err
 	}
 	if err := keys.CheckStoredKey(key); err != nil { // not CheckKey: a key stored before it refused control characters can be read
-		return Peeked{}, err
+		return Peeked{}, fmt.Errorf("inspect: %w", err)
 	}
 	shard := keys.Shard(key, q.Shards)
 	sp := keys.For(in.prefix, q.Name, shard)
@@ -559,7 +594,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 	p := Peeked{KeyStats: KeyStats{Key: key, Shard: shard}}
 	if p.Bytes, err = res[0].AsInt64(); err != nil {
 		t, _ := protocol.Type(ctx, in.c, sp.Items(key))
-		return Peeked{}, fmt.Errorf("key %q of queue %s holds a Redis %s, not a JSON array: %w", keys.Short(key), keys.Short(name), t, err)
+		return Peeked{}, fmt.Errorf("inspect: key %q of queue %s holds a Redis %s, not a JSON array: %w", keys.Short(key), keys.Short(name), t, err)
 	}
 	if v, err := res[1].AsInt64(); err == nil {
 		p.Items, _ = protocol.UnpackCount(v)
@@ -575,7 +610,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		}
 	}
 	if p.Bytes > MaxPeekBytes {
-		return Peeked{}, fmt.Errorf("key %q of queue %s holds %d bytes, more than Peek returns (%d)", keys.Short(key), keys.Short(name), p.Bytes, MaxPeekBytes)
+		return Peeked{}, fmt.Errorf("inspect: key %q of queue %s holds %d bytes, more than Peek returns (%d)", keys.Short(key), keys.Short(name), p.Bytes, MaxPeekBytes)
 	}
 	if p.Bytes == 0 {
 		return p, nil
@@ -585,7 +620,7 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		return p, nil // drained meanwhile
 	}
 	if err != nil {
-		return Peeked{}, fmt.Errorf("read key %q of queue %s: %w", keys.Short(key), keys.Short(name), err)
+		return Peeked{}, fmt.Errorf("inspect: read key %q of queue %s: %w", keys.Short(key), keys.Short(name), err)
 	}
 	p.Array, p.Bytes = v, int64(len(v))
 	return p, nil
@@ -593,11 +628,13 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 
 // DeadLetters returns a client of the dead letters of a registered queue
 // (List, Count, Requeue, RequeueNewest, Purge), with the queue's shard count
-// and the inspector's prefix.
+// and the inspector's prefix. The client's own errors start with
+// "deadletter: ".
 func (in *Inspector) DeadLetters(ctx context.Context, name string) (*deadletter.Client, error) {
 	q, err := in.Queue(ctx, name)
 	if err != nil {
 		return nil, err
 	}
+	// Cannot fail: New checked the prefix, and Queue the shard count.
 	return deadletter.New(in.c, deadletter.WithPrefix(in.prefix), deadletter.WithShards(q.Shards))
 }

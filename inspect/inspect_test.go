@@ -39,7 +39,7 @@ func testInspector(t *testing.T, b testredis.Backend, shards int) {
 	ctx := context.Background()
 	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
 	must(t, err)
-	in, err := inspect.New(b.Client, b.Prefix)
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
 
 	if qs, err := in.Queues(ctx); err != nil || len(qs) != 0 {
@@ -168,7 +168,7 @@ func TestInspectorCountsManyKeys(t *testing.T) {
 			}
 			must(t, p.AddRaw(ctx, "q", "k"+strconv.Itoa(i), raws...))
 		}
-		in, err := inspect.New(b.Client, b.Prefix)
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 		must(t, err)
 		st, err := in.Stats(ctx, "q")
 		must(t, err)
@@ -206,7 +206,7 @@ func TestRegistryKeepsMostShards(t *testing.T) {
 		if len(got) != 2 || got[0] != 3 || got[1] != 2 {
 			t.Fatalf("Register returned %v, want [3 2]", got)
 		}
-		in, err := inspect.New(b.Client, b.Prefix)
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 		must(t, err)
 		q, err := in.Queue(ctx, "q")
 		must(t, err)
@@ -221,10 +221,83 @@ func TestRegistryKeepsMostShards(t *testing.T) {
 	})
 }
 
-func TestNewRejectsBadPrefix(t *testing.T) {
+// New reads the default prefix unless WithPrefix says otherwise, and
+// returns an error, not an inspector, for a nil client or a bad prefix.
+func TestNew(t *testing.T) {
 	b := testredis.Mini(t)
-	if _, err := inspect.New(b.Client, "bad{prefix}"); err == nil {
-		t.Fatal("a prefix with braces: no error")
+	in, err := inspect.New(b.Client)
+	if err != nil || in.Prefix() != "batchq" {
+		t.Fatalf("New without options: prefix %v, %v; want batchq", in, err)
+	}
+	if in, err = inspect.New(b.Client, inspect.WithPrefix("a"), inspect.WithPrefix("b")); err != nil || in.Prefix() != "b" {
+		t.Fatalf("two WithPrefix: %v, %v; want the last", in, err)
+	}
+	for _, tt := range []struct {
+		name string
+		new  func() (*inspect.Inspector, error)
+		want string
+		is   error
+	}{
+		{"nil client", func() (*inspect.Inspector, error) { return inspect.New(nil) }, "inspect: nil client", nil},
+		{"braces", func() (*inspect.Inspector, error) { return inspect.New(b.Client, inspect.WithPrefix("bad{prefix}")) },
+			`inspect: invalid prefix "bad{prefix}": must be 1-512 bytes without braces`, keys.ErrPrefix},
+		{"empty", func() (*inspect.Inspector, error) { return inspect.New(b.Client, inspect.WithPrefix("")) },
+			`inspect: invalid prefix "": must be 1-512 bytes without braces`, keys.ErrPrefix},
+	} {
+		in, err := tt.new()
+		if in != nil || err == nil || err.Error() != tt.want || (tt.is != nil && !errors.Is(err, tt.is)) {
+			t.Errorf("%s: %v, %v; want %q", tt.name, in, err, tt.want)
+		}
+	}
+}
+
+// Every error the inspector returns says it is the inspector's, once, and
+// wraps its cause.
+func TestErrorsSayInspect(t *testing.T) {
+	b := testredis.Mini(t)
+	ctx := context.Background()
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+	must(t, err)
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, p.AddRaw(ctx, "q", "k", []byte(`1`)))
+	for _, tt := range []struct {
+		name string
+		err  error
+		want string
+		is   error
+	}{
+		{"no queue", func() error { _, err := in.Stats(ctx, "nope"); return err }(),
+			`inspect: no such queue "nope" under prefix "` + b.Prefix + `"`, inspect.ErrNoQueue},
+		{"bad queue name", func() error { _, err := in.Queue(ctx, "a:b"); return err }(),
+			`inspect: invalid queue name "a:b": must be 1-512 bytes of UTF-8 without braces, colons or control characters, and not . or ..`, keys.ErrQueueName},
+		{"not empty", in.Forget(ctx, "q"),
+			`inspect: the queue holds items: queue "q" has 1 pending keys, 0 batches in flight, 0 retries and 0 dead letters`, inspect.ErrNotEmpty},
+		{"bad order", func() error { _, err := in.Keys(ctx, "q", "size", 1); return err }(),
+			`inspect: unknown order "size": want age, items or bytes`, nil},
+		{"bad limit", func() error { _, err := in.Retries(ctx, "q", 0); return err }(),
+			`inspect: limit must be at least 1, got 0`, nil},
+	} {
+		if tt.err == nil || tt.err.Error() != tt.want || (tt.is != nil && !errors.Is(tt.err, tt.is)) {
+			t.Errorf("%s: %v, want %q", tt.name, tt.err, tt.want)
+		}
+	}
+
+	// A registry another program wrote: a shard count out of range.
+	must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue("big", "2000").Build()).Error())
+	want := `inspect: queue registry: queue "big" has shard count "2000"`
+	if _, err := in.Queues(ctx); err == nil || err.Error() != want {
+		t.Errorf("Queues with a shard count of 2000: %v, want %q", err, want)
+	}
+	if _, err := in.DeadLetters(ctx, "big"); err == nil || err.Error() != want {
+		t.Errorf("DeadLetters of a queue of 2000 shards: %v, want %q", err, want)
+	}
+
+	// A failed read: the cause is wrapped.
+	done, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := in.AllStats(done); !errors.Is(err, context.Canceled) || err.Error() != "inspect: read the queue registry: context canceled" {
+		t.Errorf("AllStats with a canceled context: %v", err)
 	}
 }
 
@@ -238,7 +311,7 @@ func TestForget(t *testing.T) {
 		must(t, err)
 		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 		must(t, err)
-		in, err := inspect.New(b.Client, b.Prefix)
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 		must(t, err)
 		notEmpty := func(what string) {
 			t.Helper()

@@ -53,11 +53,11 @@ func (in *Inspector) Retries(ctx context.Context, name string, limit int) (Retri
 		return Retries{}, err
 	}
 	if limit < 1 {
-		return Retries{}, fmt.Errorf("limit must be at least 1, got %d", limit)
+		return Retries{}, fmt.Errorf("inspect: limit must be at least 1, got %d", limit)
 	}
 	now, err := protocol.Time(ctx, in.c)
 	if err != nil {
-		return Retries{}, fmt.Errorf("read the server's clock: %w", err)
+		return Retries{}, fmt.Errorf("inspect: read the server's clock: %w", err)
 	}
 	spaces := make([]keys.Space, q.Shards)
 	for shard := range spaces {
@@ -65,7 +65,7 @@ func (in *Inspector) Retries(ctx context.Context, name string, limit int) (Retri
 	}
 	waiting, counts, err := protocol.ListRetries(ctx, in.c, q.Name, spaces, limit)
 	if err != nil {
-		return Retries{}, fmt.Errorf("retries of %q: %w", keys.Short(name), err)
+		return Retries{}, fmt.Errorf("inspect: retries of %q: %w", keys.Short(name), err)
 	}
 	out := Retries{Queue: q.Name, Now: now, Retries: make([]Retry, len(waiting))}
 	for i, w := range waiting {

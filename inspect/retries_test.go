@@ -21,7 +21,7 @@ func TestRetries(t *testing.T) {
 
 func testRetries(t *testing.T, b testredis.Backend, shards int) {
 	ctx := context.Background()
-	in, err := inspect.New(b.Client, b.Prefix)
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
 	if _, err := in.Retries(ctx, "orders", 10); !errors.Is(err, inspect.ErrNoQueue) {
 		t.Fatalf("Retries of an unknown queue: %v, want ErrNoQueue", err)

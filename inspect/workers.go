@@ -47,11 +47,11 @@ type LiveWorkers struct {
 func (in *Inspector) Workers(ctx context.Context) (LiveWorkers, error) {
 	now, err := protocol.Time(ctx, in.c) // its own round trip: TIME has no key to route it by on a cluster
 	if err != nil {
-		return LiveWorkers{}, fmt.Errorf("read the server's clock: %w", err)
+		return LiveWorkers{}, fmt.Errorf("inspect: read the server's clock: %w", err)
 	}
 	ws, err := protocol.ListWorkers(ctx, in.c, in.prefix, now)
 	if err != nil {
-		return LiveWorkers{}, fmt.Errorf("read the live workers: %w", err)
+		return LiveWorkers{}, fmt.Errorf("inspect: read the live workers: %w", err)
 	}
 	out := LiveWorkers{Workers: make([]Worker, len(ws)), Now: now}
 	for i, w := range ws {

@@ -23,7 +23,7 @@ func TestWorkers(t *testing.T) {
 
 func testWorkers(t *testing.T, b testredis.Backend, shards int) {
 	ctx := context.Background()
-	in, err := inspect.New(b.Client, b.Prefix)
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
 	if lw, err := in.Workers(ctx); err != nil || len(lw.Workers) != 0 || lw.Now.IsZero() {
 		t.Fatalf("Workers before any: %+v, %v", lw, err)

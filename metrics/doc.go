@@ -15,7 +15,7 @@
 // Wire one Metrics into every producer and worker of a process, and register
 // it once:
 //
-//	in, err := inspect.New(rdb, "") // the default prefix
+//	in, err := inspect.New(rdb) // the default prefix; inspect.WithPrefix sets another
 //	if err != nil {
 //		return err
 //	}

@@ -27,7 +27,7 @@ import (
 // and serves their metrics, with the depth of every queue read from Redis
 // at each scrape, at /metrics on mux.
 func instrument(rdb rueidis.Client, mux *http.ServeMux) (*producer.Producer, *batchq.Worker, error) {
-	in, err := inspect.New(rdb, "") // the default prefix
+	in, err := inspect.New(rdb) // the default prefix; inspect.WithPrefix sets another
 	if err != nil {
 		return nil, nil, err
 	}

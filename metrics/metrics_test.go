@@ -40,7 +40,7 @@ func must(t *testing.T, err error) {
 // fresh pedantic registry.
 func newMetrics(t *testing.T, b testredis.Backend, opts ...metrics.Option) (*metrics.Metrics, *prometheus.Registry) {
 	t.Helper()
-	in, err := inspect.New(b.Client, b.Prefix)
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
 	m := metrics.New(in, opts...)
 	reg := prometheus.NewPedanticRegistry()
@@ -405,7 +405,7 @@ func TestInvalidUTF8(t *testing.T) {
 // New rejects invalid options with a panic: they are programming mistakes.
 func TestNewPanics(t *testing.T) {
 	b := testredis.Mini(t)
-	in, err := inspect.New(b.Client, b.Prefix)
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
 	for _, tt := range []struct {
 		name string

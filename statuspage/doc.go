@@ -7,7 +7,7 @@
 // only, so it works under any mount path; strip the path's prefix before
 // it:
 //
-//	in, err := inspect.New(rdb, "") // the caller keeps owning rdb
+//	in, err := inspect.New(rdb) // the caller keeps owning rdb
 //	if err != nil { ... }
 //	mux := http.NewServeMux()
 //	mux.Handle("/batchq/", http.StripPrefix("/batchq", statuspage.New(in, statuspage.WithLogger(log))))

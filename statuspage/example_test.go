@@ -25,7 +25,7 @@ import (
 // prefix at /batchq/ on mux, a service's admin mux: guard it like the
 // service's other admin endpoints, since the page has no login of its own.
 func mountStatusPage(mux *http.ServeMux, rdb rueidis.Client, log *zap.Logger) error {
-	in, err := inspect.New(rdb, "") // the default prefix
+	in, err := inspect.New(rdb) // the default prefix; inspect.WithPrefix sets another
 	if err != nil {
 		return err
 	}

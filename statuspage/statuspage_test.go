@@ -67,7 +67,7 @@ func newFixture(t testing.TB, b testredis.Backend) *fixture {
 	must(t, f.c.Sync(context.Background()))
 	f.dl, err = deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
 	must(t, err)
-	f.in, err = inspect.New(b.Client, b.Prefix)
+	f.in, err = inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
 	return f
 }
@@ -710,7 +710,7 @@ func TestSecret(t *testing.T) {
 
 // Invalid options are rejected at start-up with a panic.
 func TestInvalidOptions(t *testing.T) {
-	in, err := inspect.New(testredis.Mini(t).Client, "")
+	in, err := inspect.New(testredis.Mini(t).Client)
 	must(t, err)
 	for name, opt := range map[string]statuspage.Option{
 		"logger":         statuspage.WithLogger(nil),

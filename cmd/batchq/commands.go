@@ -46,7 +46,7 @@ var commands = []*command{
 		},
 		check: func(o *options) error {
 			if _, err := inspect.ParseSortBy(o.by); err != nil {
-				return fmt.Errorf("-by: %w", err)
+				return fmt.Errorf("-by: unknown order %q: want items, bytes or age", o.by) // not err: "inspect: " means nothing here
 			}
 			return positive("-n", o.n)
 		}},

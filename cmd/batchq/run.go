@@ -154,7 +154,7 @@ func execute(ctx context.Context, inv *invocation, stdout io.Writer) error {
 		return err
 	}
 	defer rdb.Close()
-	in, err := inspect.New(rdb, inv.cfg.prefix)
+	in, err := inspect.New(rdb, inspect.WithPrefix(inv.cfg.prefix))
 	if err != nil {
 		return err // checked by parse already
 	}

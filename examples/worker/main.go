@@ -120,7 +120,7 @@ func work(cfg config, log *zap.Logger) error {
 	var srv *http.Server
 	var ln net.Listener
 	if cfg.metrics != "" {
-		in, err := inspect.New(rdb, cfg.prefix)
+		in, err := inspect.New(rdb, inspect.WithPrefix(cfg.prefix))
 		if err != nil {
 			return err
 		}
