@@ -19,7 +19,10 @@
 //	if err != nil {
 //		return err
 //	}
-//	m := metrics.New(in)
+//	m, err := metrics.New(in)
+//	if err != nil {
+//		return err
+//	}
 //	prometheus.MustRegister(m)
 //	http.Handle("GET /metrics", promhttp.Handler())
 //	p, err := producer.New(rdb, producer.WithObserver(m))

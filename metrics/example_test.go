@@ -31,7 +31,10 @@ func instrument(rdb rueidis.Client, mux *http.ServeMux) (*producer.Producer, *ba
 	if err != nil {
 		return nil, nil, err
 	}
-	m := metrics.New(in)
+	m, err := metrics.New(in)
+	if err != nil {
+		return nil, nil, err
+	}
 	reg := prometheus.NewRegistry() // or prometheus.MustRegister(m), served by promhttp.Handler()
 	reg.MustRegister(m)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

@@ -64,7 +64,7 @@ type Option func(*Metrics) error
 // WithLaggingKeys sets how many keys of each queue batchq_key_lag_seconds
 // reports: those that have been due longest (default 5, at most
 // MaxLaggingKeys; 0 turns the metric off). Each is a series labelled with
-// the key's name.
+// the key's name. Another number makes New fail.
 func WithLaggingKeys(n int) Option {
 	return func(m *Metrics) error {
 		if n < 0 || n > MaxLaggingKeys {
@@ -83,7 +83,7 @@ func WithLaggingKeys(n int) Option {
 // append to any name) from making scrapes slow and series many, but the
 // flood can still push queues this process does not use out of the report
 // (names that sort first win): where queue names come from outside,
-// WithQueues is the bound to rely on.
+// WithQueues is the bound to rely on. n below 1 makes New fail.
 func WithMaxQueues(n int) Option {
 	return func(m *Metrics) error {
 		if n < 1 {
@@ -98,6 +98,7 @@ func WithMaxQueues(n int) Option {
 // (default 5s). Past it, the scrape reports what it read and a scrape
 // error. A scrape costs a few round trips whatever the number of queues,
 // and one command per pending key (up to 10,000 per shard) to count items.
+// A d that is not positive makes New fail.
 func WithScrapeTimeout(d time.Duration) Option {
 	return func(m *Metrics) error {
 		if d <= 0 {
@@ -113,7 +114,8 @@ func WithScrapeTimeout(d time.Duration) Option {
 // observer methods ignore other queues. By default every queue in the
 // inspector's registry and every queue observed is reported. Use it when
 // the number of queues is large or not under your control, for example
-// when queue names come from requests.
+// when queue names come from requests. No name, or an invalid one, makes
+// New fail.
 func WithQueues(names ...string) Option {
 	return func(m *Metrics) error {
 		if len(names) == 0 {
@@ -129,18 +131,18 @@ func WithQueues(names ...string) Option {
 	}
 }
 
-// New returns the metrics of the queues in. Register it with a
+// New returns the metrics of the queues in reads. Register it with a
 // prometheus.Registerer, and pass it to producer.WithObserver and
-// batchq.WithObserver. New panics when in is nil or an option is invalid,
-// which are programming mistakes.
-func New(in *inspect.Inspector, opts ...Option) *Metrics {
+// batchq.WithObserver. It returns an error, and no Metrics, when in is nil
+// or an option is invalid.
+func New(in *inspect.Inspector, opts ...Option) (*Metrics, error) {
 	if in == nil {
-		panic("metrics: nil inspector")
+		return nil, errors.New("metrics: nil inspector")
 	}
 	m := &Metrics{in: in, laggingKeys: DefaultLaggingKeys, maxQueues: DefaultMaxQueues, timeout: DefaultScrapeTimeout}
 	for _, o := range opts {
 		if err := o(m); err != nil {
-			panic("metrics: " + err.Error())
+			return nil, fmt.Errorf("metrics: %w", err)
 		}
 	}
 	if m.queues != nil {
@@ -193,7 +195,7 @@ func New(in *inspect.Inspector, opts ...Option) *Metrics {
 	m.registered = prometheus.NewDesc("batchq_queues", "Queues in the registry, including those not reported past WithMaxQueues (or outside WithQueues).", nil, nil)
 	m.up = prometheus.NewDesc("batchq_up", "1 when this scrape read every queue from Redis, 0 when a read failed (see batchq_scrape_errors_total).", nil, nil)
 	m.scrapeErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "batchq_scrape_errors_total", Help: "Scrapes that could not read (all of) the queues from Redis."})
-	return m
+	return m, nil
 }
 
 // producerSeries are the series of one queue a producer updates.

@@ -42,7 +42,8 @@ func newMetrics(t *testing.T, b testredis.Backend, opts ...metrics.Option) (*met
 	t.Helper()
 	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
-	m := metrics.New(in, opts...)
+	m, err := metrics.New(in, opts...)
+	must(t, err)
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(m)
 	return m, reg
@@ -402,8 +403,9 @@ func TestInvalidUTF8(t *testing.T) {
 	})
 }
 
-// New rejects invalid options with a panic: they are programming mistakes.
-func TestNewPanics(t *testing.T) {
+// New returns an error, and no Metrics, for a nil inspector or an invalid
+// option; it never panics.
+func TestNewErrors(t *testing.T) {
 	b := testredis.Mini(t)
 	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
@@ -411,25 +413,30 @@ func TestNewPanics(t *testing.T) {
 		name string
 		in   *inspect.Inspector
 		opts []metrics.Option
+		want string
 	}{
-		{"nil inspector", nil, nil},
-		{"negative lagging keys", in, []metrics.Option{metrics.WithLaggingKeys(-1)}},
-		{"too many lagging keys", in, []metrics.Option{metrics.WithLaggingKeys(metrics.MaxLaggingKeys + 1)}},
-		{"zero scrape timeout", in, []metrics.Option{metrics.WithScrapeTimeout(0)}},
-		{"no queues", in, []metrics.Option{metrics.WithQueues()}},
-		{"bad queue name", in, []metrics.Option{metrics.WithQueues("a:b")}},
+		{"nil inspector", nil, nil, "metrics: nil inspector"},
+		{"negative lagging keys", in, []metrics.Option{metrics.WithLaggingKeys(-1)}, "metrics: lagging keys must be 0-1000, got -1"},
+		{"too many lagging keys", in, []metrics.Option{metrics.WithLaggingKeys(metrics.MaxLaggingKeys + 1)}, "metrics: lagging keys must be 0-1000, got 1001"},
+		{"zero max queues", in, []metrics.Option{metrics.WithMaxQueues(0)}, "metrics: max queues must be at least 1, got 0"},
+		{"zero scrape timeout", in, []metrics.Option{metrics.WithScrapeTimeout(0)}, "metrics: scrape timeout must be positive, got 0s"},
+		{"no queues", in, []metrics.Option{metrics.WithQueues()}, "metrics: WithQueues needs at least one queue"},
+		{"bad queue name", in, []metrics.Option{metrics.WithQueues("a:b")},
+			`metrics: invalid queue name "a:b": must be 1-512 bytes of UTF-8 without braces, colons or control characters, and not . or ..`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			defer func() {
-				if recover() == nil {
-					t.Error("New did not panic")
-				}
-			}()
-			metrics.New(tt.in, tt.opts...)
+			m, err := metrics.New(tt.in, tt.opts...)
+			if m != nil || err == nil || err.Error() != tt.want {
+				t.Errorf("New: %v, %v; want %q", m, err, tt.want)
+			}
 		})
 	}
-	metrics.New(in, metrics.WithLaggingKeys(0), metrics.WithLaggingKeys(metrics.MaxLaggingKeys),
+	if _, err := metrics.New(in, metrics.WithQueues("a:b")); !errors.Is(err, keys.ErrQueueName) {
+		t.Errorf("a bad queue name: %v, want it wrapped", err)
+	}
+	_, err = metrics.New(in, metrics.WithLaggingKeys(0), metrics.WithLaggingKeys(metrics.MaxLaggingKeys),
 		metrics.WithScrapeTimeout(time.Millisecond), metrics.WithQueues("a", "b"))
+	must(t, err)
 }
 
 // A registry flooded with queues (say by POSTs to any queue name) keeps a

@@ -124,7 +124,10 @@ func work(cfg config, log *zap.Logger) error {
 		if err != nil {
 			return err
 		}
-		m := metrics.New(in)
+		m, err := metrics.New(in)
+		if err != nil {
+			return err
+		}
 		opts = append(opts, batchq.WithObserver(m))
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
