@@ -176,7 +176,7 @@ func browser(t *testing.T, ctx context.Context, path string) context.Context {
 func TestBrowser(t *testing.T) {
 	path := chromium(t)
 	f := showcase(t, testredis.Real(t))
-	s := serve(t, statuspage.New(f.in, statuspage.WithTitle("shop-api · batchq")), "/batchq/")
+	s := serve(t, newPage(t, f.in, statuspage.WithTitle("shop-api · batchq")), "/batchq/")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	bctx := browser(t, ctx, path)

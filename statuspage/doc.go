@@ -3,14 +3,16 @@
 // retries, dead letters and lag; for each queue its most lagging keys and
 // its dead letters, which an operator can requeue or purge.
 //
-// New returns an http.Handler. It uses relative links and form actions
-// only, so it works under any mount path; strip the path's prefix before
-// it:
+// New returns an http.Handler (or an error, for a nil inspector or an
+// invalid option). It uses relative links and form actions only, so it
+// works under any mount path; strip the path's prefix before it:
 //
 //	in, err := inspect.New(rdb) // the caller keeps owning rdb
 //	if err != nil { ... }
+//	page, err := statuspage.New(in, statuspage.WithLogger(log))
+//	if err != nil { ... }
 //	mux := http.NewServeMux()
-//	mux.Handle("/batchq/", http.StripPrefix("/batchq", statuspage.New(in, statuspage.WithLogger(log))))
+//	mux.Handle("/batchq/", http.StripPrefix("/batchq", page))
 //
 // # Routes (relative to the mount path)
 //

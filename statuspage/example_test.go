@@ -29,7 +29,11 @@ func mountStatusPage(mux *http.ServeMux, rdb rueidis.Client, log *zap.Logger) er
 	if err != nil {
 		return err
 	}
-	mux.Handle("/batchq/", http.StripPrefix("/batchq", statuspage.New(in, statuspage.WithLogger(log))))
+	page, err := statuspage.New(in, statuspage.WithLogger(log))
+	if err != nil {
+		return err
+	}
+	mux.Handle("/batchq/", http.StripPrefix("/batchq", page))
 	return nil
 }
 

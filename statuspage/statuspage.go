@@ -51,7 +51,7 @@ type Option func(*page) error
 
 // WithLogger sets the logger (default none). The handler logs the dead
 // letters requeued and purged (info), refused POSTs (info) and Redis errors
-// (warn), never an item.
+// (warn), never an item. A nil logger makes New fail.
 func WithLogger(l *zap.Logger) Option {
 	return func(p *page) error {
 		if l == nil {
@@ -64,7 +64,7 @@ func WithLogger(l *zap.Logger) Option {
 
 // WithLaggingKeys sets how many of a queue's pending keys, longest due
 // first, its page lists: 1 to MaxListed, DefaultLaggingKeys (10) by
-// default.
+// default. Another number makes New fail.
 func WithLaggingKeys(n int) Option {
 	return func(p *page) error {
 		if n < 1 || n > MaxListed {
@@ -77,6 +77,7 @@ func WithLaggingKeys(n int) Option {
 
 // WithDeadLetters sets how many of a queue's dead letters its page lists,
 // newest first: 1 to MaxListed, DefaultDeadLetters (50) by default.
+// Another number makes New fail.
 func WithDeadLetters(n int) Option {
 	return func(p *page) error {
 		if n < 1 || n > MaxListed {
@@ -88,7 +89,8 @@ func WithDeadLetters(n int) Option {
 }
 
 // WithTitle sets the title of the pages (DefaultTitle, "batchq", by
-// default), for instance the name of the service or environment.
+// default), for instance the name of the service or environment. A blank
+// title makes New fail.
 func WithTitle(title string) Option {
 	return func(p *page) error {
 		if strings.TrimSpace(title) == "" {
@@ -108,11 +110,11 @@ func WithShowItems() Option {
 	}
 }
 
-// WithSecret sets the key of the form tokens, at least 32 bytes. By
-// default each handler draws its own at random, so a form posted to
-// another replica of a load-balanced service (or after a restart) is
-// refused with 403: replicas that share one page give them the same
-// secret.
+// WithSecret sets the key of the form tokens, at least 32 bytes (a shorter
+// key makes New fail). By default each handler draws its own at random, so
+// a form posted to another replica of a load-balanced service (or after a
+// restart) is refused with 403: replicas that share one page give them the
+// same secret.
 func WithSecret(key []byte) Option {
 	return func(p *page) error {
 		if len(key) < 32 {
@@ -129,7 +131,8 @@ func WithSecret(key []byte) Option {
 // page's address (DNS rebinding) and read its tokens or post its forms.
 // Requests for other hosts get 421 Misdirected Request. Give the names the
 // page is reached by, say the name of a reverse proxy in front of it; a port
-// in the Host header is ignored, and names match regardless of case.
+// in the Host header is ignored, and names match regardless of case. A name
+// with a port, a scheme or a space, or an empty one, makes New fail.
 func WithAllowedHosts(hosts ...string) Option {
 	return func(p *page) error {
 		names, err := hostNames(hosts)
@@ -142,7 +145,8 @@ func WithAllowedHosts(hosts ...string) Option {
 }
 
 // WithTimeout bounds the Redis work of one request (DefaultTimeout, 10s, by
-// default): an unreachable Redis costs a request that long, then a 503.
+// default): an unreachable Redis costs a request that long, then a 503. A d
+// that is not positive makes New fail.
 func WithTimeout(d time.Duration) Option {
 	return func(p *page) error {
 		if d <= 0 {
@@ -194,11 +198,12 @@ type page struct {
 }
 
 // New returns a handler that serves the status page of the queues in reads
-// (see the package doc for its routes and mounting). It panics when in is
-// nil or an option is invalid. It is safe for concurrent use.
-func New(in *inspect.Inspector, opts ...Option) http.Handler {
+// (see the package doc for its routes and mounting). It returns an error,
+// and no handler, when in is nil or an option is invalid. The handler is
+// safe for concurrent use.
+func New(in *inspect.Inspector, opts ...Option) (http.Handler, error) {
 	if in == nil {
-		panic("statuspage: nil inspector")
+		return nil, errors.New("statuspage: nil inspector")
 	}
 	p := &page{
 		in:          in,
@@ -211,7 +216,7 @@ func New(in *inspect.Inspector, opts ...Option) http.Handler {
 	}
 	for _, o := range opts {
 		if err := o(p); err != nil {
-			panic("statuspage: " + err.Error())
+			return nil, fmt.Errorf("statuspage: %w", err)
 		}
 	}
 	p.log = p.log.Named("statuspage")
@@ -234,7 +239,7 @@ func New(in *inspect.Inspector, opts ...Option) http.Handler {
 		p.fail(w, r, http.StatusForbidden, "Cross-origin request refused: post the forms of this page from this page.")
 	}))
 	p.h = cop.Handler(mux)
-	return p
+	return p, nil
 }
 
 // ServeHTTP sets the security headers every answer carries and serves r,

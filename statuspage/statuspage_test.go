@@ -235,6 +235,14 @@ type site struct {
 }
 
 // serve mounts h at mount ("/" or "/x/.../") of a new test server.
+// newPage returns statuspage.New(in, opts...), failing the test on an error.
+func newPage(t testing.TB, in *inspect.Inspector, opts ...statuspage.Option) http.Handler {
+	t.Helper()
+	h, err := statuspage.New(in, opts...)
+	must(t, err)
+	return h
+}
+
 func serve(t testing.TB, h http.Handler, mount string) *site {
 	t.Helper()
 	mux := http.NewServeMux()
@@ -387,7 +395,7 @@ func wantCells(t testing.TB, what string, got map[string]string, want map[string
 func TestPages(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		f := seed(t, b)
-		s := serve(t, statuspage.New(f.in, statuspage.WithTitle("Shop & Co")), "/batchq/")
+		s := serve(t, newPage(t, f.in, statuspage.WithTitle("Shop & Co")), "/batchq/")
 		before := f.snapshot(t)
 
 		idx := s.get("").want(t, http.StatusOK, "<caption>Queues (2)</caption>", "Shop &amp; Co", `<th scope="col">Dead letters</th>`)
@@ -485,7 +493,7 @@ func wantHeaders(t testing.TB, h http.Header) {
 func TestActions(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		f := seed(t, b)
-		s := serve(t, statuspage.New(f.in), "/batchq/")
+		s := serve(t, newPage(t, f.in), "/batchq/")
 		q := s.get("queues/orders").want(t, http.StatusOK)
 		forms := q.forms()
 		requeueURL, purgeURL := s.url(q.url, "./orders/requeue"), s.url(q.url, "./orders/purge")
@@ -576,7 +584,7 @@ func TestMountPaths(t *testing.T) {
 	const odd = "a/b c?d#e%f"
 	must(t, f.p.Add(context.Background(), odd, "k", 1))
 	f.kill(t, odd)
-	h := statuspage.New(f.in)
+	h := newPage(t, f.in)
 	for _, mount := range []string{"/", "/batchq/", "/ops/queues/batchq/"} {
 		t.Run(mount, func(t *testing.T) {
 			s := serve(t, h, mount)
@@ -627,7 +635,7 @@ func TestShowItems(t *testing.T) {
 	f := seed(t, testredis.Mini(t))
 	must(t, f.p.AddRaw(context.Background(), "orders", "z", json.RawMessage(`"<script>alert(1)</script>"`)))
 	f.kill(t, "orders")
-	s := serve(t, statuspage.New(f.in, statuspage.WithShowItems()), "/batchq/")
+	s := serve(t, newPage(t, f.in, statuspage.WithShowItems()), "/batchq/")
 	q := s.get("queues/orders").want(t, http.StatusOK, `<th scope="col">Item</th>`, "s3cr3t-x", "s3cr3t-y", "&lt;script&gt;")
 	if strings.Contains(q.body, "<script>") {
 		t.Fatalf("an item is not escaped:\n%s", q.body)
@@ -637,7 +645,7 @@ func TestShowItems(t *testing.T) {
 // The flash message is built from known words and numbers, never echoed.
 func TestFlash(t *testing.T) {
 	f := seed(t, testredis.Mini(t))
-	s := serve(t, statuspage.New(f.in), "/batchq/")
+	s := serve(t, newPage(t, f.in), "/batchq/")
 	for query, want := range map[string]string{
 		"done=requeued&n=1":           "Requeued 1 dead letter.",
 		"done=requeued&n=2&skipped=1": "Requeued 2 dead letters. Skipped 1 dead letter holding a corrupt value (purge only).",
@@ -667,7 +675,7 @@ func TestFlash(t *testing.T) {
 func TestRedisDown(t *testing.T) {
 	b := testredis.Mini(t)
 	f := seed(t, b)
-	s := serve(t, statuspage.New(f.in, statuspage.WithTimeout(2*time.Second)), "/batchq/")
+	s := serve(t, newPage(t, f.in, statuspage.WithTimeout(2*time.Second)), "/batchq/")
 	b.Mini.Close()
 	for _, ref := range []string{"", "queues/orders"} {
 		p := s.get(ref).want(t, http.StatusServiceUnavailable, "Redis error: ")
@@ -680,7 +688,7 @@ func TestRedisDown(t *testing.T) {
 
 // The CSP allows exactly the page's own style sheet.
 func TestStyleHash(t *testing.T) {
-	s := serve(t, statuspage.New(seed(t, testredis.Mini(t)).in), "/")
+	s := serve(t, newPage(t, seed(t, testredis.Mini(t)).in), "/")
 	p := s.get("").want(t, http.StatusOK)
 	m := regexp.MustCompile(`(?s)<style>(.*?)</style>`).FindStringSubmatch(p.body)
 	if m == nil {
@@ -699,47 +707,42 @@ func TestSecret(t *testing.T) {
 	token := func(h http.Handler) string {
 		return serve(t, h, "/").get("queues/orders").want(t, http.StatusOK).forms()["./orders/purge"]
 	}
-	if a, b := token(statuspage.New(f.in)), token(statuspage.New(f.in)); a == b || a == "" {
+	if a, b := token(newPage(t, f.in)), token(newPage(t, f.in)); a == b || a == "" {
 		t.Errorf("two handlers with random secrets give the same token %q", a)
 	}
-	a, b := token(statuspage.New(f.in, statuspage.WithSecret(secret))), token(statuspage.New(f.in, statuspage.WithSecret(secret)))
+	a, b := token(newPage(t, f.in, statuspage.WithSecret(secret))), token(newPage(t, f.in, statuspage.WithSecret(secret)))
 	if a != b || a == "" {
 		t.Errorf("two handlers with one secret give tokens %q and %q", a, b)
 	}
 }
 
-// Invalid options are rejected at start-up with a panic.
+// New rejects a nil inspector and invalid options with an error, and no
+// handler; it never panics.
 func TestInvalidOptions(t *testing.T) {
 	in, err := inspect.New(testredis.Mini(t).Client)
 	must(t, err)
-	for name, opt := range map[string]statuspage.Option{
-		"logger":         statuspage.WithLogger(nil),
-		"lagging keys 0": statuspage.WithLaggingKeys(0),
-		"lagging keys":   statuspage.WithLaggingKeys(statuspage.MaxListed + 1),
-		"dead letters 0": statuspage.WithDeadLetters(0),
-		"dead letters":   statuspage.WithDeadLetters(statuspage.MaxListed + 1),
-		"title":          statuspage.WithTitle(" "),
-		"secret":         statuspage.WithSecret([]byte("short")),
-		"timeout":        statuspage.WithTimeout(0),
+	for name, tt := range map[string]struct {
+		opt  statuspage.Option
+		want string
+	}{
+		"logger":         {statuspage.WithLogger(nil), "statuspage: nil logger"},
+		"lagging keys 0": {statuspage.WithLaggingKeys(0), "statuspage: lagging keys must be 1-1000, got 0"},
+		"lagging keys":   {statuspage.WithLaggingKeys(statuspage.MaxListed + 1), "statuspage: lagging keys must be 1-1000, got 1001"},
+		"dead letters 0": {statuspage.WithDeadLetters(0), "statuspage: dead letters must be 1-1000, got 0"},
+		"dead letters":   {statuspage.WithDeadLetters(statuspage.MaxListed + 1), "statuspage: dead letters must be 1-1000, got 1001"},
+		"title":          {statuspage.WithTitle(" "), "statuspage: empty title"},
+		"secret":         {statuspage.WithSecret([]byte("short")), "statuspage: secret must be at least 32 bytes, got 5"},
+		"timeout":        {statuspage.WithTimeout(0), "statuspage: timeout must be positive, got 0s"},
 	} {
-		func() {
-			defer func() {
-				if r := recover(); r == nil {
-					t.Errorf("%s: no panic", name)
-				}
-			}()
-			statuspage.New(in, opt)
-		}()
+		if h, err := statuspage.New(in, tt.opt); h != nil || err == nil || err.Error() != tt.want {
+			t.Errorf("%s: %v, %v; want %q", name, h, err, tt.want)
+		}
 	}
-	func() {
-		defer func() {
-			if recover() == nil {
-				t.Error("nil inspector: no panic")
-			}
-		}()
-		statuspage.New(nil)
-	}()
-	statuspage.New(in, statuspage.WithLaggingKeys(1), statuspage.WithDeadLetters(statuspage.MaxListed)) // valid
+	if h, err := statuspage.New(nil); h != nil || err == nil || err.Error() != "statuspage: nil inspector" {
+		t.Errorf("nil inspector: %v, %v", h, err)
+	}
+	_, err = statuspage.New(in, statuspage.WithLaggingKeys(1), statuspage.WithDeadLetters(statuspage.MaxListed)) // valid
+	must(t, err)
 }
 
 // Every name a queue may have round-trips as a path segment: its link on
@@ -749,7 +752,7 @@ func TestInvalidOptions(t *testing.T) {
 func TestQueueNamesRoundTrip(t *testing.T) {
 	b := testredis.Mini(t)
 	f := newFixture(t, b)
-	s := serve(t, statuspage.New(f.in), "/ops/")
+	s := serve(t, newPage(t, f.in), "/ops/")
 	names := []string{"...", "a.", ".a", "a..b", "a/b", "a/b/", "/a", "a//b", "%", "%2e", "%2e%2e", "%2F", "a%2Fb", `\`, `a\..\b`,
 		"a b", "a+b", "a?b", "a#b", "a;b", "a&b", "a=b", "ü日本", "<a>", `"q"`, "'q'", "~", "@", "a,b", "*",
 		"a/..", "a/.", "../a", "./a", "a/../b", "a/./b"}
@@ -785,7 +788,7 @@ func TestQueueNamesRoundTrip(t *testing.T) {
 // with no token to read, and its same-origin POSTs change nothing.
 func TestAllowedHosts(t *testing.T) {
 	f := seed(t, testredis.Mini(t))
-	s := serve(t, statuspage.New(f.in, statuspage.WithAllowedHosts("ops.example.com", "dot.example.com.")), "/batchq/")
+	s := serve(t, newPage(t, f.in, statuspage.WithAllowedHosts("ops.example.com", "dot.example.com.")), "/batchq/")
 	q := s.get("queues/orders").want(t, http.StatusOK)
 	purgeTok := q.forms()["./orders/purge"]
 	before := f.snapshot(t)
@@ -824,14 +827,10 @@ func TestAllowedHosts(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{"", "a:80", "http://a", "a b"} {
-		func() {
-			defer func() {
-				if recover() == nil {
-					t.Errorf("WithAllowedHosts(%q) did not panic", bad)
-				}
-			}()
-			statuspage.New(f.in, statuspage.WithAllowedHosts(bad))
-		}()
+		want := fmt.Sprintf("statuspage: allowed host %q: want a host name without port or scheme", bad)
+		if h, err := statuspage.New(f.in, statuspage.WithAllowedHosts(bad)); h != nil || err == nil || err.Error() != want {
+			t.Errorf("WithAllowedHosts(%q): %v, %v; want %q", bad, h, err, want)
+		}
 	}
 }
 
@@ -848,7 +847,7 @@ func TestIndexPages(t *testing.T) {
 		for _, r := range b.Client.DoMulti(context.Background(), cmds...) {
 			must(t, r.Error())
 		}
-		s := serve(t, statuspage.New(f.in), "/batchq/")
+		s := serve(t, newPage(t, f.in), "/batchq/")
 		p := s.get("").want(t, http.StatusOK, fmt.Sprintf("Queues 1–100 of %d", total), `href="?page=2" rel="next"`)
 		for page, want := range map[int]int{1: 100, 2: 100, 3: 50} {
 			p = s.get("?page="+strconv.Itoa(page)).want(t, http.StatusOK)

@@ -131,10 +131,13 @@ func work(cfg config, log *zap.Logger) error {
 		opts = append(opts, batchq.WithObserver(m))
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		page, err := statuspage.New(in, statuspage.WithLogger(log), statuspage.WithAllowedHosts(statusHosts(cfg.metrics, cfg.statusHosts)...))
+		if err != nil {
+			return err
+		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		mux.Handle("/status/", http.StripPrefix("/status", statuspage.New(in, statuspage.WithLogger(log),
-			statuspage.WithAllowedHosts(statusHosts(cfg.metrics, cfg.statusHosts)...))))
+		mux.Handle("/status/", http.StripPrefix("/status", page))
 		// The metrics name keys too: they answer the same hosts as the page.
 		srv = &http.Server{Handler: statuspage.HostHandler(mux, statusHosts(cfg.metrics, cfg.statusHosts)...), ReadHeaderTimeout: 10 * time.Second}
 	}
