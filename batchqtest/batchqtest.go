@@ -35,11 +35,12 @@ type config struct {
 // each look at the queues, besides those due already (the default, d = 0):
 // with a backoff shorter than d, a failing item is tried again and again
 // until it succeeds or goes to dead letters. A retry is handled when the
-// worker's next claim finds it due, up to a second after its due time.
+// worker's next claim finds it due, up to a second after its due time. A
+// negative d makes RunUntilIdle fail.
 func WithRetriesWithin(d time.Duration) Option {
 	return func(c *config) error {
 		if d < 0 {
-			return fmt.Errorf("batchqtest: negative retry horizon %v", d)
+			return fmt.Errorf("negative retry horizon %v", d)
 		}
 		c.within = d
 		return nil
@@ -48,11 +49,11 @@ func WithRetriesWithin(d time.Duration) Option {
 
 // WithPollInterval sets how often RunUntilIdle reads the state of the
 // worker's queues (default DefaultPollInterval, 5ms): each read is one
-// round trip to Redis.
+// round trip to Redis. A d that is not positive makes RunUntilIdle fail.
 func WithPollInterval(d time.Duration) Option {
 	return func(c *config) error {
 		if d <= 0 {
-			return fmt.Errorf("batchqtest: poll interval must be positive, got %v", d)
+			return fmt.Errorf("poll interval must be positive, got %v", d)
 		}
 		c.poll = d
 		return nil
@@ -106,9 +107,11 @@ type Result struct {
 // RunUntilIdle returns an error wrapping ctx.Err() if ctx ends before the
 // queues are idle (it still stops w and waits for Run, which lets running
 // handlers finish for up to the worker's shutdown timeout: use a short
-// WithShutdownTimeout in tests whose handlers may block), and Run's error
-// if Run fails (batchq.ErrNoHandlers, say). w's Run may be called once, so
-// RunUntilIdle may be too.
+// WithShutdownTimeout in tests whose handlers may block), one wrapping
+// Run's error if Run fails (errors.Is finds batchq.ErrNoHandlers, say), and
+// an option's error, before it runs w, if an option is invalid. Each
+// starts with "batchqtest: ". w's Run may be called once, so RunUntilIdle
+// may be too.
 //
 // Only the shards w drains are read: items that a producer with more shards
 // (WithShards) put in the others keep no queue busy. A worker with
@@ -120,7 +123,7 @@ func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result
 	cfg := config{poll: DefaultPollInterval}
 	for _, o := range opts {
 		if err := o(&cfg); err != nil {
-			return Result{}, err
+			return Result{}, fmt.Errorf("batchqtest: %w", err)
 		}
 	}
 	q := queues{c: w.Client(), prefix: w.Prefix(), shards: w.Shards(), names: w.Queues()}

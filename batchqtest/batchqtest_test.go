@@ -387,12 +387,13 @@ func TestContextEndsFirst(t *testing.T) {
 	})
 }
 
-// Run's own errors come back as they are.
+// Run's own errors come back wrapped, in an error that says RunUntilIdle's
+// Run failed; a bad option is an error of its own.
 func TestRunErrors(t *testing.T) {
 	t.Parallel()
 	b := testredis.Mini(t)
 	w := newWorker(t, b)
-	if _, err := batchqtest.RunUntilIdle(t.Context(), w); !errors.Is(err, batchq.ErrNoHandlers) {
+	if _, err := batchqtest.RunUntilIdle(t.Context(), w); !errors.Is(err, batchq.ErrNoHandlers) || !strings.HasPrefix(err.Error(), "batchqtest: Run: ") {
 		t.Fatalf("no handlers: got %v", err)
 	}
 	w = newWorker(t, b)
@@ -403,11 +404,17 @@ func TestRunErrors(t *testing.T) {
 	if _, err := batchqtest.RunUntilIdle(t.Context(), w); err == nil || !strings.Contains(err.Error(), "Run called twice") {
 		t.Fatalf("second run: got %v", err)
 	}
-	for _, o := range []batchqtest.Option{batchqtest.WithRetriesWithin(-time.Second), batchqtest.WithPollInterval(0)} {
+	for _, tt := range []struct {
+		o    batchqtest.Option
+		want string
+	}{
+		{batchqtest.WithRetriesWithin(-time.Second), "batchqtest: negative retry horizon -1s"},
+		{batchqtest.WithPollInterval(0), "batchqtest: poll interval must be positive, got 0s"},
+	} {
 		fresh := newWorker(t, b)
 		batchq.Handle(fresh, "q", func(ctx context.Context, n int) error { return nil })
-		if _, err := batchqtest.RunUntilIdle(t.Context(), fresh, o); err == nil || !strings.Contains(err.Error(), "batchqtest: ") || strings.Contains(err.Error(), "Run") {
-			t.Errorf("a bad option: got %v, want the option's own error", err)
+		if _, err := batchqtest.RunUntilIdle(t.Context(), fresh, tt.o); err == nil || err.Error() != tt.want {
+			t.Errorf("a bad option: got %v, want the option's own error %q", err, tt.want)
 		}
 	}
 }
