@@ -140,11 +140,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// message is the text of err, without the "batchq: " that batchq's
-// validation errors start with (the program name already says it), and
-// with control characters escaped (see escapeControls).
+// message is the text of err with control characters escaped (see
+// escapeControls).
 func message(err error) string {
-	return escapeControls(strings.TrimPrefix(err.Error(), "batchq: "))
+	return escapeControls(err.Error())
 }
 
 // execute connects to Redis and runs the command.
