@@ -6,10 +6,14 @@ import (
 	"errors"
 	"testing"
 
+	"go.uber.org/goleak"
+
 	"github.com/batchq/batchq/deadletter"
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // New returns an error, and no client, for a nil client or a bad option.
 func TestNewErrors(t *testing.T) {
