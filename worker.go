@@ -82,6 +82,9 @@ type Worker struct {
 // NewWorker returns a Worker that uses rdb, which the caller keeps owning
 // (create it with DisableCache: true).
 func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
+	if rdb == nil {
+		return nil, errors.New("batchq: nil client")
+	}
 	cfg := workerConfig{log: zap.NewNop(), concurrency: DefaultConcurrency, shutdownTimeout: DefaultShutdownTimeout, observer: nopObserver{}}
 	for _, o := range opts {
 		if err := o(&cfg); err != nil {

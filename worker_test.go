@@ -473,6 +473,9 @@ func TestRegistrationMistakesPanic(t *testing.T) {
 			t.Errorf("%s: NewWorker returned %v, want %q", name, err, c.want)
 		}
 	}
+	if _, err := batchq.NewWorker(nil); err == nil || err.Error() != "batchq: nil client" {
+		t.Errorf("NewWorker(nil) returned %v", err)
+	}
 	for _, name := range []string{"", "a:b", "a{b", "a\nb", "a\x1b[31m", "\xff", strings.Repeat("x", 129)} {
 		if _, err := batchq.NewWorker(b.Client, batchq.WithName(name)); err == nil {
 			t.Errorf("WithName(%q) accepted", name)
