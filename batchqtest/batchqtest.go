@@ -107,10 +107,10 @@ type Result struct {
 // RunUntilIdle returns an error wrapping ctx.Err() if ctx ends before the
 // queues are idle (it still stops w and waits for Run, which lets running
 // handlers finish for up to the worker's shutdown timeout: use a short
-// WithShutdownTimeout in tests whose handlers may block), one wrapping
-// Run's error if Run fails (errors.Is finds batchq.ErrNoHandlers, say), and
-// an option's error, before it runs w, if an option is invalid. Each
-// starts with "batchqtest: ". w's Run may be called once, so RunUntilIdle
+// WithShutdownTimeout in tests whose handlers may block), Run's own error
+// if Run fails (batchq.ErrNoHandlers, say), and an option's error, before
+// it runs w, if an option is invalid. Its own errors start with
+// "batchqtest: "; Run's, with "batchq: ". w's Run may be called once, so RunUntilIdle
 // may be too.
 //
 // Only the shards w drains are read: items that a producer with more shards
@@ -139,7 +139,7 @@ func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result
 	end := func() (snapshot, error) {
 		stop()
 		if err := <-done; err != nil {
-			return snapshot{}, fmt.Errorf("batchqtest: Run: %w", err)
+			return snapshot{}, err // the worker's own, "batchq: ..."
 		}
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), readTimeout)
 		defer cancel()
@@ -156,9 +156,9 @@ func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result
 		select {
 		case err := <-done:
 			if err == nil {
-				err = errors.New("returned before its queues were idle")
+				err = errors.New("batchqtest: Run returned before the queues were idle")
 			}
-			return Result{}, fmt.Errorf("batchqtest: Run: %w", err)
+			return Result{}, err // a non-nil one is the worker's own, "batchq: ..."
 		case <-ctx.Done():
 			s, err := end()
 			if err != nil {
