@@ -4,21 +4,35 @@
 // the items. It is a module of its own (github.com/batchq/batchq/otel), so
 // that batchq itself does not depend on OpenTelemetry.
 //
-// On the worker, Middleware traces every call of the handlers it wraps:
+// On the worker, the middleware NewMiddleware returns traces every call of
+// the handlers it wraps:
 //
-//	w.Use(batchqotel.Middleware())
+//	mw, err := batchqotel.NewMiddleware()
+//	if err != nil {
+//		return err
+//	}
+//	w.Use(mw)
 //
 // Where items are added, NewProducer wraps a producer so that each append
 // runs under a span and each item carries that span's context:
 //
-//	tp := batchqotel.NewProducer(p)
-//	err := tp.Add(ctx, "emails", "user:42", Email{To: "a@example.com"})
+//	emails, err := batchqotel.NewProducer(p)
+//	if err != nil {
+//		return err
+//	}
+//	err = emails.Add(ctx, "emails", "user:42", Email{To: "a@example.com"})
 //
 // Both use the global tracer provider and propagator unless told otherwise
 // (WithTracerProvider, WithPropagator). The global propagator carries
 // nothing until the program sets one, as it must for HTTP tracing:
 //
 //	otel.SetTextMapPropagator(propagation.TraceContext{})
+//
+// As in every batchq package, an option checks its value: a nil tracer
+// provider or propagator, a nil Option, or a nil producer makes the
+// constructor return an error ("batchqotel: nil propagator"), never panic.
+// Wrap, which has no error to return, takes its propagator as an argument
+// instead of options.
 //
 // # Spans
 //
@@ -83,7 +97,7 @@
 //
 // batchq_trace holds what the propagator wrote (traceparent and tracestate
 // with the W3C propagator; an empty object when it writes nothing), item
-// the item as it would have been stored. Middleware treats an item as an
+// the item as it would have been stored. The middleware treats an item as an
 // envelope when, and only when, it is a JSON object with exactly these two
 // members, each once, batchq_trace an object of strings (its name written without
 // escapes, as Wrap writes it): it replaces each such item with the item

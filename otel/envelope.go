@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/propagation"
 )
 
@@ -25,25 +26,32 @@ var traceName = []byte(`"` + traceMember + `"`)
 //
 // Trace holds what the propagator wrote (with the W3C propagator,
 // traceparent and tracestate): an empty object when it writes nothing,
-// never null, as Wrap makes it (Middleware does not open an envelope whose
-// Trace is null). Middleware takes the item out before the handler decodes
-// it. A queue whose worker has no Middleware can decode the envelope
-// itself, with a handler of Envelope[T] items.
+// never null, as Wrap makes it (the middleware of NewMiddleware does not
+// open an envelope whose Trace is null). The middleware takes the item out
+// before the handler decodes it. A queue whose worker has no such
+// middleware can decode the envelope itself, with a handler of Envelope[T]
+// items.
 type Envelope[T any] struct {
 	Trace propagation.MapCarrier `json:"batchq_trace"`
 	Item  T                      `json:"item"`
 }
 
 // Wrap returns item in an Envelope that carries ctx's span context,
-// through the propagator (see WithPropagator; Wrap uses no other option),
-// for appending by other means than Producer.Add: a typed producer.Queue
-// of Envelope[T], AddRaw of its JSON. The span it carries is the one
-// current in ctx (an HTTP request's, say), where Producer.Add starts a
-// "send" span of its own for the items it appends, as the messaging
-// conventions ask. Wrap is safe for concurrent use.
-func Wrap[T any](ctx context.Context, item T, opts ...Option) Envelope[T] {
+// written by p, for appending by other means than Producer.Add: a typed
+// producer.Queue of Envelope[T], AddRaw of its JSON. A nil p means the
+// global propagator, otel.GetTextMapPropagator(), which carries nothing
+// until the program sets one; the workers' middleware must read what p
+// writes (see WithPropagator). Wrap takes a propagator rather than options
+// because it has no error to return. The span it
+// carries is the one current in ctx (an HTTP request's, say), where
+// Producer.Add starts a "send" span of its own for the items it appends,
+// as the messaging conventions ask. Wrap is safe for concurrent use.
+func Wrap[T any](ctx context.Context, item T, p propagation.TextMapPropagator) Envelope[T] {
+	if p == nil {
+		p = otel.GetTextMapPropagator()
+	}
 	carrier := propagation.MapCarrier{}
-	newConfig(opts).propagator.Inject(ctx, carrier)
+	p.Inject(ctx, carrier)
 	return Envelope[T]{Trace: carrier, Item: item}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"testing"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
@@ -47,7 +48,7 @@ func TestWrapFormat(t *testing.T) {
 		{"no propagator", spanContext(t), propagation.NewCompositeTextMapPropagator(), `{"batchq_trace":{},"item":{"to":"a@example.com"}}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := json.Marshal(batchqotel.Wrap(tc.ctx, Email{To: "a@example.com"}, batchqotel.WithPropagator(tc.p)))
+			got, err := json.Marshal(batchqotel.Wrap(tc.ctx, Email{To: "a@example.com"}, tc.p))
 			if err != nil || string(got) != tc.want {
 				t.Errorf("Wrap encodes to %s (%v), want %s", got, err, tc.want)
 			}
@@ -55,12 +56,30 @@ func TestWrapFormat(t *testing.T) {
 	}
 }
 
+// Wrap given a nil propagator writes with the global one: nothing until
+// the program sets one, then what that one writes.
+func TestWrapGlobalPropagator(t *testing.T) {
+	want := func(wantJSON string) {
+		t.Helper()
+		got, err := json.Marshal(batchqotel.Wrap(spanContext(t), 1, nil))
+		if err != nil || string(got) != wantJSON {
+			t.Errorf("Wrap with a nil propagator encodes to %s (%v), want %s", got, err, wantJSON)
+		}
+	}
+	want(`{"batchq_trace":{},"item":1}`)
+	otel.SetTextMapPropagator(propagation.TraceContext{})
+	// The global propagator cannot be unset: back to one that carries
+	// nothing, as the default does, for the tests after this one.
+	t.Cleanup(func() { otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator()) })
+	want(`{"batchq_trace":{"traceparent":"` + traceparent + `"},"item":1}`)
+}
+
 // call runs one call of items through the middleware and returns the
 // items its handler got, and whether the call's span has a link.
 func call(t *testing.T, items ...string) (got []string, linked bool) {
 	t.Helper()
 	tr := newTracing(t)
-	h := batchqotel.Middleware(tr.opts...)(func(ctx context.Context, c batchq.Call) error {
+	h := tr.middleware(t)(func(ctx context.Context, c batchq.Call) error {
 		for _, it := range c.Items {
 			got = append(got, string(it))
 		}
@@ -156,13 +175,17 @@ func FuzzEnvelopeDetection(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
+	mw, err := batchqotel.NewMiddleware(batchqotel.WithTracerProvider(noop.NewTracerProvider()),
+		batchqotel.WithPropagator(propagation.TraceContext{}))
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if !json.Valid(data) {
 			return // the producer stores valid JSON only
 		}
 		var got json.RawMessage
-		h := batchqotel.Middleware(batchqotel.WithTracerProvider(noop.NewTracerProvider()),
-			batchqotel.WithPropagator(propagation.TraceContext{}))(func(ctx context.Context, c batchq.Call) error {
+		h := mw(func(ctx context.Context, c batchq.Call) error {
 			if len(c.Items) != 1 {
 				t.Fatalf("%d items, want 1", len(c.Items))
 			}
@@ -197,7 +220,7 @@ func TestLinksCapped(t *testing.T) {
 	}
 	tr := newTracing(t)
 	opened := 0
-	h := batchqotel.Middleware(tr.opts...)(func(ctx context.Context, c batchq.Call) error {
+	h := tr.middleware(t)(func(ctx context.Context, c batchq.Call) error {
 		for i, it := range c.Items {
 			if string(it) == fmt.Sprint(i/2) {
 				opened++

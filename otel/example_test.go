@@ -41,7 +41,10 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	emails := batchqotel.NewProducer(p, opts...)
+	emails, err := batchqotel.NewProducer(p, opts...)
+	if err != nil {
+		log.Fatal(err)
+	}
 	reqCtx, request := tp.Tracer("web").Start(ctx, "POST /signup", trace.WithSpanKind(trace.SpanKindServer))
 	if err := emails.Add(reqCtx, "emails", "user:42", Email{To: "a@example.com"}); err != nil {
 		log.Fatal(err)
@@ -53,7 +56,11 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	w.Use(batchqotel.Middleware(opts...))
+	mw, err := batchqotel.NewMiddleware(opts...)
+	if err != nil {
+		log.Fatal(err)
+	}
+	w.Use(mw)
 	batchq.Handle(w, "emails", func(ctx context.Context, e Email) error {
 		fmt.Println("sending to", e.To) // the item, out of its envelope
 		return nil

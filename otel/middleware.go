@@ -35,14 +35,25 @@ const (
 // SDK's default limit of links per span.
 const maxLinks = 128
 
-// Middleware returns batchq middleware that traces every handler call (see
-// the package doc for its spans) and takes items out of their envelopes
-// (see Envelope) before the handler decodes them. Install it on the worker,
-// w.Use(batchqotel.Middleware()), or on the queues that get envelopes
-// (batchq.WithMiddleware). Items without an envelope pass through as they
-// are. The middleware is safe for concurrent use.
-func Middleware(opts ...Option) batchq.Middleware {
-	c := newConfig(opts)
+// NewMiddleware returns batchq middleware that traces every handler call
+// (see the package doc for its spans) and takes items out of their
+// envelopes (see Envelope) before the handler decodes them. Install it on
+// the worker, or on the queues that get envelopes (batchq.WithMiddleware):
+//
+//	mw, err := batchqotel.NewMiddleware()
+//	if err != nil {
+//		return err
+//	}
+//	w.Use(mw)
+//
+// Items without an envelope pass through as they are. It returns an error,
+// and no middleware, when an option is nil or invalid. The middleware is
+// safe for concurrent use.
+func NewMiddleware(opts ...Option) (batchq.Middleware, error) {
+	c, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
 	tracer := c.tracer()
 	return func(next batchq.HandlerFunc) batchq.HandlerFunc {
 		return func(ctx context.Context, call batchq.Call) error {
@@ -77,7 +88,7 @@ func Middleware(opts ...Option) batchq.Middleware {
 			end(ctx, span, err)
 			return err
 		}
-	}
+	}, nil
 }
 
 // open returns items with each envelope replaced by its item, and a link

@@ -53,6 +53,26 @@ func newTracing(t *testing.T) tracing {
 		opts: []batchqotel.Option{batchqotel.WithTracerProvider(tp), batchqotel.WithPropagator(propagation.TraceContext{})}}
 }
 
+// producer returns a Producer that appends with p and traces with tr.
+func (tr tracing) producer(t *testing.T, p *producer.Producer) *batchqotel.Producer {
+	t.Helper()
+	tp, err := batchqotel.NewProducer(p, tr.opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tp
+}
+
+// middleware returns the package's middleware, tracing with tr.
+func (tr tracing) middleware(t *testing.T) batchq.Middleware {
+	t.Helper()
+	mw, err := batchqotel.NewMiddleware(tr.opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mw
+}
+
 // named returns the ended spans called name, in the order they ended.
 func (tr tracing) named(name string) []sdktrace.ReadOnlySpan {
 	var out []sdktrace.ReadOnlySpan
@@ -168,7 +188,7 @@ func (r *recorder[T]) add(ctx context.Context, items ...T) int {
 func TestItemSpan(t *testing.T) {
 	each(t, func(t *testing.T, b backend) {
 		tr := newTracing(t)
-		p := batchqotel.NewProducer(newProducer(t, b), tr.opts...)
+		p := tr.producer(t, newProducer(t, b))
 		ctx, request := tr.tracer.Start(t.Context(), "request")
 		if err := p.Add(ctx, "emails", "user:42", Email{To: "a@example.com"}); err != nil {
 			t.Fatal(err)
@@ -176,7 +196,7 @@ func TestItemSpan(t *testing.T) {
 		request.End()
 
 		w := newWorker(t, b)
-		w.Use(batchqotel.Middleware(tr.opts...))
+		w.Use(tr.middleware(t))
 		var got recorder[Email]
 		batchq.Handle(w, "emails", func(ctx context.Context, e Email) error {
 			got.add(ctx, e)
@@ -226,7 +246,7 @@ func TestBatchSpan(t *testing.T) {
 	each(t, func(t *testing.T, b backend) {
 		tr := newTracing(t)
 		plain := newProducer(t, b)
-		p := batchqotel.NewProducer(plain, tr.opts...)
+		p := tr.producer(t, plain)
 		add := func(items ...any) {
 			t.Helper()
 			ctx, request := tr.tracer.Start(t.Context(), "request")
@@ -243,7 +263,7 @@ func TestBatchSpan(t *testing.T) {
 		add(5)
 
 		w := newWorker(t, b)
-		w.Use(batchqotel.Middleware(tr.opts...))
+		w.Use(tr.middleware(t))
 		var got recorder[int]
 		batchq.HandleBatch(w, "events", func(ctx context.Context, key string, items []int) error {
 			got.add(ctx, items...)
@@ -289,7 +309,7 @@ func TestPlainItems(t *testing.T) {
 			t.Fatal(err)
 		}
 		w := newWorker(t, b)
-		w.Use(batchqotel.Middleware(tr.opts...))
+		w.Use(tr.middleware(t))
 		var got recorder[Email]
 		batchq.Handle(w, "emails", func(ctx context.Context, e Email) error {
 			got.add(ctx, e)
@@ -337,12 +357,12 @@ func TestOutcomes(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			each(t, func(t *testing.T, b backend) {
 				tr := newTracing(t)
-				p := batchqotel.NewProducer(newProducer(t, b), tr.opts...)
+				p := tr.producer(t, newProducer(t, b))
 				if err := p.Add(t.Context(), "emails", "user:1", tc.item); err != nil {
 					t.Fatal(err)
 				}
 				w := newWorker(t, b)
-				w.Use(batchqotel.Middleware(tr.opts...))
+				w.Use(tr.middleware(t))
 				opts := []batchq.QueueOption{batchq.WithMaxAttempts(1)}
 				if tc.timeout > 0 {
 					opts = append(opts, batchq.WithTimeout(tc.timeout))
@@ -392,12 +412,12 @@ func TestOutcomes(t *testing.T) {
 func TestRetriedItemSpans(t *testing.T) {
 	each(t, func(t *testing.T, b backend) {
 		tr := newTracing(t)
-		p := batchqotel.NewProducer(newProducer(t, b), tr.opts...)
+		p := tr.producer(t, newProducer(t, b))
 		if err := p.Add(t.Context(), "emails", "user:1", Email{To: "a@example.com"}); err != nil {
 			t.Fatal(err)
 		}
 		w := newWorker(t, b)
-		w.Use(batchqotel.Middleware(tr.opts...))
+		w.Use(tr.middleware(t))
 		var got recorder[Email]
 		batchq.Handle(w, "emails", func(ctx context.Context, e Email) error {
 			if got.add(ctx, e) < 3 {
@@ -432,12 +452,12 @@ func TestRetriedItemSpans(t *testing.T) {
 func TestPartialBatch(t *testing.T) {
 	each(t, func(t *testing.T, b backend) {
 		tr := newTracing(t)
-		p := batchqotel.NewProducer(newProducer(t, b), tr.opts...)
+		p := tr.producer(t, newProducer(t, b))
 		if err := p.Add(t.Context(), "events", "user:1", 1, 2, 3); err != nil {
 			t.Fatal(err)
 		}
 		w := newWorker(t, b)
-		w.Use(batchqotel.Middleware(tr.opts...))
+		w.Use(tr.middleware(t))
 		batchq.HandleBatch(w, "events", func(ctx context.Context, key string, items []int) error {
 			return &batchq.BatchError{Failed: map[int]error{1: errors.New("bad event")}}
 		}, batchq.WithMaxAttempts(1))
@@ -459,7 +479,7 @@ func TestPartialBatch(t *testing.T) {
 func TestWithoutMiddleware(t *testing.T) {
 	each(t, func(t *testing.T, b backend) {
 		tr := newTracing(t)
-		p := batchqotel.NewProducer(newProducer(t, b), tr.opts...)
+		p := tr.producer(t, newProducer(t, b))
 		if err := p.Add(t.Context(), "emails", "user:1", Email{To: "a@example.com"}); err != nil {
 			t.Fatal(err)
 		}
@@ -495,7 +515,7 @@ func TestWithoutMiddleware(t *testing.T) {
 		}
 
 		w = newWorker(t, b)
-		w.Use(batchqotel.Middleware(tr.opts...))
+		w.Use(tr.middleware(t))
 		var counts recorder[int]
 		batchq.Handle(w, "counts", func(ctx context.Context, n int) error {
 			counts.add(ctx, n)
@@ -516,7 +536,7 @@ func TestWithoutMiddleware(t *testing.T) {
 func TestSendError(t *testing.T) {
 	each(t, func(t *testing.T, b backend) {
 		tr := newTracing(t)
-		p := batchqotel.NewProducer(newProducer(t, b), tr.opts...)
+		p := tr.producer(t, newProducer(t, b))
 		err := p.Add(t.Context(), "emails", "bad\nkey", Email{To: "a@example.com"})
 		if !errors.Is(err, producer.ErrKeyName) {
 			t.Fatalf("Add with a newline in the key: %v, want ErrKeyName", err)
@@ -533,7 +553,7 @@ func TestSendError(t *testing.T) {
 // panic.
 func TestInnerMiddlewarePanics(t *testing.T) {
 	tr := newTracing(t)
-	h := batchqotel.Middleware(tr.opts...)(func(context.Context, batchq.Call) error { panic("inner") })
+	h := tr.middleware(t)(func(context.Context, batchq.Call) error { panic("inner") })
 	func() {
 		defer func() {
 			if v := recover(); v != "inner" {

@@ -2,6 +2,7 @@ package batchqotel
 
 import (
 	"context"
+	"errors"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
@@ -20,14 +21,17 @@ type Producer struct {
 }
 
 // NewProducer returns a Producer that appends with p, which the caller
-// keeps owning (and closes, if it lingers). NewProducer panics given a nil
-// p.
-func NewProducer(p *producer.Producer, opts ...Option) *Producer {
+// keeps owning (and closes, if it lingers). It returns an error, and no
+// Producer, when p or an option is nil, or an option is invalid.
+func NewProducer(p *producer.Producer, opts ...Option) (*Producer, error) {
 	if p == nil {
-		panic("batchqotel: nil producer")
+		return nil, errors.New("batchqotel: nil producer")
 	}
-	c := newConfig(opts)
-	return &Producer{p: p, tracer: c.tracer(), propagator: c.propagator}
+	c, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	return &Producer{p: p, tracer: c.tracer(), propagator: c.propagator}, nil
 }
 
 // Add appends items to the key of a queue as p.Add does, each in an
