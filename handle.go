@@ -137,6 +137,9 @@ func (w *Worker) register(name string, opts []QueueOption, batch bool, h Handler
 	}
 	q := &queue{name: name, backoff: DefaultBackoff, maxAttempts: DefaultMaxAttempts, timeout: DefaultTimeout, batch: batch, handler: h}
 	for _, o := range opts {
+		if o == nil {
+			panic(fmt.Sprintf("batchq: queue %s: nil option", name))
+		}
 		if err := o(q); err != nil {
 			panic(fmt.Sprintf("batchq: queue %s: %v", name, err))
 		}

@@ -87,6 +87,9 @@ func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
 	}
 	cfg := workerConfig{log: zap.NewNop(), concurrency: DefaultConcurrency, shutdownTimeout: DefaultShutdownTimeout, observer: nopObserver{}}
 	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("batchq: nil option")
+		}
 		if err := o(&cfg); err != nil {
 			return nil, fmt.Errorf("batchq: %w", err)
 		}

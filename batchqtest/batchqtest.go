@@ -122,6 +122,9 @@ type Result struct {
 func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result, error) {
 	cfg := config{poll: DefaultPollInterval}
 	for _, o := range opts {
+		if o == nil {
+			return Result{}, errors.New("batchqtest: nil option")
+		}
 		if err := o(&cfg); err != nil {
 			return Result{}, fmt.Errorf("batchqtest: %w", err)
 		}

@@ -119,6 +119,9 @@ func New(c rueidis.Client, opts ...Option) (*Client, error) {
 	}
 	cl := &Client{c: c, prefix: keys.DefaultPrefix, shards: 1}
 	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("deadletter: nil option")
+		}
 		if err := o(cl); err != nil {
 			return nil, fmt.Errorf("deadletter: %w", err)
 		}

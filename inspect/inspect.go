@@ -80,6 +80,9 @@ func New(c rueidis.Client, opts ...Option) (*Inspector, error) {
 	}
 	in := &Inspector{c: c, prefix: keys.DefaultPrefix}
 	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("inspect: nil option")
+		}
 		if err := o(in); err != nil {
 			return nil, fmt.Errorf("inspect: %w", err)
 		}

@@ -141,6 +141,9 @@ func New(in *inspect.Inspector, opts ...Option) (*Metrics, error) {
 	}
 	m := &Metrics{in: in, laggingKeys: DefaultLaggingKeys, maxQueues: DefaultMaxQueues, timeout: DefaultScrapeTimeout}
 	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("metrics: nil option")
+		}
 		if err := o(m); err != nil {
 			return nil, fmt.Errorf("metrics: %w", err)
 		}

@@ -231,6 +231,9 @@ func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 		caps:  protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes},
 		clock: protocol.NewClock(nil), syncing: make(chan struct{}, 1)}
 	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("producer: nil option")
+		}
 		if err := o(p); err != nil {
 			return nil, err
 		}

@@ -215,6 +215,9 @@ func New(in *inspect.Inspector, opts ...Option) (http.Handler, error) {
 		hosts:       map[string]bool{"localhost": true},
 	}
 	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("statuspage: nil option")
+		}
 		if err := o(p); err != nil {
 			return nil, fmt.Errorf("statuspage: %w", err)
 		}
