@@ -21,6 +21,7 @@ import (
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/batchqtest"
 	"github.com/batchq/batchq/deadletter"
+	"github.com/batchq/batchq/internal/testredis"
 	batchqotel "github.com/batchq/batchq/otel"
 	"github.com/batchq/batchq/producer"
 )
@@ -136,18 +137,18 @@ func linkedTo(s sdktrace.ReadOnlySpan) []trace.SpanID {
 	return out
 }
 
-func newProducer(t *testing.T, b backend) *producer.Producer {
+func newProducer(t *testing.T, b testredis.Backend) *producer.Producer {
 	t.Helper()
-	p, err := producer.New(b.client, producer.WithPrefix(b.prefix))
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return p
 }
 
-func newWorker(t *testing.T, b backend) *batchq.Worker {
+func newWorker(t *testing.T, b testredis.Backend) *batchq.Worker {
 	t.Helper()
-	w, err := batchq.NewWorker(b.client, batchq.WithPrefix(b.prefix), batchq.WithShutdownTimeout(time.Second))
+	w, err := batchq.NewWorker(b.Client, batchq.WithPrefix(b.Prefix), batchq.WithShutdownTimeout(time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +187,7 @@ func (r *recorder[T]) add(ctx context.Context, items ...T) int {
 // append, with the messaging conventions' attributes; the handler gets the
 // item out of its envelope and a context carrying the span.
 func TestItemSpan(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		p := tr.producer(t, newProducer(t, b))
 		ctx, request := tr.tracer.Start(t.Context(), "request")
@@ -243,7 +244,7 @@ func TestItemSpan(t *testing.T) {
 // span that appended them; items without an envelope in the same batch
 // are handled as they are.
 func TestBatchSpan(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		plain := newProducer(t, b)
 		p := tr.producer(t, plain)
@@ -303,7 +304,7 @@ func TestBatchSpan(t *testing.T) {
 // Items appended without an envelope are handled and traced as usual,
 // with no links.
 func TestPlainItems(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		if err := newProducer(t, b).Add(t.Context(), "emails", "user:1", Email{To: "a@example.com"}); err != nil {
 			t.Fatal(err)
@@ -355,7 +356,7 @@ func TestOutcomes(t *testing.T) {
 			handle: func(ctx context.Context, _ Email) error { <-ctx.Done(); return ctx.Err() }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			each(t, func(t *testing.T, b backend) {
+			testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 				tr := newTracing(t)
 				p := tr.producer(t, newProducer(t, b))
 				if err := p.Add(t.Context(), "emails", "user:1", tc.item); err != nil {
@@ -410,7 +411,7 @@ func TestOutcomes(t *testing.T) {
 // A failed item is retried in its envelope: every attempt's span links to
 // the append's span and counts the attempts before it.
 func TestRetriedItemSpans(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		p := tr.producer(t, newProducer(t, b))
 		if err := p.Add(t.Context(), "emails", "user:1", Email{To: "a@example.com"}); err != nil {
@@ -450,7 +451,7 @@ func TestRetriedItemSpans(t *testing.T) {
 
 // A batch that partly failed is "partial".
 func TestPartialBatch(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		p := tr.producer(t, newProducer(t, b))
 		if err := p.Add(t.Context(), "events", "user:1", 1, 2, 3); err != nil {
@@ -477,7 +478,7 @@ func TestPartialBatch(t *testing.T) {
 // item goes to dead letters, envelope and all. Requeued once the
 // middleware is installed, it is handled, linked to its append's span.
 func TestWithoutMiddleware(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		p := tr.producer(t, newProducer(t, b))
 		if err := p.Add(t.Context(), "emails", "user:1", Email{To: "a@example.com"}); err != nil {
@@ -498,7 +499,7 @@ func TestWithoutMiddleware(t *testing.T) {
 			t.Errorf("the struct handler got %v, want its zero value", emails.items)
 		}
 
-		dl, err := deadletter.New(b.client, deadletter.WithPrefix(b.prefix))
+		dl, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -534,7 +535,7 @@ func TestWithoutMiddleware(t *testing.T) {
 
 // A failed append is recorded on its send span.
 func TestSendError(t *testing.T) {
-	each(t, func(t *testing.T, b backend) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		p := tr.producer(t, newProducer(t, b))
 		err := p.Add(t.Context(), "emails", "bad\nkey", Email{To: "a@example.com"})
