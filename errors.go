@@ -19,7 +19,12 @@ func NoRetry(err error) error {
 // errors.As. Its text is Err's.
 type NoRetryError struct{ Err error }
 
-func (e *NoRetryError) Error() string { return e.Err.Error() }
+func (e *NoRetryError) Error() string {
+	if e.Err == nil {
+		return "batchq: no retry"
+	}
+	return e.Err.Error()
+}
 func (e *NoRetryError) Unwrap() error { return e.Err }
 
 // RetryAfter wraps err so that the item's next attempt comes after d
@@ -40,7 +45,12 @@ type RetryAfterError struct {
 	Err   error
 }
 
-func (e *RetryAfterError) Error() string { return e.Err.Error() }
+func (e *RetryAfterError) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("batchq: retry after %v", e.Delay)
+	}
+	return e.Err.Error()
+}
 func (e *RetryAfterError) Unwrap() error { return e.Err }
 
 // BatchError is returned by a batch handler whose batch partly failed: the

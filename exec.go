@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"runtime/debug"
 	"sync/atomic"
 	"time"
@@ -164,14 +165,25 @@ func (x *executor) step(j job, s int) bool {
 	br := j.br
 	q, b := br.f.q, br.b
 	idx := br.items(s)
-	c := Call{Queue: q.name, Key: b.Items[idx[0]].Key, Items: make([]json.RawMessage, len(idx)), Batch: q.batch}
+	st := &callState{n: len(idx)}
+	c := Call{Queue: q.name, Key: b.Items[idx[0]].Key, Items: make([]json.RawMessage, len(idx)), Batch: q.batch, state: st}
 	for k, i := range idx {
 		c.Items[k] = b.Items[i].Data
 		c.Attempt = max(c.Attempt, b.Items[i].Attempt)
 	}
 	return x.call(j, c, s, func(err error) {
 		errs, ok := itemErrors(err, len(idx))
+		var undecodable map[int]error
+		if p := st.undecodable.Load(); p != nil {
+			undecodable = *p
+		}
 		for k, i := range idx {
+			if e, bad := undecodable[k]; bad {
+				// Dead at once, whatever became of the call: a handler
+				// that panicked or timed out never had the item.
+				br.out[i] = protocol.Outcome{Kind: protocol.Dead, Err: e}
+				continue
+			}
 			e := err
 			if ok {
 				e = errs[k]
@@ -208,24 +220,20 @@ func (x *executor) guard(j job, s int, fn func() bool) (ok bool) {
 
 // call runs c through its queue's handler chain, with the queue's timeout,
 // as step s of j's batch; apply records its outcome (it gets the chain's
-// error, a *TimeoutError when the timeout ended the call). call reports
-// false when the watchdog abandoned the call: another executor records a
-// *TimeoutError for it and carries on with the batch, and the caller must
-// return at once.
+// error). call reports false when the watchdog abandoned the call: another
+// executor records a *TimeoutError for it and carries on with the batch,
+// and the caller must return at once.
 func (x *executor) call(j job, c Call, s int, apply func(error)) bool {
 	q := j.br.f.q
 	info := ItemInfo{Queue: c.Queue, Key: c.Key, Attempt: c.Attempt}
 	ctx := context.WithValue(x.ctx, infoKey{}, info)
 	cancel := func() {}
 	if q.timeout > 0 {
-		ctx, cancel = context.WithTimeout(ctx, q.timeout)
+		ctx, cancel = context.WithTimeoutCause(ctx, q.timeout, q.timeoutCause)
 	}
 	hc := &handlerCall{ctx: ctx, j: j, info: info, step: s, apply: apply, start: time.Now()}
 	x.cur.Store(hc)
 	err := q.chain(ctx, c)
-	if q.timeout > 0 && errors.Is(err, context.DeadlineExceeded) && errors.Is(ctx.Err(), context.DeadlineExceeded) && x.ctx.Err() == nil {
-		err = &TimeoutError{Timeout: q.timeout, Err: err}
-	}
 	cancel()
 	if !hc.state.CompareAndSwap(callRunning, callReturned) {
 		return false
@@ -300,11 +308,25 @@ func (r *runner) outcome(q *queue, attempt int, err error) protocol.Outcome {
 	}
 	var nr *NoRetryError
 	if errors.As(err, &nr) || attempt+1 >= q.maxAttempts {
-		return protocol.Outcome{Kind: protocol.Dead, Err: err}
+		return protocol.Outcome{Kind: protocol.Dead, Err: printable(err)}
 	}
 	var ra *RetryAfterError
 	if errors.As(err, &ra) {
-		return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: ra.Delay}
+		return protocol.Outcome{Kind: protocol.Retry, Err: printable(err), Delay: ra.Delay}
 	}
-	return protocol.Outcome{Kind: protocol.Retry, Err: err, Delay: q.backoff.Delay(attempt + 1)}
+	return protocol.Outcome{Kind: protocol.Retry, Err: printable(err), Delay: q.backoff.Delay(attempt + 1)}
+}
+
+// printable returns err, or, when its Error method panics (a nil pointer of
+// an error type whose method does not expect one, say), an error that says
+// so: the worker records the text of every failure, on goroutines where a
+// panic would end the process.
+func printable(err error) (out error) {
+	defer func() {
+		if v := recover(); v != nil {
+			out = fmt.Errorf("batchq: the handler's error, a %T, panicked in its Error method: %v", err, v)
+		}
+	}()
+	_ = err.Error()
+	return err
 }

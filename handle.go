@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
@@ -22,11 +23,16 @@ func Handle[T any](w *Worker, queueName string, fn func(ctx context.Context, ite
 		panic("batchq: nil handler for queue " + queueName)
 	}
 	w.register(queueName, opts, false, func(ctx context.Context, c Call) error {
+		if err := checkItems(c); err != nil {
+			return err
+		}
 		v, err := decode[T](c.Items[0])
 		if err != nil {
-			return NoRetry(err)
+			err = NoRetry(err)
+			c.undecodable(map[int]error{0: err})
+			return err
 		}
-		return fn(ctx, v)
+		return timedOut(ctx, fn(ctx, v))
 	})
 }
 
@@ -50,36 +56,41 @@ func HandleBatch[T any](w *Worker, queueName string, fn func(ctx context.Context
 		panic("batchq: nil handler for queue " + queueName)
 	}
 	w.register(queueName, opts, true, func(ctx context.Context, c Call) error {
+		if err := checkItems(c); err != nil {
+			return err
+		}
 		vals := make([]T, 0, len(c.Items))
-		var failed map[int]error // the items that did not decode, then those fn failed
-		var idx []int            // once an item did not decode: vals[k] is c.Items[idx[k]]
+		var undecodable map[int]error // by index in c.Items
+		var idx []int                 // once an item did not decode: vals[k] is c.Items[idx[k]]
 		for i, data := range c.Items {
 			v, err := decode[T](data)
 			if err != nil {
-				if failed == nil {
-					failed = make(map[int]error)
+				if undecodable == nil {
+					undecodable = make(map[int]error)
 					idx = make([]int, len(vals), len(c.Items))
 					for k := range idx {
 						idx[k] = k
 					}
 				}
-				failed[i] = NoRetry(err)
+				undecodable[i] = NoRetry(err)
 				continue
 			}
 			vals = append(vals, v)
-			if failed != nil {
+			if undecodable != nil {
 				idx = append(idx, i)
 			}
 		}
-		if failed == nil {
-			return fn(ctx, c.Key, vals)
+		if undecodable == nil {
+			return timedOut(ctx, fn(ctx, c.Key, vals))
 		}
+		c.undecodable(undecodable)
+		// The call's error names items by their index in c.Items,
+		// undecodable ones included, so that middleware sees one outcome.
+		failed := maps.Clone(undecodable)
 		if len(vals) == 0 {
 			return &BatchError{Failed: failed}
 		}
-		// Report fn's outcome by the call's positions, decoding failures
-		// included, so that middleware and the worker see one error.
-		err := fn(ctx, c.Key, vals)
+		err := timedOut(ctx, fn(ctx, c.Key, vals))
 		if err == nil {
 			return &BatchError{Failed: failed}
 		}
@@ -125,6 +136,8 @@ type queue struct {
 	handler    HandlerFunc
 	middleware []Middleware
 	chain      HandlerFunc
+	// timeoutCause is the cause of a context the timeout ends.
+	timeoutCause *timeoutCause
 	// warnedShards is the registry's shard count last warned about (see
 	// runner.register; written at start, then by the sync loop only).
 	warnedShards int
@@ -144,6 +157,7 @@ func (w *Worker) register(name string, opts []QueueOption, batch bool, h Handler
 			panic(fmt.Sprintf("batchq: queue %s: %v", name, err))
 		}
 	}
+	q.timeoutCause = &timeoutCause{q.timeout}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.running {

@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"runtime/debug"
+	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -22,12 +25,64 @@ type Call struct {
 	Attempt int
 	// Items holds the JSON of the call's items, in append order: one for
 	// Handle and HandleRaw. Middleware may replace an item (to unwrap an
-	// envelope, say) but must keep their number and order: a *BatchError
-	// names items by their index here. The slice and its items must not be
-	// kept after the call returns.
+	// envelope, say) by passing on a Call with a new slice, but must keep
+	// their number and order: a *BatchError names items by their index
+	// here, and the handler fails a call whose number of items changed.
+	// The bytes are the stored item's, to be read only; neither they nor
+	// the slice may be kept after the call returns.
 	Items []json.RawMessage
 	// Batch is set for a HandleBatch handler.
 	Batch bool
+
+	// state is the worker's own record of the call; middleware passes it
+	// on with the Call (a Call built anew has none).
+	state *callState
+}
+
+// callState is what the handler's own wrapper (see Handle) tells the worker
+// about a call, beside its error.
+type callState struct {
+	// n is the number of the call's items, which middleware must keep.
+	n int
+	// undecodable holds the errors of the items that did not decode, by
+	// index, once all were decoded: those go to dead letters whatever
+	// becomes of the call (its handler may panic or time out). The watchdog
+	// may read it while the handler runs.
+	undecodable atomic.Pointer[map[int]error]
+}
+
+// checkItems returns an error when middleware changed the number of c's
+// items: the outcomes of the wrong items would be recorded.
+func checkItems(c Call) error {
+	if c.state != nil && len(c.Items) != c.state.n {
+		return fmt.Errorf("batchq: middleware passed on %d items of a call of %d; it may replace items, not add or drop them", len(c.Items), c.state.n)
+	}
+	return nil
+}
+
+// undecodable records the items of c that did not decode.
+func (c Call) undecodable(failed map[int]error) {
+	if c.state != nil {
+		c.state.undecodable.Store(&failed)
+	}
+}
+
+// timeoutCause is the cause of the context of a call that its queue's
+// timeout ends (WithTimeout).
+type timeoutCause struct{ d time.Duration }
+
+func (c *timeoutCause) Error() string {
+	return fmt.Sprintf("batchq: the queue's timeout (%v) ended the call", c.d)
+}
+
+// timedOut returns err, a handler's error under ctx, as a *TimeoutError
+// when it is the deadline of ctx that the queue's timeout set.
+func timedOut(ctx context.Context, err error) error {
+	var tc *timeoutCause
+	if err != nil && errors.Is(err, context.DeadlineExceeded) && errors.As(context.Cause(ctx), &tc) {
+		return &TimeoutError{Timeout: tc.d, Err: err}
+	}
+	return err
 }
 
 // HandlerFunc handles a Call: the handler registered with Handle, HandleRaw
@@ -39,9 +94,12 @@ type HandlerFunc func(ctx context.Context, call Call) error
 
 // Middleware wraps a HandlerFunc, as func(http.Handler) http.Handler does,
 // for tracing, logging or authorization around every call: it gets the
-// Call, and next's error (a *PanicError when next panicked). ctx carries
-// the call's timeout (WithTimeout) and ItemInfo. A middleware that panics
-// fails the call's items with a *PanicError, as a handler does.
+// Call, and next's error (a *PanicError when next panicked, a *TimeoutError
+// when the queue's timeout ended it). ctx carries the call's timeout
+// (WithTimeout) and ItemInfo. A middleware that panics fails the call's
+// items with a *PanicError, as a handler does. A call the worker abandons
+// (see WithTimeout) does not return through its middleware until its
+// handler does, if ever.
 //
 // The worker's Observer is not middleware: it also counts the calls the
 // worker abandons (see WithTimeout), which never return through it.
@@ -81,16 +139,19 @@ func WithMiddleware(mw ...Middleware) QueueOption {
 
 // chain returns h wrapped in mw, the first outermost, and in panic recovery
 // on both sides: middleware sees a handler's panic as a *PanicError, and a
-// middleware's own panic fails the call the same way.
-func (r *runner) chain(h HandlerFunc, mw ...Middleware) HandlerFunc {
+// middleware's own panic fails the call the same way. It returns an error
+// when a middleware returns a nil HandlerFunc.
+func (r *runner) chain(h HandlerFunc, mw ...Middleware) (HandlerFunc, error) {
 	h = r.recoverPanics(h)
 	if len(mw) == 0 {
-		return h
+		return h, nil
 	}
 	for i := len(mw) - 1; i >= 0; i-- {
-		h = mw[i](h)
+		if h = mw[i](h); h == nil {
+			return nil, fmt.Errorf("batchq: middleware %d of %d returned a nil HandlerFunc", i+1, len(mw))
+		}
 	}
-	return r.recoverPanics(h)
+	return r.recoverPanics(h), nil
 }
 
 // recoverPanics returns next with its panics turned into a *PanicError.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -322,4 +324,142 @@ func TestMiddlewarePanicFailsCall(t *testing.T) {
 			t.Errorf("dead letters %+v", letters)
 		}
 	})
+}
+
+// letterErrors returns the dead letters of queue, by the id of their item
+// (-1 for one that is not an item), as "attempts: error".
+func letterErrors(t *testing.T, b testredis.Backend, queue string) map[int]string {
+	t.Helper()
+	letters, err := newDeadLetters(t, b).List(context.Background(), queue, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make(map[int]string)
+	for _, l := range letters {
+		id := -1
+		var it item
+		if json.Unmarshal(l.Item, &it) == nil {
+			id = it.ID
+		}
+		out[id] = fmt.Sprintf("%d: %s", l.Attempts, l.Error)
+	}
+	return out
+}
+
+// TestUndecodableItemsDieWhateverTheCall: items of a batch that do not
+// decode go to dead letters at once with their decoding error, even when
+// the handler's call then panics or times out; middleware sees the timeout
+// as a *TimeoutError.
+func TestUndecodableItemsDieWhateverTheCall(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		var tr trace
+		w := newWorker(t, b)
+		w.Use(tr.record("outer"))
+		batchq.HandleBatch(w, "panics", func(context.Context, string, []item) error { panic("kaput") },
+			batchq.WithMaxAttempts(2), batchq.WithBackoff(batchq.Constant(time.Millisecond)))
+		batchq.HandleBatch(w, "slow", func(ctx context.Context, _ string, _ []item) error {
+			<-ctx.Done()
+			return ctx.Err()
+		}, batchq.WithMaxAttempts(1), batchq.WithTimeout(50*time.Millisecond))
+		p := newProducer(t, b)
+		for _, q := range []string{"panics", "slow"} {
+			if err := p.Add(context.Background(), q, "k", item{1}, "x", item{2}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		res := runIdle(t, w, batchqtest.WithRetriesWithin(5*time.Second))
+		if res.DeadLetters != 6 || res.Retries != 0 {
+			t.Errorf("left %+v, want 6 dead letters", res.State)
+		}
+		undecodable := "1: batchq: item does not decode into the handler's type: json: cannot unmarshal string into Go value of type batchq_test.item"
+		for q, want := range map[string]map[int]string{
+			"panics": {-1: undecodable, 1: "2: batchq: handler panicked: kaput", 2: "2: batchq: handler panicked: kaput"},
+			"slow":   {-1: undecodable, 1: "1: batchq: handler timed out after 50ms (WithTimeout): context deadline exceeded", 2: "1: batchq: handler timed out after 50ms (WithTimeout): context deadline exceeded"},
+		} {
+			if got := letterErrors(t, b, q); !maps.Equal(got, want) {
+				t.Errorf("%s: dead letters %v, want %v", q, got, want)
+			}
+		}
+		tr.mu.Lock()
+		defer tr.mu.Unlock()
+		for i, c := range tr.calls {
+			var be *batchq.BatchError
+			var te *batchq.TimeoutError
+			if c.Queue == "slow" && (!errors.As(tr.errs[i], &be) || !errors.As(be.Failed[0], &te) || te.Timeout != 50*time.Millisecond) {
+				t.Errorf("middleware saw %v for the slow call, want a *TimeoutError for item 0", tr.errs[i])
+			}
+		}
+	})
+}
+
+// TestMiddlewareMustKeepItems: a middleware that drops an item fails the
+// whole call, rather than the outcomes landing on the wrong items.
+func TestMiddlewareMustKeepItems(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		called := false
+		w := newWorker(t, b)
+		batchq.HandleBatch(w, "q", func(context.Context, string, []item) error {
+			called = true
+			return nil
+		}, batchq.WithMaxAttempts(1), batchq.WithMiddleware(func(next batchq.HandlerFunc) batchq.HandlerFunc {
+			return func(ctx context.Context, c batchq.Call) error {
+				c.Items = c.Items[1:]
+				return next(ctx, c)
+			}
+		}))
+		addItems(t, b, "q", "k", 0, 3)
+		runIdle(t, w)
+		if called {
+			t.Error("the handler was called with the items a middleware left")
+		}
+		msg := "1: batchq: middleware passed on 2 items of a call of 3; it may replace items, not add or drop them"
+		if got, want := letterErrors(t, b, "q"), map[int]string{0: msg, 1: msg, 2: msg}; !maps.Equal(got, want) {
+			t.Errorf("dead letters %v, want %v", got, want)
+		}
+	})
+}
+
+// brokenErr is an error type whose Error method does not expect a nil
+// pointer, as many do not.
+type brokenErr struct{ msg string }
+
+func (e *brokenErr) Error() string { return e.msg }
+
+// TestOddErrorsDoNotCrash: errors whose text cannot be read, or that
+// middleware built with nothing inside, are recorded rather than crashing
+// the worker's settle goroutine.
+func TestOddErrorsDoNotCrash(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		w := newWorker(t, b)
+		batchq.Handle(w, "q", func(_ context.Context, it item) error {
+			switch it.ID {
+			case 0:
+				return &batchq.RetryAfterError{Delay: time.Millisecond}
+			case 1:
+				return &batchq.NoRetryError{}
+			}
+			var e *brokenErr // a typed nil: not a nil error
+			return e
+		}, batchq.WithMaxAttempts(1))
+		addItems(t, b, "q", "k", 0, 3)
+		runIdle(t, w)
+		want := map[int]string{
+			0: "1: batchq: retry after 1ms",
+			1: "1: batchq: no retry",
+			2: "1: batchq: the handler's error, a *batchq_test.brokenErr, panicked in its Error method: runtime error: invalid memory address or nil pointer dereference",
+		}
+		if got := letterErrors(t, b, "q"); !maps.Equal(got, want) {
+			t.Errorf("dead letters %v, want %v", got, want)
+		}
+	})
+}
+
+func TestNilHandlerFuncFailsRun(t *testing.T) {
+	b := testredis.Mini(t)
+	w := newWorker(t, b)
+	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
+	w.Use(func(batchq.HandlerFunc) batchq.HandlerFunc { return nil })
+	if err := w.Run(context.Background()); err == nil || err.Error() != "batchq: middleware 1 of 1 returned a nil HandlerFunc (queue q)" {
+		t.Errorf("Run returned %v", err)
+	}
 }

@@ -267,7 +267,7 @@ func (r *runner) sync(ctx context.Context) bool {
 func (r *runner) syncLoop(ctx context.Context, queues []*queue) {
 	t := time.NewTicker(reapEvery)
 	defer t.Stop()
-	var last time.Time
+	last := time.Now() // checkServer synced and registered
 	for {
 		select {
 		case <-ctx.Done():

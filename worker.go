@@ -161,7 +161,10 @@ func (w *Worker) Run(ctx context.Context) error {
 		executors: make(map[*executor]struct{}),
 	}
 	for _, q := range queues {
-		q.chain = r.chain(q.handler, slices.Concat(middleware, q.middleware)...)
+		var err error
+		if q.chain, err = r.chain(q.handler, slices.Concat(middleware, q.middleware)...); err != nil {
+			return fmt.Errorf("%w (queue %s)", err, q.name)
+		}
 	}
 	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
 		zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
