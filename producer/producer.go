@@ -150,6 +150,9 @@ type Observer interface {
 // WithObserver makes the producer report its appends to o.
 func WithObserver(o Observer) Option {
 	return func(pr *Producer) error {
+		if o == nil {
+			return errors.New("producer: nil observer")
+		}
 		pr.obs = o
 		return nil
 	}
