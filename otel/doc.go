@@ -91,29 +91,41 @@
 //
 // Items carry trace context only when they are added in an Envelope, by
 // Producer.Add or by Wrap with any producer call. An envelope is one JSON
-// object per item, so that a key still holds a JSON array:
+// array per item (a key holds a JSON array of them), of exactly three
+// elements: the marker string "batchq:trace", the trace context, and the
+// item as it would have been stored:
 //
-//	{"batchq_trace":{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},"item":{"to":"a@example.com"}}
+//	["batchq:trace",{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},{"to":"a@example.com"}]
 //
-// batchq_trace holds what the propagator wrote (traceparent and tracestate
-// with the W3C propagator; an empty object when it writes nothing), item
-// the item as it would have been stored. The middleware treats an item as an
-// envelope when, and only when, it is a JSON object with exactly these two
-// members, each once, batchq_trace an object of strings (its name written without
-// escapes, as Wrap writes it): it replaces each such item with the item
-// inside before the handler decodes it, so a Handle[Email] handler gets
-// an Email. Other items pass through unchanged, so a queue may get both.
+// The trace context is what the propagator wrote (traceparent and
+// tracestate with the W3C propagator; an empty object when it writes
+// nothing). The middleware treats an item as an envelope when, and only
+// when, it is a JSON array of exactly three elements, the first the marker
+// written without escapes (as Wrap writes it), the second an object whose
+// members are all strings, no name twice, the third any JSON value: it
+// replaces each such item with the third element before the handler
+// decodes it, so a Handle[Email] handler gets an Email. Other items pass
+// through unchanged, so a queue may get both.
 //
-// The trade: an enveloped item is 98 bytes bigger with the W3C
-// propagator (more with a tracestate), and everything else that reads the
-// queue sees envelopes, not items: a plain GET of the key, dead letters
-// (deadletter.List), the CLI and the status page. A queue that gets
-// enveloped items needs this middleware on its worker, or handlers that
-// decode the envelope themselves (Envelope[T]). Without either, a handler
-// of a struct type gets its zero value (Go's JSON decoding ignores the
-// envelope's members, which are not its fields), and a handler of any
-// other type fails to decode the envelope, which goes to dead letters at
-// once (batchq.ErrDecode). Dead letters keep the envelope, so requeueing
-// them once the middleware is installed recovers them, trace context and
-// all.
+// The trade: an enveloped item is 91 bytes bigger with the W3C propagator
+// (more with a tracestate), and those bytes count against the producer's
+// limits as the item's own do: producer.WithMaxItemBytes and the per-key
+// caps (producer.WithMaxKeyBytes), and the bytes of batchq.WithMaxBatch.
+// Everything else that reads the queue sees envelopes, not items: a plain
+// GET of the key, dead letters (deadletter.List), the CLI and the status
+// page.
+//
+// A queue that gets enveloped items needs this middleware on its worker,
+// or handlers that decode the envelope themselves (Envelope[T]). The
+// envelope is an array so that a worker without either, as in a rollout
+// that wraps the producers first, fails loudly instead of losing items: a
+// handler of a struct, map, string, number or bool type fails to decode an
+// array (batchq.ErrDecode), and the item goes to dead letters at once,
+// envelope and all, where an object would have decoded into a struct's
+// zero value and been marked done. Requeueing those dead letters once the middleware
+// is installed recovers them, trace context included. Handlers that accept
+// any JSON array are not protected: a handler of type any, json.RawMessage,
+// or a slice or array whose elements take a string, an object and the item
+// ([]any, []json.RawMessage) gets the envelope itself, not the item, and
+// its items are done as it says.
 package batchqotel

@@ -1,6 +1,7 @@
 package batchqotel_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -473,62 +474,110 @@ func TestPartialBatch(t *testing.T) {
 	})
 }
 
-// Without the middleware a handler decodes the envelope, not the item: a
-// struct handler gets its zero value, any other fails to decode, and the
-// item goes to dead letters, envelope and all. Requeued once the
-// middleware is installed, it is handled, linked to its append's span.
+// Without the middleware a handler of a struct, map or scalar type cannot
+// decode an envelope (an array): the item goes to dead letters at once with
+// batchq.ErrDecode, envelope and all, rather than being handled as a zero
+// value and lost. Requeued once the middleware is installed, each is
+// handled as its handler's type, linked to its append's span.
 func TestWithoutMiddleware(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		tr := newTracing(t)
 		p := tr.producer(t, newProducer(t, b))
-		if err := p.Add(t.Context(), "emails", "user:1", Email{To: "a@example.com"}); err != nil {
-			t.Fatal(err)
+		adds := map[string]any{"emails": Email{To: "a@example.com"}, "labels": map[string]string{"to": "b@example.com"}, "counts": 42}
+		for queue, item := range adds {
+			if err := p.Add(t.Context(), queue, "user:1", item); err != nil {
+				t.Fatal(err)
+			}
 		}
-		if err := p.Add(t.Context(), "counts", "user:1", 42); err != nil {
-			t.Fatal(err)
-		}
-		w := newWorker(t, b) // no middleware
 		var emails recorder[Email]
-		batchq.Handle(w, "emails", func(ctx context.Context, e Email) error {
-			emails.add(ctx, e)
-			return nil
-		})
-		batchq.Handle(w, "counts", func(ctx context.Context, n int) error { return nil })
-		runIdle(t, w)
-		if !slices.Equal(emails.items, []Email{{}}) {
-			t.Errorf("the struct handler got %v, want its zero value", emails.items)
+		var labels recorder[map[string]string]
+		var counts recorder[int]
+		register := func(w *batchq.Worker) {
+			batchq.Handle(w, "emails", func(ctx context.Context, e Email) error { emails.add(ctx, e); return nil })
+			batchq.Handle(w, "labels", func(ctx context.Context, m map[string]string) error { labels.add(ctx, m); return nil })
+			batchq.Handle(w, "counts", func(ctx context.Context, n int) error { counts.add(ctx, n); return nil })
 		}
 
+		w := newWorker(t, b) // no middleware
+		register(w)
+		if res := runIdle(t, w); res.DeadLetters != 3 {
+			t.Errorf("%d dead letters, want 3", res.DeadLetters)
+		}
+		if len(emails.items)+len(labels.items)+len(counts.items) != 0 {
+			t.Fatalf("handlers without the middleware got %v, %v, %v: want no calls", emails.items, labels.items, counts.items)
+		}
 		dl, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
 		if err != nil {
 			t.Fatal(err)
 		}
-		letters, err := dl.List(t.Context(), "counts", 10)
-		if err != nil || len(letters) != 1 || !strings.Contains(letters[0].Error, batchq.ErrDecode.Error()) {
-			t.Fatalf("dead letters %+v, %v: want the envelope's, failed to decode", letters, err)
-		}
-		var env batchqotel.Envelope[int]
-		if err := json.Unmarshal(letters[0].Item, &env); err != nil || env.Item != 42 || env.Trace["traceparent"] == "" {
-			t.Fatalf("dead letter holds %s (%v), want the envelope", letters[0].Item, err)
-		}
-		if _, err := dl.Requeue(t.Context(), letters...); err != nil {
-			t.Fatal(err)
+		for queue, item := range adds {
+			letters, err := dl.List(t.Context(), queue, 10)
+			if err != nil || len(letters) != 1 || !strings.Contains(letters[0].Error, batchq.ErrDecode.Error()) {
+				t.Fatalf("%s: dead letters %+v, %v: want the envelope's, failed to decode", queue, letters, err)
+			}
+			var env batchqotel.Envelope[json.RawMessage]
+			want, _ := json.Marshal(item)
+			if err := json.Unmarshal(letters[0].Item, &env); err != nil || !bytes.Equal(env.Item, want) || env.Trace["traceparent"] == "" {
+				t.Fatalf("%s: dead letter holds %s (%v), want the envelope of %s", queue, letters[0].Item, err, want)
+			}
+			if _, err := dl.Requeue(t.Context(), letters...); err != nil {
+				t.Fatal(err)
+			}
 		}
 
 		w = newWorker(t, b)
 		w.Use(tr.middleware(t))
-		var counts recorder[int]
-		batchq.Handle(w, "counts", func(ctx context.Context, n int) error {
-			counts.add(ctx, n)
-			return nil
-		})
-		runIdle(t, w)
-		if !slices.Equal(counts.items, []int{42}) {
-			t.Fatalf("handler got %v after the requeue, want [42]", counts.items)
+		register(w)
+		if res := runIdle(t, w); res.DeadLetters != 0 {
+			t.Errorf("%d dead letters after the requeue, want none", res.DeadLetters)
 		}
-		send := tr.one(t, "send counts")
-		if l := linkedTo(tr.one(t, "process counts")); !slices.Equal(l, []trace.SpanID{send.SpanContext().SpanID()}) {
-			t.Errorf("the requeued item's span links to %v, want the send span", l)
+		if !slices.Equal(emails.items, []Email{{To: "a@example.com"}}) || len(labels.items) != 1 ||
+			labels.items[0]["to"] != "b@example.com" || len(labels.items[0]) != 1 || !slices.Equal(counts.items, []int{42}) {
+			t.Fatalf("handlers got %v, %v, %v after the requeue", emails.items, labels.items, counts.items)
+		}
+		for queue := range adds {
+			send := tr.one(t, "send "+queue)
+			// The calls without the middleware were not traced: one span.
+			process := tr.one(t, "process "+queue)
+			if l := linkedTo(process); !slices.Equal(l, []trace.SpanID{send.SpanContext().SpanID()}) {
+				t.Errorf("%s: the requeued item's span links to %v, want the send span", queue, l)
+			}
+		}
+	})
+}
+
+// Handlers that accept a JSON array of a string, an object and the item
+// still decode an envelope without the middleware, as the docs warn: a
+// handler of any gets the array. A handler of Envelope[T] decodes it on
+// purpose, trace context and all.
+func TestEnvelopeHandlers(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		tr := newTracing(t)
+		p := tr.producer(t, newProducer(t, b))
+		for _, queue := range []string{"anys", "envelopes"} {
+			if err := p.Add(t.Context(), queue, "user:1", Email{To: "a@example.com"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		w := newWorker(t, b) // no middleware
+		var anys recorder[any]
+		var envelopes recorder[batchqotel.Envelope[Email]]
+		batchq.Handle(w, "anys", func(ctx context.Context, v any) error { anys.add(ctx, v); return nil })
+		batchq.Handle(w, "envelopes", func(ctx context.Context, e batchqotel.Envelope[Email]) error { envelopes.add(ctx, e); return nil })
+		runIdle(t, w)
+
+		if len(anys.items) != 1 {
+			t.Fatalf("the handler of any got %v", anys.items)
+		}
+		if arr, ok := anys.items[0].([]any); !ok || len(arr) != 3 || arr[0] != "batchq:trace" {
+			t.Errorf("the handler of any got %#v, want the envelope's array", anys.items[0])
+		}
+		if len(envelopes.items) != 1 || envelopes.items[0].Item != (Email{To: "a@example.com"}) {
+			t.Fatalf("the handler of Envelope[Email] got %+v", envelopes.items)
+		}
+		sc := trace.SpanContextFromContext(propagation.TraceContext{}.Extract(t.Context(), envelopes.items[0].Trace))
+		if send := tr.named("send envelopes"); len(send) != 1 || sc.SpanID() != send[0].SpanContext().SpanID() {
+			t.Errorf("the envelope carries span %v, want the send span", sc.SpanID())
 		}
 	})
 }
