@@ -87,6 +87,16 @@
 // item), as the worker's logs do. The dead letter, or the retry, keeps the
 // whole error. Errors a handler returns are recorded as they are.
 //
+// A call the worker abandons (a handler that ignores its context past
+// batchq.WithTimeout or the shutdown timeout: about 2s later) does not
+// return through middleware: its span stays open until the handler
+// returns, if it ever does, and is not exported before. The worker settles
+// the call's items at once (as failed, a *batchq.TimeoutError wrapping
+// batchq.ErrHandlerTimeout, or at shutdown as not handled); when the
+// handler does return, its span ends with the outcome of what it returned,
+// ok included. The worker's metrics (batchq.Observer) count abandoned
+// calls; these spans do not.
+//
 // # Envelopes
 //
 // Items carry trace context only when they are added in an Envelope, by
