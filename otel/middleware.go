@@ -154,8 +154,9 @@ func outcomeOf(ctx context.Context, err error) string {
 	case errors.As(err, &pe):
 		return outcomePanic
 	case errors.As(err, &te),
-		// The worker wraps the error in a *TimeoutError only once it is back
-		// from the middleware, by this same rule.
+		// The worker wraps the handler's error in a *TimeoutError under all
+		// middleware; a middleware inside this one may still return the
+		// deadline's own error, once the call's deadline has passed.
 		errors.Is(err, context.DeadlineExceeded) && errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return outcomeTimeout
 	case errors.As(err, &be):

@@ -353,7 +353,8 @@ func TestOutcomes(t *testing.T) {
 			handle: func(context.Context, Email) error { return nil }},
 		{name: "panic", item: Email{To: "a"}, outcome: "panic", text: "batchq: handler panicked (its value is not recorded: it may hold an item)",
 			handle: func(context.Context, Email) error { panic("payload " + secret) }},
-		{name: "timeout", item: Email{To: "a"}, outcome: "timeout", timeout: 50 * time.Millisecond, text: "context deadline exceeded",
+		{name: "timeout", item: Email{To: "a"}, outcome: "timeout", timeout: 50 * time.Millisecond,
+			text:   "batchq: handler timed out after 50ms (WithTimeout): context deadline exceeded",
 			handle: func(ctx context.Context, _ Email) error { <-ctx.Done(); return ctx.Err() }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -615,5 +616,31 @@ func TestInnerMiddlewarePanics(t *testing.T) {
 	s := tr.one(t, "process q")
 	if attrs(s)["batchq.outcome"] != "panic" || s.Status().Code != codes.Error {
 		t.Errorf("span outcome %q, status %v: want panic, error", attrs(s)["batchq.outcome"], s.Status())
+	}
+}
+
+// A middleware inside this one that returns the deadline's own error, not
+// the worker's *TimeoutError, once the call's deadline has passed, still
+// ends a "timeout"; the same error before any deadline is a "retry".
+func TestInnerDeadline(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		expired bool
+		outcome string
+	}{{"deadline passed", true, "timeout"}, {"no deadline", false, "retry"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := newTracing(t)
+			h := tr.middleware(t)(func(context.Context, batchq.Call) error { return context.DeadlineExceeded })
+			ctx := t.Context()
+			if tc.expired {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, -time.Second)
+				defer cancel()
+			}
+			h(ctx, batchq.Call{Queue: "q", Key: "k", Items: []json.RawMessage{json.RawMessage(`1`)}})
+			if got := attrs(tr.one(t, "process q"))["batchq.outcome"]; got != tc.outcome {
+				t.Errorf("outcome %q, want %q", got, tc.outcome)
+			}
+		})
 	}
 }
