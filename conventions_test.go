@@ -30,13 +30,13 @@ func TestConstructorsReturnOptionErrors(t *testing.T) {
 		want string
 	}{
 		"batchq nil":           {func() error { _, err := batchq.NewWorker(b.Client, nil); return err }, "batchq: nil option"},
-		"batchq bad":           {func() error { _, err := batchq.NewWorker(b.Client, batchq.WithShards(0)); return err }, "batchq: shards must be 1-1024, got 0"},
+		"batchq bad":           {func() error { _, err := batchq.NewWorker(b.Client, batchq.WithDefaultShards(0)); return err }, "batchq: shards must be 1-1024, got 0"},
 		"producer nil":         {func() error { _, err := producer.New(b.Client, nil); return err }, "producer: nil option"},
-		"producer bad":         {func() error { _, err := producer.New(b.Client, producer.WithShards(0)); return err }, "producer: shards must be 1-1024, got 0"},
+		"producer bad":         {func() error { _, err := producer.New(b.Client, producer.WithDefaultShards(0)); return err }, "producer: shards must be 1-1024, got 0"},
 		"producer observer":    {func() error { _, err := producer.New(b.Client, producer.WithObserver(nil)); return err }, "producer: nil observer"},
 		"inspect nil":          {func() error { _, err := inspect.New(b.Client, nil); return err }, "inspect: nil option"},
 		"deadletter nil":       {func() error { _, err := deadletter.New(b.Client, nil); return err }, "deadletter: nil option"},
-		"deadletter bad":       {func() error { _, err := deadletter.New(b.Client, deadletter.WithShards(0)); return err }, "deadletter: shards must be 1-1024, got 0"},
+		"deadletter bad":       {func() error { _, err := deadletter.New(b.Client, deadletter.WithPrefix("")); return err }, `deadletter: invalid prefix "": must be 1-512 bytes without braces`},
 		"metrics nil":          {func() error { _, err := metrics.New(in, nil); return err }, "metrics: nil option"},
 		"statuspage nil":       {func() error { _, err := statuspage.New(in, nil); return err }, "statuspage: nil option"},
 		"statuspage nil input": {func() error { _, err := statuspage.New(nil); return err }, "statuspage: nil inspector"},

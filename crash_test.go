@@ -75,7 +75,7 @@ func TestCrashedWorkersLoseNothingOnCluster(t *testing.T) {
 func testCrashedWorkers(t *testing.T, b testredis.Backend, n, nkeys, shards int) {
 	{
 		ctx := context.Background()
-		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards))
 		must(t, err)
 		for k := range nkeys {
 			batch := make([]any, 0, n/nkeys)

@@ -62,7 +62,7 @@ type procConfig struct {
 	Concurrency int           `json:"concurrency,omitempty"` // 0: 8
 	LeaseTTL    time.Duration `json:"lease_ttl,omitempty"`   // 0: the default (5s)
 	Work        time.Duration `json:"work,omitempty"`        // the handler's time per item
-	Shards      int           `json:"shards,omitempty"`      // batchq.WithShards; 0: 1
+	Shards      int           `json:"shards,omitempty"`      // batchq.WithDefaultShards; 0: none
 	// Items whose id is a multiple of SlowEvery (when above 0) take Slow to
 	// 1.5 Slow instead of Work. A prime spreads them over the keys of a
 	// producer that gives each key a run of consecutive ids.
@@ -99,7 +99,7 @@ func workerMain() int {
 		opts = append(opts, batchq.WithLeaseTTL(cfg.LeaseTTL))
 	}
 	if cfg.Shards > 0 {
-		opts = append(opts, batchq.WithShards(cfg.Shards))
+		opts = append(opts, batchq.WithDefaultShards(cfg.Shards))
 	}
 	w, err := batchq.NewWorker(rdb, opts...)
 	if err != nil {

@@ -116,7 +116,7 @@ func (f *fetcher) run(ctx context.Context) {
 			}
 		}
 		if len(popped) == 0 {
-			count := max(1, r.room()/r.loops)
+			count := max(1, r.room()/int(r.loops.Load()))
 			wait := min(max(nextClaim.Sub(now), time.Millisecond), maxIdleWait)
 			// The pop's deadline is past its server-side timeout: a
 			// connection that answers nothing (cut without a reset, or a
@@ -147,7 +147,7 @@ func (f *fetcher) run(ctx context.Context) {
 		// round, without a blocking pop in between.
 		popMax := 0
 		if free := r.room(); free > 0 {
-			popMax = max(1, free/r.loops)
+			popMax = max(1, free/int(r.loops.Load()))
 		}
 		reqs := f.takeReleases()
 		done := make([]*protocol.Batch, len(reqs))

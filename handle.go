@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"sync/atomic"
 	"time"
 
 	"github.com/batchq/batchq/internal/keys"
@@ -138,9 +139,10 @@ type queue struct {
 	chain      HandlerFunc
 	// timeoutCause is the cause of a context the timeout ends.
 	timeoutCause *timeoutCause
-	// warnedShards is the registry's shard count last warned about (see
-	// runner.register; written at start, then by the sync loop only).
-	warnedShards int
+	// shards is how many of the queue's shards the worker drains (its
+	// fetch loops); recorded, the registry's count as the worker last read
+	// it. Only Run's goroutine and shardsLoop start loops (runner.grow).
+	shards, recorded atomic.Int32
 }
 
 // register adds the queue name, handled by h, or panics with what is wrong.

@@ -113,7 +113,7 @@ func TestTimeoutErrorNamesTheTimeout(t *testing.T) {
 // call of every shard, and logs when Redis is back.
 func TestOutageIsLoggedOnce(t *testing.T) {
 	check := func(t *testing.T, b testredis.Backend, down, up func()) {
-		w, logs := loggedWorker(t, b, batchq.WithShards(4))
+		w, logs := loggedWorker(t, b, batchq.WithDefaultShards(4))
 		var calls atomic.Int32
 		batchq.Handle(w, "q", func(ctx context.Context, it item) error {
 			calls.Add(1)

@@ -73,9 +73,14 @@ func WithShutdownTimeout(d time.Duration) Option {
 // match the producers'.
 func WithPrefix(p string) Option { return withConsumer(protocol.WithPrefix(p)) }
 
-// WithShards sets the number of shards of every queue (default 1). It must
-// match the producers'.
-func WithShards(n int) Option { return withConsumer(protocol.WithShards(n)) }
+// WithDefaultShards sets the shards of a queue this worker is the first to
+// record: 1 to 1024. A queue's shard count lives in the registry, where
+// its first writer (a producer, a worker or batchq queue create) records it
+// and every producer and worker reads it, so this never disagrees with a
+// producer's: once a queue is recorded, its count is the registry's.
+// Without it a new queue gets 1 shard on a single server, and on Redis
+// Cluster enough to put at least two on every master.
+func WithDefaultShards(n int) Option { return withConsumer(protocol.WithDefaultShards(n)) }
 
 // WithLeaseTTL sets how long a batch stays leased without a heartbeat
 // (default 5s): the batches of a worker that died go back to their keys

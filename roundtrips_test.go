@@ -122,6 +122,10 @@ func tripKind(cmds [][]string, res []rueidis.RedisResult) string {
 		return "pop"
 	case "TIME", "CONFIG":
 		return "periodic " + strings.ToLower(name(0)) // clock sync, server settings
+	case "HMGET":
+		if len(cmds) == 1 && strings.HasSuffix(cmds[0][1], ":queues") {
+			return "periodic shards" // the shard counts of the queues
+		}
 	case "ZRANGEBYSCORE":
 		if len(cmds) == 1 && strings.HasSuffix(cmds[0][1], ":leases") {
 			return "periodic reap" // looking for expired leases
@@ -150,7 +154,8 @@ func fmtTrips(m map[string]int) string {
 
 // An idle worker on one queue shard costs Redis about seven commands a
 // second: a claim script (three reads), a blocking pop that times out, and a
-// reap that finds no expired lease (one read); and a clock sync every 30s.
+// reap that finds no expired lease (one read); and a read of its queues'
+// shard counts every 2s, a clock sync every 30s.
 func TestIdleWorkerCost(t *testing.T) {
 	b := testredis.Real(t)
 	var mu sync.Mutex
@@ -181,6 +186,10 @@ func TestIdleWorkerCost(t *testing.T) {
 		case "periodic claim", "periodic pop", "periodic reap":
 			if n > int(window/time.Second)+1 {
 				t.Errorf("%d round trips of %s in %v, want at most one a second", n, kind, window)
+			}
+		case "periodic shards": // every 2s
+			if n > int(window/protocol.ShardsEvery)+1 {
+				t.Errorf("%d reads of the shard counts in %v, want one every %v", n, window, protocol.ShardsEvery)
 			}
 		case "periodic time", "periodic register": // every 30s
 		default:

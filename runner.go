@@ -17,7 +17,7 @@ type runner struct {
 	hctx  context.Context // handlers' parent context
 	stop  <-chan struct{} // closed when shutdown begins
 	slots chan struct{}   // one token per batch being handled or settled by the ack loop, and per helper
-	loops int             // fetch loops: queues times shards
+	loops atomic.Int32    // fetch loops: a queue's shards, summed over the queues
 	work  chan job        // batches to handle, taken by the executors
 	help  chan job        // batches to help with, taken by idle executors
 	acks  chan ackReq     // batches to settle, served by ackLoop
@@ -25,6 +25,7 @@ type runner struct {
 	// up on); executing, the executors, less those abandoned.
 	batches   sync.WaitGroup
 	executing sync.WaitGroup
+	fetchers  sync.WaitGroup // the fetch loops (see grow)
 
 	acquiring sync.Mutex   // held by the one caller of acquire waiting for slots
 	waiting   atomic.Int32 // fetchers in acquire: helpers leave, and no more are recruited
@@ -221,27 +222,92 @@ func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 	}
 }
 
-// register records the worker's queues in the registry and warns, once per
-// count, about a queue that producers or other workers split into more
-// shards than this worker drains: items in the other shards would wait for
-// a worker with as many. The worker registers at start and with every clock
-// sync, so that it learns of producers deployed after it.
+// register records the worker's queues in the registry, where a queue's
+// shard count lives, and reads their counts: a queue no one recorded yet
+// gets the worker's default (WithDefaultShards), and one that holds fewer
+// shards than the worker drains (it was forgotten and recorded anew) is
+// raised to them. The same script call announces the worker as a live one
+// for the inspector (batchq workers). The worker registers at start, with
+// every clock sync, and whenever shardsLoop finds a queue's count missing
+// or below its own.
 func (r *runner) register(ctx context.Context, queues []*queue) error {
+	qs := make([]protocol.Known, len(queues))
+	for i, q := range queues {
+		qs[i] = protocol.Known{Queue: q.name, Shards: int(q.shards.Load())}
+	}
+	recorded, err := r.w.cons.Announce(ctx, r.w.concurrency, qs...)
+	for i, n := range recorded {
+		queues[i].recorded.Store(int32(n))
+	}
+	return err
+}
+
+// grow starts fetch loops for the shards of each queue that the registry
+// counts and the worker does not drain yet: all of them at start, and
+// those a raised count adds. It runs on Run's goroutine before shardsLoop
+// starts, then on shardsLoop's only.
+func (r *runner) grow(ctx context.Context, queues []*queue) {
+	for _, q := range queues {
+		have, want := int(q.shards.Load()), int(q.recorded.Load())
+		if want <= have || ctx.Err() != nil {
+			continue
+		}
+		if have > 0 {
+			r.w.log.Info("the queue has more shards: draining them too", zap.String("queue", q.name),
+				zap.Int("shards", want), zap.Int("were", have))
+		}
+		r.loops.Add(int32(want - have))
+		for shard := have; shard < want; shard++ {
+			f := &fetcher{r: r, q: q, shard: shard, log: r.w.log.With(zap.String("queue", q.name), zap.Int("shard", shard))}
+			r.fetchers.Go(func() { f.run(ctx) })
+		}
+		q.shards.Store(int32(want))
+	}
+}
+
+// shardsLoop reads the shard counts of the worker's queues every
+// protocol.ShardsEvery until ctx is done, and starts fetch loops for the
+// shards a raised count adds (grow): a queue grown online (batchq queue
+// shards) is drained whole within seconds. The old shards keep their loops:
+// a count never shrinks, and they may hold items routed by the old count.
+// A read is one HMGET; a queue the registry lacks, or counts below what the
+// worker drains (Redis was down at start, or the queue was forgotten),
+// makes the worker register again.
+func (r *runner) shardsLoop(ctx context.Context, queues []*queue) {
+	t := time.NewTicker(protocol.ShardsEvery)
+	defer t.Stop()
 	names := make([]string, len(queues))
 	for i, q := range queues {
 		names[i] = q.name
 	}
-	// The same script call announces the worker as a live one, with its
-	// concurrency, for the inspector (batchq workers).
-	recorded, err := r.w.cons.Announce(ctx, r.w.concurrency, names...)
-	for i, n := range recorded {
-		if q := queues[i]; n > r.w.cons.Shards() && n != q.warnedShards {
-			q.warnedShards = n
-			r.w.log.Warn("a producer or worker split this queue into more shards than this worker drains: items in the other shards wait for a worker with as many (WithShards must match)",
-				zap.String("queue", q.name), zap.Int("recorded_shards", n), zap.Int("shards", r.w.cons.Shards()))
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
+		rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+		counts, err := r.w.cons.ReadShards(rctx, names...)
+		again := err != nil
+		for i, n := range counts {
+			if q := queues[i]; n < int(q.shards.Load()) || n == 0 {
+				again = true
+			} else {
+				q.recorded.Store(int32(n))
+			}
+		}
+		if again {
+			err = r.register(rctx, queues)
+		}
+		cancel()
+		switch {
+		case err != nil && ctx.Err() == nil:
+			r.redisFailed("reading the queues' shards", err)
+		case err == nil:
+			r.redisOK()
+		}
+		r.grow(ctx, queues)
 	}
-	return err
 }
 
 // sync syncs the consumer's clock to the server's and reports whether it
@@ -303,7 +369,7 @@ func (r *runner) reapLoop(ctx context.Context, queues []*queue) {
 			continue
 		}
 		for _, q := range queues {
-			for shard := range r.w.cons.Shards() {
+			for shard := range int(q.shards.Load()) {
 				rctx, cancel := context.WithTimeout(ctx, redisTimeout)
 				start := time.Now()
 				n, err := r.w.cons.Reap(rctx, q.name, shard)

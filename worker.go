@@ -98,7 +98,7 @@ func NewWorker(rdb rueidis.Client, opts ...Option) (*Worker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("batchq: %w", err)
 	}
-	dead, err := deadletter.New(rdb, deadletter.WithPrefix(cons.Prefix()), deadletter.WithShards(cons.Shards()))
+	dead, err := deadletter.New(rdb, deadletter.WithPrefix(cons.Prefix()))
 	if err != nil {
 		return nil, fmt.Errorf("batchq: %w", err)
 	}
@@ -153,7 +153,6 @@ func (w *Worker) Run(ctx context.Context) error {
 		hctx:      hctx,
 		stop:      ctx.Done(),
 		slots:     make(chan struct{}, w.concurrency),
-		loops:     len(queues) * w.cons.Shards(),
 		work:      make(chan job),
 		help:      make(chan job),
 		acks:      make(chan ackReq, maxAckGroup),
@@ -166,9 +165,9 @@ func (w *Worker) Run(ctx context.Context) error {
 			return fmt.Errorf("%w (queue %s)", err, q.name)
 		}
 	}
-	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
-		zap.Int("shards", w.cons.Shards()), zap.Int("concurrency", w.concurrency))
 	r.checkServer(ctx, queues)
+	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),
+		zap.Int("concurrency", w.concurrency))
 
 	extendDone := make(chan struct{})
 	var background sync.WaitGroup
@@ -183,14 +182,14 @@ func (w *Worker) Run(ctx context.Context) error {
 		go x.loop(nil)
 	}
 
-	var fetchers sync.WaitGroup
-	for _, q := range queues {
-		for shard := range w.cons.Shards() {
-			f := &fetcher{r: r, q: q, shard: shard, log: w.log.With(zap.String("queue", q.name), zap.Int("shard", shard))}
-			fetchers.Go(func() { f.run(ctx) })
-		}
-	}
-	fetchers.Wait()
+	// Fetch loops start for the shards the registry counts, and for more
+	// as the count grows; shardsLoop alone starts them, and returns when
+	// ctx is done, before the wait for them begins.
+	r.grow(ctx, queues)
+	var shards sync.WaitGroup
+	shards.Go(func() { r.shardsLoop(ctx, queues) })
+	shards.Wait()
+	r.fetchers.Wait()
 	close(r.work)
 
 	w.log.Info("worker stopping", zap.Int("running_batches", r.activeCount()), zap.Duration("shutdown_timeout", w.shutdownTimeout))

@@ -42,7 +42,7 @@ func testExactlyOnce(t *testing.T, b testredis.Backend, n, nkeys, shards int) {
 	var handled atomic.Int64
 	var stops []func()
 	for range workers {
-		w := newWorker(t, b, batchq.WithConcurrency(8), batchq.WithShards(shards))
+		w := newWorker(t, b, batchq.WithConcurrency(8), batchq.WithDefaultShards(shards))
 		batchq.Handle(w, "exact", func(ctx context.Context, it item) error {
 			counts[it.ID].Add(1)
 			handled.Add(1)
@@ -50,7 +50,7 @@ func testExactlyOnce(t *testing.T, b testredis.Backend, n, nkeys, shards int) {
 		})
 		stops = append(stops, runWorker(t, w))
 	}
-	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards))
 	must(t, err)
 	ctx := context.Background()
 	start := time.Now()
@@ -516,32 +516,4 @@ func must(t testing.TB, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-}
-
-// A worker warns when producers split a queue into more shards than it
-// drains: items in the other shards would wait for another worker.
-func TestWorkerWarnsOfMoreShards(t *testing.T) {
-	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(4))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := p.Add(context.Background(), "q", "k", 1); err != nil {
-			t.Fatal(err)
-		}
-		log, logs := observed(t)
-		w := newWorker(t, b, batchq.WithLogger(log), batchq.WithShards(2))
-		batchq.Handle(w, "q", func(context.Context, int) error { return nil })
-		stop := runWorker(t, w)
-		defer stop()
-		eventually(t, 10*time.Second, "the warning", func() bool {
-			for _, e := range logs.FilterMessageSnippet("more shards than this worker drains").All() {
-				f := e.ContextMap()
-				if f["queue"] == "q" && f["recorded_shards"] == int64(4) && f["shards"] == int64(2) {
-					return true
-				}
-			}
-			return false
-		})
-	})
 }

@@ -19,10 +19,6 @@ func (w *Worker) Queues() []string {
 // "batchq" by default).
 func (w *Worker) Prefix() string { return w.cons.Prefix() }
 
-// Shards returns the number of shards of each queue that w drains
-// (WithShards, 1 by default).
-func (w *Worker) Shards() int { return w.cons.Shards() }
-
 // Client returns the client w uses: the one given to NewWorker, which the
 // caller keeps owning.
 func (w *Worker) Client() rueidis.Client { return w.cons.Client() }

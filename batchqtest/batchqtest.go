@@ -113,9 +113,8 @@ type Result struct {
 // "batchqtest: "; Run's, with "batchq: ". w's Run may be called once, so RunUntilIdle
 // may be too.
 //
-// Only the shards w drains are read: items that a producer with more shards
-// (WithShards) put in the others keep no queue busy. A worker with
-// batchq.WithAtMostOnce holds no lease while it handles a batch, so
+// Each read reads every shard of the queues, as the registry counts them.
+// A worker with batchq.WithAtMostOnce holds no lease while it handles a batch, so
 // RunUntilIdle may see its queues idle while a handler runs; it still waits
 // for that handler when it stops the worker, but what the handler appends
 // or leaves to retry stays in Redis, as the Result shows.
@@ -129,7 +128,7 @@ func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result
 			return Result{}, fmt.Errorf("batchqtest: %w", err)
 		}
 	}
-	q := queues{c: w.Client(), prefix: w.Prefix(), shards: w.Shards(), names: w.Queues()}
+	q := queues{c: w.Client(), prefix: w.Prefix(), names: w.Queues()}
 
 	// Only end stops the worker: were it stopped by ctx, Run could return
 	// before this loop sees ctx done, and the loop would take that for a
@@ -193,7 +192,6 @@ func RunUntilIdle(ctx context.Context, w *batchq.Worker, opts ...Option) (Result
 type queues struct {
 	c      rueidis.Client
 	prefix string
-	shards int
 	names  []string
 }
 
@@ -205,15 +203,21 @@ type snapshot struct {
 	busy   string
 }
 
-// read reads the state of every shard of q (see protocol.ReadStates), all
-// in one round trip. A retry due within horizon of the server's time is
-// busy.
+// read reads the shard counts of q, then the state of every shard (see
+// protocol.ReadStates) in one round trip. A retry due within horizon of
+// the server's time is busy.
 func (q queues) read(ctx context.Context, horizon time.Duration) (snapshot, error) {
-	spaces := make([]keys.Space, 0, len(q.names)*q.shards)
-	for _, name := range q.names {
-		for shard := range q.shards {
+	shards, err := protocol.ReadShards(ctx, q.c, q.prefix, q.names...)
+	if err != nil {
+		return snapshot{}, err
+	}
+	var spaces []keys.Space
+	from := make([]int, len(q.names)+1) // queue i's states are states[from[i]:from[i+1]]
+	for i, name := range q.names {
+		for shard := range max(1, shards[i]) {
 			spaces = append(spaces, keys.For(q.prefix, name, shard))
 		}
+		from[i+1] = len(spaces)
 	}
 	states, err := protocol.ReadStates(ctx, q.c, spaces)
 	if err != nil {
@@ -224,7 +228,7 @@ func (q queues) read(ctx context.Context, horizon time.Duration) (snapshot, erro
 	for i, name := range q.names {
 		var st State
 		var wake, due int64
-		for _, sh := range states[i*q.shards : (i+1)*q.shards] {
+		for _, sh := range states[from[i]:from[i+1]] {
 			st.PendingKeys += sh.Ready + sh.Later
 			st.InFlight += sh.Leases
 			st.Retries += sh.Retries

@@ -114,7 +114,7 @@ func TestEverythingIsHandledBeforeItReturns(t *testing.T) {
 	t.Parallel()
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := t.Context()
-		p := newProducer(t, b, producer.WithShards(4))
+		p := newProducer(t, b, producer.WithDefaultShards(4))
 		const keysN, perKey = 50, 4
 		for k := range keysN {
 			for i := range perKey {
@@ -127,7 +127,7 @@ func TestEverythingIsHandledBeforeItReturns(t *testing.T) {
 				}
 			}
 		}
-		w := newWorker(t, b, batchq.WithShards(4), batchq.WithConcurrency(4))
+		w := newWorker(t, b, batchq.WithDefaultShards(4), batchq.WithConcurrency(4))
 		var single, batch recorder
 		batchq.Handle(w, "single", func(ctx context.Context, s string) error {
 			single.add(s)
@@ -162,13 +162,13 @@ func TestEverythingIsHandledBeforeItReturns(t *testing.T) {
 func TestCluster(t *testing.T) {
 	t.Parallel()
 	b := testredis.Cluster(t)
-	p := newProducer(t, b, producer.WithShards(8))
+	p := newProducer(t, b, producer.WithDefaultShards(8))
 	for k := range 40 {
 		if err := p.Add(t.Context(), "q", fmt.Sprint("k", k), k); err != nil {
 			t.Fatal(err)
 		}
 	}
-	w := newWorker(t, b, batchq.WithShards(8))
+	w := newWorker(t, b, batchq.WithDefaultShards(8))
 	var seen recorder
 	batchq.Handle(w, "q", func(ctx context.Context, n int) error {
 		seen.add(fmt.Sprint(n))
@@ -193,10 +193,10 @@ func TestItemsAddedByHandlersAreHandled(t *testing.T) {
 	t.Parallel()
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := t.Context()
-		p := newProducer(t, b, producer.WithShards(2))
+		p := newProducer(t, b, producer.WithDefaultShards(2))
 		const hops = 30
 		var seen recorder
-		w := newWorker(t, b, batchq.WithShards(2))
+		w := newWorker(t, b, batchq.WithDefaultShards(2))
 		for _, q := range []string{"ping", "pong"} {
 			batchq.Handle(w, q, func(ctx context.Context, n int) error {
 				seen.add(fmt.Sprintf("%s-%d", q, n))

@@ -88,7 +88,7 @@ func (s batchqSystem) producer() (appendFunc, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	opts := []producer.Option{producer.WithShards(s.cfg.shards)}
+	opts := []producer.Option{producer.WithDefaultShards(s.cfg.shards)}
 	if s.linger {
 		opts = append(opts, producer.WithLinger(lingerWait, lingerItems))
 	}
@@ -108,7 +108,7 @@ func (s batchqSystem) worker(tr *tracker) (func() error, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	w, err := batchq.NewWorker(c, batchq.WithConcurrency(s.cfg.concurrency), batchq.WithShards(s.cfg.shards))
+	w, err := batchq.NewWorker(c, batchq.WithConcurrency(s.cfg.concurrency), batchq.WithDefaultShards(s.cfg.shards))
 	if err != nil {
 		c.Close()
 		return nil, nil, err

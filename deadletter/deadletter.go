@@ -78,7 +78,6 @@ func (l Letter) requeueError() error {
 type Client struct {
 	c      rueidis.Client
 	prefix string
-	shards int
 }
 
 // Option configures New.
@@ -97,27 +96,16 @@ func WithPrefix(p string) Option {
 	}
 }
 
-// WithShards sets the shards of the queues (default 1), as producers and
-// workers have it: 1 to 1024. Another number makes New fail.
-func WithShards(n int) Option {
-	return func(c *Client) error {
-		if n < 1 || n > keys.MaxShards {
-			return fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
-		}
-		c.shards = n
-		return nil
-	}
-}
-
 // New returns a Client of the dead letters under the default prefix
-// ("batchq") in queues of one shard, unless WithPrefix and WithShards say
-// otherwise, that uses c, which the caller keeps owning. It returns an
+// ("batchq"), or the one WithPrefix gives, that uses c, which the caller
+// keeps owning. It reads each queue's shards in the registry of the prefix,
+// as producers and workers do. It returns an
 // error, and no client, when c is nil or an option is invalid.
 func New(c rueidis.Client, opts ...Option) (*Client, error) {
 	if c == nil {
 		return nil, errors.New("deadletter: nil client")
 	}
-	cl := &Client{c: c, prefix: keys.DefaultPrefix, shards: 1}
+	cl := &Client{c: c, prefix: keys.DefaultPrefix}
 	for _, o := range opts {
 		if o == nil {
 			return nil, errors.New("deadletter: nil option")
@@ -131,6 +119,19 @@ func New(c rueidis.Client, opts ...Option) (*Client, error) {
 
 func (c *Client) space(queue string, shard int) keys.Space { return keys.For(c.prefix, queue, shard) }
 
+// shards returns the shard counts of queues, as the registry records them:
+// 1 for a queue it does not hold (no producer or worker wrote it).
+func (c *Client) shards(ctx context.Context, queues ...string) ([]int, error) {
+	ns, err := protocol.ReadShards(ctx, c.c, c.prefix, queues...)
+	if err != nil {
+		return nil, err
+	}
+	for i := range ns {
+		ns[i] = max(1, ns[i])
+	}
+	return ns, nil
+}
+
 // List returns up to limit dead letters of a queue, newest first (over all
 // its shards). A letter whose stored form does not decode (written by
 // another program) is listed as a corrupt letter, which Purge deletes.
@@ -138,8 +139,13 @@ func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, e
 	if err := keys.CheckQueue(queue); err != nil {
 		return nil, fmt.Errorf("deadletter: %w", err)
 	}
+	ns, err := c.shards(ctx, queue)
+	if err != nil {
+		return nil, fmt.Errorf("deadletter: dead letters of %s: %w", keys.Short(queue), err)
+	}
+	shards := ns[0]
 	var out []Letter
-	for shard := range c.shards {
+	for shard := range shards {
 		ids, envs, err := protocol.ListDead(ctx, c.c, c.space(queue, shard), 0, limit)
 		if err != nil {
 			return nil, fmt.Errorf("deadletter: dead letters of %s: %w", keys.Short(queue), err)
@@ -148,7 +154,7 @@ func (c *Client) List(ctx context.Context, queue string, limit int) ([]Letter, e
 			out = append(out, decode(queue, shard, ids[i], env))
 		}
 	}
-	if c.shards > 1 {
+	if shards > 1 {
 		// Each shard's list is newest first (ties: the later id first, so
 		// the items of one batch, which share a time, list last first).
 		slices.SortStableFunc(out, func(a, b Letter) int {
@@ -187,7 +193,11 @@ func (c *Client) Get(ctx context.Context, queue string, ids ...string) ([]Letter
 	if len(ids) == 0 {
 		return nil, nil
 	}
-	spaces := make([]keys.Space, c.shards)
+	ns, err := c.shards(ctx, queue)
+	if err != nil {
+		return nil, fmt.Errorf("deadletter: dead letters of %s: %w", keys.Short(queue), err)
+	}
+	spaces := make([]keys.Space, ns[0])
 	for shard := range spaces {
 		spaces[shard] = c.space(queue, shard)
 	}
@@ -219,8 +229,12 @@ func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Co
 	if err := keys.CheckQueue(queue); err != nil {
 		return 0, fmt.Errorf("deadletter: %w", err)
 	}
+	ns, err := c.shards(ctx, queue)
+	if err != nil {
+		return 0, fmt.Errorf("deadletter: %s dead letters of %s: %w", what, keys.Short(queue), err)
+	}
 	var n int64
-	for shard := range c.shards {
+	for shard := range ns[0] {
 		m, err := fn(ctx, c.c, c.space(queue, shard))
 		if err != nil {
 			return n, fmt.Errorf("deadletter: %s dead letters of %s: %w", what, keys.Short(queue), err)
@@ -234,12 +248,25 @@ func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Co
 // with no attempts, and removes the letter: atomically for each, in the
 // order given, all in one round trip (in chunks of 1,000). It returns how
 // many it requeued; letters already gone are skipped. A letter that cannot
-// be requeued (not Requeueable, or not of this client's shards) is an
+// be requeued (not Requeueable, or of a shard past its queue's count) is an
 // error before anything is requeued; a Redis error stops it at that
 // letter's chunk. A key that producers now refuse (one with control
 // characters or invalid UTF-8, stored before they did) takes its items
 // back all the same.
 func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
+	var queues []string
+	for _, d := range letters {
+		if !slices.Contains(queues, d.Queue) && keys.CheckQueue(d.Queue) == nil {
+			queues = append(queues, d.Queue)
+		}
+	}
+	var shards []int
+	if len(queues) > 0 {
+		var err error
+		if shards, err = c.shards(ctx, queues...); err != nil {
+			return 0, fmt.Errorf("deadletter: requeue: %w", err)
+		}
+	}
 	rs := make([]protocol.Requeued, len(letters))
 	for i, d := range letters {
 		if err := d.requeueError(); err != nil {
@@ -248,7 +275,7 @@ func (c *Client) Requeue(ctx context.Context, letters ...Letter) (int, error) {
 		if err := errors.Join(keys.CheckQueue(d.Queue), keys.CheckStoredKey(d.Key)); err != nil {
 			return 0, fmt.Errorf("deadletter: requeue %q: %w", keys.Short(d.ID), err)
 		}
-		if d.Shard < 0 || d.Shard >= c.shards {
+		if d.Shard < 0 || d.Shard >= shards[slices.Index(queues, d.Queue)] {
 			return 0, fmt.Errorf("deadletter: requeue %q: shard %d out of range", keys.Short(d.ID), d.Shard)
 		}
 		rs[i] = protocol.Requeued{Space: c.space(d.Queue, d.Shard), ID: d.ID, Key: d.Key, Item: string(d.Item)}

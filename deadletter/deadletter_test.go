@@ -25,10 +25,6 @@ func TestNewErrors(t *testing.T) {
 		is   error
 	}{
 		{"nil client", func() (*deadletter.Client, error) { return deadletter.New(nil) }, "deadletter: nil client", nil},
-		{"no shards", func() (*deadletter.Client, error) { return deadletter.New(c, deadletter.WithShards(0)) },
-			"deadletter: shards must be 1-1024, got 0", nil},
-		{"too many shards", func() (*deadletter.Client, error) { return deadletter.New(c, deadletter.WithShards(1025)) },
-			"deadletter: shards must be 1-1024, got 1025", nil},
 		{"bad prefix", func() (*deadletter.Client, error) { return deadletter.New(c, deadletter.WithPrefix("a{b}")) },
 			`deadletter: invalid prefix "a{b}": must be 1-512 bytes without braces`, keys.ErrPrefix},
 	} {
@@ -43,7 +39,7 @@ func TestNewErrors(t *testing.T) {
 // wraps its cause.
 func TestErrorsSayDeadletter(t *testing.T) {
 	b := testredis.Mini(t)
-	dl, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix), deadletter.WithShards(2))
+	dl, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,8 +5,11 @@
 //
 // The inspector finds queues in the registry producers and workers keep
 // under the prefix (<prefix>:queues, queue -> shards), never by SCAN, and
-// workers in the list they announce themselves in (Workers). It
-// only reads, except for Forget, which takes an empty queue out of the
+// workers in the list they announce themselves in (Workers). The registry
+// is where a queue's shard count lives: its first writer records it, and
+// every producer, worker and reader takes it from there. The inspector only
+// reads, except for CreateQueue and SetShards, which record and raise a
+// queue's shard count, Forget, which takes an empty queue out of the
 // registry, and the dead-letter actions of the client it hands out
 // (DeadLetters).
 //
@@ -15,7 +18,7 @@
 // in Partial when there were more; Keys then ranks those it looked at).
 //
 // Every error it returns starts with "inspect: ", and wraps what caused it:
-// errors.Is finds ErrNoQueue, ErrNotEmpty and rueidis's errors through it.
+// errors.Is finds ErrNoQueue, ErrNotEmpty, ErrQueueExists, ErrShrink and rueidis's errors through it.
 package inspect
 
 import (
@@ -43,6 +46,14 @@ const MaxKeysPerShard = 10_000
 // It is always returned wrapped, in an error that names the queue
 // (inspect: no such queue "x" under prefix "batchq").
 var ErrNoQueue = errors.New("no such queue")
+
+// ErrQueueExists reports a queue that CreateQueue found recorded already,
+// with another shard count. It is always returned wrapped.
+var ErrQueueExists = errors.New("the queue exists")
+
+// ErrShrink reports a shard count SetShards refused: below the queue's.
+// It is always returned wrapped.
+var ErrShrink = errors.New("a queue's shards cannot shrink")
 
 // ErrNotEmpty reports a queue that Forget keeps: it holds items. It is
 // always returned wrapped, in an error that says what the queue holds.
@@ -150,10 +161,9 @@ func registered(name, v string) (Queue, error) {
 // registered, and one wrapping ErrNotEmpty, changing nothing, for one that
 // holds items. If items arrive while it forgets, it registers the queue
 // again and returns ErrNotEmpty (wrapped).
-// A running producer or worker of the queue registers it again (a worker
-// every 30 seconds, a producer when it restarts), with its own shard count:
-// the registry forgets the largest count recorded before, which the
-// inspector reads and workers warn about.
+// A running producer or worker of the queue records it again within
+// seconds, with the shards it routes or drains by, so that no shard that
+// may hold items is left out of the count.
 func (in *Inspector) Forget(ctx context.Context, name string) error {
 	q, err := in.Queue(ctx, name)
 	if err != nil {
@@ -177,12 +187,60 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 		return fmt.Errorf("inspect: forget queue %q: %w", keys.Short(name), err)
 	}
 	if err := empty(); err != nil {
-		if _, rerr := protocol.Register(ctx, in.c, in.prefix, q.Shards, name); rerr != nil {
+		if _, rerr := protocol.Register(ctx, in.c, in.prefix, protocol.Known{Queue: name, Shards: q.Shards, Default: q.Shards}); rerr != nil {
 			return fmt.Errorf("%w; registering it again failed: %v", err, rerr)
 		}
 		return err
 	}
 	return nil
+}
+
+// CreateQueue records a queue with shards shards (1 to 1024), before any
+// producer or worker writes it, which would record the default: 1 on a
+// single server, enough for two on every master of a Redis Cluster. It
+// fails with an error wrapping ErrQueueExists when the queue is recorded
+// with another count (raise it with SetShards), and does nothing when it
+// is recorded with this one.
+func (in *Inspector) CreateQueue(ctx context.Context, name string, shards int) error {
+	if err := keys.CheckQueue(name); err != nil {
+		return fmt.Errorf("inspect: %w", err)
+	}
+	if shards < 1 || shards > keys.MaxShards {
+		return fmt.Errorf("inspect: shards must be 1-%d, got %d", keys.MaxShards, shards)
+	}
+	got, err := protocol.Register(ctx, in.c, in.prefix, protocol.Known{Queue: name, Default: shards})
+	if err != nil {
+		return fmt.Errorf("inspect: create queue %q: %w", keys.Short(name), err)
+	}
+	if got[0] != shards {
+		return fmt.Errorf("inspect: create queue %q: %w with %d shards", keys.Short(name), ErrQueueExists, got[0])
+	}
+	return nil
+}
+
+// SetShards raises the shard count of a registered queue to shards, online,
+// and returns the count it had. Running producers route keys by the new
+// count, and running workers drain the new shards as well as the old, within
+// a few seconds (protocol.ShardsEvery, 2s); nothing is lost or handled
+// twice, but while producers move over a key may have items in two shards,
+// delivered as two batches. Counts only grow: a lower one fails with an
+// error wrapping ErrShrink, since the other shards may hold items; the same
+// count does nothing.
+func (in *Inspector) SetShards(ctx context.Context, name string, shards int) (int, error) {
+	if err := keys.CheckQueue(name); err != nil {
+		return 0, fmt.Errorf("inspect: %w", err)
+	}
+	old, err := protocol.SetShards(ctx, in.c, in.prefix, name, shards)
+	var se *protocol.ShrinkError
+	switch {
+	case errors.Is(err, protocol.ErrNoQueue):
+		return 0, fmt.Errorf("inspect: %w %q under prefix %q", ErrNoQueue, keys.Short(name), keys.Short(in.prefix))
+	case errors.As(err, &se):
+		return 0, fmt.Errorf("inspect: queue %q: %w: it has %d, and %d would strand the items in the others", keys.Short(name), ErrShrink, se.Recorded, se.Asked)
+	case err != nil:
+		return 0, fmt.Errorf("inspect: set the shards of queue %q: %w", keys.Short(name), err)
+	}
+	return old, nil
 }
 
 // Stats is the state of a queue, summed over its shards.
@@ -630,14 +688,14 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 }
 
 // DeadLetters returns a client of the dead letters of a registered queue
-// (List, Count, Requeue, RequeueNewest, Purge), with the queue's shard count
-// and the inspector's prefix. The client's own errors start with
+// (List, Count, Requeue, RequeueNewest, Purge), under the inspector's
+// prefix; like every reader, it takes the queue's shard count from the
+// registry. The client's own errors start with
 // "deadletter: ".
 func (in *Inspector) DeadLetters(ctx context.Context, name string) (*deadletter.Client, error) {
-	q, err := in.Queue(ctx, name)
-	if err != nil {
+	if _, err := in.Queue(ctx, name); err != nil {
 		return nil, err
 	}
-	// Cannot fail: New checked the prefix, and Queue the shard count.
-	return deadletter.New(in.c, deadletter.WithPrefix(in.prefix), deadletter.WithShards(q.Shards))
+	// Cannot fail: New checked the prefix.
+	return deadletter.New(in.c, deadletter.WithPrefix(in.prefix))
 }

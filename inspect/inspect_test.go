@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -37,7 +38,7 @@ func TestInspector(t *testing.T) {
 
 func testInspector(t *testing.T, b testredis.Backend, shards int) {
 	ctx := context.Background()
-	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards))
 	must(t, err)
 	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 	must(t, err)
@@ -104,7 +105,7 @@ func testInspector(t *testing.T, b testredis.Backend, shards int) {
 
 	// A worker takes every key; one item fails for good, one for retry;
 	// key a's batch stays in flight.
-	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithDefaultShards(shards))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	var inflight int
@@ -159,7 +160,7 @@ func TestInspectorCountsManyKeys(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		const shards, nkeys = 3, 300
-		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards), producer.WithLinger(0, 500))
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards), producer.WithLinger(0, 500))
 		must(t, err)
 		for i := range nkeys {
 			raws := make([]json.RawMessage, i%5+1)
@@ -189,34 +190,98 @@ func TestInspectorCountsManyKeys(t *testing.T) {
 	})
 }
 
-// The registry keeps the largest shard count recorded for a queue, so the
-// inspector reads every shard that may hold items.
-func TestRegistryKeepsMostShards(t *testing.T) {
+// A queue's shard count is its first writer's: producers and workers
+// given other defaults route and drain by the recorded count, and the
+// inspector reads every shard. A caller that already routes by more shards
+// (the queue was forgotten and recorded anew) raises the count.
+func TestFirstWriterRecordsShards(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		for _, n := range []int{3, 1, 2} {
-			p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(n))
+			p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(n))
 			must(t, err)
 			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(n), n))
 		}
-		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(2))
+		// Each key sits in its shard under 3, whatever its producer's default.
+		for _, n := range []int{3, 1, 2} {
+			k := "k" + strconv.Itoa(n)
+			if got := testredis.Keys(t, b, keys.For(b.Prefix, "q", keys.Shard(k, 3)).Items(k)); len(got) != 1 {
+				t.Errorf("key %s is not in its shard of 3: %v", k, got)
+			}
+		}
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithDefaultShards(2))
 		must(t, err)
-		got, err := c.Register(ctx, "q", "other")
+		got, err := c.Register(ctx, protocol.Known{Queue: "q"}, protocol.Known{Queue: "other"}, protocol.Known{Queue: "wide", Shards: 5})
 		must(t, err)
-		if len(got) != 2 || got[0] != 3 || got[1] != 2 {
-			t.Fatalf("Register returned %v, want [3 2]", got)
+		if !slices.Equal(got, []int{3, 2, 5}) {
+			t.Fatalf("Register returned %v, want [3 2 5]", got)
+		}
+		if got, err = c.Register(ctx, protocol.Known{Queue: "q", Shards: 4}, protocol.Known{Queue: "other", Shards: 1}); err != nil || !slices.Equal(got, []int{4, 2}) {
+			t.Fatalf("Register with known counts returned %v, %v; want [4 2]: a count is raised, never lowered", got, err)
 		}
 		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 		must(t, err)
 		q, err := in.Queue(ctx, "q")
 		must(t, err)
-		if q.Shards != 3 {
-			t.Fatalf("queue q has %d shards in the registry, want 3", q.Shards)
+		if q.Shards != 4 {
+			t.Fatalf("queue q has %d shards in the registry, want 4", q.Shards)
 		}
 		st, err := in.Stats(ctx, "q")
 		must(t, err)
 		if st.PendingItems != 3 {
 			t.Fatalf("pending items %d, want 3 over every shard", st.PendingItems)
+		}
+	})
+}
+
+// CreateQueue records a count before any writer; SetShards raises it and
+// refuses to lower it.
+func TestCreateQueueAndSetShards(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+		must(t, err)
+		if _, err := in.SetShards(ctx, "q", 4); !errors.Is(err, inspect.ErrNoQueue) {
+			t.Fatalf("SetShards of an unknown queue: %v, want ErrNoQueue", err)
+		}
+		must(t, in.CreateQueue(ctx, "q", 2))
+		must(t, in.CreateQueue(ctx, "q", 2)) // the same count: nothing to do
+		if err := in.CreateQueue(ctx, "q", 3); !errors.Is(err, inspect.ErrQueueExists) ||
+			err.Error() != `inspect: create queue "q": the queue exists with 2 shards` {
+			t.Fatalf("CreateQueue of a queue with another count: %v", err)
+		}
+		for _, n := range []int{0, 1025} {
+			if err := in.CreateQueue(ctx, "r", n); err == nil || err.Error() != "inspect: shards must be 1-1024, got "+strconv.Itoa(n) {
+				t.Errorf("CreateQueue with %d shards: %v", n, err)
+			}
+		}
+		// A producer with another default routes by the created count.
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(7))
+		must(t, err)
+		must(t, p.Add(ctx, "q", "k", 1))
+		if got := testredis.Keys(t, b, keys.For(b.Prefix, "q", keys.Shard("k", 2)).Items("k")); len(got) != 1 {
+			t.Fatalf("the producer did not route by the created count: %v", got)
+		}
+
+		old, err := in.SetShards(ctx, "q", 8)
+		if err != nil || old != 2 {
+			t.Fatalf("SetShards 8: %d, %v; want it to replace 2", old, err)
+		}
+		if old, err = in.SetShards(ctx, "q", 8); err != nil || old != 8 {
+			t.Fatalf("SetShards 8 again: %d, %v", old, err)
+		}
+		_, err = in.SetShards(ctx, "q", 4)
+		if !errors.Is(err, inspect.ErrShrink) ||
+			err.Error() != `inspect: queue "q": a queue's shards cannot shrink: it has 8, and 4 would strand the items in the others` {
+			t.Fatalf("SetShards 4: %v, want ErrShrink", err)
+		}
+		if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 8 {
+			t.Fatalf("queue q: %+v, %v; want 8 shards", q, err)
+		}
+		st, err := in.Stats(ctx, "q")
+		must(t, err)
+		if st.Shards != 8 || st.PendingItems != 1 {
+			t.Fatalf("stats %+v, want 8 shards and the item", st)
 		}
 	})
 }

@@ -26,7 +26,7 @@ func testRetries(t *testing.T, b testredis.Backend, shards int) {
 	if _, err := in.Retries(ctx, "orders", 10); !errors.Is(err, inspect.ErrNoQueue) {
 		t.Fatalf("Retries of an unknown queue: %v, want ErrNoQueue", err)
 	}
-	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards))
 	must(t, err)
 	keysByDelay := map[string]time.Duration{"a": 3 * time.Hour, "b": time.Hour, "c": 2 * time.Hour, "d": 4 * time.Hour}
 	for k := range keysByDelay {
@@ -62,7 +62,7 @@ func testRetries(t *testing.T, b testredis.Backend, shards int) {
 func fail(t *testing.T, b testredis.Backend, queue string, shards int, delays map[string]time.Duration) {
 	t.Helper()
 	ctx := context.Background()
-	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithDefaultShards(shards))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	for shard := range shards {

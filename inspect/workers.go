@@ -20,10 +20,9 @@ type Worker struct {
 	Name string `json:"name"`
 	Host string `json:"host,omitempty"`
 	PID  int    `json:"pid,omitempty"`
-	// Queues are the queues it drains, each split into Shards shards, with
-	// at most Concurrency batches at a time.
+	// Queues are the queues it drains, every shard of each (the registry
+	// holds their counts), with at most Concurrency batches at a time.
 	Queues      []string `json:"queues"`
-	Shards      int      `json:"shards"`
 	Concurrency int      `json:"concurrency"`
 	// Started is when its Run began, by the worker's clock (synced to the
 	// server's after its start); LastSeen is when it last announced itself,

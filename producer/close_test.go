@@ -178,7 +178,7 @@ func testCloseDuringAppends(t *testing.T, b testredis.Backend, wait time.Duratio
 	ctx := context.Background()
 	before := runningNow(t, b)
 
-	p := newProducer(t, b, producer.WithLinger(wait, 16), producer.WithShards(2))
+	p := newProducer(t, b, producer.WithLinger(wait, 16), producer.WithDefaultShards(2))
 	const appenders, nkeys = 8, 5
 	var (
 		wg       sync.WaitGroup

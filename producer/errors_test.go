@@ -42,7 +42,7 @@ func TestErrorsStartWithPackageName(t *testing.T) {
 			want string // the whole message; "" checks the prefix only
 		}{
 			{"nil client", nilClient, "producer: nil client"},
-			{"shards", newErr(producer.WithShards(0)), ""},
+			{"shards", newErr(producer.WithDefaultShards(0)), ""},
 			{"max item bytes", newErr(producer.WithMaxItemBytes(0)), "producer: max item bytes must be positive, got 0"},
 			{"max key items", newErr(producer.WithMaxKeyItems(-1)), ""},
 			{"max key bytes", newErr(producer.WithMaxKeyBytes(-1)), ""},

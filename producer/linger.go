@@ -109,8 +109,8 @@ type part struct {
 
 // add queues the n items of joined for key and waits for the call that
 // sends them.
-func (l *linger) add(ctx context.Context, p *Producer, queue, key, joined string, n int) error {
-	sk := shardKey{queue, keys.Shard(key, p.shards)}
+func (l *linger) add(ctx context.Context, p *Producer, queue string, shard int, key, joined string, n int) error {
+	sk := shardKey{queue, shard}
 	l.mu.Lock()
 	if l.closed {
 		// Begun before Close, but too late for its flush: refused like the
@@ -334,7 +334,7 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 	case len(g.keys) == 1:
 		// One key: the plain merge script.
 		kp := g.keys[0]
-		errs[0] = p.merge(ctx, sk.queue, kp.key, kp.joined(), kp.n)
+		errs[0] = p.merge(ctx, sk.queue, sk.shard, kp.key, kp.joined(), kp.n)
 	default:
 		ks := make([]protocol.KeyItems, len(g.keys))
 		for i, kp := range g.keys {
@@ -368,7 +368,7 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 				case l.ctx.Err() != nil:
 					err = errNotSent
 				default:
-					err = p.merge(ctx, sk.queue, kp.key, pt.joined, pt.n)
+					err = p.merge(ctx, sk.queue, sk.shard, kp.key, pt.joined, pt.n)
 				}
 				pt.err = l.outcome(ctx, p, sk.queue, kp.key, pt.n, err)
 			}

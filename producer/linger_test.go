@@ -82,7 +82,7 @@ func TestLingerKeepsEachCallersOrder(t *testing.T) {
 func testLingerOrder(t *testing.T, wait time.Duration) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
-		p := newProducer(t, b, producer.WithLinger(wait, 64), producer.WithShards(3))
+		p := newProducer(t, b, producer.WithLinger(wait, 64), producer.WithDefaultShards(3))
 		const callers, per, nkeys = 16, 20, 7
 		var wg sync.WaitGroup
 		errs := make(chan error, callers*per)

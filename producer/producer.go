@@ -126,12 +126,13 @@ func (e *KeyFullError) Is(target error) bool { return target == ErrKeyFull }
 type Producer struct {
 	c       rueidis.Client
 	prefix  string
-	shards  int
+	shards  int // the shards of a queue this producer records first; 0: the deployment's default
+	topo    atomic.Pointer[protocol.Topology]
 	maxItem int
 	caps    protocol.Caps
 	flush   map[string]protocol.Flush // by queue; missing: due at once
 	linger  *linger                   // nil: every call is sent at once
-	known   sync.Map                  // queue -> *registration
+	known   sync.Map                  // queue -> *registration: its shards, from the registry
 	obs     Observer                  // nil: none
 	clock   *protocol.Clock           // the server's clock, as this producer knows it
 	syncing chan struct{}             // holds a token while one caller syncs the clock
@@ -173,9 +174,13 @@ func WithPrefix(p string) Option {
 	}
 }
 
-// WithShards sets the number of shards of every queue (default 1). It must
-// match the workers'.
-func WithShards(n int) Option {
+// WithDefaultShards sets the shards of a queue this producer is the first
+// to write: 1 to 1024. A queue's shard count lives in the registry, where
+// its first writer records it and every producer and worker reads it, so
+// this never disagrees with a worker's: once a queue is recorded, its
+// count is the registry's. Without it a new queue gets 1 shard on a single
+// server, and on Redis Cluster enough to put at least two on every master.
+func WithDefaultShards(n int) Option {
 	return func(pr *Producer) error {
 		if n < 1 || n > keys.MaxShards {
 			return fmt.Errorf("producer: shards must be 1-%d, got %d", keys.MaxShards, n)
@@ -230,7 +235,7 @@ func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 	if c == nil {
 		return nil, errors.New("producer: nil client")
 	}
-	p := &Producer{c: c, prefix: keys.DefaultPrefix, shards: 1, maxItem: DefaultMaxItemBytes,
+	p := &Producer{c: c, prefix: keys.DefaultPrefix, maxItem: DefaultMaxItemBytes,
 		caps:  protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes},
 		clock: protocol.NewClock(nil), syncing: make(chan struct{}, 1)}
 	for _, o := range opts {
@@ -368,51 +373,107 @@ func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) 
 		return fmt.Errorf("producer: append to %s: %w: %d items, %d bytes; cap %d items, %d bytes",
 			target(queue, key), ErrTooMany, n, len(joined)+2, p.caps.Items, p.caps.Bytes)
 	}
-	if err := p.register(ctx, queue); err != nil {
+	shards, err := p.shardsOf(ctx, queue)
+	if err != nil {
 		return appendErr(queue, key, err)
 	}
 	if err := p.syncClock(ctx); err != nil {
 		return appendErr(queue, key, err)
 	}
+	shard := keys.Shard(key, shards)
 	if p.linger != nil {
-		return p.linger.add(ctx, p, queue, key, joined, n)
+		return p.linger.add(ctx, p, queue, shard, key, joined, n)
 	}
-	return p.keyError(queue, key, n, p.merge(ctx, queue, key, joined, n))
+	return p.keyError(queue, key, n, p.merge(ctx, queue, shard, key, joined, n))
 }
 
-// registration is whether a producer recorded a queue in the registry.
+// registration is a queue's shard count as the producer last read it
+// from the registry.
 type registration struct {
-	done    atomic.Bool
-	writing chan struct{} // holds a token while one caller writes it
+	shards  atomic.Int32  // 0: not read yet
+	read    atomic.Int64  // when it was last read (Unix ns)
+	writing chan struct{} // holds a token while one caller reads it
 }
 
-// register records queue in the registry for the inspector, once per
-// producer: the first appends to a queue wait for one write (one round
-// trip, or their context) rather than each making its own; later ones pay
-// a map load and an atomic load.
-func (p *Producer) register(ctx context.Context, queue string) error {
+// shardsOf returns the shard count of queue, the registry's. The first
+// appends to a queue wait for one round trip (or their context) that
+// records the queue, if no one did, and reads its count; later ones pay a
+// map load and two atomic loads, and every protocol.ShardsEvery one caller
+// reads the count again while the others go on with the last, so that the
+// producer routes by a count raised meanwhile (batchq queue shards) within
+// seconds.
+func (p *Producer) shardsOf(ctx context.Context, queue string) (int, error) {
 	v, ok := p.known.Load(queue)
 	if !ok {
 		v, _ = p.known.LoadOrStore(queue, &registration{writing: make(chan struct{}, 1)})
 	}
 	r := v.(*registration)
-	if r.done.Load() {
-		return nil
+	n := int(r.shards.Load())
+	if n > 0 && time.Since(time.Unix(0, r.read.Load())) < protocol.ShardsEvery {
+		return n, nil
 	}
-	select {
-	case r.writing <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
+	if n > 0 {
+		select {
+		case r.writing <- struct{}{}:
+		default:
+			return n, nil // another caller is at it
+		}
+	} else {
+		select {
+		case r.writing <- struct{}{}:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
 	}
 	defer func() { <-r.writing }()
-	if r.done.Load() {
-		return nil
+	if n = int(r.shards.Load()); n > 0 && time.Since(time.Unix(0, r.read.Load())) < protocol.ShardsEvery {
+		return n, nil
 	}
-	if _, err := protocol.Register(ctx, p.c, p.prefix, p.shards, queue); err != nil {
-		return err
+	got, err := p.readShards(ctx, queue, n)
+	if err != nil {
+		if n > 0 {
+			return n, nil // the last count will do until the next try
+		}
+		return 0, err
 	}
-	r.done.Store(true)
-	return nil
+	r.shards.Store(int32(got))
+	r.read.Store(time.Now().UnixNano())
+	return got, nil
+}
+
+// readShards reads the shard count of queue from the registry. A producer
+// that routed by known shards already (0: none) reads it with one HMGET,
+// and records the queue again only when the registry holds fewer (the
+// queue was forgotten and recorded anew meanwhile: the items it routed may
+// be in shards up to known); one that never did records the queue, which
+// is a no-op when someone did.
+func (p *Producer) readShards(ctx context.Context, queue string, known int) (int, error) {
+	if known > 0 {
+		ns, err := protocol.ReadShards(ctx, p.c, p.prefix, queue)
+		if err != nil {
+			return 0, err
+		}
+		if ns[0] >= known {
+			return ns[0], nil
+		}
+	}
+	def := p.shards
+	if def == 0 {
+		t := p.topo.Load()
+		if t == nil {
+			var err error
+			if t, err = protocol.ReadTopology(ctx, p.c); err != nil {
+				return 0, err
+			}
+			p.topo.Store(t)
+		}
+		def = t.DefaultShards(queue)
+	}
+	ns, err := protocol.Register(ctx, p.c, p.prefix, protocol.Known{Queue: queue, Shards: known, Default: def})
+	if err != nil {
+		return 0, err
+	}
+	return ns[0], nil
 }
 
 // syncEvery is how often a producer measures the server's clock.
@@ -452,8 +513,8 @@ func (p *Producer) syncClock(ctx context.Context) error {
 
 // merge makes one merge call for the n items of one key, and returns the
 // protocol's error as it is (see keyError).
-func (p *Producer) merge(ctx context.Context, queue, key, joined string, n int) error {
-	sp := keys.For(p.prefix, queue, keys.Shard(key, p.shards))
+func (p *Producer) merge(ctx context.Context, queue string, shard int, key, joined string, n int) error {
+	sp := keys.For(p.prefix, queue, shard)
 	return protocol.Append(ctx, p.c, sp, key, protocol.Payload(joined), n, p.caps, p.flush[queue], p.clock.NowMs())
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -23,13 +24,13 @@ type command struct {
 	summary  string
 	example  string // command lines, one a line, without the program name
 	// queue says that the first argument is a queue name, key that the
-	// second is a key; minArgs and maxArgs bound the arguments (maxArgs -1:
-	// any number, all queue names).
-	queue, key       bool
-	minArgs, maxArgs int
-	flags            func(fs *flag.FlagSet, o *options)
-	check            func(o *options) error
-	run              func(ctx context.Context, s *session, args []string) error
+	// second is a key, shards that the second is a shard count; minArgs and
+	// maxArgs bound the arguments (maxArgs -1: any number, all queue names).
+	queue, key, shards bool
+	minArgs, maxArgs   int
+	flags              func(fs *flag.FlagSet, o *options)
+	check              func(o *options) error
+	run                func(ctx context.Context, s *session, args []string) error
 }
 
 // commands are the commands, in the order the usage lists them.
@@ -99,8 +100,20 @@ var commands = []*command{
 		flags: func(fs *flag.FlagSet, o *options) {
 			fs.BoolVar(&o.yes, "yes", false, "do it")
 		}},
+	{name: "queue create", synopsis: "QUEUE SHARDS [-yes]", queue: true, shards: true, minArgs: 2, maxArgs: 2, run: queueCreate,
+		summary: "record a new queue with SHARDS shards, before a producer or worker records the default\n(1 on a single server, two or more on every master of a Redis Cluster); without -yes, only check",
+		example: "queue create orders 32 -yes",
+		flags: func(fs *flag.FlagSet, o *options) {
+			fs.BoolVar(&o.yes, "yes", false, "do it")
+		}},
+	{name: "queue shards", synopsis: "QUEUE SHARDS [-yes]", queue: true, shards: true, minArgs: 2, maxArgs: 2, run: queueShards,
+		summary: "raise the shards of a queue, online: running producers and workers follow within seconds;\ncounts only grow; without -yes, only say what it would do",
+		example: "queue shards orders 64 -yes",
+		flags: func(fs *flag.FlagSet, o *options) {
+			fs.BoolVar(&o.yes, "yes", false, "do it")
+		}},
 	{name: "workers", synopsis: "[QUEUE...]", maxArgs: -1, run: workers,
-		summary: "the live workers (seen within the last 90s), by name: host, pid, queues, shards,\nconcurrency, when each started and was last seen; those of the named queues only, if any",
+		summary: "the live workers (seen within the last 90s), by name: host, pid, queues,\nconcurrency, when each started and was last seen; those of the named queues only, if any",
 		example: "workers\nworkers orders -json"},
 }
 
@@ -201,7 +214,21 @@ func (c *command) checkArgs(args []string) error {
 		// still be peeked at.
 		return keys.CheckStoredKey(args[1])
 	}
+	if c.shards {
+		if _, err := shardCount(args[1]); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// shardCount parses a shard count argument.
+func shardCount(arg string) (int, error) {
+	n, err := strconv.Atoi(arg)
+	if err != nil || n < 1 || n > keys.MaxShards {
+		return 0, fmt.Errorf("shards must be a number from 1 to %d, not %q", keys.MaxShards, arg)
+	}
+	return n, nil
 }
 
 // printUsage writes the usage of every command.
@@ -209,8 +236,8 @@ func printUsage(w io.Writer) {
 	fmt.Fprint(w, `usage: batchq [flags] COMMAND [args]
 
 batchq inspects the batchq queues on a Redis server or Redis Cluster. It only
-reads, except for dead requeue, dead purge and queue forget, which do nothing
-without -yes.
+reads, except for dead requeue, dead purge, queue create, queue shards and
+queue forget, which do nothing without -yes.
 
 Commands:
 `)
@@ -736,6 +763,67 @@ func queueForget(ctx context.Context, s *session, args []string) error {
 	return err
 }
 
+// queueCreate records a new queue with a shard count.
+func queueCreate(ctx context.Context, s *session, args []string) error {
+	queue := args[0]
+	n, _ := shardCount(args[1]) // checked by checkArgs
+	if !s.opts.yes {
+		if q, err := s.in.Queue(ctx, queue); err == nil {
+			return fmt.Errorf("queue %s exists with %s", cell(queue), plural(int64(q.Shards), "shard"))
+		} else if !errors.Is(err, inspect.ErrNoQueue) {
+			return err
+		}
+		return fmt.Errorf("would create queue %s with %s; run again with -yes", cell(queue), plural(int64(n), "shard"))
+	}
+	if err := s.in.CreateQueue(ctx, queue, n); err != nil {
+		return err
+	}
+	if s.cfg.json {
+		return writeJSON(s.out, struct {
+			Queue  string `json:"queue"`
+			Shards int    `json:"shards"`
+		}{queue, n})
+	}
+	_, err := fmt.Fprintf(s.out, "created queue %s with %s\n", cell(queue), plural(int64(n), "shard"))
+	return err
+}
+
+// queueShards raises the shard count of a queue.
+func queueShards(ctx context.Context, s *session, args []string) error {
+	queue := args[0]
+	n, _ := shardCount(args[1]) // checked by checkArgs
+	if !s.opts.yes {
+		q, err := s.in.Queue(ctx, queue)
+		switch {
+		case errors.Is(err, inspect.ErrNoQueue):
+			return s.noQueue(ctx, queue)
+		case err != nil:
+			return err
+		case n < q.Shards:
+			return fmt.Errorf("queue %s has %s: a queue's shards cannot shrink (the others may hold items)", cell(queue), plural(int64(q.Shards), "shard"))
+		case n == q.Shards:
+			return fmt.Errorf("queue %s has %s already", cell(queue), plural(int64(q.Shards), "shard"))
+		}
+		return fmt.Errorf("would raise the shards of queue %s from %d to %d; run again with -yes", cell(queue), q.Shards, n)
+	}
+	old, err := s.in.SetShards(ctx, queue, n)
+	if errors.Is(err, inspect.ErrNoQueue) {
+		return s.noQueue(ctx, queue)
+	}
+	if err != nil {
+		return err
+	}
+	if s.cfg.json {
+		return writeJSON(s.out, struct {
+			Queue  string `json:"queue"`
+			Shards int    `json:"shards"`
+			Was    int    `json:"was"`
+		}{queue, n, old})
+	}
+	_, err = fmt.Fprintf(s.out, "queue %s has %d shards (was %d); producers and workers follow within seconds\n", cell(queue), n, old)
+	return err
+}
+
 // workers prints the live workers, or those of the named queues.
 func workers(ctx context.Context, s *session, queues []string) error {
 	lw, err := s.in.Workers(ctx)
@@ -763,11 +851,11 @@ func workers(ctx context.Context, s *session, queues []string) error {
 		_, err := fmt.Fprintln(s.out, escapeControls(msg))
 		return err
 	}
-	t := newTable(s.out, "NAME", "HOST", "PID", "QUEUES", "SHARDS", "CONCURRENCY", "STARTED", "LAST SEEN")
+	t := newTable(s.out, "NAME", "HOST", "PID", "QUEUES", "CONCURRENCY", "STARTED", "LAST SEEN")
 	for _, w := range lw.Workers {
 		seen := age(max(lw.Now.Sub(w.LastSeen), 0)) + " ago"
 		if w.Corrupt {
-			t.row(clip(cell(w.Name), maxNameCell), "-", "-", "[announcement does not decode]", "-", "-", "-", seen)
+			t.row(clip(cell(w.Name), maxNameCell), "-", "-", "[announcement does not decode]", "-", "-", seen)
 			continue
 		}
 		host, pid := "-", "-"
@@ -778,7 +866,7 @@ func workers(ctx context.Context, s *session, queues []string) error {
 			pid = num(int64(w.PID))
 		}
 		t.row(clip(cell(w.Name), maxNameCell), host, pid, clip(cell(strings.Join(w.Queues, ",")), maxQueuesCell),
-			num(int64(w.Shards)), num(int64(w.Concurrency)), stamp(w.Started), seen)
+			num(int64(w.Concurrency)), stamp(w.Started), seen)
 	}
 	if err := t.flush(); err != nil {
 		return err

@@ -1,8 +1,10 @@
 // Command batchq inspects the batchq queues kept on a Redis server or Redis
 // Cluster: how deep and how late they are, which keys lag most, what a key
 // holds, the retries waiting for their next attempt, the dead letters, which
-// it can requeue or purge, and the live workers. It only reads, except for
-// dead requeue, dead purge and queue forget, which do nothing without -yes.
+// it can requeue or purge, and the live workers; it creates a queue with a
+// shard count, and raises a queue's shards online. It only reads, except
+// for dead requeue, dead purge, queue create, queue shards and queue
+// forget, which do nothing without -yes.
 //
 // Usage:
 //
@@ -20,9 +22,11 @@
 //	                                           put dead letters back at the end of their keys: the newest N,
 //	                                           all, or those named (-id, repeated; oldest first)
 //	dead purge QUEUE [-yes]                    delete the dead letters of a queue
+//	queue create QUEUE SHARDS [-yes]           record a new queue with SHARDS shards (before any producer or worker does)
+//	queue shards QUEUE SHARDS [-yes]           raise the shards of a queue, online; counts only grow
 //	queue forget QUEUE [-yes]                  take a queue that holds nothing out of the registry
 //	workers [QUEUE...]                         the live workers (of the named queues): name, host, pid,
-//	                                           queues, shards, concurrency, started, last seen
+//	                                           queues, concurrency, started, last seen
 //	help [COMMAND [SUBCOMMAND]]                the usage of every command, or one's usage, flags and examples
 //
 // Flags, before or after the command:
@@ -44,6 +48,7 @@
 //	batchq retries list orders -n 10
 //	batchq dead requeue orders -all -yes
 //	batchq dead requeue orders -id 2bvyrspclspei1i7a7fbc1mrf4-0000000 -yes
+//	batchq queue shards orders 64 -yes
 //	batchq workers orders
 //	batchq help dead requeue
 //
@@ -55,7 +60,8 @@
 // key's stats with the pending array byte for byte as "array", retries list
 // {"queue", "total", "now", "retries"} (each an inspect.Retry, "item" only
 // with -items), dead list {"queue", "total", "dead_letters"}, requeue and
-// purge the counts done (requeue -id the ids too), queue forget {"queue",
+// purge the counts done (requeue -id the ids too), queue create {"queue",
+// "shards"}, queue shards {"queue", "shards", "was"}, queue forget {"queue",
 // "forgotten"}, workers the inspect.LiveWorkers {"workers", "now"}. Errors
 // go to stderr as text, with control characters escaped.
 //
@@ -64,7 +70,7 @@
 // last 90 seconds (inspect.WorkerExpiry), so a worker that crashed drops
 // off within that time.
 //
-// dead requeue, dead purge and queue forget change nothing without -yes:
+// dead requeue, dead purge and the queue commands change nothing without -yes:
 // they say what they would do and exit 1.
 //
 // Exit status: 0 on success; 1 on an error (Redis unreachable, no such

@@ -112,7 +112,7 @@ func array(items []string) string { return "[" + strings.Join(items, ",") + "]" 
 func fixture(t *testing.T, b testredis.Backend, shards int) {
 	t.Helper()
 	ctx := context.Background()
-	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards))
 	must(t, err)
 	add := func(queue, key string, items []string) {
 		raws := make([]json.RawMessage, len(items))
@@ -141,7 +141,7 @@ var longError = "card declined\n" + strings.Repeat("detail ", 30)
 func kill(t *testing.T, b testredis.Backend, queue string, shards int) int64 {
 	t.Helper()
 	ctx := context.Background()
-	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithDefaultShards(shards))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	for shard := range shards {
@@ -162,7 +162,7 @@ func kill(t *testing.T, b testredis.Backend, queue string, shards int) int64 {
 // countDead returns the dead letters of a queue, read without the CLI.
 func countDead(t *testing.T, b testredis.Backend, queue string, shards int) int64 {
 	t.Helper()
-	c, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix), deadletter.WithShards(shards))
+	c, err := deadletter.New(b.Client, deadletter.WithPrefix(b.Prefix))
 	must(t, err)
 	n, err := c.Count(context.Background(), queue)
 	must(t, err)
@@ -1022,5 +1022,64 @@ func TestQueueForget(t *testing.T) {
 	}
 	if r := cli(t, "queue"); r.code != 2 || !strings.Contains(r.stderr, "queue needs a subcommand: forget") {
 		t.Errorf("queue alone: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// queue create records a queue's shard count before any writer; queue
+// shards raises it, and refuses to lower it. Neither writes without -yes.
+func TestQueueCreateAndShards(t *testing.T) {
+	b := testredis.Real(t)
+	shardsOf := func(queue string) int {
+		t.Helper()
+		var st []inspect.Stats
+		decode(t, ok(t, b, "-json", "stats", queue), &st)
+		return st[0].Shards
+	}
+	r := on(t, b, "queue", "create", "orders", "4")
+	if r.code != 1 || !strings.Contains(r.stderr, "would create queue orders with 4 shards; run again with -yes") {
+		t.Errorf("create without -yes: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if r := on(t, b, "stats", "orders"); r.code != 1 {
+		t.Errorf("create without -yes recorded the queue: %q", r.stdout)
+	}
+	if out := ok(t, b, "queue", "create", "orders", "4", "-yes"); out != "created queue orders with 4 shards\n" {
+		t.Errorf("create -yes: %q", out)
+	}
+	if n := shardsOf("orders"); n != 4 {
+		t.Errorf("orders has %d shards, want 4", n)
+	}
+	for _, tt := range []struct {
+		args   []string
+		code   int
+		stderr string
+	}{
+		{[]string{"queue", "create", "orders", "8", "-yes"}, 1, "the queue exists with 4 shards"},
+		{[]string{"queue", "create", "orders", "8"}, 1, "queue orders exists with 4 shards"},
+		{[]string{"queue", "create", "x", "0"}, 2, `shards must be a number from 1 to 1024, not "0"`},
+		{[]string{"queue", "shards", "orders", "many"}, 2, `shards must be a number from 1 to 1024, not "many"`},
+		{[]string{"queue", "shards", "orders"}, 2, "missing SHARDS"},
+		{[]string{"queue", "shards", "nosuch", "8", "-yes"}, 1, `no queue "nosuch"`},
+		{[]string{"queue", "shards", "orders", "2", "-yes"}, 1, "a queue's shards cannot shrink: it has 4, and 2 would strand the items in the others"},
+		{[]string{"queue", "shards", "orders", "2"}, 1, "queue orders has 4 shards: a queue's shards cannot shrink"},
+		{[]string{"queue", "shards", "orders", "4"}, 1, "queue orders has 4 shards already"},
+		{[]string{"queue", "shards", "orders", "16"}, 1, "would raise the shards of queue orders from 4 to 16; run again with -yes"},
+	} {
+		if r := on(t, b, tt.args...); r.code != tt.code || !strings.Contains(r.stderr, tt.stderr) {
+			t.Errorf("%s: exit %d, stderr %q; want %d and %q", strings.Join(tt.args, " "), r.code, r.stderr, tt.code, tt.stderr)
+		}
+	}
+	if n := shardsOf("orders"); n != 4 {
+		t.Errorf("orders has %d shards after refusals, want 4", n)
+	}
+	if out := ok(t, b, "queue", "shards", "orders", "16", "-yes"); out != "queue orders has 16 shards (was 4); producers and workers follow within seconds\n" {
+		t.Errorf("shards -yes: %q", out)
+	}
+	var got struct {
+		Queue       string
+		Shards, Was int
+	}
+	decode(t, ok(t, b, "-json", "queue", "shards", "orders", "32", "-yes"), &got)
+	if got.Queue != "orders" || got.Shards != 32 || got.Was != 16 || shardsOf("orders") != 32 {
+		t.Errorf("-json queue shards: %+v", got)
 	}
 }

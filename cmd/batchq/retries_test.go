@@ -25,11 +25,11 @@ var retryError = "declined\n" + strings.Repeat("detail ", 30)
 func retried(t *testing.T, b testredis.Backend, shards int) {
 	t.Helper()
 	ctx := context.Background()
-	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(shards))
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(shards))
 	must(t, err)
 	must(t, p.AddRaw(ctx, "refunds", "r1", json.RawMessage(secrets[0])))
 	must(t, p.AddRaw(ctx, "refunds", "r2", json.RawMessage(secrets[1])))
-	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithShards(shards))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithDefaultShards(shards))
 	must(t, err)
 	must(t, c.Sync(ctx))
 	for shard := range shards {

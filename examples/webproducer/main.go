@@ -83,7 +83,6 @@ type config struct {
 	addr        string
 	redis       string
 	prefix      string
-	shards      int
 	queues      string // comma-separated; empty: any queue
 	maxItem     int
 	maxBody     int64
@@ -97,7 +96,6 @@ func main() {
 	flag.StringVar(&cfg.addr, "addr", ":8080", "address to listen on")
 	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, or a seed of a Redis Cluster; $REDIS_ADDR by default; empty starts an embedded in-process Redis")
 	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the workers'")
-	flag.IntVar(&cfg.shards, "shards", 1, "shards of every queue, each its own hash slot on a Redis Cluster (at least 4x its masters); must match the workers'")
 	flag.StringVar(&cfg.queues, "queues", "", "comma-separated queues to serve, others get 404 (say orders,emails); empty serves any queue, so that anyone who can post creates queues")
 	flag.IntVar(&cfg.maxItem, "max-item-bytes", producer.DefaultMaxItemBytes, "size limit of one item")
 	flag.Int64Var(&cfg.maxBody, "max-body-bytes", 16<<20, "size limit of a request body")
@@ -137,7 +135,7 @@ func serve(cfg config, log *zap.Logger) error {
 		return err
 	}
 	defer closeRedis()
-	opts := []producer.Option{producer.WithPrefix(cfg.prefix), producer.WithShards(cfg.shards), producer.WithMaxItemBytes(cfg.maxItem)}
+	opts := []producer.Option{producer.WithPrefix(cfg.prefix), producer.WithMaxItemBytes(cfg.maxItem)}
 	if cfg.linger {
 		opts = append(opts, producer.WithLinger(0, 1000))
 	}

@@ -37,20 +37,20 @@ const e2eSecret = "secret-"
 // exactly once, the logs name the queue and key but never the item, and
 // SIGTERM stops every process cleanly, leaving no data keys behind.
 func TestEndToEnd(t *testing.T) {
-	testEndToEnd(t, testredis.Real(t), 1)
+	testEndToEnd(t, testredis.Real(t))
 }
 
 // The same on a Redis Cluster of three masters, the binaries given the
-// address of one node as their seed and the queue split into 6 shards.
+// address of one node as their seed, and no shard count: the queue gets
+// the registry's default, spread over every master.
 func TestEndToEndOnCluster(t *testing.T) {
-	testEndToEnd(t, testredis.Cluster(t), 6)
+	testEndToEnd(t, testredis.Cluster(t))
 }
 
-func testEndToEnd(t *testing.T, b testredis.Backend, shards int) {
+func testEndToEnd(t *testing.T, b testredis.Backend) {
 	bin := buildExamples(t)
 	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
-	web := startProc(t, "webproducer", filepath.Join(bin, "webproducer"), "-addr", addr, "-redis", b.Addr, "-prefix", b.Prefix,
-		"-shards", strconv.Itoa(shards))
+	web := startProc(t, "webproducer", filepath.Join(bin, "webproducer"), "-addr", addr, "-redis", b.Addr, "-prefix", b.Prefix)
 	base := "http://" + addr + "/queues/" + e2eQueue + "/keys/"
 	client := &http.Client{Timeout: 5 * time.Second}
 	waitUntil(t, 10*time.Second, func() error {
@@ -68,8 +68,8 @@ func testEndToEnd(t *testing.T, b testredis.Backend, shards int) {
 	// Both workers wait for items before any is posted, so that they compete
 	// for them.
 	workers := []*proc{
-		startWorker(t, "worker1", bin, b, shards),
-		startWorker(t, "worker2", bin, b, shards),
+		startWorker(t, "worker1", bin, b),
+		startWorker(t, "worker2", bin, b),
 	}
 	waitUntil(t, 10*time.Second, func() error {
 		for _, w := range workers {
@@ -260,11 +260,11 @@ func buildExamples(t *testing.T) string {
 	return dir
 }
 
-func startWorker(t *testing.T, name, bin string, b testredis.Backend, shards int) *proc {
+func startWorker(t *testing.T, name, bin string, b testredis.Backend) *proc {
 	t.Helper()
 	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
 	p := startProc(t, name, filepath.Join(bin, "worker"),
-		"-redis", b.Addr, "-prefix", b.Prefix, "-queue", e2eQueue, "-work", "2ms", "-fail", "0.2", "-shards", strconv.Itoa(shards),
+		"-redis", b.Addr, "-prefix", b.Prefix, "-queue", e2eQueue, "-work", "2ms", "-fail", "0.2",
 		"-metrics", addr)
 	p.metricsAddr = addr
 	return p

@@ -61,7 +61,6 @@ import (
 type config struct {
 	redis       string
 	prefix      string
-	shards      int
 	queue       string
 	concurrency int
 	work        time.Duration
@@ -75,7 +74,6 @@ func main() {
 	var cfg config
 	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, or a seed of a Redis Cluster; $REDIS_ADDR by default; empty starts an embedded in-process Redis")
 	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the producers'")
-	flag.IntVar(&cfg.shards, "shards", 1, "shards of every queue, each its own hash slot on a Redis Cluster (at least 4x its masters); must match the producers'")
 	flag.StringVar(&cfg.queue, "queue", "orders", "queue to drain")
 	flag.IntVar(&cfg.concurrency, "concurrency", batchq.DefaultConcurrency, "batches handled at once")
 	flag.DurationVar(&cfg.work, "work", 0, "simulated time to handle one item")
@@ -112,7 +110,6 @@ func work(cfg config, log *zap.Logger) error {
 	defer closeRedis()
 	opts := []batchq.Option{
 		batchq.WithPrefix(cfg.prefix),
-		batchq.WithShards(cfg.shards),
 		batchq.WithConcurrency(cfg.concurrency),
 		batchq.WithShutdownTimeout(cfg.shutdown),
 		batchq.WithLogger(log),

@@ -224,3 +224,27 @@ func (s Space) Quarantined() string { return s.base + "quarantined" }
 // Settled marks the batch id, drained without a lease, as settled, so that a
 // settlement sent twice is applied once.
 func (s Space) Settled(id string) string { return s.base + "settled:" + id }
+
+// Tag returns the hash tag of the space's keys ("<queue>:<shard>"): the
+// part Redis Cluster hashes to place them.
+func (s Space) Tag() string {
+	open := strings.IndexByte(s.base, '{')
+	return s.base[open+1 : strings.IndexByte(s.base[open:], '}')+open]
+}
+
+// Slot returns the Redis Cluster hash slot of a hash tag: CRC16 (XMODEM)
+// modulo 16384, as CLUSTER KEYSLOT computes it for a key whose tag it is.
+func Slot(tag string) int {
+	var crc uint16
+	for i := 0; i < len(tag); i++ {
+		crc ^= uint16(tag[i]) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return int(crc) & (1<<14 - 1)
+}

@@ -94,27 +94,6 @@ func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyIt
 	return errs, nil
 }
 
-// Register records queues with the caller's shard count in the prefix's
-// registry, for the inspector; a queue keeps the largest count recorded. It
-// returns the recorded counts, in the order of queues.
-func Register(ctx context.Context, c rueidis.Client, prefix string, shards int, queues ...string) ([]int, error) {
-	return register(ctx, c, []string{keys.Registry(prefix)}, append([]string{strconv.Itoa(shards)}, queues...))
-}
-
-// register runs register.lua with KEYS ks and ARGV args (see its header),
-// and returns the shard counts it recorded.
-func register(ctx context.Context, c rueidis.Client, ks, args []string) ([]int, error) {
-	res, err := registerScript.Exec(ctx, c, ks, args).AsIntSlice()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]int, len(res))
-	for i, n := range res {
-		out[i] = int(n)
-	}
-	return out, nil
-}
-
 // Time returns the server's clock.
 func Time(ctx context.Context, c rueidis.Client) (time.Time, error) {
 	parts, err := c.Do(ctx, c.B().Time().Build()).AsIntSlice()

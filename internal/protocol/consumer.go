@@ -40,7 +40,8 @@ const StrandGrace = 2 * time.Second
 type Consumer struct {
 	c          rueidis.Client
 	prefix     string
-	shards     int
+	defShards  int // the shards of a queue this consumer records first; 0: DefaultShards
+	topo       atomic.Pointer[Topology]
 	leaseTTL   time.Duration
 	atMostOnce bool
 	deadCap    int
@@ -66,14 +67,15 @@ func WithPrefix(p string) Option {
 	}
 }
 
-// WithShards splits every queue into n shards (default 1), each its own
-// hash slot on Redis Cluster. Producers and consumers must agree on it.
-func WithShards(n int) Option {
+// WithDefaultShards sets the shards of a queue the consumer is the first
+// to record (default: the Topology's DefaultShards). Once a queue is
+// recorded, its count is the registry's.
+func WithDefaultShards(n int) Option {
 	return func(c *Consumer) error {
 		if n < 1 || n > keys.MaxShards {
 			return fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
-		c.shards = n
+		c.defShards = n
 		return nil
 	}
 }
@@ -149,7 +151,6 @@ func NewConsumer(c rueidis.Client, opts ...Option) (*Consumer, error) {
 	cs := &Consumer{
 		c:        c,
 		prefix:   keys.DefaultPrefix,
-		shards:   1,
 		leaseTTL: DefaultLeaseTTL,
 		deadCap:  DefaultDeadLetterCap,
 		retries:  DefaultRetriesPerFetch,
@@ -193,18 +194,48 @@ func (c *Consumer) Now() time.Time { return c.clock.Now() }
 
 func (c *Consumer) now() time.Time { return c.clock.Now() }
 
-// Register records queues, with the consumer's shard count, in the
-// registry of the consumer's prefix (<prefix>:queues), where the inspector
-// finds them. A queue keeps the largest shard count any producer or worker
-// recorded; Register returns those counts, in the order of queues, so that
-// a caller can see that others split a queue into more shards than it
-// drains. A Worker registers its queues when it starts; producers register
-// a queue at their first append to it.
-func (c *Consumer) Register(ctx context.Context, queues ...string) ([]int, error) {
-	if len(queues) == 0 {
+// Register records queues in the registry of the consumer's prefix
+// (<prefix>:queues), where every process reads their shard counts, and
+// returns those counts in the order of qs (see the package's Register). A
+// Worker registers its queues when it starts; producers register a queue
+// at their first append to it.
+func (c *Consumer) Register(ctx context.Context, qs ...Known) ([]int, error) {
+	if len(qs) == 0 {
 		return nil, nil
 	}
-	return Register(ctx, c.c, c.prefix, c.shards, queues...)
+	if err := c.defaults(ctx, qs); err != nil {
+		return nil, err
+	}
+	return Register(ctx, c.c, c.prefix, qs...)
+}
+
+// defaults sets the Default of each of qs: WithDefaultShards, or the
+// deployment's DefaultShards, read once.
+func (c *Consumer) defaults(ctx context.Context, qs []Known) error {
+	if c.defShards > 0 {
+		for i := range qs {
+			qs[i].Default = c.defShards
+		}
+		return nil
+	}
+	t := c.topo.Load()
+	if t == nil {
+		var err error
+		if t, err = ReadTopology(ctx, c.c); err != nil {
+			return err
+		}
+		c.topo.Store(t)
+	}
+	for i := range qs {
+		qs[i].Default = t.DefaultShards(qs[i].Queue)
+	}
+	return nil
+}
+
+// ReadShards returns the recorded shard counts of queues (see the
+// package's ReadShards).
+func (c *Consumer) ReadShards(ctx context.Context, queues ...string) ([]int, error) {
+	return ReadShards(ctx, c.c, c.prefix, queues...)
 }
 
 // Client returns the client the consumer uses.
@@ -212,9 +243,6 @@ func (c *Consumer) Client() rueidis.Client { return c.c }
 
 // Prefix returns the prefix of every Redis key.
 func (c *Consumer) Prefix() string { return c.prefix }
-
-// Shards returns the number of shards of every queue.
-func (c *Consumer) Shards() int { return c.shards }
 
 // LeaseTTL returns the lease TTL.
 func (c *Consumer) LeaseTTL() time.Duration { return c.leaseTTL }

@@ -234,10 +234,10 @@ func TestOptionsAreValidated(t *testing.T) {
 		{"prefix", protocol.WithPrefix("p"), true},
 		{"empty prefix", protocol.WithPrefix(""), false},
 		{"prefix with brace", protocol.WithPrefix("a{b"), false},
-		{"shards 1", protocol.WithShards(1), true},
-		{"shards 1024", protocol.WithShards(1024), true},
-		{"shards 0", protocol.WithShards(0), false},
-		{"shards 1025", protocol.WithShards(1025), false},
+		{"shards 1", protocol.WithDefaultShards(1), true},
+		{"shards 1024", protocol.WithDefaultShards(1024), true},
+		{"shards 0", protocol.WithDefaultShards(0), false},
+		{"shards 1025", protocol.WithDefaultShards(1025), false},
 		{"lease 100ms", protocol.WithLeaseTTL(100 * time.Millisecond), true},
 		{"lease 99ms", protocol.WithLeaseTTL(99 * time.Millisecond), false},
 		{"dead cap 0", protocol.WithDeadLetterCap(0), true},
@@ -249,12 +249,12 @@ func TestOptionsAreValidated(t *testing.T) {
 			t.Errorf("%s: got error %v, want ok=%v", c.name, err, c.ok)
 		}
 	}
-	c, err := protocol.NewConsumer(nil, protocol.WithShards(3), protocol.WithLeaseTTL(time.Second), protocol.WithAtMostOnce())
+	c, err := protocol.NewConsumer(nil, protocol.WithDefaultShards(3), protocol.WithLeaseTTL(time.Second), protocol.WithAtMostOnce())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Shards() != 3 || c.LeaseTTL() != time.Second || !c.AtMostOnce() {
-		t.Fatalf("options not applied: shards %d, lease %v, at most once %v", c.Shards(), c.LeaseTTL(), c.AtMostOnce())
+	if c.LeaseTTL() != time.Second || !c.AtMostOnce() {
+		t.Fatalf("options not applied: lease %v, at most once %v", c.LeaseTTL(), c.AtMostOnce())
 	}
 	if _, err := c.Fetch(context.Background(), "a:b", 0, 1); !errors.Is(err, keys.ErrQueueName) {
 		t.Fatalf("Fetch with a bad queue name: got %v, want ErrQueueName", err)
@@ -381,8 +381,8 @@ func TestShards(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		const shards = 4
-		p := newProducer(t, b, producer.WithShards(shards))
-		c := newConsumer(t, b, protocol.WithShards(shards))
+		p := newProducer(t, b, producer.WithDefaultShards(shards))
+		c := newConsumer(t, b, protocol.WithDefaultShards(shards))
 		want := map[string]bool{}
 		for i := range 12 {
 			k := "key" + string(rune('a'+i))

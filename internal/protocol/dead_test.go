@@ -634,7 +634,7 @@ func die(t *testing.T, p *producer.Producer, c *protocol.Consumer, key string, i
 
 // dl returns a client of the dead letters of c's queues.
 func dl(c *protocol.Consumer) *deadletter.Client {
-	d, err := deadletter.New(protocol.ClientOf(c), deadletter.WithPrefix(c.Prefix()), deadletter.WithShards(c.Shards()))
+	d, err := deadletter.New(protocol.ClientOf(c), deadletter.WithPrefix(c.Prefix()))
 	if err != nil {
 		panic(err)
 	}

@@ -20,8 +20,8 @@ func TestGetDeadByID(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
 		const shards = 3
-		p := newProducer(t, b, producer.WithShards(shards))
-		c := newConsumer(t, b, protocol.WithShards(shards))
+		p := newProducer(t, b, producer.WithDefaultShards(shards))
+		c := newConsumer(t, b, protocol.WithDefaultShards(shards))
 		byKey := map[string]string{"a": `1`, "b": `2`, "c": `3`, "d": `4`}
 		for k, it := range byKey {
 			addRaw(t, p, k, it)

@@ -12,3 +12,13 @@ func SetClock(c *Consumer, now func() time.Time) { c.clock.local = now }
 
 // ClientOf returns the Redis client c uses.
 func ClientOf(c *Consumer) rueidis.Client { return c.c }
+
+// EvenTopology returns the topology of a cluster of masters that split the
+// hash slots evenly, in order, as redis-cli --cluster create does.
+func EvenTopology(masters int) *Topology {
+	t := &Topology{masters: masters, owner: make([]int, 1<<14)}
+	for s := range t.owner {
+		t.owner[s] = s * masters / (1 << 14)
+	}
+	return t
+}

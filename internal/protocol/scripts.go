@@ -32,6 +32,8 @@ var (
 	requeueLua string
 	//go:embed lua/register.lua
 	registerLua string
+	//go:embed lua/shards.lua
+	shardsLua string
 )
 
 // Scripts run through rueidis' script helper: EVALSHA, and EVAL after a
@@ -45,6 +47,7 @@ var (
 	reapScript     = newScript(withLib(libLua, reapLua))
 	requeueScript  = newScript(withLib(libLua, requeueLua))
 	registerScript = newScript(withLib(libLua, registerLua))
+	shardsScript   = newScript(withLib(libLua, shardsLua))
 )
 
 // ScriptName returns the name of the script whose SHA-1 is sha ("merge",
@@ -52,7 +55,7 @@ var (
 // for tests, which tell round trips apart by what they run.
 func ScriptName(sha string) string {
 	for name, s := range map[string]script{"merge": mergeScript, "mergemany": mergeMany, "claim": claimScript,
-		"settle": settleScript, "reap": reapScript, "requeue": requeueScript, "register": registerScript} {
+		"settle": settleScript, "reap": reapScript, "requeue": requeueScript, "register": registerScript, "shards": shardsScript} {
 		if s.sha == sha {
 			return name
 		}

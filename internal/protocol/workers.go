@@ -28,7 +28,6 @@ type WorkerInfo struct {
 	Host        string    `json:"host,omitempty"`
 	PID         int       `json:"pid,omitempty"`
 	Queues      []string  `json:"queues"`
-	Shards      int       `json:"shards"`
 	Concurrency int       `json:"concurrency"`
 	Started     time.Time `json:"started"`
 	LastSeen    time.Time `json:"last_seen"`
@@ -44,27 +43,33 @@ type announcement struct {
 	Host        string   `json:"host,omitempty"`
 	PID         int      `json:"pid,omitempty"`
 	Queues      []string `json:"queues"`
-	Shards      int      `json:"shards"`
 	Concurrency int      `json:"concurrency"`
 	Started     int64    `json:"started"`
 }
 
 // Announce registers queues as Register does, and announces the consumer
 // as a live worker of them, running concurrency handlers: its name, host,
-// process id, queues, shards and concurrency, when it first announced
+// process id, queues and concurrency, when it first announced
 // itself, and, on the server's clock, when it last did. It is one script
 // call, register.lua's, with the registry: an announcement costs no round
 // trip of its own. The same call prunes workers not seen for WorkerExpiry.
 // A Worker announces itself at start and every 30 seconds, and retires when
 // Run returns.
-func (c *Consumer) Announce(ctx context.Context, concurrency int, queues ...string) ([]int, error) {
+func (c *Consumer) Announce(ctx context.Context, concurrency int, qs ...Known) ([]int, error) {
 	now := c.nowMs()
 	c.started.CompareAndSwap(0, now)
+	if err := c.defaults(ctx, qs); err != nil {
+		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
+	}
 	host, _ := os.Hostname()
-	desc, _ := json.Marshal(announcement{Name: c.name, Host: host, PID: os.Getpid(), Queues: queues, Shards: c.shards,
+	queues := make([]string, len(qs))
+	for i, q := range qs {
+		queues[i] = q.Queue
+	}
+	desc, _ := json.Marshal(announcement{Name: c.name, Host: host, PID: os.Getpid(), Queues: queues,
 		Concurrency: concurrency, Started: c.started.Load()}) // strings and numbers: it cannot fail
 	recorded, err := register(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix)},
-		append([]string{strconv.Itoa(c.shards), c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, queues...))
+		append([]string{c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, knownArgs(qs)...))
 	if err != nil {
 		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
 	}
@@ -112,7 +117,7 @@ func ListWorkers(ctx context.Context, c rueidis.Client, prefix string, now time.
 		if err := json.Unmarshal([]byte(desc), &a); err != nil || a.Name != z.Member {
 			w.Corrupt = true // written by another program: listed by what the index knows
 		} else {
-			w.Host, w.PID, w.Queues, w.Shards, w.Concurrency = a.Host, a.PID, a.Queues, a.Shards, a.Concurrency
+			w.Host, w.PID, w.Queues, w.Concurrency = a.Host, a.PID, a.Queues, a.Concurrency
 			w.Started = time.UnixMilli(a.Started)
 		}
 		out = append(out, w)

@@ -19,8 +19,8 @@ import (
 func TestAnnounceAndRetire(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
-		c := newConsumer(t, b, protocol.WithShards(3), protocol.WithName("w1"))
-		recorded, err := c.Announce(ctx, 16, "orders", "emails")
+		c := newConsumer(t, b, protocol.WithDefaultShards(3), protocol.WithName("w1"))
+		recorded, err := c.Announce(ctx, 16, protocol.Known{Queue: "orders"}, protocol.Known{Queue: "emails"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -45,7 +45,7 @@ func TestAnnounceAndRetire(t *testing.T) {
 		}
 		w := ws[0]
 		if w.Name != "w1" || w.Host != host || w.PID != os.Getpid() || !slices.Equal(w.Queues, []string{"orders", "emails"}) ||
-			w.Shards != 3 || w.Concurrency != 16 || w.Corrupt {
+			w.Concurrency != 16 || w.Corrupt {
 			t.Errorf("ListWorkers: %+v", w)
 		}
 		if d := now.Sub(w.LastSeen); d < 0 || d > 5*time.Second {
@@ -57,7 +57,7 @@ func TestAnnounceAndRetire(t *testing.T) {
 
 		// A second announcement keeps the start and moves last seen.
 		time.Sleep(20 * time.Millisecond)
-		if _, err := c.Announce(ctx, 16, "orders", "emails"); err != nil {
+		if _, err := c.Announce(ctx, 16, protocol.Known{Queue: "orders"}, protocol.Known{Queue: "emails"}); err != nil {
 			t.Fatal(err)
 		}
 		if ws, err = protocol.ListWorkers(ctx, b.Client, b.Prefix, now.Add(time.Second)); err != nil || len(ws) != 1 {
@@ -113,7 +113,7 @@ func TestStaleWorkersArePruned(t *testing.T) {
 			t.Fatalf("ListWorkers: %+v, want odd alone, corrupt", ws)
 		}
 
-		if _, err := newConsumer(t, b, protocol.WithName("live")).Announce(ctx, 1, queue); err != nil {
+		if _, err := newConsumer(t, b, protocol.WithName("live")).Announce(ctx, 1, protocol.Known{Queue: queue}); err != nil {
 			t.Fatal(err)
 		}
 		names, err := c.Do(ctx, c.B().Zrange().Key(keys.Workers(b.Prefix)).Min("0").Max("-1").Build()).AsStrSlice()

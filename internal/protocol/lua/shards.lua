@@ -1,0 +1,24 @@
+-- shards.lua: raise the shard count of a queue in the registry
+-- (docs/PROTOCOL.md, "Shards").
+--
+-- KEYS[1] the registry HASH  <prefix>:queues (queue -> shards)
+-- ARGV[1] the queue
+-- ARGV[2] the new shard count
+--
+-- Returns the count it replaced. Errors with NOQUEUE when the registry
+-- does not hold the queue, and with SHRINK <count> when the new count is
+-- below the recorded one: a key's items may sit in any shard below the
+-- recorded count, and workers drain only the shards below the count, so
+-- lowering it could strand items. Equal counts change nothing.
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if not cur then
+  return redis.error_reply('NOQUEUE')
+end
+local n = tonumber(ARGV[2])
+if n < cur then
+  return redis.error_reply('SHRINK ' .. cur)
+end
+if n > cur then
+  redis.call('HSET', KEYS[1], ARGV[1], n)
+end
+return cur

@@ -1,0 +1,225 @@
+package protocol
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+)
+
+// A queue's shard count lives in the registry of its prefix
+// (docs/PROTOCOL.md, "Shards"): the first producer, worker or operator to
+// write the queue records it, every process reads it from there, and it
+// can only grow. A key's shard is keys.Shard(key, count), so a key's items
+// may sit in any shard below the largest count a producer routed by; since
+// counts never shrink, workers that drain every shard below the current
+// count drain them all.
+
+// ShardsEvery is how often producers and workers read the shard counts of
+// their queues again: they route by, and drain, a count raised meanwhile
+// within about this long.
+const ShardsEvery = 2 * time.Second
+
+// ErrNoQueue reports a queue the registry does not hold.
+var ErrNoQueue = errors.New("no such queue")
+
+// ShrinkError reports a shard count refused because it is below the
+// recorded one.
+type ShrinkError struct {
+	Recorded int // the queue's shard count
+	Asked    int
+}
+
+func (e *ShrinkError) Error() string {
+	return fmt.Sprintf("a queue's shards cannot shrink: it has %d, and %d would strand the items in the others", e.Recorded, e.Asked)
+}
+
+// Known is a queue as a caller of Register knows it.
+type Known struct {
+	Queue   string
+	Shards  int // the shards the caller already routes or drains it by; 0: none yet
+	Default int // the count to record if the registry does not hold the queue: 1-keys.MaxShards
+}
+
+// Register records queues in the prefix's registry and returns their shard
+// counts, in the order of qs. A queue the registry does not hold gets its
+// Default, or its Shards when that is larger; Shards larger than the
+// recorded count raise it (see register.lua).
+func Register(ctx context.Context, c rueidis.Client, prefix string, qs ...Known) ([]int, error) {
+	return register(ctx, c, []string{keys.Registry(prefix)}, knownArgs(qs))
+}
+
+func knownArgs(qs []Known) []string {
+	args := make([]string, 0, 3*len(qs))
+	for _, q := range qs {
+		args = append(args, q.Queue, strconv.Itoa(q.Shards), strconv.Itoa(max(1, q.Default)))
+	}
+	return args
+}
+
+// register runs register.lua with KEYS ks and ARGV args (see its header),
+// and returns the shard counts it recorded.
+func register(ctx context.Context, c rueidis.Client, ks, args []string) ([]int, error) {
+	res, err := registerScript.Exec(ctx, c, ks, args).AsIntSlice()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]int, len(res))
+	for i, n := range res {
+		out[i] = int(n)
+	}
+	return out, nil
+}
+
+// ReadShards returns the recorded shard counts of queues, in their order:
+// 0 for a queue the registry does not hold. It is one HMGET.
+func ReadShards(ctx context.Context, c rueidis.Client, prefix string, queues ...string) ([]int, error) {
+	vals, err := c.Do(ctx, c.B().Hmget().Key(keys.Registry(prefix)).Field(queues...).Build()).ToArray()
+	if err != nil {
+		return nil, err
+	}
+	if len(vals) != len(queues) {
+		return nil, fmt.Errorf("HMGET of %d queues returned %d values", len(queues), len(vals))
+	}
+	out := make([]int, len(vals))
+	for i, v := range vals {
+		s, err := v.ToString()
+		if rueidis.IsRedisNil(err) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if out[i], err = ParseShards(s); err != nil {
+			return nil, fmt.Errorf("queue %s: %w", keys.Short(queues[i]), err)
+		}
+	}
+	return out, nil
+}
+
+// ParseShards parses a shard count as the registry holds it.
+func ParseShards(s string) (int, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > keys.MaxShards {
+		return 0, fmt.Errorf("the registry holds %q shards, not a count of 1-%d", keys.Short(s), keys.MaxShards)
+	}
+	return n, nil
+}
+
+// SetShards raises a recorded queue's shard count to n and returns the
+// count it had. It fails with ErrNoQueue for a queue the registry does not
+// hold, and with a *ShrinkError for n below the recorded count. Producers
+// route by the new count, and workers drain the new shards, within
+// ShardsEvery.
+func SetShards(ctx context.Context, c rueidis.Client, prefix, queue string, n int) (int, error) {
+	if n < 1 || n > keys.MaxShards {
+		return 0, fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
+	}
+	old, err := shardsScript.Exec(ctx, c, []string{keys.Registry(prefix)}, []string{queue, strconv.Itoa(n)}).AsInt64()
+	if re, ok := rueidis.IsRedisErr(err); ok {
+		msg := re.Error()
+		if msg == "NOQUEUE" {
+			return 0, ErrNoQueue
+		}
+		if rest, ok := strings.CutPrefix(msg, "SHRINK "); ok {
+			cur, _ := strconv.Atoi(rest)
+			return 0, &ShrinkError{Recorded: cur, Asked: n}
+		}
+	}
+	if err != nil {
+		return 0, err
+	}
+	return int(old), nil
+}
+
+// Topology is what DefaultShards needs to know of a Redis deployment: its
+// masters, and which serves each hash slot.
+type Topology struct {
+	masters int
+	owner   []int // hash slot -> master index; nil on a single server
+}
+
+// ReadTopology reads the masters of c's deployment: CLUSTER SLOTS on Redis
+// Cluster, nothing on a single server.
+func ReadTopology(ctx context.Context, c rueidis.Client) (*Topology, error) {
+	if c.Mode() != rueidis.ClientModeCluster {
+		return &Topology{masters: 1}, nil
+	}
+	ranges, err := c.Do(ctx, c.B().ClusterSlots().Build()).ToArray()
+	if err != nil {
+		return nil, fmt.Errorf("read the cluster's slots: %w", err)
+	}
+	t := &Topology{owner: make([]int, 1<<14)}
+	for i := range t.owner {
+		t.owner[i] = -1
+	}
+	index := map[string]int{}
+	for _, r := range ranges {
+		f, err := r.ToArray()
+		if err != nil || len(f) < 3 {
+			return nil, fmt.Errorf("read the cluster's slots: an entry of %d fields (%v)", len(f), err)
+		}
+		from, err1 := f[0].AsInt64()
+		to, err2 := f[1].AsInt64()
+		node, err3 := f[2].ToArray()
+		if err := errors.Join(err1, err2, err3); err != nil || len(node) < 2 || from < 0 || to >= 1<<14 || from > to {
+			return nil, fmt.Errorf("read the cluster's slots: a malformed entry (%v)", err)
+		}
+		host, _ := node[0].ToString()
+		port, _ := node[1].AsInt64()
+		id := host + ":" + strconv.FormatInt(port, 10)
+		if len(node) > 2 {
+			if s, err := node[2].ToString(); err == nil && s != "" {
+				id = s
+			}
+		}
+		m, ok := index[id]
+		if !ok {
+			m = len(index)
+			index[id] = m
+		}
+		for s := from; s <= to; s++ {
+			t.owner[s] = int(m)
+		}
+	}
+	t.masters = len(index)
+	if t.masters == 0 {
+		return nil, errors.New("read the cluster's slots: no master serves a slot")
+	}
+	return t, nil
+}
+
+// Masters returns the number of masters.
+func (t *Topology) Masters() int { return t.masters }
+
+// DefaultShards returns the shard count a queue gets when its first writer
+// was given none: 1 on a single server. On Redis Cluster it is the fewest
+// shards, at least twice the masters, that put at least two of the queue's
+// shards on every master (each shard is one hash slot, so where a shard
+// lands follows from the queue's name), or 16 per master where no count
+// up to that does.
+func (t *Topology) DefaultShards(queue string) int {
+	if t.masters <= 1 || t.owner == nil {
+		return 1
+	}
+	limit := min(keys.MaxShards, 16*t.masters)
+	per := make([]int, t.masters)
+	short := t.masters // masters with fewer than 2 shards
+	for n := 1; n <= limit; n++ {
+		if m := t.owner[keys.Slot(keys.For("", queue, n-1).Tag())]; m >= 0 {
+			if per[m]++; per[m] == 2 {
+				short--
+			}
+		}
+		if n >= 2*t.masters && short == 0 {
+			return n
+		}
+	}
+	return limit
+}

@@ -1,0 +1,218 @@
+package batchq_test
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+// handledOnce counts how often each item was handled.
+type handledOnce struct {
+	mu   sync.Mutex
+	seen map[string]int
+}
+
+func newHandledOnce() *handledOnce { return &handledOnce{seen: map[string]int{}} }
+
+func (c *handledOnce) handle(_ context.Context, id string) error {
+	c.mu.Lock()
+	c.seen[id]++
+	c.mu.Unlock()
+	return nil
+}
+
+// check reports the first of want not handled exactly once, and whether
+// anything else was handled.
+func (c *handledOnce) check(want int, id func(int) string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range want {
+		if n := c.seen[id(i)]; n != 1 {
+			return fmt.Errorf("item %s handled %d times", id(i), n)
+		}
+	}
+	if len(c.seen) != want {
+		return fmt.Errorf("%d distinct items handled, want %d", len(c.seen), want)
+	}
+	return nil
+}
+
+// A producer and a worker given different default shard counts (or none)
+// agree on the queue's, the registry's: whichever writes the queue first
+// records it, and every item is handled. Before, a producer with 4 shards
+// and a worker with 1 left three items in four in shards nobody drained.
+func TestRegistryDecidesShards(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		for _, tt := range []struct {
+			name             string
+			producer, worker int // WithDefaultShards; 0: none
+			producerFirst    bool
+		}{
+			{"producer 4 first, worker default", 4, 0, true},
+			{"worker 4 first, producer default", 0, 4, false},
+			{"producer 3 first, worker 5", 3, 5, true},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				ctx := context.Background()
+				queue := "q" + strconv.Itoa(tt.producer) + strconv.Itoa(tt.worker)
+				var popts []producer.Option
+				if tt.producer > 0 {
+					popts = append(popts, producer.WithDefaultShards(tt.producer))
+				}
+				p, err := producer.New(b.Client, append(popts, producer.WithPrefix(b.Prefix))...)
+				must(t, err)
+				var wopts []batchq.Option
+				if tt.worker > 0 {
+					wopts = append(wopts, batchq.WithDefaultShards(tt.worker))
+				}
+				w := newWorker(t, b, wopts...)
+				c := newHandledOnce()
+				batchq.Handle(w, queue, c.handle)
+				const n = 40
+				add := func() {
+					for i := range n {
+						must(t, p.Add(ctx, queue, "k"+strconv.Itoa(i), strconv.Itoa(i)))
+					}
+				}
+				if tt.producerFirst {
+					add()
+					runWorker(t, w)
+				} else {
+					runWorker(t, w)
+					in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+					must(t, err)
+					eventually(t, 10*time.Second, "the worker records the queue", func() bool {
+						_, err := in.Queue(ctx, queue)
+						return err == nil
+					})
+					add()
+				}
+				eventually(t, 10*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
+				first := tt.worker
+				if tt.producerFirst {
+					first = tt.producer
+				}
+				in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+				must(t, err)
+				if q, err := in.Queue(ctx, queue); err != nil || q.Shards != first {
+					t.Fatalf("the registry holds %+v, %v; want the first writer's %d shards", q, err, first)
+				}
+			})
+		}
+	})
+}
+
+// Growing a queue online, under load, from 2 shards to 8: the running
+// workers drain the new shards within seconds, the running producer routes
+// by the new count within seconds, and every item is handled exactly once.
+func TestGrowShardsUnderLoad(t *testing.T) {
+	testredis.Each(t, testGrowShards)
+}
+
+// The same on a Redis Cluster of three masters.
+func TestGrowShardsOnCluster(t *testing.T) {
+	testGrowShards(t, testredis.Cluster(t))
+}
+
+func testGrowShards(t *testing.T, b testredis.Backend) {
+	ctx := context.Background()
+	const queue = "grow"
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, in.CreateQueue(ctx, queue, 2))
+
+	c := newHandledOnce()
+	var logs []func(string) int
+	var stops []func()
+	startWorker := func() {
+		log, observedLogs := observed(t)
+		w := newWorker(t, b, batchq.WithLogger(log), batchq.WithConcurrency(8))
+		batchq.Handle(w, queue, c.handle)
+		stops = append(stops, runWorker(t, w))
+		logs = append(logs, func(msg string) int { return observedLogs.FilterMessage(msg).Len() })
+	}
+	startWorker()
+	startWorker()
+
+	// Four appenders, each with its own ids, over 200 keys, until stopped.
+	p := newProducer(t, b)
+	var next atomic.Int64
+	stopLoad := make(chan struct{})
+	var load sync.WaitGroup
+	for range 4 {
+		load.Go(func() {
+			for {
+				select {
+				case <-stopLoad:
+					return
+				default:
+				}
+				i := next.Add(1) - 1
+				if err := p.Add(ctx, queue, "k"+strconv.FormatInt(i%200, 10), strconv.FormatInt(i, 10)); err != nil {
+					t.Errorf("Add: %v", err)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	time.Sleep(time.Second)
+	grownAt := time.Now()
+	old, err := in.SetShards(ctx, queue, 8)
+	if err != nil || old != 2 {
+		t.Fatalf("SetShards: %d, %v", old, err)
+	}
+	eventually(t, 10*time.Second, "both workers drain the new shards", func() bool {
+		return logs[0]("the queue has more shards: draining them too") == 1 && logs[1]("the queue has more shards: draining them too") == 1
+	})
+	t.Logf("the workers drained 8 shards %v after the growth", time.Since(grownAt).Round(time.Millisecond))
+	time.Sleep(2 * time.Second)
+	close(stopLoad)
+	load.Wait()
+	added := int(next.Load())
+	eventually(t, 30*time.Second, "every item handled once", func() bool { return c.check(added, strconv.Itoa) == nil })
+	if err := c.check(added, strconv.Itoa); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d items appended under load, each handled once", added)
+
+	// The producer routes by 8 now: with the workers stopped, keys land in
+	// the shards the growth added.
+	for _, stop := range stops {
+		stop()
+	}
+	for i := range 100 {
+		must(t, p.Add(ctx, queue, "after"+strconv.Itoa(i), "a"+strconv.Itoa(i)))
+	}
+	inNew := 0
+	for shard := 2; shard < 8; shard++ {
+		inNew += len(testredis.Keys(t, b, keys.For(b.Prefix, queue, shard).Items("after*")))
+	}
+	if inNew == 0 {
+		t.Fatal("no key of 100 appended after the growth is in the new shards: the producer still routes by 2")
+	}
+	st, err := in.Stats(ctx, queue)
+	must(t, err)
+	if st.Shards != 8 || st.PendingItems != 100 {
+		t.Fatalf("stats %+v, want 8 shards and 100 pending items", st)
+	}
+	startWorker()
+	eventually(t, 30*time.Second, "the items appended after the growth handled", func() bool {
+		return c.check(added+100, func(i int) string {
+			if i < added {
+				return strconv.Itoa(i)
+			}
+			return "a" + strconv.Itoa(i-added)
+		}) == nil
+	})
+}
