@@ -18,7 +18,7 @@ func TestQuick(t *testing.T) {
 	addr := startRedis(t)
 	args := []string{"-redis", addr, "-quick",
 		"-n", "1000", "-keys", "50", "-producers", "8", "-concurrency", "8",
-		"-rate", "2000", "-rate-items", "400", "-hot-items", "500", "-group-hot-items", "200", "-busy-items", "300",
+		"-rate", "2000", "-rate-items", "400", "-hot-items", "500", "-group-hot-items", "200", "-busy-items", "300", "-hot-cold-items", "400",
 		"-phase-timeout", "60s"}
 	var stdout, stderr bytes.Buffer
 	err := run(context.Background(), args, &stdout, &stderr)
@@ -40,6 +40,7 @@ func TestQuick(t *testing.T) {
 			Dups      *int64   `json:"duplicates"`
 			AppendErr *int64   `json:"append_errors"`
 			HandlingS *float64 `json:"handling_s"`
+			P99ms     *float64 `json:"p99_ms"`
 		} `json:"results"`
 		Ratios map[string]map[string]struct {
 			ThroughputX float64 `json:"throughput_x"`
@@ -79,6 +80,9 @@ func TestQuick(t *testing.T) {
 				t.Errorf("%s/%s: items %d, duplicates %v, append errors %v; want 300, 0, 0", phase, system, r.Items, r.Dups, r.AppendErr)
 			case phase == phaseBusyKey && r.HandlingS == nil:
 				t.Errorf("%s/%s: no handling_s", phase, system)
+			case phase == phaseHotCold && (r.P99ms == nil || *r.P99ms <= 0):
+				// The cold items' latency.
+				t.Errorf("%s/%s: p99 %v, want the cold keys' latency", phase, system, r.P99ms)
 			}
 		}
 		if _, ok := rep.Ratios[phase]["batchq/asynq-plain"]; !ok {

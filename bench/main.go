@@ -69,7 +69,8 @@ type config struct {
 	groupMaxDelay time.Duration
 
 	// Caps on the items of the slow asynq phases.
-	groupHotItems   int // hot-key items for asynq-group
+	groupHotItems   int // hot-key (and hot-and-cold) items for asynq-group
+	hotColdItems    int // items of the hot-and-cold phase
 	asynqPlainItems int // items of every phase but fixed-rate for asynq-plain
 
 	cpuProfile string // file for a CPU profile of the whole run; "": none
@@ -90,6 +91,11 @@ func (c *config) items(phase, system string) int {
 		n = c.hotItems
 		if system == sysAsynqGroup {
 			n = min(n, c.groupHotItems)
+		}
+	case phaseHotCold:
+		n = c.hotColdItems
+		if system == sysAsynqGroup {
+			n = min(n, c.groupHotItems) // its hot group drains at about 100 items/s
 		}
 	case phaseBusyKey:
 		n = c.busyItems
@@ -118,6 +124,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.rate, "rate", 2000, "items per second offered in the fixed-rate phase, across all producers")
 	fs.IntVar(&c.rateItems, "rate-items", 20_000, "items of the fixed-rate phase")
 	fs.IntVar(&c.hotItems, "hot-items", 50_000, "items of the hot-key phase")
+	fs.IntVar(&c.hotColdItems, "hot-cold-items", 20_000, "items of the hot-and-cold phase, offered at -rate, 9 in 10 to one key")
 	fs.IntVar(&c.busyItems, "busy-items", 2000, "items of the busy-key phase (one key, a 1 ms handler: about 2s for one item at a time)")
 	fs.IntVar(&c.groupHotItems, "group-hot-items", 1000, "asynq-group: items of the hot-key phase, at most -hot-items (it aggregates at most -group-max-size items of one group per check, about 100/s)")
 	fs.IntVar(&c.asynqPlainItems, "asynq-plain-items", 20_000, "asynq-plain: items of every phase but fixed-rate, at most theirs (it handles a few thousand items/s)")
@@ -130,7 +137,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&systems, "systems", strings.Join(allSystems, ","), "comma-separated systems to run")
 	fs.StringVar(&phases, "phases", strings.Join(allPhases, ","), "comma-separated phases to run, by name or number (1-"+strconv.Itoa(len(allPhases))+")")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (producers, workers and the bench itself) to this file")
-	fs.BoolVar(&quick, "quick", false, "smoke test: -n 10000 -rate-items 4000 -hot-items 10000 -group-hot-items 500 -runs 1, unless given")
+	fs.BoolVar(&quick, "quick", false, "smoke test: -n 10000 -rate-items 4000 -hot-items 10000 -hot-cold-items 4000 -group-hot-items 500 -runs 1, unless given")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -140,14 +147,14 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	if quick {
 		set := make(map[string]bool)
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		for name, v := range map[string]int{"n": 10_000, "rate-items": 4000, "hot-items": 10_000, "group-hot-items": 500, "runs": 1} {
+		for name, v := range map[string]int{"n": 10_000, "rate-items": 4000, "hot-items": 10_000, "hot-cold-items": 4000, "group-hot-items": 500, "runs": 1} {
 			if !set[name] {
 				_ = fs.Set(name, strconv.Itoa(v))
 			}
 		}
 	}
 	for name, v := range map[string]int{"n": c.n, "keys": c.keys, "producers": c.producers, "concurrency": c.concurrency,
-		"shards": c.shards, "rate": c.rate, "rate-items": c.rateItems, "hot-items": c.hotItems, "busy-items": c.busyItems,
+		"shards": c.shards, "rate": c.rate, "rate-items": c.rateItems, "hot-items": c.hotItems, "busy-items": c.busyItems, "hot-cold-items": c.hotColdItems,
 		"group-hot-items": c.groupHotItems, "asynq-plain-items": c.asynqPlainItems, "group-max-size": c.groupMaxSize, "runs": c.runs} {
 		if v < 1 {
 			return nil, fmt.Errorf("-%s must be at least 1, got %d", name, v)

@@ -11,19 +11,35 @@ import (
 
 // The phases, by the names the -phases flag and the report use.
 const (
-	phaseAppend    = "append"     // 1: producers only
-	phaseDrain     = "drain"      // 2: workers only, on what phase 1 appended
-	phaseSaturated = "saturated"  // 3: producers and workers at once, flat out
-	phaseRate      = "fixed-rate" // 4: a fixed offered rate; latency
-	phaseHotKey    = "hot-key"    // 5: every item to one key
-	phaseBusyKey   = "busy-key"   // 6: every item to one key, appended up front, then drained by a 1 ms handler
+	phaseAppend    = "append"       // 1: producers only
+	phaseDrain     = "drain"        // 2: workers only, on what phase 1 appended
+	phaseSaturated = "saturated"    // 3: producers and workers at once, flat out
+	phaseRate      = "fixed-rate"   // 4: a fixed offered rate; latency
+	phaseHotKey    = "hot-key"      // 5: every item to one key
+	phaseBusyKey   = "busy-key"     // 6: every item to one key, appended up front, then drained by a 1 ms handler
+	phaseHotCold   = "hot-and-cold" // 7: a fixed offered rate, 90% to one key; latency of the other keys
 )
 
 // allPhases lists the phases in the order they run.
-var allPhases = []string{phaseAppend, phaseDrain, phaseSaturated, phaseRate, phaseHotKey, phaseBusyKey}
+var allPhases = []string{phaseAppend, phaseDrain, phaseSaturated, phaseRate, phaseHotKey, phaseBusyKey, phaseHotCold}
 
-// hotKey is the one key of the hot-key phase.
+// hotKey is the one key of the hot-key phase, and the hot one of the
+// hot-and-cold phase.
 const hotKey = "hot"
+
+// hotColdKey returns the key of item i in the hot-and-cold phase: nine
+// items in ten to hotKey, the tenth spread over keys cold keys.
+func hotColdKey(keys int) func(int64) string {
+	return func(i int64) string {
+		if !coldItem(int(i)) {
+			return hotKey
+		}
+		return "k" + strconv.FormatInt(i/10%int64(keys), 10)
+	}
+}
+
+// coldItem reports whether item i of the hot-and-cold phase goes to a cold key.
+func coldItem(i int) bool { return i%10 == 0 }
 
 // The busy-key phase: its one key, and the time its handler takes per item.
 const (
@@ -192,10 +208,12 @@ func (b *bench) drainOnly(sys system, n int, appended int64) (result, error) {
 	return r, err
 }
 
-// concurrent runs phases 3 to 5: workers and producers start at once, the
-// producers append n items (rate per second in all, when rate > 0) with
-// key(i) the key of item i, and the phase ends when all are handled.
-func (b *bench) concurrent(sys system, n, rate int, key func(int64) string) (result, error) {
+// concurrent runs phases 3 to 5 and 7: workers and producers start at
+// once, the producers append n items (rate per second in all, when rate >
+// 0) with key(i) the key of item i, and the phase ends when all are
+// handled. Latencies are those of the items latency(i) selects, every item
+// when it is nil.
+func (b *bench) concurrent(sys system, n, rate int, key func(int64) string, latency func(int) bool) (result, error) {
 	if err := b.stats.flush(); err != nil {
 		return result{}, err
 	}
@@ -223,7 +241,8 @@ func (b *bench) concurrent(sys system, n, rate int, key func(int64) string) (res
 		return nil
 	})
 	stop()
-	b.settle(&r, tr, true)
+	b.settle(&r, tr, false)
+	r.latencies = tr.latencies(latency)
 	return r, err
 }
 
@@ -275,7 +294,7 @@ func (b *bench) settle(r *result, tr *tracker, latency bool) {
 	r.duplicates = tr.duplicates()
 	r.lost = max(r.produced-r.handled, 0)
 	if latency {
-		r.latencies = tr.latencies()
+		r.latencies = tr.latencies(nil)
 	}
 }
 
@@ -306,15 +325,18 @@ func (b *bench) runPhase(phase, name string) (map[string]result, error) {
 			}
 			out[phaseDrain] = d
 		}
-	case phaseSaturated, phaseRate, phaseHotKey:
+	case phaseSaturated, phaseRate, phaseHotKey, phaseHotCold:
 		rate, key := 0, b.spreadKey
+		var latency func(int) bool
 		switch phase {
 		case phaseRate:
 			rate = b.cfg.rate
 		case phaseHotKey:
 			key = func(int64) string { return hotKey }
+		case phaseHotCold:
+			rate, key, latency = b.cfg.rate, hotColdKey(b.cfg.keys), coldItem
 		}
-		r, err := b.concurrent(sys, n, rate, key)
+		r, err := b.concurrent(sys, n, rate, key, latency)
 		if err != nil {
 			return nil, fmt.Errorf("%s %s: %w", phase, name, err)
 		}

@@ -45,6 +45,7 @@ type reportConfig struct {
 	RateItems     int     `json:"rate_items"`
 	HotItems      int     `json:"hot_items"`
 	BusyItems     int     `json:"busy_items"`
+	HotColdItems  int     `json:"hot_cold_items"`
 	BusyWorkMs    float64 `json:"busy_work_ms"` // busy-key: what the handler takes per item
 	PhaseTimeoutS float64 `json:"phase_timeout_s"`
 	Linger        string  `json:"batchq_linger"`
@@ -102,7 +103,7 @@ func newReport(cfg *config, redisVersion string, results map[string]map[string][
 	rc := &rep.Config
 	rc.Items, rc.Keys, rc.Producers, rc.Concurrency, rc.Shards = cfg.n, cfg.keys, cfg.producers, cfg.concurrency, cfg.shards
 	rc.Rate, rc.RateItems, rc.HotItems, rc.PhaseTimeoutS = cfg.rate, cfg.rateItems, cfg.hotItems, cfg.phaseTimeout.Seconds()
-	rc.BusyItems, rc.BusyWorkMs = cfg.busyItems, float64(busyWork)/1e6
+	rc.BusyItems, rc.BusyWorkMs, rc.HotColdItems = cfg.busyItems, float64(busyWork)/1e6, cfg.hotColdItems
 	rc.Linger = fmt.Sprintf("WithLinger(%v, %d)", lingerWait, lingerItems)
 	rc.AsynqGroup.MaxSize, rc.AsynqGroup.GracePeriodS = cfg.groupMaxSize, cfg.groupGrace.Seconds()
 	rc.AsynqGroup.MaxDelayS, rc.AsynqGroup.HotItems = cfg.groupMaxDelay.Seconds(), cfg.items(phaseHotKey, sysAsynqGroup)
@@ -252,6 +253,8 @@ func (rep *report) phaseItems(phase string) int {
 		return rep.Config.HotItems
 	case phaseBusyKey:
 		return rep.Config.BusyItems
+	case phaseHotCold:
+		return rep.Config.HotColdItems
 	}
 	return rep.Config.Items
 }

@@ -191,11 +191,12 @@ func (t *tracker) duplicates() int64 {
 	return t.calls.Load() - t.distinct.Load() - t.bad.Load()
 }
 
-// latencies returns the sorted latencies of the ids seen, in nanoseconds.
-func (t *tracker) latencies() []int64 {
+// latencies returns the sorted latencies of the ids seen that only
+// selects (every id seen when only is nil), in nanoseconds.
+func (t *tracker) latencies(only func(id int) bool) []int64 {
 	out := make([]int64, 0, t.distinct.Load())
 	for i := range t.seen {
-		if t.seen[i].Load() > 0 {
+		if t.seen[i].Load() > 0 && (only == nil || only(i)) {
 			out = append(out, t.latency[i].Load())
 		}
 	}
