@@ -208,7 +208,7 @@ func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
 	if err := r.register(ctx, queues); err != nil {
-		r.w.log.Warn("cannot record the queues in the registry; the inspector finds them once a producer appends", zap.Error(err))
+		r.w.log.Warn("cannot read the queues' shard counts from the registry; taking no work until it can (every 2s)", zap.Error(err))
 	}
 	if !r.sync(ctx) {
 		r.w.log.Warn("cannot read the Redis server's clock; waiting for it before taking work")

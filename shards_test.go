@@ -216,3 +216,27 @@ func testGrowShards(t *testing.T, b testredis.Backend) {
 		}) == nil
 	})
 }
+
+// A registry value that is not a shard count (another program wrote "0")
+// strands nothing: the producer's first append records the default over it,
+// and a worker drains every item.
+func TestCorruptShardCountIsReplaced(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue("q", "0").Build()).Error())
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(3))
+		must(t, err)
+		const n = 30
+		for i := range n {
+			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(i), strconv.Itoa(i)))
+		}
+		w := newWorker(t, b)
+		c := newHandledOnce()
+		batchq.Handle(w, "q", c.handle)
+		runWorker(t, w)
+		eventually(t, 10*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
+		if v, err := b.Client.Do(ctx, b.Client.B().Hget().Key(keys.Registry(b.Prefix)).Field("q").Build()).ToString(); err != nil || v != "3" {
+			t.Fatalf("the registry holds %q, %v; want 3", v, err)
+		}
+	})
+}

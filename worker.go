@@ -182,13 +182,12 @@ func (w *Worker) Run(ctx context.Context) error {
 		go x.loop(nil)
 	}
 
-	// Fetch loops start for the shards the registry counts, and for more
-	// as the count grows; shardsLoop alone starts them, and returns when
-	// ctx is done, before the wait for them begins.
+	// Fetch loops start for the shards the registry counts, here, then in
+	// shardsLoop as the count grows (or once Redis answers, if it did not
+	// at start); shardsLoop returns when ctx is done, so no loop starts
+	// once the wait for them begins.
 	r.grow(ctx, queues)
-	var shards sync.WaitGroup
-	shards.Go(func() { r.shardsLoop(ctx, queues) })
-	shards.Wait()
+	r.shardsLoop(ctx, queues)
 	r.fetchers.Wait()
 	close(r.work)
 

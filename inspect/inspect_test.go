@@ -197,14 +197,22 @@ func TestInspectorCountsManyKeys(t *testing.T) {
 func TestFirstWriterRecordsShards(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		ctx := context.Background()
+		// Each producer appends to a key whose shard under 3 is not its
+		// shard under the producer's own default.
+		key := map[int]string{}
 		for _, n := range []int{3, 1, 2} {
+			for i := 0; key[n] == ""; i++ {
+				if k := "k" + strconv.Itoa(n) + "-" + strconv.Itoa(i); n == 3 || keys.Shard(k, 3) != keys.Shard(k, n) {
+					key[n] = k
+				}
+			}
 			p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(n))
 			must(t, err)
-			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(n), n))
+			must(t, p.Add(ctx, "q", key[n], n))
 		}
 		// Each key sits in its shard under 3, whatever its producer's default.
 		for _, n := range []int{3, 1, 2} {
-			k := "k" + strconv.Itoa(n)
+			k := key[n]
 			if got := testredis.Keys(t, b, keys.For(b.Prefix, "q", keys.Shard(k, 3)).Items(k)); len(got) != 1 {
 				t.Errorf("key %s is not in its shard of 3: %v", k, got)
 			}

@@ -126,8 +126,8 @@ func (e *KeyFullError) Is(target error) bool { return target == ErrKeyFull }
 type Producer struct {
 	c       rueidis.Client
 	prefix  string
-	shards  int // the shards of a queue this producer records first; 0: the deployment's default
-	topo    atomic.Pointer[protocol.Topology]
+	shards  protocol.Defaults // the shards of a queue this producer records first
+	started time.Time         // when New ran: the monotonic base of registration.read
 	maxItem int
 	caps    protocol.Caps
 	flush   map[string]protocol.Flush // by queue; missing: due at once
@@ -185,7 +185,7 @@ func WithDefaultShards(n int) Option {
 		if n < 1 || n > keys.MaxShards {
 			return fmt.Errorf("producer: shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
-		pr.shards = n
+		pr.shards.Fixed = n
 		return nil
 	}
 }
@@ -235,7 +235,7 @@ func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 	if c == nil {
 		return nil, errors.New("producer: nil client")
 	}
-	p := &Producer{c: c, prefix: keys.DefaultPrefix, maxItem: DefaultMaxItemBytes,
+	p := &Producer{c: c, prefix: keys.DefaultPrefix, started: time.Now(), maxItem: DefaultMaxItemBytes,
 		caps:  protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes},
 		clock: protocol.NewClock(nil), syncing: make(chan struct{}, 1)}
 	for _, o := range opts {
@@ -391,7 +391,7 @@ func (p *Producer) store(ctx context.Context, queue, key, joined string, n int) 
 // from the registry.
 type registration struct {
 	shards  atomic.Int32  // 0: not read yet
-	read    atomic.Int64  // when it was last read (Unix ns)
+	read    atomic.Int64  // when it was last read, or tried (ns since the producer's start)
 	writing chan struct{} // holds a token while one caller reads it
 }
 
@@ -409,7 +409,7 @@ func (p *Producer) shardsOf(ctx context.Context, queue string) (int, error) {
 	}
 	r := v.(*registration)
 	n := int(r.shards.Load())
-	if n > 0 && time.Since(time.Unix(0, r.read.Load())) < protocol.ShardsEvery {
+	if n > 0 && p.since(r.read.Load()) < protocol.ShardsEvery {
 		return n, nil
 	}
 	if n > 0 {
@@ -426,20 +426,28 @@ func (p *Producer) shardsOf(ctx context.Context, queue string) (int, error) {
 		}
 	}
 	defer func() { <-r.writing }()
-	if n = int(r.shards.Load()); n > 0 && time.Since(time.Unix(0, r.read.Load())) < protocol.ShardsEvery {
+	if n = int(r.shards.Load()); n > 0 && p.since(r.read.Load()) < protocol.ShardsEvery {
 		return n, nil
 	}
 	got, err := p.readShards(ctx, queue, n)
 	if err != nil {
 		if n > 0 {
-			return n, nil // the last count will do until the next try
+			// The last count will do until the next try, ShardsEvery on:
+			// the registry's count only grows, and workers drain every
+			// shard below it.
+			r.read.Store(int64(time.Since(p.started)))
+			return n, nil
 		}
 		return 0, err
 	}
 	r.shards.Store(int32(got))
-	r.read.Store(time.Now().UnixNano())
+	r.read.Store(int64(time.Since(p.started)))
 	return got, nil
 }
+
+// since returns how long ago t was, t being a time since the producer's
+// start (on the monotonic clock: a step of the wall clock moves neither).
+func (p *Producer) since(t int64) time.Duration { return time.Since(p.started) - time.Duration(t) }
 
 // readShards reads the shard count of queue from the registry. A producer
 // that routed by known shards already (0: none) reads it with one HMGET,
@@ -457,19 +465,7 @@ func (p *Producer) readShards(ctx context.Context, queue string, known int) (int
 			return ns[0], nil
 		}
 	}
-	def := p.shards
-	if def == 0 {
-		t := p.topo.Load()
-		if t == nil {
-			var err error
-			if t, err = protocol.ReadTopology(ctx, p.c); err != nil {
-				return 0, err
-			}
-			p.topo.Store(t)
-		}
-		def = t.DefaultShards(queue)
-	}
-	ns, err := protocol.Register(ctx, p.c, p.prefix, protocol.Known{Queue: queue, Shards: known, Default: def})
+	ns, err := protocol.RegisterNew(ctx, p.c, p.prefix, &p.shards, protocol.Known{Queue: queue, Shards: known, Default: p.shards.Fixed})
 	if err != nil {
 		return 0, err
 	}

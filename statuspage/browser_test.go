@@ -101,7 +101,7 @@ func showcase(t *testing.T, b testredis.Backend) *fixture {
 	must(t, f.p.Add(ctx, "emails", "user:3141", mail("c@example.com"), mail("c@example.com")))
 	f.backdate(t, "emails", "user:3141", 8*time.Second)
 
-	p4, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithShards(4))
+	p4, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(4))
 	must(t, err)
 	for i := range 6 {
 		items := []any{map[string]int{"invoice": 5000 + i}}

@@ -769,6 +769,10 @@ func queueCreate(ctx context.Context, s *session, args []string) error {
 	n, _ := shardCount(args[1]) // checked by checkArgs
 	if !s.opts.yes {
 		if q, err := s.in.Queue(ctx, queue); err == nil {
+			if q.Shards == n { // as -yes would: nothing to do
+				_, err := fmt.Fprintf(s.out, "queue %s exists with %s already\n", cell(queue), plural(int64(n), "shard"))
+				return err
+			}
 			return fmt.Errorf("queue %s exists with %s", cell(queue), plural(int64(q.Shards), "shard"))
 		} else if !errors.Is(err, inspect.ErrNoQueue) {
 			return err
@@ -801,8 +805,9 @@ func queueShards(ctx context.Context, s *session, args []string) error {
 			return err
 		case n < q.Shards:
 			return fmt.Errorf("queue %s has %s: a queue's shards cannot shrink (the others may hold items)", cell(queue), plural(int64(q.Shards), "shard"))
-		case n == q.Shards:
-			return fmt.Errorf("queue %s has %s already", cell(queue), plural(int64(q.Shards), "shard"))
+		case n == q.Shards: // as -yes would: nothing to do
+			_, err := fmt.Fprintf(s.out, "queue %s has %s already\n", cell(queue), plural(int64(n), "shard"))
+			return err
 		}
 		return fmt.Errorf("would raise the shards of queue %s from %d to %d; run again with -yes", cell(queue), q.Shards, n)
 	}

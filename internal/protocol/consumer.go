@@ -40,8 +40,7 @@ const StrandGrace = 2 * time.Second
 type Consumer struct {
 	c          rueidis.Client
 	prefix     string
-	defShards  int // the shards of a queue this consumer records first; 0: DefaultShards
-	topo       atomic.Pointer[Topology]
+	defaults   Defaults // the shards of a queue this consumer records first
 	leaseTTL   time.Duration
 	atMostOnce bool
 	deadCap    int
@@ -75,7 +74,7 @@ func WithDefaultShards(n int) Option {
 		if n < 1 || n > keys.MaxShards {
 			return fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
 		}
-		c.defShards = n
+		c.defaults.Fixed = n
 		return nil
 	}
 }
@@ -203,33 +202,16 @@ func (c *Consumer) Register(ctx context.Context, qs ...Known) ([]int, error) {
 	if len(qs) == 0 {
 		return nil, nil
 	}
-	if err := c.defaults(ctx, qs); err != nil {
-		return nil, err
-	}
-	return Register(ctx, c.c, c.prefix, qs...)
+	c.fixed(qs)
+	return RegisterNew(ctx, c.c, c.prefix, &c.defaults, qs...)
 }
 
-// defaults sets the Default of each of qs: WithDefaultShards, or the
-// deployment's DefaultShards, read once.
-func (c *Consumer) defaults(ctx context.Context, qs []Known) error {
-	if c.defShards > 0 {
-		for i := range qs {
-			qs[i].Default = c.defShards
-		}
-		return nil
-	}
-	t := c.topo.Load()
-	if t == nil {
-		var err error
-		if t, err = ReadTopology(ctx, c.c); err != nil {
-			return err
-		}
-		c.topo.Store(t)
-	}
+// fixed sets the Default of each of qs to WithDefaultShards' count, or to
+// 0 without it (see RegisterNew).
+func (c *Consumer) fixed(qs []Known) {
 	for i := range qs {
-		qs[i].Default = t.DefaultShards(qs[i].Queue)
+		qs[i].Default = c.defaults.Fixed
 	}
-	return nil
 }
 
 // ReadShards returns the recorded shard counts of queues (see the

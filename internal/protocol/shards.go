@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -44,21 +45,57 @@ func (e *ShrinkError) Error() string {
 type Known struct {
 	Queue   string
 	Shards  int // the shards the caller already routes or drains it by; 0: none yet
-	Default int // the count to record if the registry does not hold the queue: 1-keys.MaxShards
+	Default int // the count to record if the registry does not hold the queue; 0: none
 }
 
 // Register records queues in the prefix's registry and returns their shard
 // counts, in the order of qs. A queue the registry does not hold gets its
-// Default, or its Shards when that is larger; Shards larger than the
-// recorded count raise it (see register.lua).
+// Default, or its Shards when that is larger, or stays unrecorded, with a
+// count of 0, when both are 0; Shards larger than the recorded count raise
+// it (see register.lua).
 func Register(ctx context.Context, c rueidis.Client, prefix string, qs ...Known) ([]int, error) {
 	return register(ctx, c, []string{keys.Registry(prefix)}, knownArgs(qs))
+}
+
+// RegisterNew is Register, but a queue that neither the registry nor qs
+// gives a count gets d's default, in a second call: the deployment's
+// topology is read only for queues nobody recorded yet.
+func RegisterNew(ctx context.Context, c rueidis.Client, prefix string, d *Defaults, qs ...Known) ([]int, error) {
+	got, err := Register(ctx, c, prefix, qs...)
+	if err != nil {
+		return nil, err
+	}
+	return recordNew(ctx, c, prefix, d, qs, got)
+}
+
+// recordNew records, with d's default, the queues of qs that got a count
+// of 0 from register.lua, and returns got completed.
+func recordNew(ctx context.Context, c rueidis.Client, prefix string, d *Defaults, qs []Known, got []int) ([]int, error) {
+	var missing []Known
+	for i, n := range got {
+		if n == 0 {
+			missing = append(missing, Known{Queue: qs[i].Queue, Default: d.For(ctx, c, qs[i].Queue)})
+		}
+	}
+	if len(missing) == 0 {
+		return got, nil
+	}
+	again, err := Register(ctx, c, prefix, missing...)
+	if err != nil {
+		return nil, err
+	}
+	for i, j := 0, 0; i < len(got); i++ {
+		if got[i] == 0 {
+			got[i], j = again[j], j+1
+		}
+	}
+	return got, nil
 }
 
 func knownArgs(qs []Known) []string {
 	args := make([]string, 0, 3*len(qs))
 	for _, q := range qs {
-		args = append(args, q.Queue, strconv.Itoa(q.Shards), strconv.Itoa(max(1, q.Default)))
+		args = append(args, q.Queue, strconv.Itoa(q.Shards), strconv.Itoa(q.Default))
 	}
 	return args
 }
@@ -72,9 +109,38 @@ func register(ctx context.Context, c rueidis.Client, ks, args []string) ([]int, 
 	}
 	out := make([]int, len(res))
 	for i, n := range res {
+		if n < 0 || n > keys.MaxShards {
+			return nil, fmt.Errorf("register returned a count of %d shards", n)
+		}
 		out[i] = int(n)
 	}
 	return out, nil
+}
+
+// Defaults picks the shard count of a queue its caller is the first to
+// record: Fixed when set (WithDefaultShards), else the Topology's
+// DefaultShards, read once per process. When the topology cannot be read
+// (an ACL that refuses CLUSTER SLOTS), it falls back to four shards per
+// node the client knows, and reads it again next time.
+type Defaults struct {
+	Fixed int
+	topo  atomic.Pointer[Topology]
+}
+
+// For returns the default shard count of queue.
+func (d *Defaults) For(ctx context.Context, c rueidis.Client, queue string) int {
+	if d.Fixed > 0 {
+		return d.Fixed
+	}
+	t := d.topo.Load()
+	if t == nil {
+		var err error
+		if t, err = ReadTopology(ctx, c); err != nil {
+			return min(keys.MaxShards, max(1, 4*len(c.Nodes())))
+		}
+		d.topo.Store(t)
+	}
+	return t.DefaultShards(queue)
 }
 
 // ReadShards returns the recorded shard counts of queues, in their order:

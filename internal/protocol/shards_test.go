@@ -114,3 +114,42 @@ func TestSetShards(t *testing.T) {
 		}
 	})
 }
+
+// A registry value that is not a count of 1 to 1024 (another program wrote
+// it) counts as none: Register replaces it with the caller's count or the
+// default, and SetShards with the new count, so that no caller routes by 0
+// shards or starts thousands of fetch loops.
+func TestCorruptShardCounts(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		reg := keys.Registry(b.Prefix)
+		set := func(v string) {
+			t.Helper()
+			must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(reg).FieldValue().FieldValue("q", v).Build()).Error())
+		}
+		for _, v := range []string{"0", "-2", "2000", "0x10", "1e3", " 5", "inf", "", "07"} {
+			set(v)
+			got, err := protocol.Register(ctx, b.Client, b.Prefix, protocol.Known{Queue: "q", Shards: 3})
+			if err != nil || got[0] != 3 {
+				t.Errorf("Register over %q with 3 known: %v, %v; want 3", v, got, err)
+			}
+			set(v)
+			got, err = protocol.Register(ctx, b.Client, b.Prefix, protocol.Known{Queue: "q"})
+			if err != nil || got[0] != 0 {
+				t.Errorf("Register over %q with nothing known: %v, %v; want 0 (unrecorded)", v, got, err)
+			}
+			d := protocol.Defaults{Fixed: 4}
+			got, err = protocol.RegisterNew(ctx, b.Client, b.Prefix, &d, protocol.Known{Queue: "q"})
+			if err != nil || got[0] != 4 {
+				t.Errorf("RegisterNew over %q: %v, %v; want the default, 4", v, got, err)
+			}
+			set(v)
+			if old, err := protocol.SetShards(ctx, b.Client, b.Prefix, "q", 2); err != nil || old != 0 {
+				t.Errorf("SetShards over %q: %d, %v; want it replaced", v, old, err)
+			}
+			if got, err := protocol.ReadShards(ctx, b.Client, b.Prefix, "q"); err != nil || got[0] != 2 {
+				t.Errorf("after SetShards over %q: %v, %v", v, got, err)
+			}
+		}
+	})
+}

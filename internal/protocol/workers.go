@@ -58,9 +58,7 @@ type announcement struct {
 func (c *Consumer) Announce(ctx context.Context, concurrency int, qs ...Known) ([]int, error) {
 	now := c.nowMs()
 	c.started.CompareAndSwap(0, now)
-	if err := c.defaults(ctx, qs); err != nil {
-		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
-	}
+	c.fixed(qs)
 	host, _ := os.Hostname()
 	queues := make([]string, len(qs))
 	for i, q := range qs {
@@ -70,6 +68,9 @@ func (c *Consumer) Announce(ctx context.Context, concurrency int, qs ...Known) (
 		Concurrency: concurrency, Started: c.started.Load()}) // strings and numbers: it cannot fail
 	recorded, err := register(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix)},
 		append([]string{c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, knownArgs(qs)...))
+	if err == nil {
+		recorded, err = recordNew(ctx, c.c, c.prefix, &c.defaults, qs, recorded)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
 	}

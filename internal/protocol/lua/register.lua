@@ -11,7 +11,8 @@
 --           longer are pruned, up to 100 per call
 --   ARGV[4..] the queues, three arguments each: its name, the shards the
 --           caller already routes or drains it by (0: none yet), and the
---           count to record when the registry does not hold it
+--           count to record when the registry does not hold it (0: record
+--           none; the caller asks again with one)
 -- Without them (a producer): ARGV[1..] the queues, as above.
 --
 -- The registry is where a queue's shard count lives: the first writer
@@ -19,9 +20,22 @@
 -- only raises it, never lowers it: a caller that routed or drained more
 -- shards than the registry holds (the queue was forgotten and recorded
 -- anew meanwhile) may have items in them, and the count must cover them.
--- A worker's last seen time is the server's clock (TIME), so that workers
--- whose clocks disagree are pruned alike. Returns the recorded counts, in
--- the order of the queues.
+-- A value that is not a count of 1 to 1024, written by another program,
+-- counts as none, and is replaced. A worker's last seen time is the
+-- server's clock (TIME), so that workers whose clocks disagree are pruned
+-- alike. Returns the recorded counts, in the order of the queues: 0 for a
+-- queue left unrecorded.
+local function count(v)
+  if type(v) ~= 'string' or not string.match(v, '^[1-9]%d?%d?%d?$') then
+    return nil
+  end
+  local n = tonumber(v)
+  if n > 1024 then
+    return nil
+  end
+  return n
+end
+
 local first = 1
 if #KEYS == 3 then
   local t = redis.call('TIME')
@@ -37,13 +51,13 @@ if #KEYS == 3 then
 end
 local out = {}
 for i = first, #ARGV, 3 do
-  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+  local cur = count(redis.call('HGET', KEYS[1], ARGV[i]))
   local want = cur or tonumber(ARGV[i + 2])
   local floor = tonumber(ARGV[i + 1])
   if floor > want then
     want = floor
   end
-  if want ~= cur then
+  if want > 0 and want ~= cur then
     redis.call('HSET', KEYS[1], ARGV[i], want)
   end
   out[#out + 1] = want
