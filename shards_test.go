@@ -12,6 +12,7 @@ import (
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
@@ -238,5 +239,77 @@ func TestCorruptShardCountIsReplaced(t *testing.T) {
 		if v, err := b.Client.Do(ctx, b.Client.B().Hget().Key(keys.Registry(b.Prefix)).Field("q").Build()).ToString(); err != nil || v != "3" {
 			t.Fatalf("the registry holds %q, %v; want 3", v, err)
 		}
+	})
+}
+
+// A worker started while Redis is down takes its queues' shard counts once
+// Redis answers: it drains every shard of a queue recorded with more shards
+// than the worker's default.
+func TestWorkerStartedWhileRedisIsDown(t *testing.T) {
+	srv := testredis.Start(t, "--appendonly", "yes", "--appendfsync", "always")
+	b := srv.Backend(t)
+	ctx := context.Background()
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, in.CreateQueue(ctx, "q", 3))
+	srv.Stop()
+	log, logs := observed(t)
+	w := newWorker(t, b, batchq.WithLogger(log))
+	c := newHandledOnce()
+	batchq.Handle(w, "q", c.handle)
+	runWorker(t, w)
+	eventually(t, 10*time.Second, "the worker to say it cannot read the counts", func() bool {
+		return logs.FilterMessage("cannot read the queues' shard counts from the registry; taking no work until it can (every 2s)").Len() == 1
+	})
+	srv.Restart(t)
+	p := newProducer(t, b)
+	const n = 30
+	eventually(t, 10*time.Second, "an append to succeed", func() bool { return p.Add(ctx, "q", "k0", "0") == nil })
+	for i := 1; i < n; i++ {
+		must(t, p.Add(ctx, "q", "k"+strconv.Itoa(i), strconv.Itoa(i)))
+	}
+	eventually(t, 15*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
+	if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 3 {
+		t.Fatalf("queue %+v, %v; want its 3 shards kept", q, err)
+	}
+}
+
+// A queue forgotten and recorded anew with fewer shards, by a new first
+// writer, is raised again by a running producer that still routes by more:
+// the items it routes land in shards the workers drain.
+func TestForgottenQueueIsRaisedAgain(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+		must(t, err)
+		must(t, in.CreateQueue(ctx, "q", 4))
+		old := newProducer(t, b)
+		must(t, old.Add(ctx, "q", "warm", "w")) // old routes by 4 from now on
+		w0 := newWorker(t, b)
+		c0 := newHandledOnce()
+		batchq.Handle(w0, "q", c0.handle)
+		stop := runWorker(t, w0)
+		eventually(t, 10*time.Second, "the first item handled", func() bool { return c0.check(1, func(int) string { return "w" }) == nil })
+		stop()
+		eventually(t, 10*time.Second, "the queue forgotten", func() bool { return in.Forget(ctx, "q") == nil })
+		fresh, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1))
+		must(t, err)
+		must(t, fresh.Add(ctx, "q", "k0", "0"))
+		if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 1 {
+			t.Fatalf("queue %+v, %v; want it recorded anew with 1 shard", q, err)
+		}
+		time.Sleep(protocol.ShardsEvery + 100*time.Millisecond) // old reads the count again at its next append
+		const n = 30
+		for i := 1; i < n; i++ {
+			must(t, old.Add(ctx, "q", "k"+strconv.Itoa(i), strconv.Itoa(i)))
+		}
+		if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 4 {
+			t.Fatalf("queue %+v, %v; want it raised back to 4 shards", q, err)
+		}
+		w := newWorker(t, b)
+		c := newHandledOnce()
+		batchq.Handle(w, "q", c.handle)
+		runWorker(t, w)
+		eventually(t, 10*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
 	})
 }
