@@ -120,7 +120,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.keys, "keys", 1000, "keys the items are spread over (item i goes to key i%keys)")
 	fs.IntVar(&c.producers, "producers", 32, "producer goroutines")
 	fs.IntVar(&c.concurrency, "concurrency", 32, "worker concurrency (batchq: batches at once; asynq: tasks at once)")
-	fs.IntVar(&c.shards, "shards", 1, "batchq shards of the queue (producers and workers)")
+	fs.IntVar(&c.shards, "shards", 1, "batchq shards of the queue: the WithDefaultShards of its producers and workers, recorded by the first (the database is flushed between phases)")
 	fs.IntVar(&c.rate, "rate", 2000, "items per second offered in the fixed-rate phase, across all producers")
 	fs.IntVar(&c.rateItems, "rate-items", 20_000, "items of the fixed-rate phase")
 	fs.IntVar(&c.hotItems, "hot-items", 50_000, "items of the hot-key phase")
