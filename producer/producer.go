@@ -465,7 +465,7 @@ func (p *Producer) readShards(ctx context.Context, queue string, known int) (int
 			return ns[0], nil
 		}
 	}
-	ns, err := protocol.RegisterNew(ctx, p.c, p.prefix, &p.shards, protocol.Known{Queue: queue, Shards: known, Default: p.shards.Fixed})
+	ns, err := protocol.RegisterNew(ctx, p.c, p.prefix, &p.shards, protocol.Known{Queue: queue, Shards: known, Default: p.shards.Cheap(p.c, queue)})
 	if err != nil {
 		return 0, err
 	}

@@ -206,11 +206,11 @@ func (c *Consumer) Register(ctx context.Context, qs ...Known) ([]int, error) {
 	return RegisterNew(ctx, c.c, c.prefix, &c.defaults, qs...)
 }
 
-// fixed sets the Default of each of qs to WithDefaultShards' count, or to
-// 0 without it (see RegisterNew).
+// fixed sets the Default of each of qs to what costs no round trip to
+// know (see Defaults.Cheap and RegisterNew).
 func (c *Consumer) fixed(qs []Known) {
 	for i := range qs {
-		qs[i].Default = c.defaults.Fixed
+		qs[i].Default = c.defaults.Cheap(c.c, qs[i].Queue)
 	}
 }
 

@@ -127,6 +127,23 @@ type Defaults struct {
 	topo  atomic.Pointer[Topology]
 }
 
+// Cheap returns the default shard count of queue when it costs no round
+// trip (WithDefaultShards, a single server, or a topology read already),
+// and 0 otherwise: the Default to pass to RegisterNew, which then reads
+// the topology only if the queue turns out to be new.
+func (d *Defaults) Cheap(c rueidis.Client, queue string) int {
+	switch {
+	case d.Fixed > 0:
+		return d.Fixed
+	case c.Mode() != rueidis.ClientModeCluster:
+		return 1
+	}
+	if t := d.topo.Load(); t != nil {
+		return t.DefaultShards(queue)
+	}
+	return 0
+}
+
 // For returns the default shard count of queue.
 func (d *Defaults) For(ctx context.Context, c rueidis.Client, queue string) int {
 	if d.Fixed > 0 {
