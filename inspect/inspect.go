@@ -147,8 +147,8 @@ func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 // registered returns the queue name whose shard count the registry holds
 // as v: 1 to keys.MaxShards, as producers and workers record it.
 func registered(name, v string) (Queue, error) {
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 1 || n > keys.MaxShards {
+	n, err := protocol.ParseShards(v)
+	if err != nil {
 		return Queue{}, fmt.Errorf("inspect: queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
 	}
 	return Queue{Name: name, Shards: n}, nil

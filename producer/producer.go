@@ -397,7 +397,9 @@ type registration struct {
 
 // shardsOf returns the shard count of queue, the registry's. The first
 // appends to a queue wait for one round trip (or their context) that
-// records the queue, if no one did, and reads its count; later ones pay a
+// records the queue, if no one did, and reads its count (on Redis Cluster,
+// for the producer's first queue nobody recorded, three: the default is
+// placed by CLUSTER SLOTS, see protocol.Defaults); later ones pay a
 // map load and two atomic loads, and every protocol.ShardsEvery one caller
 // reads the count again while the others go on with the last, so that the
 // producer routes by a count raised meanwhile (batchq queue shards) within
@@ -458,10 +460,11 @@ func (p *Producer) since(t int64) time.Duration { return time.Since(p.started) -
 func (p *Producer) readShards(ctx context.Context, queue string, known int) (int, error) {
 	if known > 0 {
 		ns, err := protocol.ReadShards(ctx, p.c, p.prefix, queue)
-		if err != nil {
+		switch {
+		case errors.Is(err, protocol.ErrBadCount): // registering replaces it
+		case err != nil:
 			return 0, err
-		}
-		if ns[0] >= known {
+		case ns[0] >= known:
 			return ns[0], nil
 		}
 	}

@@ -763,39 +763,46 @@ func queueForget(ctx context.Context, s *session, args []string) error {
 	return err
 }
 
-// queueCreate records a new queue with a shard count.
+// queueCreate records a new queue with a shard count. A queue that has
+// that count already is no error: there is nothing to do, -yes or not.
 func queueCreate(ctx context.Context, s *session, args []string) error {
 	queue := args[0]
 	n, _ := shardCount(args[1]) // checked by checkArgs
-	if !s.opts.yes {
-		if q, err := s.in.Queue(ctx, queue); err == nil {
-			if q.Shards == n { // as -yes would: nothing to do
-				_, err := fmt.Fprintf(s.out, "queue %s exists with %s already\n", cell(queue), plural(int64(n), "shard"))
-				return err
-			}
-			return fmt.Errorf("queue %s exists with %s", cell(queue), plural(int64(q.Shards), "shard"))
-		} else if !errors.Is(err, inspect.ErrNoQueue) {
+	q, err := s.in.Queue(ctx, queue)
+	exists := err == nil
+	switch {
+	case err != nil && !errors.Is(err, inspect.ErrNoQueue):
+		return err
+	case exists && q.Shards != n:
+		return fmt.Errorf("queue %s exists with %s", cell(queue), plural(int64(q.Shards), "shard"))
+	case !exists && !s.opts.yes:
+		return fmt.Errorf("would create queue %s with %s; run again with -yes", cell(queue), plural(int64(n), "shard"))
+	case !exists:
+		if err := s.in.CreateQueue(ctx, queue, n); err != nil {
 			return err
 		}
-		return fmt.Errorf("would create queue %s with %s; run again with -yes", cell(queue), plural(int64(n), "shard"))
-	}
-	if err := s.in.CreateQueue(ctx, queue, n); err != nil {
-		return err
 	}
 	if s.cfg.json {
 		return writeJSON(s.out, struct {
-			Queue  string `json:"queue"`
-			Shards int    `json:"shards"`
-		}{queue, n})
+			Queue   string `json:"queue"`
+			Shards  int    `json:"shards"`
+			Created bool   `json:"created"`
+		}{queue, n, !exists})
 	}
-	_, err := fmt.Fprintf(s.out, "created queue %s with %s\n", cell(queue), plural(int64(n), "shard"))
+	if exists {
+		_, err = fmt.Fprintf(s.out, "queue %s exists with %s already\n", cell(queue), plural(int64(n), "shard"))
+	} else {
+		_, err = fmt.Fprintf(s.out, "created queue %s with %s\n", cell(queue), plural(int64(n), "shard"))
+	}
 	return err
 }
 
-// queueShards raises the shard count of a queue.
+// queueShards raises the shard count of a queue. The count it has already
+// is no error: there is nothing to do, -yes or not.
 func queueShards(ctx context.Context, s *session, args []string) error {
 	queue := args[0]
 	n, _ := shardCount(args[1]) // checked by checkArgs
+	var old int
 	if !s.opts.yes {
 		q, err := s.in.Queue(ctx, queue)
 		switch {
@@ -805,18 +812,19 @@ func queueShards(ctx context.Context, s *session, args []string) error {
 			return err
 		case n < q.Shards:
 			return fmt.Errorf("queue %s has %s: a queue's shards cannot shrink (the others may hold items)", cell(queue), plural(int64(q.Shards), "shard"))
-		case n == q.Shards: // as -yes would: nothing to do
-			_, err := fmt.Fprintf(s.out, "queue %s has %s already\n", cell(queue), plural(int64(n), "shard"))
+		case n > q.Shards:
+			return fmt.Errorf("would raise the shards of queue %s from %d to %d; run again with -yes", cell(queue), q.Shards, n)
+		}
+		old = n
+	} else {
+		var err error
+		old, err = s.in.SetShards(ctx, queue, n)
+		if errors.Is(err, inspect.ErrNoQueue) {
+			return s.noQueue(ctx, queue)
+		}
+		if err != nil {
 			return err
 		}
-		return fmt.Errorf("would raise the shards of queue %s from %d to %d; run again with -yes", cell(queue), q.Shards, n)
-	}
-	old, err := s.in.SetShards(ctx, queue, n)
-	if errors.Is(err, inspect.ErrNoQueue) {
-		return s.noQueue(ctx, queue)
-	}
-	if err != nil {
-		return err
 	}
 	if s.cfg.json {
 		return writeJSON(s.out, struct {
@@ -825,7 +833,12 @@ func queueShards(ctx context.Context, s *session, args []string) error {
 			Was    int    `json:"was"`
 		}{queue, n, old})
 	}
-	_, err = fmt.Fprintf(s.out, "queue %s has %d shards (was %d); producers and workers follow within seconds\n", cell(queue), n, old)
+	var err error
+	if old == n {
+		_, err = fmt.Fprintf(s.out, "queue %s has %s already\n", cell(queue), plural(int64(n), "shard"))
+	} else {
+		_, err = fmt.Fprintf(s.out, "queue %s has %d shards (was %d); producers and workers follow within seconds\n", cell(queue), n, old)
+	}
 	return err
 }
 

@@ -1053,7 +1053,7 @@ func TestQueueCreateAndShards(t *testing.T) {
 		code   int
 		stderr string
 	}{
-		{[]string{"queue", "create", "orders", "8", "-yes"}, 1, "the queue exists with 4 shards"},
+		{[]string{"queue", "create", "orders", "8", "-yes"}, 1, "queue orders exists with 4 shards"},
 		{[]string{"queue", "create", "orders", "8"}, 1, "queue orders exists with 4 shards"},
 		{[]string{"queue", "create", "x", "0"}, 2, `shards must be a number from 1 to 1024, not "0"`},
 		{[]string{"queue", "shards", "orders", "many"}, 2, `shards must be a number from 1 to 1024, not "many"`},
@@ -1072,9 +1072,21 @@ func TestQueueCreateAndShards(t *testing.T) {
 	}
 	// The count it has: nothing to do, with -yes or without.
 	for _, args := range [][]string{{"queue", "shards", "orders", "4"}, {"queue", "create", "orders", "4"}} {
-		if out := ok(t, b, args...); !strings.Contains(out, "queue orders") || !strings.Contains(out, "4 shards already") {
-			t.Errorf("%s: %q", strings.Join(args, " "), out)
+		for _, yes := range [][]string{nil, {"-yes"}} {
+			args := append(slices.Clone(args), yes...)
+			if out := ok(t, b, args...); !strings.Contains(out, "queue orders") || !strings.Contains(out, "4 shards already") {
+				t.Errorf("%s: %q", strings.Join(args, " "), out)
+			}
 		}
+	}
+	var already struct {
+		Queue   string
+		Shards  int
+		Created bool
+	}
+	decode(t, ok(t, b, "-json", "queue", "create", "orders", "4"), &already)
+	if already.Queue != "orders" || already.Shards != 4 || already.Created {
+		t.Errorf("-json queue create of an existing queue: %+v", already)
 	}
 	if out := ok(t, b, "queue", "shards", "orders", "16", "-yes"); out != "queue orders has 16 shards (was 4); producers and workers follow within seconds\n" {
 		t.Errorf("shards -yes: %q", out)

@@ -74,7 +74,11 @@ func recordNew(ctx context.Context, c rueidis.Client, prefix string, d *Defaults
 	var missing []Known
 	for i, n := range got {
 		if n == 0 {
-			missing = append(missing, Known{Queue: qs[i].Queue, Default: d.For(ctx, c, qs[i].Queue)})
+			def, err := d.For(ctx, c, qs[i].Queue)
+			if err != nil {
+				return nil, err
+			}
+			missing = append(missing, Known{Queue: qs[i].Queue, Default: def})
 		}
 	}
 	if len(missing) == 0 {
@@ -119,9 +123,10 @@ func register(ctx context.Context, c rueidis.Client, ks, args []string) ([]int, 
 
 // Defaults picks the shard count of a queue its caller is the first to
 // record: Fixed when set (WithDefaultShards), else the Topology's
-// DefaultShards, read once per process. When the topology cannot be read
-// (an ACL that refuses CLUSTER SLOTS), it falls back to four shards per
-// node the client knows, and reads it again next time.
+// DefaultShards, read once per process. When an ACL refuses CLUSTER SLOTS
+// (NOPERM), it falls back to four shards per node the client knows,
+// replicas included, and asks again next time; any other failure to read
+// the topology is an error.
 type Defaults struct {
 	Fixed int
 	topo  atomic.Pointer[Topology]
@@ -145,19 +150,22 @@ func (d *Defaults) Cheap(c rueidis.Client, queue string) int {
 }
 
 // For returns the default shard count of queue.
-func (d *Defaults) For(ctx context.Context, c rueidis.Client, queue string) int {
+func (d *Defaults) For(ctx context.Context, c rueidis.Client, queue string) (int, error) {
 	if d.Fixed > 0 {
-		return d.Fixed
+		return d.Fixed, nil
 	}
 	t := d.topo.Load()
 	if t == nil {
 		var err error
 		if t, err = ReadTopology(ctx, c); err != nil {
-			return min(keys.MaxShards, max(1, 4*len(c.Nodes())))
+			if re := (*rueidis.RedisError)(nil); errors.As(err, &re) && strings.HasPrefix(re.Error(), "NOPERM") {
+				return min(keys.MaxShards, max(1, 4*len(c.Nodes()))), nil
+			}
+			return 0, err
 		}
 		d.topo.Store(t)
 	}
-	return t.DefaultShards(queue)
+	return t.DefaultShards(queue), nil
 }
 
 // ReadShards returns the recorded shard counts of queues, in their order:
@@ -186,11 +194,16 @@ func ReadShards(ctx context.Context, c rueidis.Client, prefix string, queues ...
 	return out, nil
 }
 
-// ParseShards parses a shard count as the registry holds it.
+// ErrBadCount reports a registry value that is not a shard count (another
+// program wrote it). Registering the queue replaces it.
+var ErrBadCount = errors.New("the registry holds no shard count")
+
+// ParseShards parses a shard count as the registry holds it: 1 to 1024, in
+// decimal without a sign or leading zeros (what register.lua takes for one).
 func ParseShards(s string) (int, error) {
 	n, err := strconv.Atoi(s)
-	if err != nil || n < 1 || n > keys.MaxShards {
-		return 0, fmt.Errorf("the registry holds %q shards, not a count of 1-%d", keys.Short(s), keys.MaxShards)
+	if err != nil || n < 1 || n > keys.MaxShards || strconv.Itoa(n) != s {
+		return 0, fmt.Errorf("%w: %q is not a count of 1-%d", ErrBadCount, keys.Short(s), keys.MaxShards)
 	}
 	return n, nil
 }

@@ -3,6 +3,7 @@ package protocol_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"testing"
 
@@ -150,6 +151,25 @@ func TestCorruptShardCounts(t *testing.T) {
 			if got, err := protocol.ReadShards(ctx, b.Client, b.Prefix, "q"); err != nil || got[0] != 2 {
 				t.Errorf("after SetShards over %q: %v, %v", v, got, err)
 			}
+		}
+	})
+}
+
+// RegisterNew records, with the default, only the queues nobody recorded,
+// and returns every count in the order asked, new and recorded mixed.
+func TestRegisterNewMixed(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		_, err := protocol.Register(ctx, b.Client, b.Prefix, protocol.Known{Queue: "a", Default: 2}, protocol.Known{Queue: "c", Default: 5})
+		must(t, err)
+		d := protocol.Defaults{Fixed: 7}
+		got, err := protocol.RegisterNew(ctx, b.Client, b.Prefix, &d,
+			protocol.Known{Queue: "a"}, protocol.Known{Queue: "b"}, protocol.Known{Queue: "c"}, protocol.Known{Queue: "d", Shards: 3})
+		if err != nil || !slices.Equal(got, []int{2, 7, 5, 3}) {
+			t.Fatalf("RegisterNew: %v, %v; want [2 7 5 3]", got, err)
+		}
+		if got, err := protocol.ReadShards(ctx, b.Client, b.Prefix, "a", "b", "c", "d"); err != nil || !slices.Equal(got, []int{2, 7, 5, 3}) {
+			t.Fatalf("ReadShards: %v, %v", got, err)
 		}
 	})
 }
