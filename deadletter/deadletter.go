@@ -183,7 +183,7 @@ func decode(queue string, shard int, id, env string) Letter {
 
 // Get returns the dead letters of a queue whose ids are given, in the
 // order of ids (an id given twice once), looking in every shard at once:
-// one round trip. Ids that name no letter (requeued or purged already, or
+// two round trips, one to read the queue's shard count. Ids that name no letter (requeued or purged already, or
 // never there) are left out. A letter whose stored form does not decode is
 // returned as a corrupt letter, as List does.
 func (c *Client) Get(ctx context.Context, queue string, ids ...string) ([]Letter, error) {
@@ -246,7 +246,8 @@ func (c *Client) sum(ctx context.Context, queue, what string, fn func(context.Co
 
 // Requeue appends each letter's item to the end of its key, as a fresh item
 // with no attempts, and removes the letter: atomically for each, in the
-// order given, all in one round trip (in chunks of 1,000). It returns how
+// order given, all in one round trip (in chunks of 1,000), after one that
+// reads the shard counts of their queues. It returns how
 // many it requeued; letters already gone are skipped. A letter that cannot
 // be requeued (not Requeueable, or of a shard past its queue's count) is an
 // error before anything is requeued; a Redis error stops it at that
