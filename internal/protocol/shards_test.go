@@ -5,7 +5,11 @@ import (
 	"errors"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
 
 	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/protocol"
@@ -172,4 +176,38 @@ func TestRegisterNewMixed(t *testing.T) {
 			t.Fatalf("ReadShards: %v, %v", got, err)
 		}
 	})
+}
+
+// On Redis Cluster, an ACL that refuses CLUSTER SLOTS (a client that reads
+// the topology with CLUSTER SHARDS, as on Redis 8) does not stop a first
+// writer: the default falls back to four shards per node, and a recorded
+// queue never needs the topology at all.
+func TestDefaultsWithoutClusterSlots(t *testing.T) {
+	b := testredis.Cluster(t)
+	ctx := context.Background()
+	user := "noslots" + strconv.Itoa(int(time.Now().UnixNano()%1e9))
+	for addr, n := range b.Client.Nodes() {
+		if err := n.Do(ctx, n.B().AclSetuser().Username(user).Rule("on", ">pw", "~*", "+@all", "-cluster|slots").Build()).Error(); err != nil {
+			t.Fatalf("ACL SETUSER on %s: %v", addr, err)
+		}
+		t.Cleanup(func() { n.Do(context.Background(), n.B().AclDeluser().Username(user).Build()) })
+	}
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{b.Addr}, Username: user, Password: "pw", DisableCache: true,
+		ClusterOption: rueidis.ClusterOption{PreferClusterShards: true}})
+	must(t, err)
+	defer c.Close()
+	if _, err := protocol.ReadTopology(ctx, c); err == nil || !strings.Contains(err.Error(), "NOPERM") {
+		t.Fatalf("ReadTopology as %s: %v, want a NOPERM refusal", user, err)
+	}
+	var d protocol.Defaults
+	got, err := protocol.RegisterNew(ctx, c, b.Prefix, &d, protocol.Known{Queue: "new"})
+	if want := 4 * len(c.Nodes()); err != nil || got[0] != want {
+		t.Fatalf("RegisterNew of a new queue: %v, %v; want the fallback, %d", got, err, want)
+	}
+	if _, err := protocol.Register(ctx, b.Client, b.Prefix, protocol.Known{Queue: "made", Default: 5}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := protocol.RegisterNew(ctx, c, b.Prefix, &d, protocol.Known{Queue: "made"}); err != nil || got[0] != 5 {
+		t.Fatalf("RegisterNew of a recorded queue: %v, %v; want its 5", got, err)
+	}
 }
