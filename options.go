@@ -79,7 +79,9 @@ func WithPrefix(p string) Option { return withConsumer(protocol.WithPrefix(p)) }
 // and every producer and worker reads it, so this never disagrees with a
 // producer's: once a queue is recorded, its count is the registry's.
 // Without it a new queue gets 1 shard on a single server, and on Redis
-// Cluster enough to put at least two on every master.
+// Cluster enough to put at least two on every master (read from CLUSTER
+// SLOTS; where an ACL refuses it, four per node, which may leave a master
+// without one).
 func WithDefaultShards(n int) Option { return withConsumer(protocol.WithDefaultShards(n)) }
 
 // WithLeaseTTL sets how long a batch stays leased without a heartbeat

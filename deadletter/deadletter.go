@@ -183,9 +183,10 @@ func decode(queue string, shard int, id, env string) Letter {
 
 // Get returns the dead letters of a queue whose ids are given, in the
 // order of ids (an id given twice once), looking in every shard at once:
-// two round trips, one to read the queue's shard count. Ids that name no letter (requeued or purged already, or
-// never there) are left out. A letter whose stored form does not decode is
-// returned as a corrupt letter, as List does.
+// two round trips, one to read the queue's shard count. Ids that name no
+// letter (requeued or purged already, or never there) are left out. A
+// letter whose stored form does not decode is returned as a corrupt
+// letter, as List does.
 func (c *Client) Get(ctx context.Context, queue string, ids ...string) ([]Letter, error) {
 	if err := keys.CheckQueue(queue); err != nil {
 		return nil, fmt.Errorf("deadletter: %w", err)

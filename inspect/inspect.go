@@ -51,6 +51,12 @@ var ErrNoQueue = errors.New("no such queue")
 // with another shard count. It is always returned wrapped.
 var ErrQueueExists = errors.New("the queue exists")
 
+// ErrBadCount reports a registry value that is not a shard count (another
+// program wrote it): the queue's next writer replaces it (CreateQueue or
+// SetShards, or a producer's or worker's registration). It is always
+// returned wrapped.
+var ErrBadCount = protocol.ErrBadCount
+
 // ErrShrink reports a shard count SetShards refused: below the queue's.
 // It is always returned wrapped.
 var ErrShrink = errors.New("a queue's shards cannot shrink")
@@ -149,7 +155,7 @@ func (in *Inspector) Queue(ctx context.Context, name string) (Queue, error) {
 func registered(name, v string) (Queue, error) {
 	n, err := protocol.ParseShards(v)
 	if err != nil {
-		return Queue{}, fmt.Errorf("inspect: queue registry: queue %q has shard count %q", keys.Short(name), keys.Short(v))
+		return Queue{}, fmt.Errorf("inspect: queue registry: queue %q: %w", keys.Short(name), err)
 	}
 	return Queue{Name: name, Shards: n}, nil
 }

@@ -358,8 +358,8 @@ func TestErrorsSayInspect(t *testing.T) {
 
 	// A registry another program wrote: a shard count out of range.
 	must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue("big", "2000").Build()).Error())
-	want := `inspect: queue registry: queue "big" has shard count "2000"`
-	if _, err := in.Queues(ctx); err == nil || err.Error() != want {
+	want := `inspect: queue registry: queue "big": the registry holds no shard count: "2000" is not a count of 1-1024`
+	if _, err := in.Queues(ctx); err == nil || err.Error() != want || !errors.Is(err, inspect.ErrBadCount) {
 		t.Errorf("Queues with a shard count of 2000: %v, want %q", err, want)
 	}
 	if _, err := in.DeadLetters(ctx, "big"); err == nil || err.Error() != want {

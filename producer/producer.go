@@ -179,7 +179,9 @@ func WithPrefix(p string) Option {
 // its first writer records it and every producer and worker reads it, so
 // this never disagrees with a worker's: once a queue is recorded, its
 // count is the registry's. Without it a new queue gets 1 shard on a single
-// server, and on Redis Cluster enough to put at least two on every master.
+// server, and on Redis Cluster enough to put at least two on every master
+// (read from CLUSTER SLOTS; where an ACL refuses it, four per node, which
+// may leave a master without one).
 func WithDefaultShards(n int) Option {
 	return func(pr *Producer) error {
 		if n < 1 || n > keys.MaxShards {

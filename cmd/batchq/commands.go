@@ -771,8 +771,10 @@ func queueCreate(ctx context.Context, s *session, args []string) error {
 	q, err := s.in.Queue(ctx, queue)
 	exists := err == nil
 	switch {
-	case err != nil && !errors.Is(err, inspect.ErrNoQueue):
+	case err != nil && !errors.Is(err, inspect.ErrNoQueue) && !errors.Is(err, inspect.ErrBadCount):
 		return err
+	case errors.Is(err, inspect.ErrBadCount) && !s.opts.yes:
+		return fmt.Errorf("would create queue %s with %s, replacing what the registry holds, which is not a count; run again with -yes", cell(queue), plural(int64(n), "shard"))
 	case exists && q.Shards != n:
 		return fmt.Errorf("queue %s exists with %s", cell(queue), plural(int64(q.Shards), "shard"))
 	case !exists && !s.opts.yes:
@@ -808,6 +810,8 @@ func queueShards(ctx context.Context, s *session, args []string) error {
 		switch {
 		case errors.Is(err, inspect.ErrNoQueue):
 			return s.noQueue(ctx, queue)
+		case errors.Is(err, inspect.ErrBadCount):
+			return fmt.Errorf("would give queue %s %s, replacing what the registry holds, which is not a count; run again with -yes", cell(queue), plural(int64(n), "shard"))
 		case err != nil:
 			return err
 		case n < q.Shards:

@@ -61,7 +61,7 @@
 // {"queue", "total", "now", "retries"} (each an inspect.Retry, "item" only
 // with -items), dead list {"queue", "total", "dead_letters"}, requeue and
 // purge the counts done (requeue -id the ids too), queue create {"queue",
-// "shards"}, queue shards {"queue", "shards", "was"}, queue forget {"queue",
+// "shards", "created"}, queue shards {"queue", "shards", "was"}, queue forget {"queue",
 // "forgotten"}, workers the inspect.LiveWorkers {"workers", "now"}. Errors
 // go to stderr as text, with control characters escaped.
 //

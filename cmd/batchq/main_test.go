@@ -1100,3 +1100,33 @@ func TestQueueCreateAndShards(t *testing.T) {
 		t.Errorf("-json queue shards: %+v", got)
 	}
 }
+
+// A registry value that is not a count (another program wrote it) does not
+// block queue create or queue shards: without -yes they say they would
+// replace it, with -yes they do.
+func TestQueueCommandsReplaceACorruptCount(t *testing.T) {
+	b := testredis.Real(t)
+	must(t, b.Client.Do(context.Background(), b.Client.B().Hset().Key(keys.Registry(b.Prefix)).FieldValue().FieldValue("a", "abc").FieldValue("b", "0").Build()).Error())
+	for _, tt := range []struct {
+		args   []string
+		stderr string
+	}{
+		{[]string{"queue", "create", "a", "3"}, "would create queue a with 3 shards, replacing what the registry holds, which is not a count; run again with -yes"},
+		{[]string{"queue", "shards", "b", "5"}, "would give queue b 5 shards, replacing what the registry holds, which is not a count; run again with -yes"},
+	} {
+		if r := on(t, b, tt.args...); r.code != 1 || !strings.Contains(r.stderr, tt.stderr) {
+			t.Errorf("%s: exit %d, stderr %q", strings.Join(tt.args, " "), r.code, r.stderr)
+		}
+	}
+	if out := ok(t, b, "queue", "create", "a", "3", "-yes"); out != "created queue a with 3 shards\n" {
+		t.Errorf("create -yes over a corrupt count: %q", out)
+	}
+	if out := ok(t, b, "queue", "shards", "b", "5", "-yes"); out != "queue b has 5 shards (was 0); producers and workers follow within seconds\n" {
+		t.Errorf("shards -yes over a corrupt count: %q", out)
+	}
+	var st []inspect.Stats
+	decode(t, ok(t, b, "-json", "stats", "a", "b"), &st)
+	if len(st) != 2 || st[0].Shards != 3 || st[1].Shards != 5 {
+		t.Errorf("stats after the repair: %+v", st)
+	}
+}

@@ -123,14 +123,19 @@ func register(ctx context.Context, c rueidis.Client, ks, args []string) ([]int, 
 
 // Defaults picks the shard count of a queue its caller is the first to
 // record: Fixed when set (WithDefaultShards), else the Topology's
-// DefaultShards, read once per process. When an ACL refuses CLUSTER SLOTS
-// (NOPERM), it falls back to four shards per node the client knows,
-// replicas included, and asks again next time; any other failure to read
-// the topology is an error.
+// DefaultShards, read once per Producer or Worker. When an ACL refuses
+// CLUSTER SLOTS (NOPERM), it falls back to four shards per node the client
+// knows, replicas included, for a minute before it asks again; any other
+// failure to read the topology is an error.
 type Defaults struct {
-	Fixed int
-	topo  atomic.Pointer[Topology]
+	Fixed   int
+	topo    atomic.Pointer[Topology]
+	refused atomic.Pointer[time.Time] // when CLUSTER SLOTS was last refused
 }
+
+// refusedFor is how long Defaults takes a refused CLUSTER SLOTS as the
+// answer before it asks again.
+const refusedFor = time.Minute
 
 // Cheap returns the default shard count of queue when it costs no round
 // trip (WithDefaultShards, a single server, or a topology read already),
@@ -154,12 +159,18 @@ func (d *Defaults) For(ctx context.Context, c rueidis.Client, queue string) (int
 	if d.Fixed > 0 {
 		return d.Fixed, nil
 	}
+	fallback := func() int { return min(keys.MaxShards, max(1, 4*len(c.Nodes()))) }
 	t := d.topo.Load()
 	if t == nil {
+		if at := d.refused.Load(); at != nil && time.Since(*at) < refusedFor {
+			return fallback(), nil
+		}
 		var err error
 		if t, err = ReadTopology(ctx, c); err != nil {
 			if re := (*rueidis.RedisError)(nil); errors.As(err, &re) && strings.HasPrefix(re.Error(), "NOPERM") {
-				return min(keys.MaxShards, max(1, 4*len(c.Nodes()))), nil
+				now := time.Now()
+				d.refused.Store(&now)
+				return fallback(), nil
 			}
 			return 0, err
 		}
