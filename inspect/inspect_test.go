@@ -217,14 +217,13 @@ func TestFirstWriterRecordsShards(t *testing.T) {
 				t.Errorf("key %s is not in its shard of 3: %v", k, got)
 			}
 		}
-		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix), protocol.WithDefaultShards(2))
-		must(t, err)
-		got, err := c.Register(ctx, protocol.Known{Queue: "q"}, protocol.Known{Queue: "other"}, protocol.Known{Queue: "wide", Shards: 5})
+		d := protocol.Defaults{Fixed: 2}
+		got, err := protocol.RegisterNew(ctx, b.Client, b.Prefix, &d, protocol.Known{Queue: "q"}, protocol.Known{Queue: "other"}, protocol.Known{Queue: "wide", Shards: 5})
 		must(t, err)
 		if !slices.Equal(got, []int{3, 2, 5}) {
 			t.Fatalf("Register returned %v, want [3 2 5]", got)
 		}
-		if got, err = c.Register(ctx, protocol.Known{Queue: "q", Shards: 4}, protocol.Known{Queue: "other", Shards: 1}); err != nil || !slices.Equal(got, []int{4, 2}) {
+		if got, err = protocol.RegisterNew(ctx, b.Client, b.Prefix, &d, protocol.Known{Queue: "q", Shards: 4}, protocol.Known{Queue: "other", Shards: 1}); err != nil || !slices.Equal(got, []int{4, 2}) {
 			t.Fatalf("Register with known counts returned %v, %v; want [4 2]: a count is raised, never lowered", got, err)
 		}
 		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))

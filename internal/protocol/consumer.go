@@ -193,21 +193,8 @@ func (c *Consumer) Now() time.Time { return c.clock.Now() }
 
 func (c *Consumer) now() time.Time { return c.clock.Now() }
 
-// Register records queues in the registry of the consumer's prefix
-// (<prefix>:queues), where every process reads their shard counts, and
-// returns those counts in the order of qs (see the package's Register). A
-// Worker registers its queues when it starts; producers register a queue
-// at their first append to it.
-func (c *Consumer) Register(ctx context.Context, qs ...Known) ([]int, error) {
-	if len(qs) == 0 {
-		return nil, nil
-	}
-	c.fixed(qs)
-	return RegisterNew(ctx, c.c, c.prefix, &c.defaults, qs...)
-}
-
 // fixed sets the Default of each of qs to what costs no round trip to
-// know (see Defaults.Cheap and RegisterNew).
+// know (see Defaults.Cheap and RegisterNew): Announce registers with it.
 func (c *Consumer) fixed(qs []Known) {
 	for i := range qs {
 		qs[i].Default = c.defaults.Cheap(c.c, qs[i].Queue)

@@ -3,6 +3,7 @@ package protocol
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/redis/rueidis"
@@ -20,6 +21,44 @@ var (
 	// ErrGone reports a value to quarantine that is no longer there.
 	ErrGone = errors.New("the value to quarantine is gone")
 )
+
+// ErrNoQueue reports a queue the registry does not hold (shards.lua's
+// NOQUEUE).
+var ErrNoQueue = errors.New("no such queue")
+
+// ErrBadCount reports a registry value that is not a shard count (another
+// program wrote it). Registering the queue replaces it.
+var ErrBadCount = errors.New("the registry holds no shard count")
+
+// ShrinkError reports a shard count refused because it is below the
+// recorded one (shards.lua's SHRINK).
+type ShrinkError struct {
+	Recorded int // the queue's shard count
+	Asked    int
+}
+
+func (e *ShrinkError) Error() string {
+	return fmt.Sprintf("a queue's shards cannot shrink: it has %d, and %d would strand the items in the others", e.Recorded, e.Asked)
+}
+
+// shardsError turns shards.lua's NOQUEUE and SHRINK error replies, to a
+// call that asked for n shards, into ErrNoQueue and *ShrinkError; other
+// errors pass as they are.
+func shardsError(err error, n int) error {
+	re, ok := rueidis.IsRedisErr(err)
+	if !ok {
+		return err
+	}
+	if re.Error() == "NOQUEUE" {
+		return ErrNoQueue
+	}
+	if rest, ok := strings.CutPrefix(re.Error(), "SHRINK "); ok {
+		if cur, err := strconv.Atoi(rest); err == nil {
+			return &ShrinkError{Recorded: cur, Asked: n}
+		}
+	}
+	return err
+}
 
 // FullError reports an append refused because it would take the key past
 // one of its caps.

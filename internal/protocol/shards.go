@@ -27,20 +27,6 @@ import (
 // within about this long.
 const ShardsEvery = 2 * time.Second
 
-// ErrNoQueue reports a queue the registry does not hold.
-var ErrNoQueue = errors.New("no such queue")
-
-// ShrinkError reports a shard count refused because it is below the
-// recorded one.
-type ShrinkError struct {
-	Recorded int // the queue's shard count
-	Asked    int
-}
-
-func (e *ShrinkError) Error() string {
-	return fmt.Sprintf("a queue's shards cannot shrink: it has %d, and %d would strand the items in the others", e.Recorded, e.Asked)
-}
-
 // Known is a queue as a caller of Register knows it.
 type Known struct {
 	Queue   string
@@ -154,28 +140,26 @@ func (d *Defaults) Cheap(c rueidis.Client, queue string) int {
 	return 0
 }
 
-// For returns the default shard count of queue.
+// For returns the default shard count of queue: Cheap's, or the
+// topology's, read now.
 func (d *Defaults) For(ctx context.Context, c rueidis.Client, queue string) (int, error) {
-	if d.Fixed > 0 {
-		return d.Fixed, nil
+	if n := d.Cheap(c, queue); n > 0 {
+		return n, nil
 	}
-	fallback := func() int { return min(keys.MaxShards, max(1, 4*len(c.Nodes()))) }
-	t := d.topo.Load()
-	if t == nil {
-		if at := d.refused.Load(); at != nil && time.Since(*at) < refusedFor {
-			return fallback(), nil
-		}
-		var err error
-		if t, err = ReadTopology(ctx, c); err != nil {
-			if re := (*rueidis.RedisError)(nil); errors.As(err, &re) && strings.HasPrefix(re.Error(), "NOPERM") {
-				now := time.Now()
-				d.refused.Store(&now)
-				return fallback(), nil
-			}
-			return 0, err
-		}
-		d.topo.Store(t)
+	fallback := min(keys.MaxShards, max(1, 4*len(c.Nodes())))
+	if at := d.refused.Load(); at != nil && time.Since(*at) < refusedFor {
+		return fallback, nil
 	}
+	t, err := ReadTopology(ctx, c)
+	if re := (*rueidis.RedisError)(nil); errors.As(err, &re) && strings.HasPrefix(re.Error(), "NOPERM") {
+		now := time.Now()
+		d.refused.Store(&now)
+		return fallback, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	d.topo.Store(t)
 	return t.DefaultShards(queue), nil
 }
 
@@ -205,10 +189,6 @@ func ReadShards(ctx context.Context, c rueidis.Client, prefix string, queues ...
 	return out, nil
 }
 
-// ErrBadCount reports a registry value that is not a shard count (another
-// program wrote it). Registering the queue replaces it.
-var ErrBadCount = errors.New("the registry holds no shard count")
-
 // ParseShards parses a shard count as the registry holds it: 1 to 1024, in
 // decimal without a sign or leading zeros (what register.lua takes for one).
 func ParseShards(s string) (int, error) {
@@ -229,18 +209,8 @@ func SetShards(ctx context.Context, c rueidis.Client, prefix, queue string, n in
 		return 0, fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
 	}
 	old, err := shardsScript.Exec(ctx, c, []string{keys.Registry(prefix)}, []string{queue, strconv.Itoa(n)}).AsInt64()
-	if re, ok := rueidis.IsRedisErr(err); ok {
-		msg := re.Error()
-		if msg == "NOQUEUE" {
-			return 0, ErrNoQueue
-		}
-		if rest, ok := strings.CutPrefix(msg, "SHRINK "); ok {
-			cur, _ := strconv.Atoi(rest)
-			return 0, &ShrinkError{Recorded: cur, Asked: n}
-		}
-	}
 	if err != nil {
-		return 0, err
+		return 0, shardsError(err, n)
 	}
 	return int(old), nil
 }
