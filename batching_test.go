@@ -41,6 +41,12 @@ func (c *calls) add(items []item) {
 	}
 }
 
+// handle is a per-item handler that records its item as a call of one.
+func (c *calls) handle(_ context.Context, it item) error {
+	c.add([]item{it})
+	return nil
+}
+
 func (c *calls) handled() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -2,7 +2,6 @@ package batchq_test
 
 import (
 	"context"
-	"fmt"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -16,37 +15,6 @@ import (
 	"github.com/batchq/batchq/internal/testredis"
 	"github.com/batchq/batchq/producer"
 )
-
-// handledOnce counts how often each item was handled.
-type handledOnce struct {
-	mu   sync.Mutex
-	seen map[string]int
-}
-
-func newHandledOnce() *handledOnce { return &handledOnce{seen: map[string]int{}} }
-
-func (c *handledOnce) handle(_ context.Context, id string) error {
-	c.mu.Lock()
-	c.seen[id]++
-	c.mu.Unlock()
-	return nil
-}
-
-// check reports the first of want not handled exactly once, and whether
-// anything else was handled.
-func (c *handledOnce) check(want int, id func(int) string) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for i := range want {
-		if n := c.seen[id(i)]; n != 1 {
-			return fmt.Errorf("item %s handled %d times", id(i), n)
-		}
-	}
-	if len(c.seen) != want {
-		return fmt.Errorf("%d distinct items handled, want %d", len(c.seen), want)
-	}
-	return nil
-}
 
 // A producer and a worker given different default shard counts (or none)
 // agree on the queue's, the registry's: whichever writes the queue first
@@ -76,33 +44,39 @@ func TestRegistryDecidesShards(t *testing.T) {
 				if tt.worker > 0 {
 					wopts = append(wopts, batchq.WithDefaultShards(tt.worker))
 				}
-				w := newWorker(t, b, wopts...)
-				c := newHandledOnce()
-				batchq.Handle(w, queue, c.handle)
-				const n = 40
-				add := func() {
-					for i := range n {
-						must(t, p.Add(ctx, queue, "k"+strconv.Itoa(i), strconv.Itoa(i)))
-					}
-				}
-				if tt.producerFirst {
-					add()
-					runWorker(t, w)
-				} else {
-					runWorker(t, w)
+				c := &calls{}
+				first := tt.producer
+				if !tt.producerFirst {
+					// A worker records the queue, and stops before the producer
+					// appends.
+					first = tt.worker
+					w0 := newWorker(t, b, wopts...)
+					batchq.Handle(w0, queue, c.handle)
+					stop := runWorker(t, w0)
 					in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 					must(t, err)
 					eventually(t, 10*time.Second, "the worker records the queue", func() bool {
 						_, err := in.Queue(ctx, queue)
 						return err == nil
 					})
-					add()
+					stop()
 				}
-				eventually(t, 10*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
-				first := tt.worker
-				if tt.producerFirst {
-					first = tt.producer
+				const n = 40
+				for i := range n {
+					must(t, p.Add(ctx, queue, "k"+strconv.Itoa(i), item{ID: i}))
 				}
+				// Each key is in its shard under the first writer's count.
+				for i := range n {
+					k := "k" + strconv.Itoa(i)
+					if got := testredis.Keys(t, b, keys.For(b.Prefix, queue, keys.Shard(k, first)).Items(k)); len(got) != 1 {
+						t.Fatalf("key %s is not in its shard of %d: %v", k, first, got)
+					}
+				}
+				w := newWorker(t, b, wopts...)
+				batchq.Handle(w, queue, c.handle)
+				runWorker(t, w)
+				eventually(t, 10*time.Second, "every item handled", func() bool { return c.handled() == n })
+				c.checkOnce(t)
 				in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
 				must(t, err)
 				if q, err := in.Queue(ctx, queue); err != nil || q.Shards != first {
@@ -132,7 +106,7 @@ func testGrowShards(t *testing.T, b testredis.Backend) {
 	must(t, err)
 	must(t, in.CreateQueue(ctx, queue, 2))
 
-	c := newHandledOnce()
+	c := &calls{}
 	var logs []func(string) int
 	var stops []func()
 	startWorker := func() {
@@ -159,7 +133,7 @@ func testGrowShards(t *testing.T, b testredis.Backend) {
 				default:
 				}
 				i := next.Add(1) - 1
-				if err := p.Add(ctx, queue, "k"+strconv.FormatInt(i%200, 10), strconv.FormatInt(i, 10)); err != nil {
+				if err := p.Add(ctx, queue, "k"+strconv.FormatInt(i%200, 10), item{ID: int(i)}); err != nil {
 					t.Errorf("Add: %v", err)
 					return
 				}
@@ -181,10 +155,8 @@ func testGrowShards(t *testing.T, b testredis.Backend) {
 	close(stopLoad)
 	load.Wait()
 	added := int(next.Load())
-	eventually(t, 30*time.Second, "every item handled once", func() bool { return c.check(added, strconv.Itoa) == nil })
-	if err := c.check(added, strconv.Itoa); err != nil {
-		t.Fatal(err)
-	}
+	eventually(t, 30*time.Second, "every item handled", func() bool { return c.handled() == added })
+	c.checkOnce(t)
 	t.Logf("%d items appended under load, each handled once", added)
 
 	// The producer routes by 8 now: with the workers stopped, keys land in
@@ -193,7 +165,7 @@ func testGrowShards(t *testing.T, b testredis.Backend) {
 		stop()
 	}
 	for i := range 100 {
-		must(t, p.Add(ctx, queue, "after"+strconv.Itoa(i), "a"+strconv.Itoa(i)))
+		must(t, p.Add(ctx, queue, "after"+strconv.Itoa(i), item{ID: added + i}))
 	}
 	inNew := 0
 	for shard := 2; shard < 8; shard++ {
@@ -208,14 +180,8 @@ func testGrowShards(t *testing.T, b testredis.Backend) {
 		t.Fatalf("stats %+v, want 8 shards and 100 pending items", st)
 	}
 	startWorker()
-	eventually(t, 30*time.Second, "the items appended after the growth handled", func() bool {
-		return c.check(added+100, func(i int) string {
-			if i < added {
-				return strconv.Itoa(i)
-			}
-			return "a" + strconv.Itoa(i-added)
-		}) == nil
-	})
+	eventually(t, 30*time.Second, "the items appended after the growth handled", func() bool { return c.handled() == added+100 })
+	c.checkOnce(t)
 }
 
 // A registry value that is not a shard count (another program wrote "0")
@@ -229,13 +195,14 @@ func TestCorruptShardCountIsReplaced(t *testing.T) {
 		must(t, err)
 		const n = 30
 		for i := range n {
-			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(i), strconv.Itoa(i)))
+			must(t, p.Add(ctx, "q", "k"+strconv.Itoa(i), item{ID: i}))
 		}
 		w := newWorker(t, b)
-		c := newHandledOnce()
+		c := &calls{}
 		batchq.Handle(w, "q", c.handle)
 		runWorker(t, w)
-		eventually(t, 10*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
+		eventually(t, 10*time.Second, "every item handled", func() bool { return c.handled() == n })
+		c.checkOnce(t)
 		if v, err := b.Client.Do(ctx, b.Client.B().Hget().Key(keys.Registry(b.Prefix)).Field("q").Build()).ToString(); err != nil || v != "3" {
 			t.Fatalf("the registry holds %q, %v; want 3", v, err)
 		}
@@ -255,7 +222,7 @@ func TestWorkerStartedWhileRedisIsDown(t *testing.T) {
 	srv.Stop()
 	log, logs := observed(t)
 	w := newWorker(t, b, batchq.WithLogger(log))
-	c := newHandledOnce()
+	c := &calls{}
 	batchq.Handle(w, "q", c.handle)
 	runWorker(t, w)
 	eventually(t, 10*time.Second, "the worker to say it cannot read the counts", func() bool {
@@ -264,11 +231,12 @@ func TestWorkerStartedWhileRedisIsDown(t *testing.T) {
 	srv.Restart(t)
 	p := newProducer(t, b)
 	const n = 30
-	eventually(t, 10*time.Second, "an append to succeed", func() bool { return p.Add(ctx, "q", "k0", "0") == nil })
+	eventually(t, 10*time.Second, "an append to succeed", func() bool { return p.Add(ctx, "q", "k0", item{ID: 0}) == nil })
 	for i := 1; i < n; i++ {
-		must(t, p.Add(ctx, "q", "k"+strconv.Itoa(i), strconv.Itoa(i)))
+		must(t, p.Add(ctx, "q", "k"+strconv.Itoa(i), item{ID: i}))
 	}
-	eventually(t, 15*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
+	eventually(t, 15*time.Second, "every item handled", func() bool { return c.handled() == n })
+	c.checkOnce(t)
 	if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 3 {
 		t.Fatalf("queue %+v, %v; want its 3 shards kept", q, err)
 	}
@@ -284,32 +252,33 @@ func TestForgottenQueueIsRaisedAgain(t *testing.T) {
 		must(t, err)
 		must(t, in.CreateQueue(ctx, "q", 4))
 		old := newProducer(t, b)
-		must(t, old.Add(ctx, "q", "warm", "w")) // old routes by 4 from now on
+		must(t, old.Add(ctx, "q", "warm", item{ID: -1})) // old routes by 4 from now on
 		w0 := newWorker(t, b)
-		c0 := newHandledOnce()
+		c0 := &calls{}
 		batchq.Handle(w0, "q", c0.handle)
 		stop := runWorker(t, w0)
-		eventually(t, 10*time.Second, "the first item handled", func() bool { return c0.check(1, func(int) string { return "w" }) == nil })
+		eventually(t, 10*time.Second, "the first item handled", func() bool { return c0.handled() == 1 })
 		stop()
 		eventually(t, 10*time.Second, "the queue forgotten", func() bool { return in.Forget(ctx, "q") == nil })
 		fresh, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1))
 		must(t, err)
-		must(t, fresh.Add(ctx, "q", "k0", "0"))
+		must(t, fresh.Add(ctx, "q", "k0", item{ID: 0}))
 		if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 1 {
 			t.Fatalf("queue %+v, %v; want it recorded anew with 1 shard", q, err)
 		}
 		time.Sleep(protocol.ShardsEvery + 100*time.Millisecond) // old reads the count again at its next append
 		const n = 30
 		for i := 1; i < n; i++ {
-			must(t, old.Add(ctx, "q", "k"+strconv.Itoa(i), strconv.Itoa(i)))
+			must(t, old.Add(ctx, "q", "k"+strconv.Itoa(i), item{ID: i}))
 		}
 		if q, err := in.Queue(ctx, "q"); err != nil || q.Shards != 4 {
 			t.Fatalf("queue %+v, %v; want it raised back to 4 shards", q, err)
 		}
 		w := newWorker(t, b)
-		c := newHandledOnce()
+		c := &calls{}
 		batchq.Handle(w, "q", c.handle)
 		runWorker(t, w)
-		eventually(t, 10*time.Second, "every item handled", func() bool { return c.check(n, strconv.Itoa) == nil })
+		eventually(t, 10*time.Second, "every item handled", func() bool { return c.handled() == n })
+		c.checkOnce(t)
 	})
 }

@@ -49,21 +49,7 @@ func TestEndToEndOnCluster(t *testing.T) {
 
 func testEndToEnd(t *testing.T, b testredis.Backend) {
 	bin := buildExamples(t)
-	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
-	web := startProc(t, "webproducer", filepath.Join(bin, "webproducer"), "-addr", addr, "-redis", b.Addr, "-prefix", b.Prefix)
-	base := "http://" + addr + "/queues/" + e2eQueue + "/keys/"
-	client := &http.Client{Timeout: 5 * time.Second}
-	waitUntil(t, 10*time.Second, func() error {
-		if err := web.exitedEarly(); err != nil {
-			return err
-		}
-		resp, err := client.Get(base + "up") // any answer will do: the mux answers 405
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		return nil
-	})
+	web, base, client := startWebproducer(t, bin, b)
 
 	// Both workers wait for items before any is posted, so that they compete
 	// for them.
@@ -258,6 +244,29 @@ func buildExamples(t *testing.T) string {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	return dir
+}
+
+// startWebproducer starts the webproducer binary of bin on a free port
+// against b, with its default flags, and waits until it answers. It
+// returns the process, the base URL of the e2e queue's keys and a client.
+func startWebproducer(t *testing.T, bin string, b testredis.Backend) (*proc, string, *http.Client) {
+	t.Helper()
+	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
+	web := startProc(t, "webproducer", filepath.Join(bin, "webproducer"), "-addr", addr, "-redis", b.Addr, "-prefix", b.Prefix)
+	base := "http://" + addr + "/queues/" + e2eQueue + "/keys/"
+	client := &http.Client{Timeout: 5 * time.Second}
+	waitUntil(t, 10*time.Second, func() error {
+		if err := web.exitedEarly(); err != nil {
+			return err
+		}
+		resp, err := client.Get(base + "up") // any answer will do: the mux answers 405
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		return nil
+	})
+	return web, base, client
 }
 
 func startWorker(t *testing.T, name, bin string, b testredis.Backend) *proc {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"syscall"
@@ -22,21 +21,7 @@ import (
 func TestDefaultsSpreadOverMasters(t *testing.T) {
 	b := testredis.Cluster(t)
 	bin := buildExamples(t)
-	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
-	web := startProc(t, "webproducer", filepath.Join(bin, "webproducer"), "-addr", addr, "-redis", b.Addr, "-prefix", b.Prefix)
-	client := &http.Client{Timeout: 5 * time.Second}
-	base := "http://" + addr + "/queues/" + e2eQueue + "/keys/"
-	waitUntil(t, 10*time.Second, func() error {
-		if err := web.exitedEarly(); err != nil {
-			return err
-		}
-		resp, err := client.Get(base + "up")
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		return nil
-	})
+	web, base, client := startWebproducer(t, bin, b)
 
 	const n = 300
 	for i := range n {
