@@ -311,6 +311,9 @@ func TestCloseOnStuckRedis(t *testing.T) {
 	ctx := context.Background()
 	before := runningNow(t, b)
 	p := newProducer(t, b, producer.WithLinger(0, 1000))
+	// Every 2s one caller reads the queue's shard count again, in its own
+	// call: on the stuck Redis it would wait there, before it gathers.
+	producer.SetShardsRefresh(p, time.Hour)
 	if err := p.Add(ctx, "q", "warm", 0); err != nil { // the registry and the clock
 		t.Fatal(err)
 	}

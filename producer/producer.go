@@ -128,6 +128,7 @@ type Producer struct {
 	prefix  string
 	shards  protocol.Defaults // the shards of a queue this producer records first
 	started time.Time         // when New ran: the monotonic base of registration.read
+	refresh time.Duration     // how often a queue's shard count is read again: protocol.ShardsEvery
 	maxItem int
 	caps    protocol.Caps
 	flush   map[string]protocol.Flush // by queue; missing: due at once
@@ -237,7 +238,7 @@ func New(c rueidis.Client, opts ...Option) (*Producer, error) {
 	if c == nil {
 		return nil, errors.New("producer: nil client")
 	}
-	p := &Producer{c: c, prefix: keys.DefaultPrefix, started: time.Now(), maxItem: DefaultMaxItemBytes,
+	p := &Producer{c: c, prefix: keys.DefaultPrefix, started: time.Now(), refresh: protocol.ShardsEvery, maxItem: DefaultMaxItemBytes,
 		caps:  protocol.Caps{Items: DefaultMaxKeyItems, Bytes: DefaultMaxKeyBytes},
 		clock: protocol.NewClock(nil), syncing: make(chan struct{}, 1)}
 	for _, o := range opts {
@@ -413,7 +414,7 @@ func (p *Producer) shardsOf(ctx context.Context, queue string) (int, error) {
 	}
 	r := v.(*registration)
 	n := int(r.shards.Load())
-	if n > 0 && p.since(r.read.Load()) < protocol.ShardsEvery {
+	if n > 0 && p.since(r.read.Load()) < p.refresh {
 		return n, nil
 	}
 	if n > 0 {
@@ -430,7 +431,7 @@ func (p *Producer) shardsOf(ctx context.Context, queue string) (int, error) {
 		}
 	}
 	defer func() { <-r.writing }()
-	if n = int(r.shards.Load()); n > 0 && p.since(r.read.Load()) < protocol.ShardsEvery {
+	if n = int(r.shards.Load()); n > 0 && p.since(r.read.Load()) < p.refresh {
 		return n, nil
 	}
 	got, err := p.readShards(ctx, queue, n)
