@@ -24,6 +24,29 @@ type batchRun struct {
 	// helpers counts the helpers at work; the owner waits for them before
 	// it settles the batch.
 	helpers sync.WaitGroup
+	// An ordered batch (WithOrderedKeys) has no helpers: its owner runs its
+	// steps one after another. held holds the keys whose items wait, as an
+	// earlier one failed or was not handled; checked, the steps looked at.
+	held    map[string]bool
+	checked int
+}
+
+// waits reports whether step s of an ordered batch must wait: an earlier
+// item of its key failed, or was not handled, and holds back the items
+// after it (they are settled with it, in order). Only the batch's owner
+// calls it, for its steps in order.
+func (br *batchRun) waits(s int) bool {
+	for ; br.checked < s; br.checked++ {
+		for _, i := range br.items(br.checked) {
+			if k := br.out[i].Kind; k == protocol.Retry || k == protocol.Unfinished {
+				if br.held == nil {
+					br.held = make(map[string]bool)
+				}
+				br.held[br.b.Items[i].Key] = true
+			}
+		}
+	}
+	return br.held[br.b.Items[br.items(s)[0]].Key]
 }
 
 func (br *batchRun) len() int {

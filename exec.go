@@ -112,7 +112,8 @@ func (x *executor) resume(hc *handlerCall) bool {
 
 // run takes part in j's batch: it claims steps and handles them until none
 // is left (or shutdown begins, or, for a helper, a fetcher waits for a
-// slot). The owner then waits for its helpers and settles the batch; a
+// slot). An ordered batch's owner runs every step itself, in order, and
+// skips those whose key an earlier failure holds. The owner then waits for its helpers and settles the batch; a
 // helper gives its slot back. run reports false when the watchdog
 // abandoned the executor meanwhile.
 func (x *executor) run(j job) bool {
@@ -122,7 +123,11 @@ func (x *executor) run(j job) bool {
 		if s >= br.len() {
 			break
 		}
-		if s+1 < br.len() {
+		if br.b.Ordered {
+			if br.waits(s) {
+				continue
+			}
+		} else if s+1 < br.len() {
 			x.recruit(br)
 		}
 		if !x.guard(j, s, func() bool { return x.step(j, s) }) {

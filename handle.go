@@ -131,6 +131,8 @@ type queue struct {
 	// batch is set for a batch handler, whose steps are planned by plan;
 	// a per-item handler's step i is item i.
 	batch bool
+	// ordered is set by WithOrderedKeys.
+	ordered bool
 	// handler decodes a call's items and calls the registered function;
 	// middleware wraps it (WithMiddleware), and Run wraps that in the
 	// worker's middleware (Use) and panic recovery, into chain.

@@ -157,6 +157,26 @@ func WithTimeout(d time.Duration) QueueOption {
 	}
 }
 
+// WithOrderedKeys makes the queue's keys ordered: at most one batch of a
+// key is out at a time, across all workers, and a key's items are handled
+// one after another, in append order (the batches of different keys still
+// run at once). A failed item holds its key: the items after it, and those
+// appended meanwhile, wait behind it, in order, until it succeeds or goes
+// to dead letters; then the key moves on. A batch whose worker died is
+// delivered again before anything newer of its key (the items of it that
+// were handled run again: delivery is at-least-once). Every worker of the
+// queue must register it with WithOrderedKeys, as it registers the same
+// handler; producers need nothing. It costs an ordered drain a second
+// round trip, and a batch of one item a settle script (README, "Ordered
+// keys", has the measured cost). Run returns an error when the worker
+// also has WithAtMostOnce.
+func WithOrderedKeys() QueueOption {
+	return func(q *queue) error {
+		q.ordered = true
+		return nil
+	}
+}
+
 // WithMaxBatch bounds the calls of a batch handler (HandleBatch): each gets
 // at most items items and at most bytes bytes of JSON, in append order; an
 // item bigger than bytes gets a call of its own. Each call has its own

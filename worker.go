@@ -164,6 +164,12 @@ func (w *Worker) Run(ctx context.Context) error {
 		if q.chain, err = r.chain(q.handler, slices.Concat(middleware, q.middleware)...); err != nil {
 			return fmt.Errorf("%w (queue %s)", err, q.name)
 		}
+		if q.ordered {
+			if w.cons.AtMostOnce() {
+				return fmt.Errorf("batchq: queue %s: WithOrderedKeys needs leases, and WithAtMostOnce drains without them", q.name)
+			}
+			w.cons.Order(q.name)
+		}
 	}
 	r.checkServer(ctx, queues)
 	w.log.Info("worker started", zap.String("name", w.cons.Name()), zap.Int("queues", len(queues)),

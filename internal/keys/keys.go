@@ -8,6 +8,7 @@
 //	<prefix>:{<queue>:<shard>}:k:<key>       pending items, a JSON array (string)
 //	<prefix>:{<queue>:<shard>}:n:<key>       the items and length of k:<key>, packed in one integer (string)
 //	<prefix>:{<queue>:<shard>}:c:<key>       the latest due time of k:<key> under a quiet period (string, expires)
+//	<prefix>:{<queue>:<shard>}:o:<key>       ordered queues: the lease that holds key (string), while a batch of it is out
 //	<prefix>:{<queue>:<shard>}:ready         ZSET key -> due time (ms): due keys, pushed on wake
 //	<prefix>:{<queue>:<shard>}:later         ZSET key -> due time (ms): keys a flush policy scheduled
 //	<prefix>:{<queue>:<shard>}:wake          LIST of due keys for workers to pop
@@ -182,6 +183,11 @@ func (s Space) Count(key string) string { return s.base + "n:" + key }
 // Cap is the key holding the latest time key may be due at when its queue
 // has a flush policy with a quiet period.
 func (s Space) Cap(key string) string { return s.base + "c:" + key }
+
+// Hold is the key that marks key of an ordered queue as held: one batch of
+// it is leased, or its first failed item waits for a retry, and no other
+// batch of it may be drained until that one is settled.
+func (s Space) Hold(key string) string { return s.base + "o:" + key }
 
 // Ready is the ZSET of due keys, scored by the time they fell due: each is
 // on the wake list, or popped by a worker about to drain it.

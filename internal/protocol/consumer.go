@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -49,6 +50,7 @@ type Consumer struct {
 	clock      *Clock
 	popper     Popper
 	started    atomic.Int64 // when Announce first ran (Unix ms); 0 before
+	ordered    sync.Map     // queue name -> true, for ordered queues (see Order)
 }
 
 // Option configures a Consumer.
@@ -166,6 +168,18 @@ func NewConsumer(c rueidis.Client, opts ...Option) (*Consumer, error) {
 	return cs, nil
 }
 
+// Order makes the consumer treat queue as an ordered queue
+// (docs/PROTOCOL.md, "Ordered keys"): at most one batch of a key is out at
+// a time, and a failed item holds its key until it succeeds or is dead.
+// Every consumer of a queue must agree. Call it before the consumer takes
+// work from queue; it cannot be undone.
+func (c *Consumer) Order(queue string) { c.ordered.Store(queue, true) }
+
+func (c *Consumer) isOrdered(queue string) bool {
+	_, ok := c.ordered.Load(queue)
+	return ok
+}
+
 // Name returns the consumer's name.
 func (c *Consumer) Name() string { return c.name }
 
@@ -232,6 +246,10 @@ type Batch struct {
 	Shard int
 	Key   string // the drained key; "" for a batch of retries
 	Items []Item
+	// Ordered marks a batch of an ordered queue: its items of one key must
+	// be handled one after another, and a failed one holds back those after
+	// it (see Consumer.Order).
+	Ordered bool
 
 	id    string  // unique; the lease's token when leased
 	lease Lease   // zero when drained without a lease
@@ -296,7 +314,7 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 	if len(cl.Retries) == 0 {
 		return f, nil
 	}
-	b := &Batch{Queue: queue, Shard: shard, id: lease.Token, lease: lease, Items: make([]Item, 0, len(cl.Retries))}
+	b := &Batch{Queue: queue, Shard: shard, id: lease.Token, lease: lease, Items: make([]Item, 0, len(cl.Retries)), Ordered: c.isOrdered(queue)}
 	var bad []DeadLetter
 	for _, e := range cl.Retries {
 		var env retryEnvelope
@@ -315,6 +333,13 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 			continue
 		}
 		b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
+		// The items an ordered key's failed item held back come right
+		// after it, in order. (Also on a queue no longer ordered: none may
+		// be lost.)
+		b.Ordered = b.Ordered || env.Ordered
+		for _, it := range env.Rest {
+			b.Items = append(b.Items, Item{Key: env.Key, Data: it})
+		}
 	}
 	if len(b.Items) > 0 {
 		// The bad envelopes become dead letters when b is settled.
@@ -392,6 +417,9 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 		return refuse(err)
 	}
 	sp := c.space(queue, shard)
+	if c.isOrdered(queue) && len(popped) > 0 && len(done) == 0 {
+		return c.orderedRound(ctx, queue, shard, popped, popMax)
+	}
 	var cmds rueidis.Commands
 	at := make([]int, len(done)) // the index in cmds of each release's ZREM
 	for i, b := range done {
@@ -448,6 +476,44 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 	return r, nil
 }
 
+// orderedRound is a Round of an ordered queue, with keys to drain and no
+// releases (an ordered batch is settled by script): two round trips, to
+// read the keys' holds under WATCH, then to drain those not held (see
+// orderedDrain).
+func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, popped []string, popMax int) (RoundResult, error) {
+	sp := c.space(queue, shard)
+	leases := make([]Lease, len(popped))
+	for i, k := range popped {
+		leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
+	}
+	var r RoundResult
+	drained, phantom, next, err := orderedDrain(ctx, c.c, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds(), popMax)
+	for _, x := range drained {
+		c.collect(ctx, &r.Fetched, queue, shard, x)
+	}
+	for _, k := range next {
+		if k == "" {
+			r.Hint = true
+		} else {
+			r.Next = append(r.Next, k)
+		}
+	}
+	if len(phantom) > 0 {
+		// The drain held keys it found gone: end those holds, and make the
+		// keys due if items came since.
+		sps := make([]keys.Space, len(phantom))
+		ss := make([]Settlement, len(phantom))
+		for i, l := range phantom {
+			sps[i], ss[i] = sp, Settlement{Lease: l, ID: l.Token, Key: l.Key, Holds: []string{l.Key}, Now: c.nowMs()}
+		}
+		err = errors.Join(append([]error{err}, SettleMany(ctx, c.c, sps, ss)...)...)
+	}
+	if err != nil {
+		return r, fmt.Errorf("drain %s: %w", keys.Short(queue), err)
+	}
+	return r, nil
+}
+
 // Fetch takes up to max batches from a queue shard without waiting: it
 // claims (a batch of due retries first, if any), then pops and drains due
 // keys for the rest. With at-least-once delivery (the default) every batch
@@ -480,7 +546,7 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 	if d.Missing {
 		return
 	}
-	b := &Batch{Queue: queue, Shard: shard, Key: d.Key, id: d.Lease.Token, lease: d.Lease}
+	b := &Batch{Queue: queue, Shard: shard, Key: d.Key, id: d.Lease.Token, lease: d.Lease, Ordered: c.isOrdered(queue)}
 	if b.id == "" {
 		b.id = newToken()
 	}
@@ -508,7 +574,7 @@ func (c *Consumer) collect(ctx context.Context, f *Fetched, queue string, shard 
 	s := Settlement{
 		Lease: b.lease, ID: b.id, Key: d.Key, Quarantine: d.WrongType,
 		DeadCap: c.deadCap, Now: dl.FailedAt.UnixMilli(),
-		Dead: []Entry{{ID: dl.ID, Env: string(dl.encode())}},
+		Dead: []Entry{{ID: dl.ID, Env: string(dl.encode())}}, Holds: b.holds(),
 	}
 	if err := Settle(ctx, c.c, c.space(queue, shard), s); err != nil {
 		// A leased value is found again after its lease; one drained
@@ -562,7 +628,7 @@ func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, data 
 		f.Dead = append(f.Dead, bad...)
 		return
 	}
-	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli(), Holds: b.holds()}
 	if err := Settle(ctx, c.c, c.space(b.Queue, b.Shard), s); err == nil {
 		f.Dead = append(f.Dead, bad...)
 	} // else a leased batch is found again after its lease; one drained without a lease is lost
@@ -587,14 +653,23 @@ func (c *Consumer) itemsOrLease(b *Batch) string {
 	return sp.Items(b.Key)
 }
 
+// holds returns the key whose hold a drained batch of an ordered queue
+// ends when it is settled with nothing left to retry: its own.
+func (b *Batch) holds() []string {
+	if !b.Ordered || b.Key == "" {
+		return nil
+	}
+	return []string{b.Key}
+}
+
 // leased reports whether b is held under a lease.
 func (b *Batch) leased() bool { return b.lease.Token != "" }
 
 // Releasable reports whether settling b with outcomes only releases its
-// lease: b is leased, holds no bad elements to store, and every item is
-// Done. Such a batch can be settled by a Round.
+// lease: b is leased, not ordered (its settle ends its keys' holds), holds
+// no bad elements to store, and every item is Done. Such a batch can be settled by a Round.
 func (b *Batch) Releasable(outcomes []Outcome) bool {
-	if !b.leased() || len(b.dead) > 0 || len(outcomes) < len(b.Items) {
+	if !b.leased() || b.Ordered || len(b.dead) > 0 || len(outcomes) < len(b.Items) {
 		return false
 	}
 	for _, o := range outcomes[:len(b.Items)] {
@@ -704,6 +779,9 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 // batch of retries, unfinished items go to the retry index, due now, rather
 // than back in front of their key.
 func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
+	if b.Ordered {
+		return c.orderedSettlement(b, outcomes, unfinishedAsRetries)
+	}
 	now := c.now()
 	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
@@ -743,6 +821,86 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 		s.Return, s.ReturnN = string(append(back, ']')), nback
 	}
 	return s, nil
+}
+
+// orderedSettlement builds the settlement of b, a batch of an ordered
+// queue. Per key, the first item that failed, or that was not handled and
+// cannot go back in front of the key (a batch of retries, or
+// unfinishedAsRetries), becomes one retry, which holds its key (its hold
+// does not end) with the key's items after it that are not done or dead,
+// in order, so that they run after it. Without such an item, the key's
+// unfinished items go back in front of it, and its hold ends.
+func (c *Consumer) orderedSettlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
+	now := c.now()
+	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
+	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
+	for _, idx := range byKey(b.Items) {
+		key := b.Items[idx[0]].Key
+		var head *retryEnvelope
+		var retry Scheduled
+		var back []byte
+		nback := 0
+		for _, i := range idx {
+			it := b.Items[i]
+			var o Outcome
+			if i < len(outcomes) {
+				o = outcomes[i]
+			}
+			switch {
+			case o.Kind == Done:
+			case o.Kind == Dead:
+				dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
+				s.Dead = append(s.Dead, Entry{ID: dl.ID, Env: string(dl.encode())})
+			case o.Kind > Dead:
+				return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
+			case head != nil:
+				head.Rest = append(head.Rest, it.Data)
+			case back == nil && o.Kind == Retry:
+				head = &retryEnvelope{Key: key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data, Ordered: true}
+				retry = Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli()}
+			case back == nil && unfinishedAsRetries:
+				head = &retryEnvelope{Key: key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data, Ordered: true}
+				retry = Scheduled{ID: itemID(b, i), Due: s.Now}
+			default:
+				// Unfinished, and all that is left after it, goes back in
+				// front of the key.
+				if back == nil {
+					back = append(back, '[')
+				} else {
+					back = append(back, ',')
+				}
+				back = append(back, it.Data...)
+				nback++
+			}
+		}
+		if head != nil {
+			retry.Env = string(head.encode())
+			s.Retries = append(s.Retries, retry)
+		} else {
+			s.Holds = append(s.Holds, key)
+		}
+		if back != nil {
+			s.Return, s.ReturnN = string(append(back, ']')), nback
+		}
+	}
+	return s, nil
+}
+
+// byKey returns the indexes of items grouped by key, groups in order of
+// first appearance.
+func byKey(items []Item) [][]int {
+	pos := make(map[string]int)
+	var groups [][]int
+	for i, it := range items {
+		g, ok := pos[it.Key]
+		if !ok {
+			g = len(groups)
+			pos[it.Key] = g
+			groups = append(groups, nil)
+		}
+		groups[g] = append(groups[g], i)
+	}
+	return groups
 }
 
 // itemID names the retry or dead letter of b.Items[i]: unique, since batch
@@ -801,6 +959,10 @@ type retryEnvelope struct {
 	Attempts int             `json:"a"`
 	Error    string          `json:"e,omitempty"`
 	Item     json.RawMessage `json:"i"`
+	// Ordered marks the retry of an ordered key's failed item: it holds
+	// its key, and Rest holds the items after it, not handled yet, in order.
+	Ordered bool              `json:"o,omitempty"`
+	Rest    []json.RawMessage `json:"r,omitempty"`
 }
 
 // encode writes the envelope by hand: encoding/json would re-encode the
@@ -818,6 +980,19 @@ func (e retryEnvelope) encode() []byte {
 	}
 	b = append(b, `,"i":`...)
 	b = append(b, e.Item...)
+	if e.Ordered {
+		b = append(b, `,"o":true`...)
+	}
+	if len(e.Rest) > 0 {
+		b = append(b, `,"r":[`...)
+		for i, it := range e.Rest {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, it...)
+		}
+		b = append(b, ']')
+	}
 	return append(b, '}')
 }
 

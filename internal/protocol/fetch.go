@@ -165,39 +165,53 @@ type drain struct {
 	sp     keys.Space
 	keys   []string
 	leases []Lease // leases[i] is that of keys[i]; nil: at-most-once
+	hold   bool    // an ordered queue's: each key's hold is set to its lease
+	extra  int     // replies the EXEC holds after those of the keys
 }
 
 // per is how many commands the MULTI holds per key.
 func (d drain) per() int {
-	if d.leases == nil {
+	switch {
+	case d.leases == nil:
 		return 3 // GETDEL, DEL, ZREM
+	case d.hold:
+		return 6 // and SET hold
 	}
 	return 5 // RENAME, RENAME, ZREM, ZADD, GET
 }
 
 // cmds returns the drain's commands: MULTI, per key's, EXEC.
 func (d drain) cmds(c rueidis.Client, deadline int64) rueidis.Commands {
-	sp := d.sp
 	cmds := make(rueidis.Commands, 0, 2+d.per()*len(d.keys))
 	cmds = append(cmds, c.B().Multi().Build())
+	cmds = d.body(c.B(), cmds, deadline)
+	return append(cmds, c.B().Exec().Build())
+}
+
+// body appends the commands of each key to cmds.
+func (d drain) body(b rueidis.Builder, cmds rueidis.Commands, deadline int64) rueidis.Commands {
+	sp := d.sp
 	for i, k := range d.keys {
 		if d.leases == nil {
 			cmds = append(cmds,
-				c.B().Getdel().Key(sp.Items(k)).Build(),
-				c.B().Del().Key(sp.Count(k)).Build(),
-				c.B().Zrem().Key(sp.Ready()).Member(k).Build())
+				b.Getdel().Key(sp.Items(k)).Build(),
+				b.Del().Key(sp.Count(k)).Build(),
+				b.Zrem().Key(sp.Ready()).Member(k).Build())
 			continue
 		}
 		l := d.leases[i]
 		lk := sp.Lease(l.Token)
 		cmds = append(cmds,
-			c.B().Rename().Key(sp.Items(k)).Newkey(lk).Build(),
-			c.B().Rename().Key(sp.Count(k)).Newkey(sp.LeaseCount(l.Token)).Build(),
-			c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
-			c.B().Zadd().Key(sp.Leases()).ScoreMember().ScoreMember(float64(deadline), l.String()).Build(),
-			c.B().Get().Key(lk).Build())
+			b.Rename().Key(sp.Items(k)).Newkey(lk).Build(),
+			b.Rename().Key(sp.Count(k)).Newkey(sp.LeaseCount(l.Token)).Build(),
+			b.Zrem().Key(sp.Ready()).Member(k).Build(),
+			b.Zadd().Key(sp.Leases()).ScoreMember().ScoreMember(float64(deadline), l.String()).Build(),
+			b.Get().Key(lk).Build())
+		if d.hold {
+			cmds = append(cmds, b.Set().Key(sp.Hold(k)).Value(l.String()).Build())
+		}
 	}
-	return append(cmds, c.B().Exec().Build())
+	return cmds
 }
 
 // results reads the reply to the EXEC of cmds. A key another worker
@@ -215,7 +229,7 @@ func (d drain) results(exec rueidis.RedisResult) (out []Drained, phantom []Lease
 		}
 	}
 	arr, err := exec.ToArray()
-	if err == nil && len(arr) != d.per()*len(d.keys) {
+	if err == nil && len(arr) != d.per()*len(d.keys)+d.extra {
 		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(arr), len(d.keys))
 	}
 	if err != nil {
@@ -290,4 +304,81 @@ func poppedKeys(r rueidis.RedisResult) ([]string, error) {
 		return nil, nil
 	}
 	return ks, err
+}
+
+// maxHoldReads bounds how many times an ordered drain reads its keys'
+// holds again after a hold changed under its WATCH.
+const maxHoldReads = 8
+
+// orderedDrain drains the popped keys of an ordered queue's shard
+// (docs/PROTOCOL.md, "Ordered keys"). On a connection of its own, it WATCHes
+// the keys' holds and reads them; then one MULTI/EXEC drains each key that
+// is not held, as a drain does, and sets its hold to its lease, and takes
+// each key that is held off the ready index: the end of the hold makes it
+// due again. The EXEC applies nothing if a hold changed meanwhile (a
+// batch of the key was settled): then it reads them again, up to
+// maxHoldReads times. With popMax, its first round trip also pops the next
+// keys, returned in next. It returns what the drain found, and the leases
+// of keys found missing (drained by another worker first), whose holds
+// must end (see removeOrderedPhantoms).
+func orderedDrain(ctx context.Context, c rueidis.Client, sp keys.Space, popped []string, leases []Lease, deadline int64, popMax int) (out []Drained, phantom []Lease, next []string, err error) {
+	holds := make([]string, len(popped))
+	for i, k := range popped {
+		holds[i] = sp.Hold(k)
+	}
+	err = c.Dedicated(func(dc rueidis.DedicatedClient) error {
+		b := dc.B()
+		for try := 1; ; try++ {
+			cmds := rueidis.Commands{b.Watch().Key(holds...).Build(), b.Mget().Key(holds...).Build()}
+			if popMax > 0 && try == 1 {
+				cmds = append(cmds, lpopCmd(c, sp, popMax))
+			}
+			res := dc.DoMulti(ctx, cmds...)
+			if popMax > 0 && try == 1 {
+				var err error
+				if next, err = poppedKeys(res[2]); err != nil {
+					return err
+				}
+			}
+			vals, err := res[1].ToArray()
+			if err == nil {
+				err = res[0].Error()
+			}
+			if err == nil && len(vals) != len(popped) {
+				err = fmt.Errorf("MGET returned %d values for %d holds", len(vals), len(popped))
+			}
+			if err != nil {
+				dc.Do(ctx, b.Unwatch().Build())
+				return err
+			}
+			d := drain{sp: sp, hold: true}
+			var held []string
+			for i, v := range vals {
+				if v.IsNil() {
+					d.keys, d.leases = append(d.keys, popped[i]), append(d.leases, leases[i])
+				} else {
+					held = append(held, popped[i])
+				}
+			}
+			multi := make(rueidis.Commands, 0, 2+d.per()*len(d.keys)+len(held))
+			multi = append(multi, b.Multi().Build())
+			multi = d.body(b, multi, deadline)
+			for _, k := range held {
+				multi = append(multi, b.Zrem().Key(sp.Ready()).Member(k).Build())
+			}
+			multi = append(multi, b.Exec().Build())
+			res = dc.DoMulti(ctx, multi...)
+			exec := res[len(res)-1]
+			if rueidis.IsRedisNil(exec.Error()) { // a hold changed: read them again
+				if try == maxHoldReads {
+					return fmt.Errorf("the holds of %d keys changed %d times in a row", len(popped), try)
+				}
+				continue
+			}
+			d.extra = len(held) // the ZREMs' replies come last
+			out, phantom, err = d.results(exec)
+			return err
+		}
+	})
+	return out, phantom, next, err
 }

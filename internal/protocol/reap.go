@@ -55,13 +55,13 @@ func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit
 	// hold up the others.
 	for i := len(members) - 1; i >= 0; i-- {
 		l := ParseLease(members[i])
-		items, count := sp.Lease(l.Token), sp.LeaseCount(l.Token)
+		items, count, hold := sp.Lease(l.Token), sp.LeaseCount(l.Token), sp.Lease(l.Token)
 		if l.Key != "" {
-			items, count = sp.Items(l.Key), sp.Count(l.Key)
+			items, count, hold = sp.Items(l.Key), sp.Count(l.Key), sp.Hold(l.Key)
 		}
 		n, err := reapScript.Exec(ctx, c,
 			[]string{sp.Leases(), sp.Lease(l.Token), items, count, sp.LeaseCount(l.Token), sp.Ready(), sp.Later(), sp.Wake(),
-				sp.Retry(), sp.RetryData()},
+				sp.Retry(), sp.RetryData(), hold},
 			[]string{members[i], ms(now), l.Key, ms(retryAt), ms(maxLag)}).AsInt64()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("lease %s: %w", l.Token, err))

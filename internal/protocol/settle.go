@@ -27,6 +27,7 @@ type Settlement struct {
 	MakeReady  bool   // make Key due: its value needs a worker's look
 	Retries    []Scheduled
 	Dead       []Entry
+	Holds      []string // keys of an ordered queue whose holds end (see Consumer.Order)
 	DeadCap    int
 	Now        int64
 }
@@ -37,7 +38,7 @@ func (s *Settlement) leased() bool { return s.Lease.Token != "" }
 // done reports whether s only releases a lease: every item of the batch
 // succeeded. Such a settlement needs no script.
 func (s *Settlement) done() bool {
-	return s.Return == "" && !s.Quarantine && !s.MakeReady && len(s.Retries) == 0 && len(s.Dead) == 0
+	return s.Return == "" && !s.Quarantine && !s.MakeReady && len(s.Retries) == 0 && len(s.Dead) == 0 && len(s.Holds) == 0
 }
 
 // Settle applies s: it releases the lease, puts unfinished items back in
@@ -157,7 +158,7 @@ func settleCall(sp keys.Space, s Settlement) (k, args []string) {
 	if s.leased() {
 		member = s.Lease.String()
 	}
-	args = make([]string, 0, 9+3*len(s.Retries)+2*len(s.Dead))
+	args = make([]string, 0, 10+3*len(s.Retries)+2*len(s.Dead)+len(s.Holds))
 	args = append(args, member, ms(s.Now), s.Key, s.Return, strconv.Itoa(s.ReturnN), strconv.Itoa(s.DeadCap), flags,
 		strconv.Itoa(len(s.Retries)))
 	for _, r := range s.Retries {
@@ -167,6 +168,13 @@ func settleCall(sp keys.Space, s Settlement) (k, args []string) {
 	for _, d := range s.Dead {
 		args = append(args, d.ID, d.Env)
 	}
-	return []string{sp.Leases(), src, items, count, sp.LeaseCount(s.Lease.Token), sp.Ready(), sp.Later(), sp.Wake(),
-		sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(), sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID)}, args
+	k = make([]string, 0, 15+2*len(s.Holds))
+	k = append(k, sp.Leases(), src, items, count, sp.LeaseCount(s.Lease.Token), sp.Ready(), sp.Later(), sp.Wake(),
+		sp.Retry(), sp.RetryData(), sp.Dead(), sp.DeadData(), sp.Quarantine(s.ID), sp.Quarantined(), sp.Settled(s.ID))
+	args = append(args, strconv.Itoa(len(s.Holds)))
+	for _, h := range s.Holds {
+		k = append(k, sp.Hold(h), sp.Items(h))
+		args = append(args, h)
+	}
+	return k, args
 }

@@ -38,6 +38,21 @@ local function make_due(ready, later, wake, now, key)
   end
 end
 
+-- release_hold ends the hold of key, an ordered queue's key (its batch is
+-- settled, or reaped), if the lease owner holds it (any holder, with no
+-- owner: a batch of retries ends the holds of its keys, which their drains
+-- set), and makes the key due if items came meanwhile: they waited for the
+-- hold to end. A key that a flush policy has scheduled stays scheduled. A
+-- key that was not held (a queue that is not ordered) is left as it is.
+local function release_hold(hold, owner, ik, ready, later, wake, now, key)
+  if owner and redis.call('GET', hold) ~= owner then
+    return
+  end
+  if redis.call('DEL', hold) == 1 and redis.call('EXISTS', ik) == 1 and not redis.call('ZSCORE', later, key) then
+    make_due(ready, later, wake, now, key)
+  end
+end
+
 -- ours reports whether the string cur, read from ik, can take items back:
 -- it is missing, or the array batchq wrote (its count at nk records its
 -- length).

@@ -11,6 +11,7 @@
 -- KEYS[8]  wake LIST
 -- KEYS[9]  retry ZSET
 -- KEYS[10] retrydata HASH
+-- KEYS[11] the hold of the lease's key (the lease key again for retries)
 -- ARGV[1]  the lease, as a member of the leases index
 -- ARGV[2]  now (ms)
 -- ARGV[3]  the lease's key ("" for a batch of retries)
@@ -26,8 +27,11 @@
 -- attempt counts. A batch that cannot be put back yet (the key holds a value
 -- batchq did not write, or the lease holds one while the key has items)
 -- keeps its lease, pushed to ARGV[4], and its key is made due, so that a
--- worker moves the bad value to dead letters. Returns 1 when reaped, 0
--- otherwise.
+-- worker moves the bad value to dead letters. A drained batch of an ordered
+-- queue ends the hold of its key (see release_hold): when it goes back, it
+-- is in front of the key, to be drained first; when it cannot, the other
+-- value is drained first. Returns 1 when reaped,
+-- 0 otherwise.
 local lease, now, key = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - now > tonumber(ARGV[5]) then
@@ -61,10 +65,16 @@ elseif redis.call('EXISTS', KEYS[2]) == 1 then
     end
   else
     redis.call('ZADD', KEYS[1], 'XX', ARGV[4], lease)
+    -- An ordered key's hold ends too, or the other value would never be
+    -- drained: it goes first.
+    release_hold(KEYS[11], lease, KEYS[3], KEYS[6], KEYS[7], KEYS[8], now, key)
     make_due(KEYS[6], KEYS[7], KEYS[8], now, key)
     return 0
   end
+  release_hold(KEYS[11], lease, KEYS[3], KEYS[6], KEYS[7], KEYS[8], now, key)
   make_due(KEYS[6], KEYS[7], KEYS[8], now, key)
+elseif key ~= '' then
+  release_hold(KEYS[11], lease, KEYS[3], KEYS[6], KEYS[7], KEYS[8], now, key)
 end
 -- (Also when there is no lease key: an empty lease left by a drain that
 -- found no key, or a batch settled up to its ZREM.)

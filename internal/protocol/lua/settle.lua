@@ -29,6 +29,10 @@
 --          worker's look)
 -- ARGV[8]  number of retries n, then n triples: id, due time (ms), envelope
 -- then     number of dead letters m, then m pairs: id, envelope
+-- then     number of holds h to end, then h keys of an ordered queue (see
+--          release_hold: the batch's own key, held by its lease, or the
+--          keys of a batch of retries); KEYS[14+2j] and KEYS[15+2j] are the
+--          hold and the items key of the j-th
 --
 -- Every check comes before the first write, so the script applies whole or
 -- not at all. Returns 1 when applied (or, for a batch without a lease,
@@ -88,6 +92,14 @@ for _ = 1, m do
   redis.call('ZADD', KEYS[11], now, ARGV[i + 1])
   redis.call('HSET', KEYS[12], ARGV[i + 1], ARGV[i + 2])
   i = i + 2
+end
+i = i + 1
+local owner = nil -- a batch of retries ends the holds of its keys whoever set them
+if key ~= '' then
+  owner = lease
+end
+for j = 1, tonumber(ARGV[i]) do
+  release_hold(KEYS[14 + 2 * j], owner, KEYS[15 + 2 * j], KEYS[6], KEYS[7], KEYS[8], now, ARGV[i + j])
 end
 local cap = tonumber(ARGV[6])
 if m > 0 and cap > 0 then

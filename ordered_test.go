@@ -1,0 +1,211 @@
+package batchq_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/internal/testredis"
+)
+
+// Tests of ordered keys (WithOrderedKeys): one batch of a key out at a
+// time, its items in append order, a failed item holding back those after
+// it.
+
+// seqItem is an item of an ordered test: its key's sequence number.
+type seqItem struct {
+	Key string `json:"k"`
+	Seq int    `json:"s"`
+}
+
+// orderLog records, per key, the items handled successfully, in the order
+// they were handled, and catches two handlers of one key running at once.
+type orderLog struct {
+	mu      sync.Mutex
+	done    map[string][]int
+	running map[string]int
+	overlap int
+}
+
+func newOrderLog() *orderLog {
+	return &orderLog{done: make(map[string][]int), running: make(map[string]int)}
+}
+
+// enter and leave bracket a handler call of key.
+func (l *orderLog) enter(key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.running[key]++
+	if l.running[key] > 1 {
+		l.overlap++
+	}
+}
+
+func (l *orderLog) leave(key string, seq int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.running[key]--
+	if ok {
+		l.done[key] = append(l.done[key], seq)
+	}
+}
+
+func (l *orderLog) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, s := range l.done {
+		n += len(s)
+	}
+	return n
+}
+
+// orderedFailures decides which items of TestOrderedKeys fail: every 7th
+// item of a key fails on its first two attempts, and every 23rd for good.
+func orderedFailures(it seqItem, attempt int) error {
+	switch {
+	case it.Seq%23 == 22:
+		return batchq.NoRetry(errors.New("fails for good"))
+	case it.Seq%7 == 3 && attempt < 2:
+		return fmt.Errorf("fails on attempt %d", attempt)
+	}
+	return nil
+}
+
+func TestOrderedKeys(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) { testOrderedKeys(t, b, 100, 30) })
+}
+
+func TestOrderedKeysOnCluster(t *testing.T) {
+	testOrderedKeys(t, testredis.Cluster(t), 100, 30)
+}
+
+// testOrderedKeys appends perKey items to each of n keys of an ordered
+// queue, from several producers at once (each key's items from one
+// goroutine, in sequence, one to three items a call), while 8 workers
+// handle them with failures (orderedFailures). Each key's items must be
+// handled exactly once each, but for those dead for good, in sequence,
+// and never two of one key at once.
+func testOrderedKeys(t *testing.T, b testredis.Backend, n, perKey int) {
+	log := newOrderLog()
+	handler := func(ctx context.Context, it seqItem) error {
+		log.enter(it.Key)
+		time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
+		info, _ := batchq.Info(ctx)
+		err := orderedFailures(it, info.Attempt)
+		log.leave(it.Key, it.Seq, err == nil)
+		return err
+	}
+	for range 8 {
+		w := newWorker(t, b, batchq.WithConcurrency(4))
+		batchq.Handle(w, "ord", handler, batchq.WithOrderedKeys(), batchq.WithBackoff(batchq.Constant(20*time.Millisecond)))
+		runWorker(t, w)
+	}
+
+	var wg sync.WaitGroup
+	want := 0
+	for g := range 4 {
+		p := newProducer(t, b)
+		wg.Go(func() {
+			for k := g; k < n; k += 4 {
+				key := fmt.Sprintf("key-%03d", k)
+				for seq := 0; seq < perKey; {
+					var its []any
+					for range 1 + rand.IntN(3) {
+						if seq < perKey {
+							its = append(its, seqItem{Key: key, Seq: seq})
+							seq++
+						}
+					}
+					if err := p.Add(context.Background(), "ord", key, its...); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		})
+	}
+	for range n {
+		for seq := range perKey {
+			if seq%23 != 22 {
+				want++
+			}
+		}
+	}
+	wg.Wait()
+	eventually(t, 60*time.Second, "every item handled", func() bool { return log.count() >= want })
+	time.Sleep(200 * time.Millisecond) // anything handled twice shows now
+
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if log.overlap > 0 {
+		t.Errorf("two handler calls of one key ran at once %d times", log.overlap)
+	}
+	for k := range n {
+		key := fmt.Sprintf("key-%03d", k)
+		var exp []int
+		for seq := range perKey {
+			if seq%23 != 22 {
+				exp = append(exp, seq)
+			}
+		}
+		if got := log.done[key]; fmt.Sprint(got) != fmt.Sprint(exp) {
+			t.Errorf("%s handled %v, want %v", key, got, exp)
+		}
+	}
+	t.Logf("%d keys, %d items handled in order on %s", n, want, b.Name)
+}
+
+// TestOrderedFailureHoldsKey checks that a failed item holds its key: the
+// items after it, and those appended while it waits, are handled only
+// after it succeeds, in order.
+func TestOrderedFailureHoldsKey(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		log := newOrderLog()
+		var mu sync.Mutex
+		failing := true
+		w := newWorker(t, b, batchq.WithConcurrency(8))
+		batchq.Handle(w, "hold", func(ctx context.Context, it seqItem) error {
+			log.enter(it.Key)
+			mu.Lock()
+			fail := it.Seq == 1 && failing
+			mu.Unlock()
+			log.leave(it.Key, it.Seq, !fail)
+			if fail {
+				return errors.New("not yet")
+			}
+			return nil
+		}, batchq.WithOrderedKeys(), batchq.WithBackoff(batchq.Constant(50*time.Millisecond)), batchq.WithMaxAttempts(1000))
+		runWorker(t, w)
+		p := newProducer(t, b)
+		add := func(from, to int) {
+			for s := from; s < to; s++ {
+				if err := p.Add(context.Background(), "hold", "k", seqItem{Key: "k", Seq: s}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		add(0, 5)
+		eventually(t, 10*time.Second, "item 0 handled", func() bool { return log.count() == 1 })
+		add(5, 10) // while item 1 holds the key
+		time.Sleep(300 * time.Millisecond)
+		if got := log.count(); got != 1 {
+			log.mu.Lock()
+			t.Fatalf("handled %v while item 1 kept failing, want only [0]", log.done["k"])
+		}
+		mu.Lock()
+		failing = false
+		mu.Unlock()
+		eventually(t, 10*time.Second, "every item handled", func() bool { return log.count() == 10 })
+		log.mu.Lock()
+		defer log.mu.Unlock()
+		if got := fmt.Sprint(log.done["k"]); got != fmt.Sprint([]int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}) {
+			t.Errorf("handled %s, want 0 to 9 in order", got)
+		}
+	})
+}
