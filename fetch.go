@@ -80,6 +80,8 @@ func (f *fetcher) run(ctx context.Context) {
 	}
 	var popped []string                     // keys to drain
 	defer func() { f.unpop(ctx, popped) }() // shutdown came first: the keys go back for another worker
+	var conn protocol.Conn                  // an ordered queue's drains WATCH on it
+	defer conn.Close()
 	var nextClaim, nextRetry time.Time      // zero: at once, and none known
 	for !r.stopping() {
 		if !r.synced.Load() {
@@ -158,7 +160,7 @@ func (f *fetcher) run(ctx context.Context) {
 		// drained is put back at once by the batches it starts, and what it
 		// popped by the deferred put-back.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
-		res, err := r.w.cons.Round(rctx, q.name, shard, done, popped, popMax)
+		res, err := r.w.cons.Round(rctx, q.name, shard, &conn, done, popped, popMax)
 		cancel()
 		for i, req := range reqs {
 			req.done(res.Done[i])

@@ -43,7 +43,7 @@ import (
 // only reads maxmemory-policy with it, to warn, and is silent when denied.
 var aclCommands = []string{
 	"evalsha", "eval", // the scripts, through rueidis' script helper
-	"multi", "exec", // the drain transactions, PurgeDead
+	"watch", "multi", "exec", // the drain transactions (WATCH: ordered queues), PurgeDead
 	"get", "mget", "set", "getdel", "strlen", "getrange", "setrange", "incrby", "decrby", // items arrays and counts (MGET: the inspector)
 	"del", "exists", "rename", "type", // leases, quarantine, cleanup
 	"zadd", "zrem", "zscore", "zcard", "zrange", "zrangebyscore", "zremrangebyrank", // ready, leases, retry, dead
@@ -246,6 +246,7 @@ func TestACL(t *testing.T) {
 	add("flaky", "f", 1, 2, 3)
 	add("poison", "p", 1, 2)
 	add("once", "o", 1, 2, 3)
+	add("ordered", "o", 1, 2, 3)
 
 	// A producer with a cap, group-commit linger and a flush policy with a
 	// quiet period: an append the cap refuses takes its count back (DECRBY),
@@ -274,6 +275,12 @@ func TestACL(t *testing.T) {
 		}
 		return nil
 	}, batchq.WithBackoff(batchq.Constant(10*time.Millisecond)))
+	batchq.Handle(w, "ordered", func(ctx context.Context, it secretItem) error {
+		if s.add("ordered", it.ID) == 1 && it.ID == 2 {
+			return errors.New("transient failure") // holds the key, with item 3 behind it
+		}
+		return nil
+	}, batchq.WithOrderedKeys(), batchq.WithBackoff(batchq.Constant(10*time.Millisecond)))
 	batchq.Handle(w, "poison", func(ctx context.Context, it secretItem) error {
 		if s.add("poison", it.ID) == 1 {
 			return batchq.NoRetry(errors.New("permanent failure"))
@@ -318,6 +325,7 @@ func TestACL(t *testing.T) {
 			maps.Equal(s.get("orphan"), map[int]int{1: 1, 2: 1}) &&
 			maps.Equal(s.get("capped"), map[int]int{1: 1, 2: 1}) &&
 			maps.Equal(s.get("once"), map[int]int{1: 1, 2: 1, 3: 1}) &&
+			maps.Equal(s.get("ordered"), map[int]int{1: 1, 2: 2, 3: 1}) &&
 			count("poison") == 2 && count("corrupt") == 2 && count("once") == 1
 	})
 	if got := s.get("corrupt"); len(got) != 0 {

@@ -399,12 +399,14 @@ type RoundResult struct {
 // WithAtMostOnce) and reads it: a value that is not a JSON array goes to
 // dead letters whole, an element of an array that is not valid JSON (or
 // nests too deeply) alone; a key drained by another worker first is left
-// out. done holds
-// batches of this queue shard that are Releasable with the outcomes they
-// were handled with: their leases are released without a script. (A MULTI may not share a round trip with
-// commands of another hash slot in Redis Cluster.) Drain the keys in Next
-// at once: until then they are in no worker's lease (see Pop).
-func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*Batch, popped []string, popMax int) (RoundResult, error) {
+// out. done holds batches of this queue shard that are Releasable with the
+// outcomes they were handled with: their leases are released without a
+// script. (A MULTI may not share a round trip with commands of another hash
+// slot in Redis Cluster.) On an ordered queue (see Order), done is empty,
+// and the drain takes two round trips on conn, the fetch loop's own (see
+// orderedDrain). Drain the keys in Next at once: until then they are in no
+// worker's lease (see Pop).
+func (c *Consumer) Round(ctx context.Context, queue string, shard int, conn *Conn, done []*Batch, popped []string, popMax int) (RoundResult, error) {
 	var r RoundResult
 	r.Done = make([]error, len(done))
 	refuse := func(err error) (RoundResult, error) {
@@ -418,7 +420,7 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 	}
 	sp := c.space(queue, shard)
 	if c.isOrdered(queue) && len(popped) > 0 && len(done) == 0 {
-		return c.orderedRound(ctx, queue, shard, popped, popMax)
+		return c.orderedRound(ctx, queue, shard, conn, popped, popMax)
 	}
 	var cmds rueidis.Commands
 	at := make([]int, len(done)) // the index in cmds of each release's ZREM
@@ -480,14 +482,14 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, done []*B
 // releases (an ordered batch is settled by script): two round trips, to
 // read the keys' holds under WATCH, then to drain those not held (see
 // orderedDrain).
-func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, popped []string, popMax int) (RoundResult, error) {
+func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, conn *Conn, popped []string, popMax int) (RoundResult, error) {
 	sp := c.space(queue, shard)
 	leases := make([]Lease, len(popped))
 	for i, k := range popped {
 		leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
 	}
 	var r RoundResult
-	drained, phantom, next, err := orderedDrain(ctx, c.c, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds(), popMax)
+	drained, phantom, next, err := orderedDrain(ctx, c.c, conn, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds(), popMax)
 	for _, x := range drained {
 		c.collect(ctx, &r.Fetched, queue, shard, x)
 	}
@@ -527,11 +529,13 @@ func (c *Consumer) Fetch(ctx context.Context, queue string, shard, max int) (Fet
 	if err != nil || len(f.Batches) >= max {
 		return f, err
 	}
-	pop, err := c.Round(ctx, queue, shard, nil, nil, max-len(f.Batches))
+	var conn Conn
+	defer conn.Close()
+	pop, err := c.Round(ctx, queue, shard, &conn, nil, nil, max-len(f.Batches))
 	if err != nil {
 		return f, err
 	}
-	d, err := c.Round(ctx, queue, shard, nil, pop.Next, 0)
+	d, err := c.Round(ctx, queue, shard, &conn, nil, pop.Next, 0)
 	f.Batches = append(f.Batches, d.Batches...)
 	f.Dead = append(f.Dead, d.Dead...)
 	return f, err

@@ -310,75 +310,101 @@ func poppedKeys(r rueidis.RedisResult) ([]string, error) {
 // holds again after a hold changed under its WATCH.
 const maxHoldReads = 8
 
+// A Conn is a connection of one fetch loop's own, for the drains of an
+// ordered queue's shard: a WATCH holds for its connection only. The zero
+// Conn is ready: it takes a connection from the client's pool of dedicated
+// ones at first use, and a new one after an error. Close it when the loop
+// ends. It is not safe for concurrent use.
+type Conn struct {
+	dc rueidis.DedicatedClient
+}
+
+func (cn *Conn) get(c rueidis.Client) rueidis.DedicatedClient {
+	if cn.dc == nil {
+		cn.dc, _ = c.Dedicate()
+	}
+	return cn.dc
+}
+
+// Close closes the connection. It is closed rather than given back to the
+// pool, since rueidis would send it a DISCARD and UNSUBSCRIBE commands
+// there, which batchq's ACL rule does not grant.
+func (cn *Conn) Close() {
+	if cn.dc != nil {
+		cn.dc.Close()
+		cn.dc = nil
+	}
+}
+
 // orderedDrain drains the popped keys of an ordered queue's shard
-// (docs/PROTOCOL.md, "Ordered keys"). On a connection of its own, it WATCHes
-// the keys' holds and reads them; then one MULTI/EXEC drains each key that
-// is not held, as a drain does, and sets its hold to its lease, and takes
-// each key that is held off the ready index: the end of the hold makes it
-// due again. The EXEC applies nothing if a hold changed meanwhile (a
-// batch of the key was settled): then it reads them again, up to
-// maxHoldReads times. With popMax, its first round trip also pops the next
-// keys, returned in next. It returns what the drain found, and the leases
-// of keys found missing (drained by another worker first), whose holds
-// must end (see removeOrderedPhantoms).
-func orderedDrain(ctx context.Context, c rueidis.Client, sp keys.Space, popped []string, leases []Lease, deadline int64, popMax int) (out []Drained, phantom []Lease, next []string, err error) {
+// (docs/PROTOCOL.md, "Ordered keys"). On conn, it WATCHes the keys' holds
+// and reads them; then one MULTI/EXEC drains each key that is not held, as
+// a drain does, and sets its hold to its lease, and takes each key that is
+// held off the ready index: the end of the hold makes it due again. The
+// EXEC applies nothing if a hold changed meanwhile (a batch of the key was
+// settled): then it reads them again, up to maxHoldReads times. With
+// popMax, its first round trip also pops the next keys, returned in next.
+// It returns what the drain found, and the leases of keys found missing
+// (drained by another worker first), whose holds must end.
+func orderedDrain(ctx context.Context, c rueidis.Client, conn *Conn, sp keys.Space, popped []string, leases []Lease, deadline int64, popMax int) (out []Drained, phantom []Lease, next []string, err error) {
 	holds := make([]string, len(popped))
 	for i, k := range popped {
 		holds[i] = sp.Hold(k)
 	}
-	err = c.Dedicated(func(dc rueidis.DedicatedClient) error {
-		b := dc.B()
-		for try := 1; ; try++ {
-			cmds := rueidis.Commands{b.Watch().Key(holds...).Build(), b.Mget().Key(holds...).Build()}
-			if popMax > 0 && try == 1 {
-				cmds = append(cmds, lpopCmd(c, sp, popMax))
-			}
-			res := dc.DoMulti(ctx, cmds...)
-			if popMax > 0 && try == 1 {
-				var err error
-				if next, err = poppedKeys(res[2]); err != nil {
-					return err
-				}
-			}
-			vals, err := res[1].ToArray()
-			if err == nil {
-				err = res[0].Error()
-			}
-			if err == nil && len(vals) != len(popped) {
-				err = fmt.Errorf("MGET returned %d values for %d holds", len(vals), len(popped))
-			}
-			if err != nil {
-				dc.Do(ctx, b.Unwatch().Build())
-				return err
-			}
-			d := drain{sp: sp, hold: true}
-			var held []string
-			for i, v := range vals {
-				if v.IsNil() {
-					d.keys, d.leases = append(d.keys, popped[i]), append(d.leases, leases[i])
-				} else {
-					held = append(held, popped[i])
-				}
-			}
-			multi := make(rueidis.Commands, 0, 2+d.per()*len(d.keys)+len(held))
-			multi = append(multi, b.Multi().Build())
-			multi = d.body(b, multi, deadline)
-			for _, k := range held {
-				multi = append(multi, b.Zrem().Key(sp.Ready()).Member(k).Build())
-			}
-			multi = append(multi, b.Exec().Build())
-			res = dc.DoMulti(ctx, multi...)
-			exec := res[len(res)-1]
-			if rueidis.IsRedisNil(exec.Error()) { // a hold changed: read them again
-				if try == maxHoldReads {
-					return fmt.Errorf("the holds of %d keys changed %d times in a row", len(popped), try)
-				}
-				continue
-			}
-			d.extra = len(held) // the ZREMs' replies come last
-			out, phantom, err = d.results(exec)
-			return err
+	dc := conn.get(c)
+	defer func() {
+		if err != nil {
+			conn.Close() // its state is unknown: the next drain takes a new one
 		}
-	})
-	return out, phantom, next, err
+	}()
+	b := dc.B()
+	for try := 1; ; try++ {
+		cmds := rueidis.Commands{b.Watch().Key(holds...).Build(), b.Mget().Key(holds...).Build()}
+		if popMax > 0 && try == 1 {
+			cmds = append(cmds, b.Lpop().Key(sp.Wake()).Count(int64(popMax)).Build())
+		}
+		res := dc.DoMulti(ctx, cmds...)
+		if popMax > 0 && try == 1 {
+			if next, err = poppedKeys(res[2]); err != nil {
+				return nil, nil, nil, err
+			}
+		}
+		vals, err := res[1].ToArray()
+		if err == nil {
+			err = res[0].Error()
+		}
+		if err == nil && len(vals) != len(popped) {
+			err = fmt.Errorf("MGET returned %d values for %d holds", len(vals), len(popped))
+		}
+		if err != nil {
+			return nil, nil, next, err
+		}
+		d := drain{sp: sp, hold: true}
+		var held []string
+		for i, v := range vals {
+			if v.IsNil() {
+				d.keys, d.leases = append(d.keys, popped[i]), append(d.leases, leases[i])
+			} else {
+				held = append(held, popped[i])
+			}
+		}
+		multi := make(rueidis.Commands, 0, 2+d.per()*len(d.keys)+len(held))
+		multi = append(multi, b.Multi().Build())
+		multi = d.body(b, multi, deadline)
+		for _, k := range held {
+			multi = append(multi, b.Zrem().Key(sp.Ready()).Member(k).Build())
+		}
+		multi = append(multi, b.Exec().Build())
+		res = dc.DoMulti(ctx, multi...)
+		exec := res[len(res)-1]
+		if rueidis.IsRedisNil(exec.Error()) { // a hold changed: read them again
+			if try == maxHoldReads {
+				return nil, nil, next, fmt.Errorf("the holds of %d keys changed %d times in a row", len(popped), try)
+			}
+			continue
+		}
+		d.extra = len(held) // the ZREMs' replies come last
+		out, phantom, err = d.results(exec)
+		return out, phantom, next, err
+	}
 }
