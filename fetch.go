@@ -82,7 +82,7 @@ func (f *fetcher) run(ctx context.Context) {
 	defer func() { f.unpop(ctx, popped) }() // shutdown came first: the keys go back for another worker
 	var conn protocol.Conn                  // an ordered queue's drains WATCH on it
 	defer conn.Close()
-	var nextClaim, nextRetry time.Time      // zero: at once, and none known
+	var nextClaim, nextRetry time.Time // zero: at once, and none known
 	for !r.stopping() {
 		if !r.synced.Load() {
 			r.sleep(100 * time.Millisecond) // the sync loop syncs
