@@ -113,7 +113,7 @@ func itemErrors(err error, n int) (map[int]error, bool) {
 // items, grouped by key (in order of first appearance) and cut to the
 // queue's batch bounds.
 func (q *queue) plan(b *protocol.Batch) [][]int {
-	groups := groupByKey(b.Items)
+	groups := protocol.ByKey(b.Items)
 	if q.maxItems == 0 && q.maxBytes == 0 {
 		return groups
 	}
@@ -131,37 +131,4 @@ func (q *queue) plan(b *protocol.Batch) [][]int {
 		steps = append(steps, g[start:])
 	}
 	return steps
-}
-
-// groupByKey returns the indexes of items grouped by key, groups in order of
-// first appearance.
-func groupByKey(items []protocol.Item) [][]int {
-	if len(items) > 0 && items[0].Key == items[len(items)-1].Key {
-		all := true
-		for _, it := range items {
-			if it.Key != items[0].Key {
-				all = false
-				break
-			}
-		}
-		if all {
-			idx := make([]int, len(items))
-			for i := range idx {
-				idx[i] = i
-			}
-			return [][]int{idx}
-		}
-	}
-	pos := make(map[string]int)
-	var groups [][]int
-	for i, it := range items {
-		g, ok := pos[it.Key]
-		if !ok {
-			g = len(groups)
-			pos[it.Key] = g
-			groups = append(groups, nil)
-		}
-		groups[g] = append(groups[g], i)
-	}
-	return groups
 }

@@ -269,12 +269,14 @@ func startWebproducer(t *testing.T, bin string, b testredis.Backend) (*proc, str
 	return web, base, client
 }
 
-func startWorker(t *testing.T, name, bin string, b testredis.Backend) *proc {
+// startWorker starts the worker binary of bin against b, with -work 2ms,
+// -fail 0.2 and a -metrics address, then flags.
+func startWorker(t *testing.T, name, bin string, b testredis.Backend, flags ...string) *proc {
 	t.Helper()
 	addr := "127.0.0.1:" + strconv.Itoa(testredis.FreePort(t))
-	p := startProc(t, name, filepath.Join(bin, "worker"),
+	p := startProc(t, name, filepath.Join(bin, "worker"), append([]string{
 		"-redis", b.Addr, "-prefix", b.Prefix, "-queue", e2eQueue, "-work", "2ms", "-fail", "0.2",
-		"-metrics", addr)
+		"-metrics", addr}, flags...)...)
 	p.metricsAddr = addr
 	return p
 }

@@ -22,6 +22,12 @@
 // ADDR; -status-hosts names more (a proxy's, say): others get 421, so that
 // no web page can reach them through a DNS name of its own (DNS rebinding).
 //
+// With -ordered it registers the queue with ordered keys
+// (batchq.WithOrderedKeys): one batch of a key at a time across all
+// workers, the key's items in append order, and a failed item holding back
+// those after it until it succeeds or goes to dead letters. Start every
+// worker of the queue with it.
+//
 // SIGINT or SIGTERM stops it gracefully: it fetches no more, lets running
 // handlers finish for up to -shutdown-timeout, puts back the items it had
 // not started, and exits 0.
@@ -68,6 +74,7 @@ type config struct {
 	shutdown    time.Duration
 	metrics     string
 	statusHosts string
+	ordered     bool
 }
 
 func main() {
@@ -80,6 +87,7 @@ func main() {
 	flag.Float64Var(&cfg.fail, "fail", 0, "fraction (0 to 1) of first attempts that fail")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", batchq.DefaultShutdownTimeout, "how long running handlers may finish at shutdown")
 	flag.StringVar(&cfg.metrics, "metrics", "", "address to serve /metrics (Prometheus) and /status/ (the status page, whose buttons requeue and purge dead letters) on, e.g. 127.0.0.1:9090; it has no login: keep it on loopback or behind one; empty: none")
+	flag.BoolVar(&cfg.ordered, "ordered", false, "handle the queue's keys in order (batchq.WithOrderedKeys): one batch of a key at a time, a failed item holding back those after it; every worker of the queue must agree")
 	flag.StringVar(&cfg.statusHosts, "status-hosts", "", "comma-separated host names the status page answers to besides IP addresses, localhost and the host of -metrics (say the name of a proxy in front of it)")
 	flag.Parse()
 
@@ -149,7 +157,11 @@ func work(cfg config, log *zap.Logger) error {
 		log.Info("serving metrics and the status page", zap.String("addr", ln.Addr().String()))
 	}
 	h := handler{work: cfg.work, fail: cfg.fail, log: log}
-	batchq.HandleRaw(w, cfg.queue, h.handle)
+	var qopts []batchq.QueueOption
+	if cfg.ordered {
+		qopts = append(qopts, batchq.WithOrderedKeys())
+	}
+	batchq.HandleRaw(w, cfg.queue, h.handle, qopts...)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

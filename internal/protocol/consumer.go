@@ -838,7 +838,7 @@ func (c *Consumer) orderedSettlement(b *Batch, outcomes []Outcome, unfinishedAsR
 	now := c.now()
 	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
-	for _, idx := range byKey(b.Items) {
+	for _, idx := range ByKey(b.Items) {
 		key := b.Items[idx[0]].Key
 		var head *retryEnvelope
 		var retry Scheduled
@@ -890,9 +890,25 @@ func (c *Consumer) orderedSettlement(b *Batch, outcomes []Outcome, unfinishedAsR
 	return s, nil
 }
 
-// byKey returns the indexes of items grouped by key, groups in order of
+// ByKey returns the indexes of items grouped by key, groups in order of
 // first appearance.
-func byKey(items []Item) [][]int {
+func ByKey(items []Item) [][]int {
+	if len(items) > 0 && items[0].Key == items[len(items)-1].Key {
+		all := true
+		for _, it := range items {
+			if it.Key != items[0].Key {
+				all = false
+				break
+			}
+		}
+		if all {
+			idx := make([]int, len(items))
+			for i := range idx {
+				idx[i] = i
+			}
+			return [][]int{idx}
+		}
+	}
 	pos := make(map[string]int)
 	var groups [][]int
 	for i, it := range items {
