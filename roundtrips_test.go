@@ -28,78 +28,98 @@ import (
 // second whatever the load, must not come per batch.
 func TestOneItemBatchTakesFourRoundTrips(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
-		ctx := context.Background()
-		var mu sync.Mutex
-		trips := map[string]int{} // "who kind" -> round trips
-		count := func(who string) func([][]string, []rueidis.RedisResult) {
-			return func(cmds [][]string, res []rueidis.RedisResult) {
-				kind := tripKind(cmds, res)
-				mu.Lock()
-				trips[who+" "+kind]++
-				mu.Unlock()
-			}
-		}
-		p, err := producer.New(rtcount.Wrap(b.Client, count("producer")), producer.WithPrefix(b.Prefix))
-		must(t, err)
-		// A long lease: no heartbeat comes during the test.
-		w, err := batchq.NewWorker(rtcount.Wrap(b.Client, count("worker")), batchq.WithPrefix(b.Prefix), batchq.WithLeaseTTL(time.Minute))
-		must(t, err)
-		handled := make(chan int, 1)
-		batchq.Handle(w, "rt", func(_ context.Context, it item) error {
-			handled <- it.ID
-			return nil
-		})
-		runWorker(t, w)
-		leases := keys.For(b.Prefix, "rt", 0).Leases()
-		settled := func() bool {
-			n, err := b.Client.Do(ctx, b.Client.B().Zcard().Key(leases).Build()).AsInt64()
-			return err == nil && n == 0
-		}
-		one := func(id int) {
-			t.Helper()
-			must(t, p.Add(ctx, "rt", fmt.Sprint("k", id), item{ID: id}))
-			select {
-			case got := <-handled:
-				if got != id {
-					t.Fatalf("handled %d, want %d", got, id)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatalf("item %d not handled in 10s", id)
-			}
-			eventually(t, 5*time.Second, "lease released", settled)
-			time.Sleep(5 * time.Millisecond) // no item comes while the release waits for a round
-		}
-		one(0) // loads the scripts and syncs the clocks
-		mu.Lock()
-		clear(trips)
-		mu.Unlock()
-		const n = 10
-		start := time.Now()
-		for id := 1; id <= n; id++ {
-			one(id)
-		}
-		periodic := int(time.Since(start)/time.Second) + 2 // of each kind
-		mu.Lock()
-		defer mu.Unlock()
-		want := map[string]int{"producer merge": n, "worker pop": n, "worker round": n, "worker release": n}
-		perBatch := 0
-		for k, v := range trips {
-			switch {
-			case want[k] > 0:
-				perBatch += v
-			case !strings.HasPrefix(k, "worker periodic "):
-				t.Errorf("%d unexpected round trips: %s", v, k)
-			case v > periodic:
-				t.Errorf("%d round trips of %s for %d batches in %v: periodic work came per batch", v, k, n, time.Since(start))
-			}
-		}
-		for k, v := range want {
-			if trips[k] != v {
-				t.Errorf("%s: %d round trips for %d one-item batches, want %d", k, trips[k], n, v)
-			}
-		}
-		t.Logf("%d round trips per one-item batch (%v)", perBatch/n, fmtTrips(trips))
+		testOneItemTrips(t, b, nil, []string{"producer merge", "worker pop", "worker round", "worker release"})
 	})
+}
+
+// On a queue with ordered keys, five: the drain reads the key's hold under
+// WATCH first, and the batch is settled by script, which ends the hold.
+func TestOrderedOneItemBatchTakesFiveRoundTrips(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		testOneItemTrips(t, b, []batchq.QueueOption{batchq.WithOrderedKeys()},
+			[]string{"producer merge", "worker pop", "worker holds", "worker round", "worker script settle"})
+	})
+}
+
+// testOneItemTrips appends n one-item batches, one at a time, to a queue
+// registered with opts, and checks that each took one round trip of each
+// kind of perBatch ("who kind", as tripKind names them), and nothing else
+// but the worker's periodic work.
+func testOneItemTrips(t *testing.T, b testredis.Backend, opts []batchq.QueueOption, perBatch []string) {
+	ctx := context.Background()
+	var mu sync.Mutex
+	trips := map[string]int{} // "who kind" -> round trips
+	count := func(who string) func([][]string, []rueidis.RedisResult) {
+		return func(cmds [][]string, res []rueidis.RedisResult) {
+			kind := tripKind(cmds, res)
+			mu.Lock()
+			trips[who+" "+kind]++
+			mu.Unlock()
+		}
+	}
+	p, err := producer.New(rtcount.Wrap(b.Client, count("producer")), producer.WithPrefix(b.Prefix))
+	must(t, err)
+	// A long lease: no heartbeat comes during the test.
+	w, err := batchq.NewWorker(rtcount.Wrap(b.Client, count("worker")), batchq.WithPrefix(b.Prefix), batchq.WithLeaseTTL(time.Minute))
+	must(t, err)
+	handled := make(chan int, 1)
+	batchq.Handle(w, "rt", func(_ context.Context, it item) error {
+		handled <- it.ID
+		return nil
+	}, opts...)
+	runWorker(t, w)
+	leases := keys.For(b.Prefix, "rt", 0).Leases()
+	settled := func() bool {
+		n, err := b.Client.Do(ctx, b.Client.B().Zcard().Key(leases).Build()).AsInt64()
+		return err == nil && n == 0
+	}
+	one := func(id int) {
+		t.Helper()
+		must(t, p.Add(ctx, "rt", fmt.Sprint("k", id), item{ID: id}))
+		select {
+		case got := <-handled:
+			if got != id {
+				t.Fatalf("handled %d, want %d", got, id)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("item %d not handled in 10s", id)
+		}
+		eventually(t, 5*time.Second, "lease released", settled)
+		time.Sleep(5 * time.Millisecond) // no item comes while the release waits for a round
+	}
+	one(0) // loads the scripts and syncs the clocks
+	mu.Lock()
+	clear(trips)
+	mu.Unlock()
+	const n = 10
+	start := time.Now()
+	for id := 1; id <= n; id++ {
+		one(id)
+	}
+	periodic := int(time.Since(start)/time.Second) + 2 // of each kind
+	mu.Lock()
+	defer mu.Unlock()
+	want := make(map[string]int)
+	for _, k := range perBatch {
+		want[k] = n
+	}
+	total := 0
+	for k, v := range trips {
+		switch {
+		case want[k] > 0:
+			total += v
+		case !strings.HasPrefix(k, "worker periodic "):
+			t.Errorf("%d unexpected round trips: %s", v, k)
+		case v > periodic:
+			t.Errorf("%d round trips of %s for %d batches in %v: periodic work came per batch", v, k, n, time.Since(start))
+		}
+	}
+	for k, v := range want {
+		if trips[k] != v {
+			t.Errorf("%s: %d round trips for %d one-item batches, want %d", k, trips[k], n, v)
+		}
+	}
+	t.Logf("%d round trips per one-item batch (%v)", total/n, fmtTrips(trips))
 }
 
 // tripKind names what a round trip did.
@@ -120,6 +140,8 @@ func tripKind(cmds [][]string, res []rueidis.RedisResult) string {
 			return "periodic pop" // timed out: an idle worker's poll
 		}
 		return "pop"
+	case "WATCH":
+		return "holds" // an ordered drain reads its keys' holds
 	case "TIME", "CONFIG":
 		return "periodic " + strings.ToLower(name(0)) // clock sync, server settings
 	case "HMGET":

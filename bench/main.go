@@ -6,7 +6,8 @@
 //	go run . -redis 127.0.0.1:6390  # or uses a private one
 //
 // The systems: batchq (one item per producer.Add), batchq-linger (the same
-// with producer.WithLinger(0, 1000): group commit), asynq-plain (one task per item) and
+// with producer.WithLinger(0, 1000): group commit), batchq-ordered (batchq
+// with batchq.WithOrderedKeys), asynq-plain (one task per item) and
 // asynq-group (one task per item in a group per key, aggregated into one
 // task per group). The phases: append only, drain only, saturated, fixed
 // rate, hot key and busy key (see README.md). Each phase runs on every

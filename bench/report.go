@@ -151,7 +151,7 @@ func (rep *report) rows(yield func(phase, system string) bool) {
 
 // pairs yields the (batchq system, asynq system) pairs the ratios compare.
 func pairs(yield func(bq, aq string) bool) {
-	for _, bq := range []string{sysBatchq, sysBatchqLinger} {
+	for _, bq := range []string{sysBatchq, sysBatchqLinger, sysBatchqOrder} {
 		for _, aq := range []string{sysAsynqPlain, sysAsynqGroup} {
 			if !yield(bq, aq) {
 				return

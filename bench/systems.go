@@ -20,12 +20,13 @@ import (
 const (
 	sysBatchq       = "batchq"
 	sysBatchqLinger = "batchq-linger"
+	sysBatchqOrder  = "batchq-ordered"
 	sysAsynqPlain   = "asynq-plain"
 	sysAsynqGroup   = "asynq-group"
 )
 
 // allSystems lists the systems in the order each phase runs them.
-var allSystems = []string{sysBatchq, sysBatchqLinger, sysAsynqPlain, sysAsynqGroup}
+var allSystems = []string{sysBatchq, sysBatchqLinger, sysBatchqOrder, sysAsynqPlain, sysAsynqGroup}
 
 // Names shared by every system.
 const (
@@ -59,6 +60,8 @@ func newSystem(name string, cfg *config, trips *atomic.Int64) (system, error) {
 		return batchqSystem{cfg: cfg, trips: trips}, nil
 	case sysBatchqLinger:
 		return batchqSystem{cfg: cfg, trips: trips, linger: true}, nil
+	case sysBatchqOrder:
+		return batchqSystem{cfg: cfg, trips: trips, ordered: true}, nil
 	case sysAsynqPlain:
 		return asynqSystem{cfg: cfg, trips: trips}, nil
 	case sysAsynqGroup:
@@ -70,9 +73,10 @@ func newSystem(name string, cfg *config, trips *atomic.Int64) (system, error) {
 // batchqSystem appends with producer.Add and drains with a batchq.Worker
 // and a typed handler.
 type batchqSystem struct {
-	cfg    *config
-	trips  *atomic.Int64
-	linger bool // producer.WithLinger(lingerWait, lingerItems)
+	cfg     *config
+	trips   *atomic.Int64
+	linger  bool // producer.WithLinger(lingerWait, lingerItems)
+	ordered bool // the queue has batchq.WithOrderedKeys
 }
 
 func (s batchqSystem) client() (rueidis.Client, error) {
@@ -113,10 +117,14 @@ func (s batchqSystem) worker(tr *tracker) (func() error, func(), error) {
 		c.Close()
 		return nil, nil, err
 	}
+	var qopts []batchq.QueueOption
+	if s.ordered {
+		qopts = append(qopts, batchq.WithOrderedKeys())
+	}
 	batchq.Handle(w, queueName, func(_ context.Context, it item) error {
 		tr.handle(it)
 		return nil
-	})
+	}, qopts...)
 	ctx, cancel := context.WithCancel(context.Background())
 	var done chan struct{} // nil until started
 	start := func() error {

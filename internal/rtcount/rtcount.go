@@ -11,8 +11,8 @@ import (
 	"github.com/redis/rueidis"
 )
 
-// Client is a rueidis.Client that counts its round trips. Dedicated
-// connections are not counted: batchq uses none.
+// Client is a rueidis.Client that counts its round trips, those of its
+// dedicated connections included (the drains of ordered queues use one).
 type Client struct {
 	rueidis.Client
 	n      *atomic.Int64
@@ -105,4 +105,38 @@ func (c *Client) DoMultiStream(ctx context.Context, multi ...rueidis.Completed) 
 func (c *Client) Receive(ctx context.Context, subscribe rueidis.Completed, fn func(msg rueidis.PubSubMessage)) error {
 	c.trip(c.args(subscribe), nil)
 	return c.Client.Receive(ctx, subscribe, fn)
+}
+
+func (c *Client) Dedicated(fn func(rueidis.DedicatedClient) error) error {
+	return c.Client.Dedicated(func(d rueidis.DedicatedClient) error {
+		return fn(&dedicated{DedicatedClient: d, c: c})
+	})
+}
+
+func (c *Client) Dedicate() (rueidis.DedicatedClient, func()) {
+	d, cancel := c.Client.Dedicate()
+	return &dedicated{DedicatedClient: d, c: c}, cancel
+}
+
+// dedicated is a dedicated connection of c, counting its round trips as
+// c's.
+type dedicated struct {
+	rueidis.DedicatedClient
+	c *Client
+}
+
+func (d *dedicated) Do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
+	a := d.c.args(cmd)
+	r := d.DedicatedClient.Do(ctx, cmd)
+	d.c.trip(a, []rueidis.RedisResult{r})
+	return r
+}
+
+func (d *dedicated) DoMulti(ctx context.Context, multi ...rueidis.Completed) []rueidis.RedisResult {
+	a := d.c.args(multi...)
+	res := d.DedicatedClient.DoMulti(ctx, multi...)
+	if len(multi) > 0 {
+		d.c.trip(a, res)
+	}
+	return res
 }
