@@ -27,6 +27,9 @@ type Retry struct {
 	Error    string `json:"error"`
 	// Due is when a worker may take it again (the server's clock).
 	Due time.Time `json:"due"`
+	// Behind counts the items of its key held back behind it, on a queue
+	// with ordered keys: they run after it, in order.
+	Behind int `json:"behind,omitempty"`
 	// Corrupt marks a retry whose stored form does not decode (written by
 	// another program): a worker moves it to dead letters when it is due.
 	Corrupt bool `json:"corrupt,omitempty"`

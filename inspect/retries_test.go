@@ -77,3 +77,36 @@ func fail(t *testing.T, b testredis.Backend, queue string, shards int, delays ma
 		}
 	}
 }
+
+// On a queue with ordered keys, a failed item holds back the items after
+// it: its retry says how many.
+func TestRetriesOfOrderedKeys(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
+		must(t, err)
+		must(t, p.Add(ctx, "ord", "k", 1, 2, 3, 4))
+		c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
+		must(t, err)
+		c.Order("ord")
+		must(t, c.Sync(ctx))
+		f, err := c.Fetch(ctx, "ord", 0, 10)
+		must(t, err)
+		if len(f.Batches) != 1 || len(f.Batches[0].Items) != 4 {
+			t.Fatalf("fetched %+v, want one batch of 4 items", f.Batches)
+		}
+		// Item 2 fails; 3 and 4 never ran.
+		out := []protocol.Outcome{{Kind: protocol.Done}, {Kind: protocol.Retry, Err: errors.New("failed"), Delay: time.Hour}}
+		must(t, c.Settle(ctx, f.Batches[0], out))
+		in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+		must(t, err)
+		rs, err := in.Retries(ctx, "ord", 10)
+		must(t, err)
+		if rs.Total != 1 || len(rs.Retries) != 1 {
+			t.Fatalf("Retries: %+v, want one", rs)
+		}
+		if r := rs.Retries[0]; r.Key != "k" || string(r.Item) != "2" || r.Attempts != 1 || r.Behind != 2 {
+			t.Errorf("retry %+v, want item 2 of k, 1 attempt, 2 items behind", r)
+		}
+	})
+}

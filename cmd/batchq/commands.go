@@ -534,7 +534,11 @@ func retriesList(ctx context.Context, s *session, args []string) error {
 		if !r.Due.After(rs.Now) {
 			in = "overdue " + age(rs.Now.Sub(r.Due))
 		}
-		row := []string{cell(r.ID), cell(r.Key), num(int64(r.Attempts)), stamp(r.Due), in, clip(e, maxErrorCell)}
+		key := cell(r.Key)
+		if r.Behind > 0 {
+			key += fmt.Sprintf(" (+%d behind)", r.Behind)
+		}
+		row := []string{cell(r.ID), key, num(int64(r.Attempts)), stamp(r.Due), in, clip(e, maxErrorCell)}
 		if s.opts.items {
 			row = append(row, item(r.Item))
 		}

@@ -26,6 +26,9 @@ type Waiting struct {
 	Attempts int             `json:"attempts"`
 	Error    string          `json:"error"`
 	Due      time.Time       `json:"due"`
+	// Behind counts the items an ordered key holds back behind this one,
+	// to run after it.
+	Behind int `json:"behind,omitempty"`
 	// Corrupt marks a retry whose stored form does not decode (written by
 	// another program): a worker moves it to dead letters when it is due.
 	Corrupt bool `json:"corrupt,omitempty"`
@@ -103,6 +106,6 @@ func decodeWaiting(queue string, shard int, id string, due time.Time, env string
 		w.Item, w.Corrupt, w.Error = JSONString(env), true, "the stored retry does not decode: "+err.Error()
 		return w
 	}
-	w.Key, w.Item, w.Attempts, w.Error = e.Key, e.Item, e.Attempts, e.Error
+	w.Key, w.Item, w.Attempts, w.Error, w.Behind = e.Key, e.Item, e.Attempts, e.Error, len(e.Rest)
 	return w
 }
