@@ -1,0 +1,208 @@
+package protocol_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/protocol"
+	"github.com/batchq/batchq/internal/testredis"
+)
+
+// Tests of the protocol of ordered queues (docs/PROTOCOL.md, "Ordered
+// keys"), step by step.
+
+// newOrdered returns a consumer that treats queue as ordered, on a fake
+// clock.
+func newOrdered(t *testing.T, b testredis.Backend, opts ...protocol.Option) (*protocol.Consumer, *fakeClock) {
+	t.Helper()
+	c := newConsumer(t, b, opts...)
+	c.Order(queue)
+	return c, withFakeClock(c)
+}
+
+// hold returns the hold of key, "" when there is none.
+func hold(t *testing.T, b testredis.Backend, key string) string {
+	t.Helper()
+	v, err := b.Client.Do(context.Background(), b.Client.B().Get().Key(space(b).Hold(key)).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return ""
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// A drained key is held until its batch is settled: items appended
+// meanwhile wait, off the ready index, and the settle makes the key due.
+func TestOrderedKeyIsHeldUntilSettled(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		c, _ := newOrdered(t, b)
+		addRaw(t, p, "k", `1`, `2`)
+		first := fetchOne(t, c)
+		if !first.Ordered || hold(t, b, "k") == "" {
+			t.Fatalf("batch ordered %v, hold %q: want an ordered batch holding its key", first.Ordered, hold(t, b, "k"))
+		}
+		addRaw(t, p, "k", `3`)
+		fetchNone(t, c) // pops k, finds it held
+		if ready(t, b, "k") {
+			t.Fatal("a held key stays on the ready index")
+		}
+		if v, _ := stored(t, b, "k"); v != `[3]` {
+			t.Fatalf("the key holds %s, want [3]", v)
+		}
+		settle(t, c, first, done, done)
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left after the settle", h)
+		}
+		if !ready(t, b, "k") {
+			t.Fatal("the settle did not make the key due")
+		}
+		checkItems(t, fetchOne(t, c), `3`)
+	})
+}
+
+// A failed item holds its key with the items after it; the retry brings
+// them back in order, the failed one with its attempts; then the items
+// appended meanwhile.
+func TestOrderedRetryHoldsTheRest(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		c, clk := newOrdered(t, b)
+		addRaw(t, p, "k", `1`, `2`, `3`, `4`)
+		bt := fetchOne(t, c)
+		boom := errors.New("boom")
+		settle(t, c, bt, done, protocol.Outcome{Kind: protocol.Retry, Err: boom, Delay: time.Second})
+		if hold(t, b, "k") == "" {
+			t.Fatal("the key is not held while its failed item waits")
+		}
+		addRaw(t, p, "k", `5`)
+		fetchNone(t, c)
+		clk.Advance(time.Second)
+		rt := fetchOne(t, c)
+		if !rt.Retry() || !rt.Ordered {
+			t.Fatalf("fetched %+v, want an ordered batch of retries", rt)
+		}
+		checkItems(t, rt, `2`, `3`, `4`)
+		if rt.Items[0].Attempt != 1 || rt.Items[0].LastError != "boom" || rt.Items[1].Attempt != 0 {
+			t.Fatalf("retry items %+v, want the failed one with 1 attempt, then fresh ones", rt.Items)
+		}
+		// Item 3 fails for good: the key moves on.
+		settle(t, c, rt, done, protocol.Outcome{Kind: protocol.Dead, Err: boom}, done)
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left after the retry was settled", h)
+		}
+		checkItems(t, fetchOne(t, c), `5`)
+		if n := countDead(t, c); n != 1 {
+			t.Fatalf("%d dead letters, want 1", n)
+		}
+	})
+}
+
+// A shutdown puts the unhandled items back in front of the key and ends
+// the hold.
+func TestOrderedUnfinishedGoBack(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		c, _ := newOrdered(t, b)
+		addRaw(t, p, "k", `1`, `2`, `3`)
+		bt := fetchOne(t, c)
+		addRaw(t, p, "k", `4`)
+		settle(t, c, bt, done)
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left after the put-back", h)
+		}
+		checkItems(t, fetchOne(t, c), `2`, `3`, `4`)
+	})
+}
+
+// A reaped batch goes back in front of its key, and its hold ends: it is
+// drained next, before the items appended since.
+func TestOrderedReapPutsBatchFirst(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		c, clk := newOrdered(t, b, protocol.WithLeaseTTL(100*time.Millisecond))
+		addRaw(t, p, "k", `1`, `2`)
+		old := fetchOne(t, c)
+		addRaw(t, p, "k", `3`)
+		fetchNone(t, c)
+		clk.Advance(101 * time.Millisecond)
+		if n := reap(t, c); n != 1 {
+			t.Fatalf("reaped %d leases, want 1", n)
+		}
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left after the reap", h)
+		}
+		checkItems(t, fetchOne(t, c), `1`, `2`, `3`)
+		if err := c.Settle(context.Background(), old, all(2, done)); !errors.Is(err, protocol.ErrLeaseLost) {
+			t.Fatalf("late settle: %v, want ErrLeaseLost", err)
+		}
+		if h := hold(t, b, "k"); h == "" {
+			t.Fatal("a late settle ended the hold of the batch redelivered")
+		}
+	})
+}
+
+// A key's name popped twice (a sweep racing a slow worker) is drained once:
+// the second drain finds it gone, and ends the hold it set, making the key
+// due for the items appended since.
+func TestOrderedPhantomDrainEndsItsHold(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c, _ := newOrdered(t, b)
+		addRaw(t, p, "k", `1`)
+		bt := fetchOne(t, c)
+		settle(t, c, bt, done)
+		// The stale name of k, on the wake list again.
+		if err := b.Client.Do(ctx, b.Client.B().Rpush().Key(space(b).Wake()).Element("k").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		fetchNone(t, c)
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left by a drain that found the key gone", h)
+		}
+		noLeases(t, b)
+		addRaw(t, p, "k", `2`)
+		checkItems(t, fetchOne(t, c), `2`)
+	})
+}
+
+// A batch of retries of several ordered keys ends the hold of each key
+// whose items succeeded, and keeps that of a key whose item failed again.
+func TestOrderedRetriesOfSeveralKeys(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		c, clk := newOrdered(t, b)
+		boom := errors.New("boom")
+		addRaw(t, p, "a", `"a1"`, `"a2"`)
+		addRaw(t, p, "b", `"b1"`)
+		f := fetch(t, c, 10)
+		if len(f.Batches) != 2 {
+			t.Fatalf("fetched %s, want two batches", describe(f))
+		}
+		for _, bt := range f.Batches {
+			settle(t, c, bt, protocol.Outcome{Kind: protocol.Retry, Err: boom})
+		}
+		clk.Advance(time.Millisecond)
+		rt := fetchOne(t, c)
+		checkItems(t, rt, `"a1"`, `"a2"`, `"b1"`)
+		var out []protocol.Outcome
+		for _, it := range rt.Items {
+			if it.Key == "b" {
+				out = append(out, protocol.Outcome{Kind: protocol.Retry, Err: boom, Delay: time.Hour})
+			} else {
+				out = append(out, done)
+			}
+		}
+		settle(t, c, rt, out...)
+		if hold(t, b, "a") != "" || hold(t, b, "b") == "" {
+			t.Fatalf("holds a=%q b=%q: want a's ended and b's kept", hold(t, b, "a"), hold(t, b, "b"))
+		}
+	})
+}
