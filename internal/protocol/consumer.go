@@ -265,6 +265,8 @@ type Item struct {
 	Data      json.RawMessage // the item, byte for byte as appended
 	Attempt   int             // failed attempts before this delivery
 	LastError string          // the error of the last failed attempt
+
+	held bool // its key is held (an ordered queue's) for its batch
 }
 
 // Fetched is what a Round, Claim or Fetch took.
@@ -332,13 +334,14 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 			b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
 			continue
 		}
-		b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error})
-		// The items an ordered key's failed item held back come right
-		// after it, in order. (Also on a queue no longer ordered: none may
-		// be lost.)
+		// An ordered key's retry holds the key, and the items it held back
+		// come right after it, in order (also on a queue no longer ordered:
+		// none may be lost). A retry stored before its queue was ordered
+		// holds nothing, and is settled alone.
+		b.Items = append(b.Items, Item{Key: env.Key, Data: env.Item, Attempt: env.Attempts, LastError: env.Error, held: env.Ordered})
 		b.Ordered = b.Ordered || env.Ordered
 		for _, it := range env.Rest {
-			b.Items = append(b.Items, Item{Key: env.Key, Data: it})
+			b.Items = append(b.Items, Item{Key: env.Key, Data: it, held: env.Ordered})
 		}
 	}
 	if len(b.Items) > 0 {
@@ -603,7 +606,7 @@ func (c *Consumer) collectParts(ctx context.Context, f *Fetched, b *Batch, data 
 	for i := 0; i < len(parts); {
 		reason := badPart(parts[i])
 		if reason == "" {
-			b.Items = append(b.Items, Item{Key: b.Key, Data: parts[i].Raw})
+			b.Items = append(b.Items, Item{Key: b.Key, Data: parts[i].Raw, held: b.Ordered})
 			i++
 			continue
 		}
@@ -782,43 +785,93 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 // settlement builds the settlement of b. With unfinishedAsRetries, or for a
 // batch of retries, unfinished items go to the retry index, due now, rather
 // than back in front of their key.
+//
+// The items of a held key (an ordered queue's: see Order) are settled by
+// key, in order: the first that failed, or that was not handled and cannot
+// go back in front of the key, becomes one retry, which keeps the key held,
+// with the key's later items that are neither done nor dead, in order, so
+// that they run after it; without one, the key's unfinished items go back
+// in front of it, and its hold ends. Every other item is settled alone.
 func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
-	if b.Ordered {
-		return c.orderedSettlement(b, outcomes, unfinishedAsRetries)
-	}
 	now := c.now()
 	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
-	var back []byte
-	nback := 0
-	for i, it := range b.Items {
-		var o Outcome
+	outcome := func(i int) Outcome {
 		if i < len(outcomes) {
-			o = outcomes[i]
+			return outcomes[i]
 		}
-		switch o.Kind {
-		case Done:
-		case Unfinished:
-			if unfinishedAsRetries {
-				env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
-				s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
-				continue
+		return Outcome{}
+	}
+	var back []byte // unfinished items to put back in front of b.Key
+	nback := 0
+	putBack := func(it Item) {
+		if back == nil {
+			back = append(back, '[')
+		} else {
+			back = append(back, ',')
+		}
+		back = append(back, it.Data...)
+		nback++
+	}
+	groups := [][]int{nil} // nil: every item, alone
+	if b.Ordered {
+		groups = ByKey(b.Items)
+	}
+	for _, idx := range groups {
+		if idx == nil || !slices.ContainsFunc(idx, func(i int) bool { return b.Items[i].held }) {
+			for i, it := range b.Items {
+				if idx != nil && !slices.Contains(idx, i) {
+					continue
+				}
+				switch o := outcome(i); o.Kind {
+				case Done:
+				case Unfinished:
+					if !unfinishedAsRetries {
+						putBack(it)
+						continue
+					}
+					env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
+					s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
+				case Retry:
+					env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
+					s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
+				case Dead:
+					s.Dead = append(s.Dead, c.deadEntry(b, i, o, now))
+				default:
+					return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
+				}
 			}
-			if back == nil {
-				back = append(back, '[')
-			} else {
-				back = append(back, ',')
+			continue
+		}
+		var head *retryEnvelope // the held key's retry, once an item fails
+		var retry Scheduled
+		backed := false // an unfinished item of the key went back: so does every later one
+		for _, i := range idx {
+			it := b.Items[i]
+			switch o := outcome(i); {
+			case o.Kind == Done:
+			case o.Kind == Dead:
+				s.Dead = append(s.Dead, c.deadEntry(b, i, o, now))
+			case o.Kind > Dead:
+				return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
+			case head != nil:
+				head.Rest = append(head.Rest, it.Data)
+			case !backed && o.Kind == Retry:
+				head = &retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data, Ordered: true}
+				retry = Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli()}
+			case !backed && unfinishedAsRetries:
+				head = &retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data, Ordered: true}
+				retry = Scheduled{ID: itemID(b, i), Due: s.Now}
+			default:
+				putBack(it)
+				backed = true
 			}
-			back = append(back, it.Data...)
-			nback++
-		case Retry:
-			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
-			s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
-		case Dead:
-			dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
-			s.Dead = append(s.Dead, Entry{ID: dl.ID, Env: string(dl.encode())})
-		default:
-			return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
+		}
+		if head != nil {
+			retry.Env = string(head.encode())
+			s.Retries = append(s.Retries, retry)
+		} else {
+			s.Holds = append(s.Holds, b.Items[idx[0]].Key)
 		}
 	}
 	if back != nil {
@@ -827,67 +880,12 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 	return s, nil
 }
 
-// orderedSettlement builds the settlement of b, a batch of an ordered
-// queue. Per key, the first item that failed, or that was not handled and
-// cannot go back in front of the key (a batch of retries, or
-// unfinishedAsRetries), becomes one retry, which holds its key (its hold
-// does not end) with the key's items after it that are not done or dead,
-// in order, so that they run after it. Without such an item, the key's
-// unfinished items go back in front of it, and its hold ends.
-func (c *Consumer) orderedSettlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
-	now := c.now()
-	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
-	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
-	for _, idx := range ByKey(b.Items) {
-		key := b.Items[idx[0]].Key
-		var head *retryEnvelope
-		var retry Scheduled
-		var back []byte
-		nback := 0
-		for _, i := range idx {
-			it := b.Items[i]
-			var o Outcome
-			if i < len(outcomes) {
-				o = outcomes[i]
-			}
-			switch {
-			case o.Kind == Done:
-			case o.Kind == Dead:
-				dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
-				s.Dead = append(s.Dead, Entry{ID: dl.ID, Env: string(dl.encode())})
-			case o.Kind > Dead:
-				return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
-			case head != nil:
-				head.Rest = append(head.Rest, it.Data)
-			case back == nil && o.Kind == Retry:
-				head = &retryEnvelope{Key: key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data, Ordered: true}
-				retry = Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli()}
-			case back == nil && unfinishedAsRetries:
-				head = &retryEnvelope{Key: key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data, Ordered: true}
-				retry = Scheduled{ID: itemID(b, i), Due: s.Now}
-			default:
-				// Unfinished, and all that is left after it, goes back in
-				// front of the key.
-				if back == nil {
-					back = append(back, '[')
-				} else {
-					back = append(back, ',')
-				}
-				back = append(back, it.Data...)
-				nback++
-			}
-		}
-		if head != nil {
-			retry.Env = string(head.encode())
-			s.Retries = append(s.Retries, retry)
-		} else {
-			s.Holds = append(s.Holds, key)
-		}
-		if back != nil {
-			s.Return, s.ReturnN = string(append(back, ']')), nback
-		}
-	}
-	return s, nil
+// deadEntry returns the dead letter of b.Items[i], which failed for good
+// with o at now.
+func (c *Consumer) deadEntry(b *Batch, i int, o Outcome, now time.Time) Entry {
+	it := b.Items[i]
+	dl := DeadLetter{ID: itemID(b, i), Queue: b.Queue, Shard: b.Shard, Key: it.Key, Item: it.Data, Attempts: it.Attempt + 1, Error: errText(o.Err), FailedAt: now}
+	return Entry{ID: dl.ID, Env: string(dl.encode())}
 }
 
 // ByKey returns the indexes of items grouped by key, groups in order of

@@ -191,7 +191,9 @@ func TestOrderedRetriesOfSeveralKeys(t *testing.T) {
 		}
 		clk.Advance(time.Millisecond)
 		rt := fetchOne(t, c)
-		checkItems(t, rt, `"a1"`, `"a2"`, `"b1"`)
+		if got := itemsOf(rt); got != `["a1","a2","b1"]` && got != `["b1","a1","a2"]` {
+			t.Fatalf("retried %s, want a's items in order, and b's", got)
+		}
 		var out []protocol.Outcome
 		for _, it := range rt.Items {
 			if it.Key == "b" {
@@ -203,6 +205,36 @@ func TestOrderedRetriesOfSeveralKeys(t *testing.T) {
 		settle(t, c, rt, out...)
 		if hold(t, b, "a") != "" || hold(t, b, "b") == "" {
 			t.Fatalf("holds a=%q b=%q: want a's ended and b's kept", hold(t, b, "a"), hold(t, b, "b"))
+		}
+	})
+}
+
+// A retry stored before its queue was ordered holds nothing: settling it
+// leaves alone the hold of its key's batch that is out.
+func TestRetryFromBeforeOrderedHoldsNothing(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		before := newConsumer(t, b)
+		clk := withFakeClock(before)
+		addRaw(t, p, "k", `1`)
+		settle(t, before, fetchOne(t, before), protocol.Outcome{Kind: protocol.Retry, Err: errors.New("boom"), Delay: time.Second})
+
+		c := newConsumer(t, b)
+		c.Order(queue)
+		protocol.SetClock(c, clk.Now)
+		addRaw(t, p, "k", `2`)
+		bt := fetchOne(t, c)
+		checkItems(t, bt, `2`)
+		clk.Advance(time.Second)
+		rt := fetchOne(t, c)
+		checkItems(t, rt, `1`)
+		settle(t, c, rt, done)
+		if hold(t, b, "k") == "" {
+			t.Fatal("the old retry ended the hold of the batch out")
+		}
+		settle(t, c, bt, done)
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left", h)
 		}
 	})
 }
