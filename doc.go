@@ -51,9 +51,12 @@
 // many keys, and, while slots are free, the items of one busy key (for
 // Handle) or its WithMaxBatch chunks (for HandleBatch). A batch's calls
 // are taken in append order, but those that run at once may start and end
-// in any order. Items appended to a key
-// while its batch runs form a new batch, which may run at the same time:
-// no order is guaranteed between the items of a key.
+// in any order. Items appended to a key while its batch runs form a new
+// batch, which may run at the same time: no order is guaranteed between the
+// items of a key, unless the queue has WithOrderedKeys. Then at most one
+// batch of a key is out at a time, across all workers, its items run one
+// after another in append order, and a failed item holds back those after
+// it until it succeeds or goes to dead letters.
 //
 // Every item gets its own outcome: a success is never run again because
 // another item of its batch failed. A failed item is retried after its
