@@ -34,6 +34,7 @@ import (
 const (
 	cfgDeadCap = 1 // a dead letter cap of modelDeadCap: the oldest are dropped
 	cfgKeyCap  = 2 // a cap of modelKeyCap items per key on appends
+	cfgOrdered = 4 // the queue is ordered (Consumer.Order): one batch of a key out at a time
 )
 
 // The operations.
@@ -107,6 +108,7 @@ func retryAfter(delay int) byte { return byte(oRetry | delay<<3) }
 
 func modelSeeds() [][]byte {
 	s, capped, full := modelSeed{0}, modelSeed{cfgDeadCap}, modelSeed{cfgKeyCap}
+	ord, ordFull := modelSeed{cfgOrdered}, modelSeed{cfgOrdered | cfgKeyCap}
 	d := func(n int) []byte { // n outcomes Done
 		return slices.Repeat([]byte{oDone}, n)
 	}
@@ -193,6 +195,51 @@ func modelSeeds() [][]byte {
 		// items put back may pass it; requeued dead letters ignore it.
 		full.add(0, 3).add(0, 2).add(0, 1).fetch(1).add(0, 4).settle(0, oUnfinished, oDead, oUnfinished, oDone).
 			add(0, 1).add(0, 1).requeue(0, 0).add(0, 1).fetch(1).settle(0, d(7)...),
+
+		// Ordered (cfgOrdered). A failed item in the middle of a batch
+		// becomes one retry holding the unfinished items after it; the
+		// key stays held: a drain of it gets nothing, and takes it off the
+		// ready index, so that the next append does not make it due. The
+		// retry comes with its rest; its settlement ends the hold, making
+		// the key due. A crashed batch is reaped in front of the key, and
+		// its hold ends.
+		ord.add(0, 4).fetch(1).settle(0, oDone, retryAfter(1), oUnfinished, oUnfinished).add(0, 2).fetch(3).
+			add(0, 1).advance(500*time.Millisecond).fetch(3).settle(0, d(3)...).fetch(1).crash(0, 1).
+			advance(time.Second).reap().add(0, 1).fetch(1).settle(0, d(4)...),
+		// Ordered: retries of two keys in one batch. A failure after the
+		// head goes into its rest uncounted; the key whose items are all
+		// done is released and drained, the other stays held until its
+		// head is dead.
+		ord.add(0, 2).add(1, 2).fetch(2).settle(0, retryAfter(0), oUnfinished).settle(0, oDone, retryAfter(1)).
+			add(0, 1).add(1, 1).advance(500*time.Millisecond).fetch(3).settle(0, retryAfter(2), retryAfter(0), oDone).
+			fetch(3).settle(0, oDone).advance(time.Second).fetch(3).settle(0, oDead, oDone).fetch(1).settle(0, oDone),
+		// Ordered: a crashed batch of retries goes back with its rest, and
+		// the key stays held; in a batch of retries, the first unfinished
+		// item becomes the head, its attempts unchanged.
+		ord.add(2, 3).fetch(1).settle(0, oDone, retryAfter(0), oUnfinished).add(2, 1).fetch(1).crash(0, 1).
+			fetch(3).advance(time.Second).reap().fetch(3).settleHalf(0, oDone, oDone).fetch(1).settle(0, oDone).
+			fetch(1).settle(0, oDone),
+		// Ordered: a lease reaped under a live worker ends the hold; the
+		// redelivery sets a new one, and the late settlement changes
+		// nothing.
+		ord.add(0, 2).fetch(1).advance(1001*time.Millisecond).reap().add(0, 1).fetch(1).
+			settle(0, retryAfter(0), oDone).settle(0, oDone, retryAfter(0), oUnfinished).fetch(1).settle(0, oDone, oDone),
+		// Ordered: unfinished items go back in front, a failure after one
+		// with them, and the hold ends; a dead letter requeued to a held
+		// key waits behind the retry's rest.
+		ord.add(1, 4).fetch(1).settle(0, oUnfinished, retryAfter(0), oDead, oDone).fetch(1).
+			settle(0, retryAfter(1), oUnfinished).requeue(0, 0).fetch(1).advance(500*time.Millisecond).fetch(3).
+			settle(0, oDone, oDone).fetch(1).settle(0, oDone),
+		// Ordered, with a cap of 4 items per key: an append refused for
+		// the cap makes a held key due again; the drain skips it again.
+		ordFull.add(0, 3).fetch(1).settle(0, retryAfter(3), oUnfinished, oUnfinished).add(0, 3).fetch(1).add(0, 2).
+			fetch(1).advance(10*time.Second).fetch(3).settle(0, d(3)...).fetch(1).settle(0, d(3)...),
+		// Ordered: the busy mix, with a retry holding its key.
+		ord.add(0, 2).add(1, 2).add(2, 2).fetch(3).crash(1, 1).settle(0, retryAfter(1), oUnfinished).
+			advance(500*time.Millisecond).extend(0).fetch(2).advance(999*time.Millisecond).reap().
+			settle(0, oDead, oDone).add(1, 3).fetch(3).advance(2500*time.Millisecond).reap().
+			settle(1, oDone).requeue(0, 1).fetch(3).settle(0, oDone).
+			settle(2, oDead, oDone, retryAfter(2), oUnfinished, oDone),
 	}
 }
 
@@ -290,13 +337,17 @@ func runModel(t *testing.T, b testredis.Backend, start time.Time, in []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ordered := cfg&cfgOrdered != 0
+	if ordered {
+		c.Order(queue)
+	}
 	clock := &fakeClock{now: start}
 	protocol.SetClock(c, clock.Now)
 	m := &model{
 		t: t, ctx: context.Background(), b: b, sp: keys.For(b.Prefix, queue, 0), p: p, c: c,
 		clock: clock, startMs: start.UnixMilli(), deadCap: deadCap, keyCap: keyCap,
 		byData: map[string]*mItem{}, pending: map[string][]*mItem{}, ready: map[string]readyAt{},
-		leases: map[string]*mBatch{},
+		leases: map[string]*mBatch{}, ordered: ordered, holds: map[string]string{},
 	}
 	pos := 0
 	next := func() byte {

@@ -53,6 +53,36 @@ import (
 // every item was handled Done exactly once by a settlement that took, or is
 // dead (or purged); items handled more than once were all in a crashed batch
 // or in a settlement refused because its lease was lost.
+//
+// With the configuration bit cfgOrdered the queue is ordered
+// (Consumer.Order): the model keeps each key's hold, and predicts what
+// ordered mode changes. A drain skips a popped key that is held and takes it
+// off the ready index (its items wait: an append to their array does not make
+// it due, the end of the hold does); a settlement turns, per key, the first
+// failed item (or, in a batch of retries, the first unfinished one) into one
+// retry holding the key's later items that are not done or dead (its rest),
+// or else puts the unfinished items back and ends the hold; a claim delivers
+// a retry's rest after it; settle and reap end holds, making a key with items
+// due. The exact comparison (O4: nothing lost, nothing delivered twice
+// without a crash) takes in each key's hold, o:<key>, which must be the lease
+// of the drain that set it. Besides, check and fetch assert what ordered mode
+// guarantees, so that a mistake the model shared with the protocol would
+// still show: on the holds and ready index read from Redis, on the model's
+// leases and retries (which the comparison ties to Redis), and on each
+// Fetch's batches:
+//
+//   - O1: at most one batch of a key is out (leased, by a live or a crashed
+//     worker, or waiting as a retry), and no Fetch drains a key that has one;
+//   - O2: a key's items are delivered in append order (a requeued dead letter
+//     is appended again): within a batch, and across batches, since every item
+//     appended before the first one a batch delivers is done or dead. Items
+//     put back (unfinished, or a reaped lease) go in front, so they come again
+//     first;
+//   - O3: so a failed item holds back those after it: they come with it (its
+//     rest) or after it, and the items appended meanwhile after them;
+//   - O5: a key is held exactly while it has a batch out;
+//   - I1: a key with pending items is due or held (else nothing would ever
+//     drain it).
 
 // Where an item is.
 type mState uint8
@@ -64,7 +94,12 @@ const (
 	sDead
 	sPurged // purged, or dropped past the dead letter cap
 	sDone
+	sBehind // ordered: held back in the rest of a retry of an earlier item of its key
 )
+
+func (s mState) String() string {
+	return [...]string{"pending", "held", "retry", "dead", "purged", "done", "behind"}[s]
+}
 
 type mItem struct {
 	n        int
@@ -81,6 +116,11 @@ type mItem struct {
 	handled  int  // times a handler finished it: Done settlements sent, and before crashes
 	crashed  bool // it was in a crashed worker's batch
 	lost     bool // it was in a settlement refused with ErrLeaseLost
+	seq      int  // its place in its key's append order: every append, and every requeue, numbers its items anew
+	// rest, for the head of an ordered retry (sRetry, or sHeld in a batch
+	// of retries): the items of its key held back behind it, in order, each
+	// sBehind with the head's retryID.
+	rest []*mItem
 }
 
 type mBatch struct {
@@ -88,7 +128,7 @@ type mBatch struct {
 	token    string
 	key      string // "" for retries
 	items    []*mItem
-	entryIDs []string // retries: the id each item was claimed under
+	entryIDs []string // retries: the id each item was claimed under (ordered: a rest item's is its head's)
 	deadline int64
 	reaped   bool // the lease was reaped: the items are back, a Settle is refused
 }
@@ -119,6 +159,9 @@ type model struct {
 	held    []*mBatch          // batches a live worker holds, in fetch order
 	settled []*mBatch          // the last batches settled
 	leases  map[string]*mBatch // batches whose lease is in Redis, by token
+	ordered bool               // the queue is ordered (cfgOrdered)
+	holds   map[string]string  // ordered: held key -> the lease (its member of the leases index) of the drain that set the hold
+	seq     int                // the last append sequence number (mItem.seq)
 	errs    int
 	dirty   bool // the dead letters changed since they were last compared
 	log     []string
@@ -187,8 +230,9 @@ func (m *model) add(key string, n int) {
 		ns = append(ns, strconv.Itoa(len(m.items)+i))
 	}
 	// Items put back (unfinished or reaped) count, and may take the key
-	// past its cap; a key with items is always due, so a refused append
-	// changes nothing.
+	// past its cap. A refused append makes the key due (by the server's
+	// clock): a change only for an ordered key that is held, whose items
+	// wait off the ready index.
 	full := m.keyCap > 0 && len(m.pending[key]) > 0 && len(m.pending[key])+n > m.keyCap
 	m.logf("append to %s: %s (full: %v)", key, strings.Join(ns, " "), full)
 	err := m.p.AddRaw(m.ctx, queue, key, raws...)
@@ -197,23 +241,30 @@ func (m *model) add(key string, n int) {
 		if !errors.As(err, &fe) || fe.Items != int64(len(m.pending[key])) || fe.Adding != n {
 			m.fail("AddRaw to a full key: got %v, want a KeyFullError of %d items adding %d", err, len(m.pending[key]), n)
 		}
+		m.makeDue(key, 0)
 		return
 	}
 	if err != nil {
 		m.fail("AddRaw: %v", err)
 	}
+	// Only a new array makes its key due: a key with items is due already,
+	// unless it is an ordered key that is held, whose items wait for the
+	// end of the hold.
+	if len(m.pending[key]) == 0 {
+		m.makeDue(key, 0)
+	}
 	for _, raw := range raws {
-		it := &mItem{n: len(m.items), key: key, data: string(raw)}
+		m.seq++
+		it := &mItem{n: len(m.items), key: key, data: string(raw), seq: m.seq}
 		m.items = append(m.items, it)
 		m.byData[it.data] = it
 		m.pending[key] = append(m.pending[key], it)
 	}
-	m.makeDue(key, 0)
 }
 
 func (m *model) fetch(max int) []*mBatch {
 	now := m.now()
-	var due, later []*mItem
+	var due, later []*mItem // the retries (an ordered retry's head) due by now, and not yet
 	for _, it := range m.items {
 		if it.state == sRetry {
 			if it.due <= now {
@@ -226,12 +277,27 @@ func (m *model) fetch(max int) []*mBatch {
 	slices.SortFunc(due, func(a, b *mItem) int {
 		return cmp.Or(cmp.Compare(a.due, b.due), strings.Compare(a.retryID, b.retryID))
 	})
+	// A claim delivers each retry's rest right after it.
+	var claimed []*mItem
+	for _, it := range due {
+		claimed = append(append(claimed, it), it.rest...)
+	}
 	wantRetries := len(due) > 0
 	nkeys := max
 	if wantRetries {
 		nkeys--
 	}
 	popped := m.wake[:min(nkeys, len(m.wake))]
+	// An ordered drain skips the popped keys that are held.
+	var drained, skipped []string
+	for _, k := range popped {
+		if _, held := m.holds[k]; held {
+			skipped = append(skipped, k)
+		} else {
+			drained = append(drained, k)
+		}
+	}
+	out := m.outstanding()
 
 	f, err := m.c.Fetch(m.ctx, queue, 0, max)
 	if err != nil {
@@ -247,6 +313,12 @@ func (m *model) fetch(max int) []*mBatch {
 		if b.Queue != queue || b.Shard != 0 || mb.token == "" {
 			m.fail("Fetch(%d): batch of queue %q shard %d token %q", max, b.Queue, b.Shard, mb.token)
 		}
+		if b.Ordered != m.ordered {
+			m.fail("Fetch(%d): batch of key %q has Ordered %v on a queue whose ordered is %v", max, b.Key, b.Ordered, m.ordered)
+		}
+		if m.ordered && !b.Retry() && out[b.Key] > 0 {
+			m.fail("O1: Fetch(%d) drained key %q, which has a batch out", max, b.Key)
+		}
 		for _, x := range b.Items {
 			it := m.byData[string(x.Data)]
 			if it == nil {
@@ -260,9 +332,13 @@ func (m *model) fetch(max int) []*mBatch {
 			}
 			mb.items = append(mb.items, it)
 			if b.Retry() {
-				if it.state != sRetry || it.due > now {
-					m.fail("Fetch(%d): item %d delivered as a retry, but the model has it in state %d due %d (now %d)", max, it.n, it.state, it.due, now)
+				if !(it.state == sRetry && it.due <= now || it.state == sBehind) {
+					m.fail("Fetch(%d): item %d delivered as a retry, but the model has it %v due %d (now %d)", max, it.n, it.state, it.due, now)
 				}
+				// A rest item comes with no attempts and no error. The
+				// model keeps its own, which are none (only a retry's
+				// head ever has any), so that a count the protocol lost
+				// would show here.
 				if x.Attempt != it.attempts || x.LastError != it.lastErr {
 					m.fail("Fetch(%d): retry %d has attempt %d error %q, want %d %q", max, it.n, x.Attempt, x.LastError, it.attempts, it.lastErr)
 				}
@@ -270,6 +346,9 @@ func (m *model) fetch(max int) []*mBatch {
 			} else if x.Attempt != 0 || x.LastError != "" {
 				m.fail("Fetch(%d): item %d of key %q has attempt %d error %q", max, it.n, b.Key, x.Attempt, x.LastError)
 			}
+		}
+		if m.ordered {
+			m.checkOrder(mb)
 		}
 		if b.Retry() {
 			if retries != nil || len(got) > 0 {
@@ -287,13 +366,13 @@ func (m *model) fetch(max int) []*mBatch {
 	for _, mb := range got {
 		gotKeys = append(gotKeys, mb.key)
 	}
-	if !slices.Equal(gotKeys, popped) || (retries != nil) != wantRetries {
-		m.fail("Fetch(%d): keys %q and retries=%v, want keys %q (the first of the wake list %q) and retries=%v (%d due)",
-			max, gotKeys, retries != nil, popped, m.wake, wantRetries, len(due))
+	if !slices.Equal(gotKeys, drained) || (retries != nil) != wantRetries {
+		m.fail("Fetch(%d): keys %q and retries=%v, want keys %q (the first of the wake list %q, but the held %q) and retries=%v (%d due)",
+			max, gotKeys, retries != nil, drained, m.wake, skipped, wantRetries, len(due))
 	}
 	if retries != nil {
-		if want := itemsString(due); itemsString(retries.items) != want {
-			m.fail("Fetch(%d): retries %s, want %s in due order", max, itemsString(retries.items), want)
+		if want := itemsString(claimed); itemsString(retries.items) != want {
+			m.fail("Fetch(%d): retries %s, want %s in due order, each retry's rest after it", max, itemsString(retries.items), want)
 		}
 	}
 	// NextRetry: the earliest retry left; NextKey: none (no flush policy).
@@ -316,6 +395,9 @@ func (m *model) fetch(max int) []*mBatch {
 	}
 
 	m.wake = m.wake[len(popped):]
+	for _, k := range skipped {
+		delete(m.ready, k) // its items wait for the end of the hold
+	}
 	if retries != nil {
 		got = append(got, retries)
 	}
@@ -327,13 +409,76 @@ func (m *model) fetch(max int) []*mBatch {
 		if mb.key != "" {
 			delete(m.pending, mb.key)
 			delete(m.ready, mb.key)
+			if m.ordered {
+				m.holds[mb.key] = mb.member()
+			}
 		}
 		m.held = append(m.held, mb)
 		m.leases[mb.token] = mb
 		desc = append(desc, m.describe(mb))
 	}
+	if len(skipped) > 0 {
+		desc = append(desc, fmt.Sprintf("held, skipped: %q", skipped))
+	}
 	m.logf("fetch(%d): %s", max, strings.Join(desc, "; "))
 	return got
+}
+
+// member is mb's lease as a member of the leases index.
+func (mb *mBatch) member() string {
+	return protocol.Lease{Token: mb.token, Owner: "model", Key: mb.key}.String()
+}
+
+// outstanding counts the batches of each key that are out: a leased batch
+// of the key (its worker live or crashed), an envelope of the key in a
+// leased batch of retries, or a retry waiting on the index. Ordered mode
+// allows one per key (O1).
+func (m *model) outstanding() map[string]int {
+	out := map[string]int{}
+	for _, mb := range m.leases {
+		if mb.key != "" {
+			out[mb.key]++
+			continue
+		}
+		for i, it := range mb.items {
+			if i == 0 || mb.entryIDs[i] != mb.entryIDs[i-1] { // a head: its rest follows it under its id
+				out[it.key]++
+			}
+		}
+	}
+	for _, it := range m.items {
+		if it.state == sRetry {
+			out[it.key]++
+		}
+	}
+	return out
+}
+
+// checkOrder checks, before a Fetch's batch mb changes the model, that it
+// delivers each ordered key's items in append order (O2, O3): in increasing
+// order within the batch, and with every item of the key appended before the
+// first of them done, dead or purged. Items put back (unfinished, reaped)
+// and held back (a retry's rest) keep their place, so this holds for them
+// too.
+func (m *model) checkOrder(mb *mBatch) {
+	last := map[string]*mItem{}
+	for _, it := range mb.items {
+		p, seen := last[it.key]
+		last[it.key] = it
+		if seen {
+			if it.seq <= p.seq {
+				m.fail("O2: %s delivers item %d (appended #%d) after item %d (appended #%d) of key %q",
+					m.describe(mb), it.n, it.seq, p.n, p.seq, it.key)
+			}
+			continue
+		}
+		for _, y := range m.items {
+			if y.key == it.key && y.seq < it.seq && y.state != sDone && y.state != sDead && y.state != sPurged {
+				m.fail("O2/O3: %s delivers item %d (appended #%d) of key %q while item %d (appended #%d) is %v",
+					m.describe(mb), it.n, it.seq, it.key, y.n, y.seq, y.state)
+			}
+		}
+	}
 }
 
 func itemsString(items []*mItem) string {
@@ -379,39 +524,32 @@ func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 		m.fail("Settle: %v", err)
 	}
 	delete(m.leases, mb.token)
-	var back []*mItem
-	for i, it := range mb.items {
-		var o protocol.Outcome
-		if i < len(outs) {
-			o = outs[i]
-		}
-		id := fmt.Sprintf("%s-%07d", mb.token, i)
-		switch o.Kind {
-		case protocol.Done:
-			it.state = sDone
-			it.commits++
-			it.handled++
-		case protocol.Retry:
-			it.state, it.retryID, it.due = sRetry, id, now+o.Delay.Milliseconds()
-			it.attempts++
-			it.lastErr = o.Err.Error()
-		case protocol.Dead:
-			m.dirty = true
-			it.state, it.deadID, it.deadAt = sDead, id, now
-			it.attempts++
-			it.lastErr = o.Err.Error()
-		case protocol.Unfinished:
-			if mb.key == "" {
-				it.state, it.retryID, it.due = sRetry, id, now
-			} else {
-				it.state = sPending
-				back = append(back, it)
+	for _, it := range mb.items {
+		it.rest = nil // a head's rest, if any, is settled with it
+	}
+	if m.ordered {
+		m.settleOrdered(mb, outs, now)
+	} else {
+		var back []*mItem
+		for i, it := range mb.items {
+			o := outcomeOf(outs, i)
+			switch o.Kind {
+			case protocol.Done:
+				m.done(it)
+			case protocol.Retry:
+				m.retry(it, itemID(mb, i), now+o.Delay.Milliseconds(), o.Err)
+			case protocol.Dead:
+				m.dead(it, itemID(mb, i), now, o.Err)
+			case protocol.Unfinished:
+				if mb.key == "" {
+					it.state, it.retryID, it.due = sRetry, itemID(mb, i), now
+				} else {
+					it.state = sPending
+					back = append(back, it)
+				}
 			}
 		}
-	}
-	if len(back) > 0 {
-		m.pending[mb.key] = append(back, m.pending[mb.key]...)
-		m.makeDue(mb.key, now)
+		m.putBack(mb.key, back, now)
 	}
 	if m.deadCap > 0 && slices.Contains(kindsOf(outs), protocol.Dead) {
 		// Past the cap, the oldest dead letters are dropped: by time,
@@ -424,6 +562,108 @@ func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 			it.state = sPurged
 			m.logf("dead letter of item %d dropped", it.n)
 		}
+	}
+}
+
+// outcomeOf returns outs[i]: Unfinished when it is missing.
+func outcomeOf(outs []protocol.Outcome, i int) protocol.Outcome {
+	if i < len(outs) {
+		return outs[i]
+	}
+	return protocol.Outcome{Kind: protocol.Unfinished}
+}
+
+// itemID is the id of the retry or dead letter of mb's i-th item.
+func itemID(mb *mBatch, i int) string { return fmt.Sprintf("%s-%07d", mb.token, i) }
+
+func (m *model) done(it *mItem) {
+	it.state = sDone
+	it.commits++
+	it.handled++
+}
+
+func (m *model) retry(it *mItem, id string, due int64, err error) {
+	it.state, it.retryID, it.due = sRetry, id, due
+	it.attempts++
+	it.lastErr = err.Error()
+}
+
+func (m *model) dead(it *mItem, id string, now int64, err error) {
+	m.dirty = true
+	it.state, it.deadID, it.deadAt = sDead, id, now
+	it.attempts++
+	it.lastErr = err.Error()
+}
+
+// putBack puts back the unfinished items of a batch of key in front of its
+// pending items, and makes it due.
+func (m *model) putBack(key string, back []*mItem, now int64) {
+	if len(back) > 0 {
+		m.pending[key] = append(back, m.pending[key]...)
+		m.makeDue(key, now)
+	}
+}
+
+// settleOrdered is the model's side of the settlement of a batch of an
+// ordered queue (the protocol's orderedSettlement), after the outcomes of
+// outs: per key, in order of first appearance, done and dead items go as in
+// any batch; the first failed item, or, in a batch of retries, the first
+// unfinished one, becomes a retry (its head), and the key's later items
+// that are not done or dead its rest, in order, and the hold stays. Without
+// a head, the unfinished items go back in front of the key, and its hold
+// ends. An item failed after an unfinished one of a drained batch goes back
+// with it, unfinished, its failure not counted (a worker never reports
+// one: it does not handle an item of a key after an unfinished one).
+func (m *model) settleOrdered(mb *mBatch, outs []protocol.Outcome, now int64) {
+	var order []string
+	group := map[string][]int{}
+	for i, it := range mb.items {
+		if _, ok := group[it.key]; !ok {
+			order = append(order, it.key)
+		}
+		group[it.key] = append(group[it.key], i)
+	}
+	for _, key := range order {
+		var head *mItem
+		var back []*mItem
+		for _, i := range group[key] {
+			it, o := mb.items[i], outcomeOf(outs, i)
+			switch {
+			case o.Kind == protocol.Done:
+				m.done(it)
+			case o.Kind == protocol.Dead:
+				m.dead(it, itemID(mb, i), now, o.Err)
+			case head != nil:
+				it.state, it.retryID = sBehind, head.retryID
+				head.rest = append(head.rest, it)
+			case back == nil && o.Kind == protocol.Retry:
+				head = it
+				m.retry(it, itemID(mb, i), now+o.Delay.Milliseconds(), o.Err)
+			case back == nil && mb.key == "":
+				head = it
+				it.state, it.retryID, it.due = sRetry, itemID(mb, i), now
+			default:
+				it.state = sPending
+				back = append(back, it)
+			}
+		}
+		m.putBack(key, back, now)
+		if head == nil {
+			m.endHold(key, "", now)
+		}
+	}
+}
+
+// endHold ends the hold of an ordered key (release_hold), if lease set it
+// (any lease: ""), and makes the key due if it has items: they waited for
+// the hold to end.
+func (m *model) endHold(key, lease string, now int64) {
+	if h, ok := m.holds[key]; !ok || lease != "" && h != lease {
+		return
+	}
+	delete(m.holds, key)
+	if len(m.pending[key]) > 0 {
+		m.makeDue(key, now)
 	}
 }
 
@@ -464,16 +704,22 @@ func (m *model) reap() {
 		mb.reaped = true
 		delete(m.leases, mb.token)
 		if mb.key == "" {
+			// The envelopes go back as they were: an ordered retry with
+			// its rest (which shares its id), and its key's hold stays.
 			for i, it := range mb.items {
-				it.state, it.retryID, it.due = sRetry, mb.entryIDs[i], now
+				if i > 0 && mb.entryIDs[i] == mb.entryIDs[i-1] {
+					it.state = sBehind
+				} else {
+					it.state, it.retryID, it.due = sRetry, mb.entryIDs[i], now
+				}
 			}
 			continue
 		}
 		for _, it := range mb.items {
 			it.state = sPending
 		}
-		m.pending[mb.key] = append(slices.Clone(mb.items), m.pending[mb.key]...)
-		m.makeDue(mb.key, now)
+		m.putBack(mb.key, slices.Clone(mb.items), now)
+		m.endHold(mb.key, mb.member(), now)
 	}
 }
 
@@ -552,9 +798,10 @@ func (m *model) requeue(mask byte, dup bool) {
 	}
 	m.dirty = true
 	for _, it := range sel {
-		it.state, it.attempts, it.lastErr = sPending, 0, ""
+		m.seq++
+		it.state, it.attempts, it.lastErr, it.seq = sPending, 0, "", m.seq
 		m.pending[it.key] = append(m.pending[it.key], it)
-		m.makeDue(it.key, 0) // by the server's clock; a key due already keeps its time
+		m.makeDue(it.key, 0) // by the server's clock, even if held; a key due already keeps its time
 	}
 }
 
@@ -601,6 +848,9 @@ func (m *model) check() {
 		} else {
 			cmds = append(cmds, c.B().Hgetall().Key(m.sp.Lease(tok)).Build())
 		}
+	}
+	for _, k := range modelKeys {
+		cmds = append(cmds, c.B().Get().Key(m.sp.Hold(k)).Build())
 	}
 	res := c.DoMulti(m.ctx, cmds...)
 	str := func(r rueidis.RedisResult) (string, bool) {
@@ -705,8 +955,8 @@ func (m *model) check() {
 		}
 		h, err := res[i].AsStrMap()
 		i++
-		if err != nil || len(h) != len(mb.items) {
-			m.fail("retry lease %s holds %v (%v), want %d retries", tok, h, err, len(mb.items))
+		if n := len(slices.Compact(slices.Clone(mb.entryIDs))); err != nil || len(h) != n {
+			m.fail("retry lease %s holds %v (%v), want %d retries", tok, h, err, n)
 		}
 		for j, id := range mb.entryIDs {
 			if !strings.Contains(h[id], mb.items[j].data) {
@@ -714,6 +964,7 @@ func (m *model) check() {
 			}
 		}
 	}
+	m.checkHolds(res[i:], str, ready)
 	dead := m.deadItems()
 	if ndead != int64(len(dead)) {
 		m.fail("%d dead letters, want %d", ndead, len(dead))
@@ -721,6 +972,33 @@ func (m *model) check() {
 	if m.dirty {
 		m.checkDead(dead)
 		m.dirty = false
+	}
+}
+
+// checkHolds compares the holds of the model's keys (one GET reply each) with
+// the model's, and checks what ordered mode guarantees of the holds and the
+// ready index read from Redis: at most one batch of a key out (O1), a hold
+// exactly while one is (O5), and a key with items due or held (I1). A queue
+// that is not ordered holds no key.
+func (m *model) checkHolds(res []rueidis.RedisResult, str func(rueidis.RedisResult) (string, bool), ready map[string]int64) {
+	out := m.outstanding()
+	for j, k := range modelKeys {
+		got, held := str(res[j])
+		if want, ok := m.holds[k]; held != ok || got != want {
+			m.fail("hold of key %q is %q (set: %v), want %q (set: %v)", k, got, held, want, ok)
+		}
+		if _, due := ready[k]; len(m.pending[k]) > 0 && !due && !held {
+			m.fail("I1: key %q has items, and is neither due nor held", k)
+		}
+		if !m.ordered {
+			continue
+		}
+		if out[k] > 1 {
+			m.fail("O1: %d batches of key %q are out at once", out[k], k)
+		}
+		if held != (out[k] == 1) {
+			m.fail("O5: key %q is held: %v, with %d batches out", k, held, out[k])
+		}
 	}
 }
 
@@ -781,7 +1059,7 @@ func (m *model) final() {
 				m.fail("item %d dead after a Done settlement took", it.n)
 			}
 		default:
-			m.fail("I1: item %d left in state %d after the drain", it.n, it.state)
+			m.fail("I1: item %d left %v after the drain", it.n, it.state)
 		}
 		if it.handled > 1 && !it.crashed && !it.lost {
 			m.fail("I2/I5: item %d handled %d times without a crash or a lost lease", it.n, it.handled)
