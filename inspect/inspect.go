@@ -189,8 +189,14 @@ func (in *Inspector) Forget(ctx context.Context, name string) error {
 	if err := empty(); err != nil {
 		return err
 	}
-	if err := in.c.Do(ctx, in.c.B().Hdel().Key(keys.Registry(in.prefix)).Field(name).Build()).Error(); err != nil {
-		return fmt.Errorf("inspect: forget queue %q: %w", keys.Short(name), err)
+	// The counts it had before go too: they told where its keys' items
+	// might still be, and it holds none.
+	for _, r := range in.c.DoMulti(ctx,
+		in.c.B().Hdel().Key(keys.Registry(in.prefix)).Field(name).Build(),
+		in.c.B().Hdel().Key(keys.Grown(in.prefix)).Field(name).Build()) {
+		if err := r.Error(); err != nil {
+			return fmt.Errorf("inspect: forget queue %q: %w", keys.Short(name), err)
+		}
 	}
 	if err := empty(); err != nil {
 		if _, rerr := protocol.Register(ctx, in.c, in.prefix, protocol.Known{Queue: name, Shards: q.Shards, Default: q.Shards}); rerr != nil {

@@ -32,6 +32,7 @@
 //	<prefix>:queues                          HASH queue -> shards: the queues under the prefix
 //	<prefix>:workers:{<prefix>:queues}       ZSET worker name -> last seen (ms)
 //	<prefix>:workerdata:{<prefix>:queues}    HASH worker name -> what it announced (JSON)
+//	<prefix>:grown:{<prefix>:queues}         HASH queue -> the counts it had before, ascending ("2,4")
 package keys
 
 import (
@@ -162,6 +163,12 @@ func Workers(prefix string) string { return prefix + ":workers:{" + Registry(pre
 // WorkerData is the hash of worker name to what the worker announced (see
 // Workers).
 func WorkerData(prefix string) string { return prefix + ":workerdata:{" + Registry(prefix) + "}" }
+
+// Grown is the hash of queue name to the shard counts the queue had
+// before its current one, ascending and comma-separated ("2,4"): where
+// its keys' items may still be, which ordered drains look at. It shares
+// the registry's hash slot.
+func Grown(prefix string) string { return prefix + ":grown:{" + Registry(prefix) + "}" }
 
 // Space names the keys of one queue shard.
 type Space struct {

@@ -51,6 +51,7 @@ type Consumer struct {
 	popper     Popper
 	started    atomic.Int64 // when Announce first ran (Unix ms); 0 before
 	ordered    sync.Map     // queue name -> true, for ordered queues (see Order)
+	grown      sync.Map     // ordered queue name -> the counts it had before ([]int, ascending; see readGrown)
 }
 
 // Option configures a Consumer.
@@ -216,9 +217,78 @@ func (c *Consumer) fixed(qs []Known) {
 }
 
 // ReadShards returns the recorded shard counts of queues (see the
-// package's ReadShards).
+// package's ReadShards). It also reads again the counts the ordered ones
+// had before (see Order).
 func (c *Consumer) ReadShards(ctx context.Context, queues ...string) ([]int, error) {
-	return ReadShards(ctx, c.c, c.prefix, queues...)
+	counts, err := ReadShards(ctx, c.c, c.prefix, queues...)
+	if err == nil {
+		err = c.readGrown(ctx, queues)
+	}
+	return counts, err
+}
+
+// readGrown reads the counts the ordered queues among queues had before
+// their current one (keys.Grown), where ordered drains look for their keys'
+// earlier items. The current count is read first (by Announce or
+// ReadShards): a count that grew since is read with what it grew from.
+func (c *Consumer) readGrown(ctx context.Context, queues []string) error {
+	var ordered []string
+	for _, q := range queues {
+		if c.isOrdered(q) {
+			ordered = append(ordered, q)
+		}
+	}
+	if len(ordered) == 0 {
+		return nil
+	}
+	vals, err := c.c.Do(ctx, c.c.B().Hmget().Key(keys.Grown(c.prefix)).Field(ordered...).Build()).ToArray()
+	if err == nil && len(vals) != len(ordered) {
+		err = fmt.Errorf("HMGET of %d queues returned %d values", len(ordered), len(vals))
+	}
+	if err != nil {
+		return fmt.Errorf("read the counts ordered queues grew from: %w", err)
+	}
+	for i, v := range vals {
+		s, _ := v.ToString() // nil: it never grew
+		c.grown.Store(ordered[i], parseGrown(s))
+	}
+	return nil
+}
+
+// parseGrown parses a queue's value in keys.Grown ("2,4"), or returns nil
+// for none, or for a value that is not ascending counts (another program
+// wrote it: there is nothing to go by).
+func parseGrown(s string) []int {
+	var out []int
+	for f := range strings.SplitSeq(s, ",") {
+		n, err := ParseShards(f)
+		if err != nil || len(out) > 0 && n <= out[len(out)-1] {
+			return nil
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// earlier returns the shards of queue where items of key appended before
+// those in shard may still be: the key's shard under each count the queue
+// had before, back from the first under which the key was in shard.
+func (c *Consumer) earlier(queue string, shard int, key string) []int {
+	v, ok := c.grown.Load(queue)
+	if !ok {
+		return nil
+	}
+	var out []int
+	for _, n := range v.([]int) {
+		s := keys.Shard(key, n)
+		if s == shard {
+			break
+		}
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // Client returns the client the consumer uses.
@@ -487,11 +557,18 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, conn *Con
 // orderedDrain).
 func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, conn *Conn, popped []string, popMax int) (RoundResult, error) {
 	sp := c.space(queue, shard)
+	var r RoundResult
+	popped, err := c.waitForEarlier(ctx, queue, shard, popped)
+	if err != nil {
+		return r, fmt.Errorf("drain %s: %w", keys.Short(queue), err)
+	}
+	if len(popped) == 0 {
+		return r, nil
+	}
 	leases := make([]Lease, len(popped))
 	for i, k := range popped {
 		leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
 	}
-	var r RoundResult
 	drained, phantom, next, err := orderedDrain(ctx, c.c, conn, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds(), popMax)
 	for _, x := range drained {
 		c.collect(ctx, &r.Fetched, queue, shard, x)
@@ -517,6 +594,62 @@ func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, co
 		return r, fmt.Errorf("drain %s: %w", keys.Short(queue), err)
 	}
 	return r, nil
+}
+
+// EarlierWait is how long a key of an ordered queue waits, when it has
+// items in a shard it was routed to before the queue's shard count grew,
+// before a worker looks again.
+const EarlierWait = 200 * time.Millisecond
+
+// waitForEarlier returns the keys of popped that may be drained from the
+// shard of an ordered queue: those with no items, pending or out, in a
+// shard where the key was before the queue's shard count grew (see
+// earlier). Each of the others waits EarlierWait on the later index, to be
+// promoted and popped again, as a key a flush policy scheduled is. Keys no count moved cost nothing; the others, a round trip
+// to look (two EXISTS per earlier shard), and the ones to wait, one more.
+func (c *Consumer) waitForEarlier(ctx context.Context, queue string, shard int, popped []string) ([]string, error) {
+	var cmds rueidis.Commands
+	var of []int // of[j]: the index in popped of cmds[2j] and cmds[2j+1]
+	for i, k := range popped {
+		for _, s := range c.earlier(queue, shard, k) {
+			sp := c.space(queue, s)
+			cmds = append(cmds, c.c.B().Exists().Key(sp.Items(k)).Build(), c.c.B().Exists().Key(sp.Hold(k)).Build())
+			of = append(of, i)
+		}
+	}
+	if len(cmds) == 0 {
+		return popped, nil
+	}
+	wait := make([]bool, len(popped))
+	for j, r := range c.c.DoMulti(ctx, cmds...) {
+		n, err := r.AsInt64()
+		if err != nil {
+			return nil, fmt.Errorf("look for items in earlier shards: %w", err)
+		}
+		wait[of[j/2]] = wait[of[j/2]] || n > 0
+	}
+	sp := c.space(queue, shard)
+	due := float64(c.nowMs() + EarlierWait.Milliseconds())
+	park := rueidis.Commands{c.c.B().Multi().Build()}
+	drain := popped[:0:0]
+	for i, k := range popped {
+		if !wait[i] {
+			drain = append(drain, k)
+			continue
+		}
+		park = append(park, c.c.B().Zrem().Key(sp.Ready()).Member(k).Build(),
+			c.c.B().Zadd().Key(sp.Later()).Nx().ScoreMember().ScoreMember(due, k).Build())
+	}
+	if len(park) > 1 {
+		// A hint on the wake list has a fetch loop claim, and so learn when
+		// the keys are due.
+		park = append(park, c.c.B().Rpush().Key(sp.Wake()).Element("").Build(), c.c.B().Exec().Build())
+		res := c.c.DoMulti(ctx, park...)
+		if err := res[len(res)-1].Error(); err != nil {
+			return nil, fmt.Errorf("keep keys waiting for their earlier items: %w", err)
+		}
+	}
+	return drain, nil
 }
 
 // Fetch takes up to max batches from a queue shard without waiting: it

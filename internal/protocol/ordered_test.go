@@ -8,8 +8,10 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
 )
 
 // Tests of the protocol of ordered queues (docs/PROTOCOL.md, "Ordered
@@ -236,5 +238,66 @@ func TestRetryFromBeforeOrderedHoldsNothing(t *testing.T) {
 		if h := hold(t, b, "k"); h != "" {
 			t.Fatalf("hold %q left", h)
 		}
+	})
+}
+
+// When an ordered queue's shard count grows, a key that moves to another
+// shard waits there until its items in the shard it left are settled:
+// the items appended before the growth run first.
+func TestOrderedKeyWaitsForItsEarlierShard(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		key := "k0"
+		for keys.Shard(key, 2) == keys.Shard(key, 4) {
+			key += "x"
+		}
+		from, to := keys.Shard(key, 2), keys.Shard(key, 4)
+		before := newProducer(t, b, producer.WithDefaultShards(2))
+		addRaw(t, before, key, `1`, `2`)
+		c, clk := newOrdered(t, b)
+		if _, err := c.ReadShards(ctx, queue); err != nil {
+			t.Fatal(err)
+		}
+		fetchShard := func(shard int) protocol.Fetched {
+			t.Helper()
+			f, err := c.Fetch(ctx, queue, shard, 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+		f := fetchShard(from)
+		if len(f.Batches) != 1 {
+			t.Fatalf("fetched %s from shard %d, want the key's batch", describe(f), from)
+		}
+		settle(t, c, f.Batches[0], protocol.Outcome{Kind: protocol.Retry, Err: errors.New("boom"), Delay: time.Second})
+
+		if _, err := protocol.SetShards(ctx, b.Client, b.Prefix, queue, 4); err != nil {
+			t.Fatal(err)
+		}
+		after := newProducer(t, b) // routes by the new count
+		addRaw(t, after, key, `3`)
+		if _, err := c.ReadShards(ctx, queue); err != nil {
+			t.Fatal(err)
+		}
+		if f := fetchShard(to); len(f.Batches) != 0 {
+			t.Fatalf("fetched %s from shard %d while the key's items 1 and 2 wait in shard %d", describe(f), to, from)
+		}
+		clk.Advance(time.Second)
+		if f := fetchShard(to); len(f.Batches) != 0 {
+			t.Fatalf("fetched %s from shard %d while the key's retry waits in shard %d", describe(f), to, from)
+		}
+		rt := fetchShard(from)
+		if len(rt.Batches) != 1 {
+			t.Fatalf("fetched %s from shard %d, want the retry", describe(rt), from)
+		}
+		checkItems(t, rt.Batches[0], `1`, `2`)
+		settle(t, c, rt.Batches[0], done, done)
+		clk.Advance(protocol.EarlierWait)
+		f = fetchShard(to)
+		if len(f.Batches) != 1 {
+			t.Fatalf("fetched %s from shard %d once the earlier items were done, want the key's batch", describe(f), to)
+		}
+		checkItems(t, f.Batches[0], `3`)
 	})
 }

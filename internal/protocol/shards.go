@@ -40,7 +40,7 @@ type Known struct {
 // count of 0, when both are 0; Shards larger than the recorded count raise
 // it (see register.lua).
 func Register(ctx context.Context, c rueidis.Client, prefix string, qs ...Known) ([]int, error) {
-	return register(ctx, c, []string{keys.Registry(prefix)}, knownArgs(qs))
+	return register(ctx, c, []string{keys.Registry(prefix), keys.Grown(prefix)}, knownArgs(qs))
 }
 
 // RegisterNew is Register, but a queue that neither the registry nor qs
@@ -208,7 +208,7 @@ func SetShards(ctx context.Context, c rueidis.Client, prefix, queue string, n in
 	if n < 1 || n > keys.MaxShards {
 		return 0, fmt.Errorf("shards must be 1-%d, got %d", keys.MaxShards, n)
 	}
-	old, err := shardsScript.Exec(ctx, c, []string{keys.Registry(prefix)}, []string{queue, strconv.Itoa(n)}).AsInt64()
+	old, err := shardsScript.Exec(ctx, c, []string{keys.Registry(prefix), keys.Grown(prefix)}, []string{queue, strconv.Itoa(n)}).AsInt64()
 	if err != nil {
 		return 0, shardsError(err, n)
 	}

@@ -66,10 +66,13 @@ func (c *Consumer) Announce(ctx context.Context, concurrency int, qs ...Known) (
 	}
 	desc, _ := json.Marshal(announcement{Name: c.name, Host: host, PID: os.Getpid(), Queues: queues,
 		Concurrency: concurrency, Started: c.started.Load()}) // strings and numbers: it cannot fail
-	recorded, err := register(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix)},
+	recorded, err := register(ctx, c.c, []string{keys.Registry(c.prefix), keys.Workers(c.prefix), keys.WorkerData(c.prefix), keys.Grown(c.prefix)},
 		append([]string{c.name, string(desc), strconv.FormatInt(WorkerExpiry.Milliseconds(), 10)}, knownArgs(qs)...))
 	if err == nil {
 		recorded, err = recordNew(ctx, c.c, c.prefix, &c.defaults, qs, recorded)
+	}
+	if err == nil {
+		err = c.readGrown(ctx, queues)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)

@@ -53,6 +53,17 @@ local function release_hold(hold, owner, ik, ready, later, wake, now, key)
   end
 end
 
+-- grew records in the grown hash that queue had count shards before the
+-- count that replaces it (appended to its ascending list: "2,4").
+local function grew(grown, queue, count)
+  local before = redis.call('HGET', grown, queue)
+  if before then
+    redis.call('HSET', grown, queue, before .. ',' .. count)
+  else
+    redis.call('HSET', grown, queue, count)
+  end
+end
+
 -- ours reports whether the string cur, read from ik, can take items back:
 -- it is missing, or the array batchq wrote (its count at nk records its
 -- length).

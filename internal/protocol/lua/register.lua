@@ -4,6 +4,9 @@
 -- KEYS[1] the registry HASH  <prefix>:queues (queue -> shards)
 -- KEYS[2] (a worker only) the workers ZSET  <prefix>:workers:{<prefix>:queues} (name -> last seen, ms)
 -- KEYS[3] (a worker only) the workerdata HASH  <prefix>:workerdata:{<prefix>:queues} (name -> JSON)
+-- KEYS[#KEYS] the grown HASH  <prefix>:grown:{<prefix>:queues} (queue ->
+--         the counts it had before, ascending: "2,4"), where a raised
+--         count's predecessor is added
 -- With KEYS[2] and KEYS[3]:
 --   ARGV[1] the worker's name
 --   ARGV[2] what it announces: a JSON object, stored as it is
@@ -36,8 +39,9 @@ local function count(v)
   return n
 end
 
+local grown = KEYS[#KEYS]
 local first = 1
-if #KEYS == 3 then
+if #KEYS == 4 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - tonumber(ARGV[3])), 'LIMIT', 0, 100)
@@ -59,6 +63,9 @@ for i = first, #ARGV, 3 do
   end
   if want > 0 and want ~= cur then
     redis.call('HSET', KEYS[1], ARGV[i], want)
+    if cur then
+      grew(grown, ARGV[i], cur)
+    end
   end
   out[#out + 1] = want
 end

@@ -2,6 +2,8 @@
 -- (docs/PROTOCOL.md, "Shards").
 --
 -- KEYS[1] the registry HASH  <prefix>:queues (queue -> shards)
+-- KEYS[2] the grown HASH  <prefix>:grown:{<prefix>:queues} (queue -> the
+--         counts it had before), where the count replaced is added
 -- ARGV[1] the queue
 -- ARGV[2] the new shard count
 --
@@ -26,5 +28,8 @@ if n < cur then
 end
 if n > cur then
   redis.call('HSET', KEYS[1], ARGV[1], n)
+  if cur > 0 then
+    grew(KEYS[2], ARGV[1], cur)
+  end
 end
 return cur
