@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/batchq/batchq"
+	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/keys"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -208,4 +210,104 @@ func TestOrderedFailureHoldsKey(t *testing.T) {
 			t.Errorf("handled %s, want 0 to 9 in order", got)
 		}
 	})
+}
+
+// Growing an ordered queue from 2 shards to 8 under load keeps each key's
+// order: a key that moves waits until its items in the shard it left are
+// done. Each key's items come from one goroutine, in sequence, so their
+// append order is known.
+func TestOrderedGrowShardsUnderLoad(t *testing.T) {
+	testredis.Each(t, testOrderedGrow)
+}
+
+func TestOrderedGrowShardsOnCluster(t *testing.T) {
+	testOrderedGrow(t, testredis.Cluster(t))
+}
+
+func testOrderedGrow(t *testing.T, b testredis.Backend) {
+	ctx := context.Background()
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, in.CreateQueue(ctx, "ordgrow", 2))
+	log := newOrderLog()
+	for range 4 {
+		w := newWorker(t, b, batchq.WithConcurrency(4))
+		batchq.Handle(w, "ordgrow", func(ctx context.Context, it seqItem) error {
+			log.enter(it.Key)
+			info, _ := batchq.Info(ctx)
+			err := orderedFailures(it, info.Attempt)
+			log.leave(it.Key, it.Seq, err == nil)
+			return err
+		}, batchq.WithOrderedKeys(), batchq.WithBackoff(batchq.Constant(20*time.Millisecond)))
+		runWorker(t, w)
+	}
+
+	const nkeys = 40
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	sent := make([]int, nkeys) // items appended per key
+	for g := range 4 {
+		p := newProducer(t, b)
+		wg.Go(func() {
+			for seq := 0; ; seq++ {
+				for k := g; k < nkeys; k += 4 {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					key := fmt.Sprintf("key-%02d", k)
+					if err := p.Add(ctx, "ordgrow", key, seqItem{Key: key, Seq: seq}); err != nil {
+						t.Error(err)
+						return
+					}
+					sent[k] = seq + 1
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
+	}
+	time.Sleep(time.Second)
+	if old, err := in.SetShards(ctx, "ordgrow", 8); err != nil || old != 2 {
+		t.Fatalf("SetShards: %d, %v", old, err)
+	}
+	time.Sleep(3 * time.Second) // past the producers' and workers' next read of the count
+	close(stop)
+	wg.Wait()
+	want := 0
+	for _, n := range sent {
+		for seq := range n {
+			if seq%23 != 22 {
+				want++
+			}
+		}
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for log.count() < want && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if log.overlap > 0 {
+		t.Errorf("two handler calls of one key ran at once %d times", log.overlap)
+	}
+	moved := 0
+	for k := range nkeys {
+		key := fmt.Sprintf("key-%02d", k)
+		if keys.Shard(key, 2) != keys.Shard(key, 8) {
+			moved++
+		}
+		var exp []int
+		for seq := range sent[k] {
+			if seq%23 != 22 {
+				exp = append(exp, seq)
+			}
+		}
+		if got := log.done[key]; fmt.Sprint(got) != fmt.Sprint(exp) {
+			t.Errorf("%s handled %v, want %v", key, got, exp)
+		}
+	}
+	t.Logf("%d items over %d keys (%d of them moved to another shard) handled in order across the growth, on %s", want, nkeys, moved, b.Name)
 }

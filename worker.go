@@ -28,7 +28,7 @@ const (
 const (
 	// maxIdleWait bounds how long an idle fetch loop blocks before it looks
 	// for due retries and expired leases again. New keys wake it at once.
-	maxIdleWait = time.Second
+	maxIdleWait = protocol.ClaimEvery
 	// reapEvery is how often a worker reaps the expired leases of its queues.
 	reapEvery = time.Second
 	// syncEvery is how often a worker measures the Redis server's clock.

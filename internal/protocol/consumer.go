@@ -1010,8 +1010,16 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 	if back != nil {
 		s.Return, s.ReturnN = string(append(back, ']')), nback
 	}
+	for _, r := range s.Retries {
+		s.Hint = s.Hint || r.Due < s.Now+ClaimEvery.Milliseconds()
+	}
 	return s, nil
 }
+
+// ClaimEvery is how often a worker's fetch loop claims, at least, when it
+// knows of nothing due sooner: a settle that stores a retry due before
+// that pushes a hint on the wake list, so that the retry is not late.
+const ClaimEvery = time.Second
 
 // deadEntry returns the dead letter of b.Items[i], which failed for good
 // with o at now.

@@ -291,6 +291,9 @@ func (m *model) fetch(max int) []*mBatch {
 	// An ordered drain skips the popped keys that are held.
 	var drained, skipped []string
 	for _, k := range popped {
+		if k == "" {
+			continue // a hint: it takes a name's place in the pop, and drains nothing
+		}
 		if _, held := m.holds[k]; held {
 			skipped = append(skipped, k)
 		} else {
@@ -531,6 +534,7 @@ func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 		m.settleOrdered(mb, outs, now)
 	} else {
 		var back []*mItem
+		soon := false // a retry is due before the next periodic claim
 		for i, it := range mb.items {
 			o := outcomeOf(outs, i)
 			switch o.Kind {
@@ -538,11 +542,13 @@ func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 				m.done(it)
 			case protocol.Retry:
 				m.retry(it, itemID(mb, i), now+o.Delay.Milliseconds(), o.Err)
+				soon = soon || it.due < now+protocol.ClaimEvery.Milliseconds()
 			case protocol.Dead:
 				m.dead(it, itemID(mb, i), now, o.Err)
 			case protocol.Unfinished:
 				if mb.key == "" {
 					it.state, it.retryID, it.due = sRetry, itemID(mb, i), now
+					soon = true
 				} else {
 					it.state = sPending
 					back = append(back, it)
@@ -550,6 +556,7 @@ func (m *model) settle(mb *mBatch, outs []protocol.Outcome) {
 			}
 		}
 		m.putBack(mb.key, back, now)
+		m.hint(soon)
 	}
 	if m.deadCap > 0 && slices.Contains(kindsOf(outs), protocol.Dead) {
 		// Past the cap, the oldest dead letters are dropped: by time,
@@ -615,6 +622,8 @@ func (m *model) putBack(key string, back []*mItem, now int64) {
 // with it, unfinished, its failure not counted (a worker never reports
 // one: it does not handle an item of a key after an unfinished one).
 func (m *model) settleOrdered(mb *mBatch, outs []protocol.Outcome, now int64) {
+	soon := false      // a retry is due before the next periodic claim
+	var ended []string // keys whose hold ends, after the retries are stored
 	var order []string
 	group := map[string][]int{}
 	for i, it := range mb.items {
@@ -639,9 +648,11 @@ func (m *model) settleOrdered(mb *mBatch, outs []protocol.Outcome, now int64) {
 			case back == nil && o.Kind == protocol.Retry:
 				head = it
 				m.retry(it, itemID(mb, i), now+o.Delay.Milliseconds(), o.Err)
+				soon = soon || it.due < now+protocol.ClaimEvery.Milliseconds()
 			case back == nil && mb.key == "":
 				head = it
 				it.state, it.retryID, it.due = sRetry, itemID(mb, i), now
+				soon = true
 			default:
 				it.state = sPending
 				back = append(back, it)
@@ -649,8 +660,21 @@ func (m *model) settleOrdered(mb *mBatch, outs []protocol.Outcome, now int64) {
 		}
 		m.putBack(key, back, now)
 		if head == nil {
-			m.endHold(key, "", now)
+			ended = append(ended, key)
 		}
+	}
+	m.hint(soon)
+	for _, key := range ended {
+		m.endHold(key, "", now)
+	}
+}
+
+// hint pushes a hint (an empty name) on the wake list when soon: a settle
+// that stores a retry due before the next periodic claim has a worker
+// claim now.
+func (m *model) hint(soon bool) {
+	if soon {
+		m.wake = append(m.wake, "")
 	}
 }
 

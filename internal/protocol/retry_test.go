@@ -160,3 +160,33 @@ func TestUndecodableRetryGoesToDeadLetters(t *testing.T) {
 		fetchNone(t, c)
 	})
 }
+
+// A settle that stores a retry due before the next periodic claim pushes a
+// hint (an empty name) on the wake list, so that a worker claims at once
+// and learns when the retry is due; a retry due later pushes none.
+func TestSoonRetryPushesHint(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c := newConsumer(t, b)
+		wake := func() []string {
+			t.Helper()
+			names, err := b.Client.Do(ctx, b.Client.B().Lrange().Key(space(b).Wake()).Start(0).Stop(-1).Build()).AsStrSlice()
+			if err != nil {
+				t.Fatal(err)
+			}
+			return names
+		}
+		boom := errors.New("boom")
+		addRaw(t, p, "k", `1`)
+		settle(t, c, fetchOne(t, c), protocol.Outcome{Kind: protocol.Retry, Err: boom, Delay: time.Hour})
+		if names := wake(); len(names) != 0 {
+			t.Fatalf("wake list %q after a retry due in an hour, want none", names)
+		}
+		addRaw(t, p, "k", `2`)
+		settle(t, c, fetchOne(t, c), protocol.Outcome{Kind: protocol.Retry, Err: boom, Delay: 50 * time.Millisecond})
+		if names := wake(); len(names) != 1 || names[0] != "" {
+			t.Fatalf("wake list %q after a retry due in 50ms, want one hint", names)
+		}
+	})
+}

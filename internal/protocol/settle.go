@@ -25,6 +25,7 @@ type Settlement struct {
 	ReturnN    int    // how many items Return holds
 	Quarantine bool   // keep the batch's raw value (not a string) under the quarantine key of ID
 	MakeReady  bool   // make Key due: its value needs a worker's look
+	Hint       bool   // push a hint on the wake list: a retry is due before the next periodic claim
 	Retries    []Scheduled
 	Dead       []Entry
 	Holds      []string // keys of an ordered queue whose holds end (see Consumer.Order)
@@ -153,6 +154,9 @@ func settleCall(sp keys.Space, s Settlement) (k, args []string) {
 	}
 	if s.MakeReady {
 		flags += "r"
+	}
+	if s.Hint {
+		flags += "w"
 	}
 	member := ""
 	if s.leased() {

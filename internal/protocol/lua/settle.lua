@@ -26,7 +26,9 @@
 -- ARGV[6]  dead letter cap per shard (0: unbounded); the oldest are dropped past it
 -- ARGV[7]  flags: "q" to move KEYS[2] to the quarantine key instead of
 --          deleting it; "r" to make the batch's key due (its value needs a
---          worker's look)
+--          worker's look); "w" to push a hint (an empty name) on the wake
+--          list, so that a worker claims now and learns when the retries
+--          are due (sooner than its next periodic claim)
 -- ARGV[8]  number of retries n, then n triples: id, due time (ms), envelope
 -- then     number of dead letters m, then m pairs: id, envelope
 -- then     number of holds h to end, then h keys of an ordered queue (see
@@ -92,6 +94,9 @@ for _ = 1, m do
   redis.call('ZADD', KEYS[11], now, ARGV[i + 1])
   redis.call('HSET', KEYS[12], ARGV[i + 1], ARGV[i + 2])
   i = i + 2
+end
+if n > 0 and string.find(ARGV[7], 'w', 1, true) then
+  redis.call('RPUSH', KEYS[8], '')
 end
 i = i + 1
 local owner = nil -- a batch of retries ends the holds of its keys whoever set them
