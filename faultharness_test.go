@@ -12,7 +12,9 @@ package batchq_test
 //     handles in the hash <prefix>:test:handled, prints "ready" once SIGTERM
 //     would shut it down gracefully, and exits when its stdin closes, so
 //     that no worker outlives the test process. proc signals a worker and
-//     waits for it.
+//     waits for it. With procConfig.Ordered its queue has ordered keys
+//     (WithOrderedKeys) of seqItems, and it also records the order it
+//     handles each key's items in (ordered_crash_test.go).
 //   - Producers and tallies (faulttally_test.go). feed appends items with
 //     unique ids from several goroutines and records those whose append
 //     returned nil (those I1 promises); handledCounts (workers in
@@ -68,11 +70,18 @@ type procConfig struct {
 	// producer that gives each key a run of consecutive ids.
 	SlowEvery int           `json:"slow_every,omitempty"`
 	Slow      time.Duration `json:"slow,omitempty"`
+	// Ordered registers crashQueue with batchq.WithOrderedKeys, for items
+	// of type seqItem (SlowEvery and Slow are ignored); see workerMain.
+	Ordered bool `json:"ordered,omitempty"`
 }
 
 // workerMain is a worker process handling crashQueue: each item takes the
 // configured time, then its id's count is incremented in the hash
-// <prefix>:test:handled before the handler returns. It prints "ready" once
+// <prefix>:test:handled before the handler returns. With cfg.Ordered the
+// queue's keys are ordered and its items seqItems: the field counted is
+// "<key>:<seq>", and the handler also pushes the seq onto the list
+// <prefix>:test:order:<key>, which thus holds the order the key's items
+// were handled in. It prints "ready" once
 // SIGTERM would start a graceful shutdown, exits 0 after one, and exits at
 // once when its stdin closes (the test process is gone).
 func workerMain() int {
@@ -107,14 +116,29 @@ func workerMain() int {
 		return 1
 	}
 	handled := cfg.Prefix + ":test:handled"
-	batchq.Handle(w, crashQueue, func(ctx context.Context, it item) error {
-		d := cfg.Work
-		if cfg.SlowEvery > 0 && it.ID%cfg.SlowEvery == 0 {
-			d = cfg.Slow + rand.N(cfg.Slow/2+1)
-		}
-		time.Sleep(d)
-		return rdb.Do(ctx, rdb.B().Hincrby().Key(handled).Field(strconv.Itoa(it.ID)).Increment(1).Build()).Error()
-	})
+	if cfg.Ordered {
+		batchq.Handle(w, crashQueue, func(ctx context.Context, it seqItem) error {
+			time.Sleep(cfg.Work)
+			seq := strconv.Itoa(it.Seq)
+			for _, r := range rdb.DoMulti(ctx,
+				rdb.B().Rpush().Key(cfg.Prefix+":test:order:"+it.Key).Element(seq).Build(),
+				rdb.B().Hincrby().Key(handled).Field(it.Key+":"+seq).Increment(1).Build()) {
+				if err := r.Error(); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, batchq.WithOrderedKeys())
+	} else {
+		batchq.Handle(w, crashQueue, func(ctx context.Context, it item) error {
+			d := cfg.Work
+			if cfg.SlowEvery > 0 && it.ID%cfg.SlowEvery == 0 {
+				d = cfg.Slow + rand.N(cfg.Slow/2+1)
+			}
+			time.Sleep(d)
+			return rdb.Do(ctx, rdb.B().Hincrby().Key(handled).Field(strconv.Itoa(it.ID)).Increment(1).Build()).Error()
+		})
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	fmt.Println("ready")
