@@ -112,13 +112,14 @@ func (x *executor) resume(hc *handlerCall) bool {
 
 // run takes part in j's batch: it claims steps and handles them until none
 // is left (or shutdown begins, or, for a helper, a fetcher waits for a
-// slot). An ordered batch's owner runs every step itself, in order, and
-// skips those whose key an earlier failure holds. The owner then waits for its helpers and settles the batch; a
+// slot, or the batch's lease is found lost: the batch is delivered again).
+// An ordered batch's owner runs every step itself, in order, and skips
+// those whose key an earlier failure holds. The owner then waits for its helpers and settles the batch; a
 // helper gives its slot back. run reports false when the watchdog
 // abandoned the executor meanwhile.
 func (x *executor) run(j job) bool {
 	br, r := j.br, x.r
-	for !r.stopping() && !(j.helper && r.waiting.Load() > 0) {
+	for !r.stopping() && !(j.helper && r.waiting.Load() > 0) && !br.b.LeaseLost() {
 		s := int(br.next.Add(1) - 1)
 		if s >= br.len() {
 			break

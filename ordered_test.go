@@ -5,13 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
+	"go.uber.org/zap/zaptest"
+
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/rtcount"
 	"github.com/batchq/batchq/internal/testredis"
 )
 
@@ -310,4 +315,53 @@ func testOrderedGrow(t *testing.T, b testredis.Backend) {
 		}
 	}
 	t.Logf("%d items over %d keys (%d of them moved to another shard) handled in order across the growth, on %s", want, nkeys, moved, b.Name)
+}
+
+// A worker whose batch's lease was reaped under it (it was cut off from
+// Redis for longer than the lease TTL) learns it at its next heartbeat, and
+// handles no more of the batch: the batch is delivered again, and on an
+// ordered queue the rest of it would run beside the batch redelivered.
+func TestLostLeaseStopsTheBatch(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		checked := make(chan struct{}, 100) // an extend read the leases of a shard again
+		c := rtcount.Wrap(b.Client, func(cmds [][]string, _ []rueidis.RedisResult) {
+			if strings.EqualFold(cmds[0][0], "ZSCORE") && strings.HasSuffix(cmds[0][1], ":leases") {
+				select {
+				case checked <- struct{}{}:
+				default:
+				}
+			}
+		})
+		w, err := batchq.NewWorker(c, batchq.WithPrefix(b.Prefix), batchq.WithLeaseTTL(300*time.Millisecond), batchq.WithLogger(zaptest.NewLogger(t)))
+		must(t, err)
+		started := make(chan int, 10)
+		release := make(chan struct{})
+		batchq.Handle(w, "lost", func(ctx context.Context, it item) error {
+			started <- it.ID
+			if it.ID == 0 {
+				<-release
+			}
+			return nil
+		}, batchq.WithOrderedKeys())
+		runWorker(t, w)
+		addItems(t, b, "lost", "k", 0, 3)
+		if id := <-started; id != 0 {
+			t.Fatalf("item %d handled first", id)
+		}
+		// The reaper takes the lease, as if the worker had been away.
+		leases := keys.For(b.Prefix, "lost", 0).Leases()
+		must(t, b.Client.Do(ctx, b.Client.B().Zremrangebyrank().Key(leases).Start(0).Stop(-1).Build()).Error())
+		select {
+		case <-checked:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no heartbeat found the lease gone")
+		}
+		close(release)
+		select {
+		case id := <-started:
+			t.Fatalf("item %d handled after the batch's lease was found lost", id)
+		case <-time.After(300 * time.Millisecond):
+		}
+	})
 }

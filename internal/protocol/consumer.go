@@ -324,7 +324,15 @@ type Batch struct {
 	id    string  // unique; the lease's token when leased
 	lease Lease   // zero when drained without a lease
 	dead  []Entry // bad elements and undecodable retry envelopes, stored as dead letters when b is settled
+	lost  atomic.Bool
 }
+
+// LeaseLost reports whether an Extend found b's lease gone: it expired and
+// was reaped (its worker was cut off from Redis for longer than the lease
+// TTL, say), and the batch is being delivered again. Handling the rest of
+// it would only run its items twice, and, on an ordered queue, beside the
+// batch redelivered.
+func (b *Batch) LeaseLost() bool { return b.lost.Load() }
 
 // Retry reports whether b holds retries rather than a drained key.
 func (b *Batch) Retry() bool { return b.Key == "" }
@@ -1071,7 +1079,7 @@ func itemID(b *Batch, i int) string { return fmt.Sprintf("%s-%07d", b.id, i) }
 // Extend pushes the lease deadline of every given batch to now plus the
 // lease TTL, in one round trip (one command per queue shard). Batches
 // without a lease are skipped. A batch whose lease was already reaped is not
-// brought back.
+// brought back: it is marked (see LeaseLost).
 func (c *Consumer) Extend(ctx context.Context, batches ...*Batch) error {
 	leases := make(map[keys.Space][]Lease)
 	for _, b := range batches {
@@ -1080,7 +1088,13 @@ func (c *Consumer) Extend(ctx context.Context, batches ...*Batch) error {
 			leases[sp] = append(leases[sp], b.lease)
 		}
 	}
-	if err := Extend(ctx, c.c, leases, c.nowMs()+c.leaseTTL.Milliseconds()); err != nil {
+	gone, err := Extend(ctx, c.c, leases, c.nowMs()+c.leaseTTL.Milliseconds())
+	for _, b := range batches {
+		if slices.Contains(gone, b.lease) {
+			b.lost.Store(true)
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("extend leases: %w", err)
 	}
 	return nil

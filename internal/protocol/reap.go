@@ -13,29 +13,53 @@ import (
 // Extend moves the deadline of the given leases, grouped by shard, to
 // deadline: one command per shard, all in one round trip. Leases that were
 // already reaped are not brought back (XX), and a deadline is never moved
-// back (GT), even by an extend that Redis ran late.
-func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]Lease, deadline int64) error {
+// back (GT), even by an extend that Redis ran late. It returns the leases
+// that are gone (reaped, or settled meanwhile): when a shard's command
+// changed fewer deadlines than it was given (CH), a second round trip reads
+// that shard's leases (ZSCORE) to tell which.
+func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]Lease, deadline int64) (gone []Lease, err error) {
 	cmds := make(rueidis.Commands, 0, len(leases))
+	spaces := make([]keys.Space, 0, len(leases))
 	for sp, ls := range leases {
 		if len(ls) == 0 {
 			continue
 		}
-		cmd := c.B().Zadd().Key(sp.Leases()).Xx().Gt().ScoreMember()
+		cmd := c.B().Zadd().Key(sp.Leases()).Xx().Gt().Ch().ScoreMember()
 		for _, l := range ls {
 			cmd = cmd.ScoreMember(float64(deadline), l.String())
 		}
-		cmds = append(cmds, cmd.Build())
+		cmds, spaces = append(cmds, cmd.Build()), append(spaces, sp)
 	}
 	if len(cmds) == 0 {
-		return nil
+		return nil, nil
 	}
 	var errs []error
-	for _, r := range c.DoMulti(ctx, cmds...) {
-		if err := r.Error(); err != nil {
+	var check rueidis.Commands
+	var checked []Lease
+	for i, r := range c.DoMulti(ctx, cmds...) {
+		n, err := r.AsInt64()
+		if err != nil {
 			errs = append(errs, err)
+			continue
+		}
+		if ls := leases[spaces[i]]; int(n) < len(ls) {
+			for _, l := range ls {
+				check = append(check, c.B().Zscore().Key(spaces[i].Leases()).Member(l.String()).Build())
+				checked = append(checked, l)
+			}
 		}
 	}
-	return errors.Join(errs...)
+	if len(check) > 0 {
+		for i, r := range c.DoMulti(ctx, check...) {
+			switch err := r.Error(); {
+			case rueidis.IsRedisNil(err):
+				gone = append(gone, checked[i])
+			case err != nil:
+				errs = append(errs, err)
+			}
+		}
+	}
+	return gone, errors.Join(errs...)
 }
 
 // Reap returns the items of up to limit leases whose deadline has passed,
