@@ -161,6 +161,9 @@ func (w *Worker) register(name string, opts []QueueOption, batch bool, h Handler
 			panic(fmt.Sprintf("batchq: queue %s: %v", name, err))
 		}
 	}
+	if q.ordered && w.cons.AtMostOnce() {
+		panic(fmt.Sprintf("batchq: queue %s: WithOrderedKeys needs leases, and the worker has WithAtMostOnce", name))
+	}
 	q.timeoutCause = &timeoutCause{q.timeout}
 	w.mu.Lock()
 	defer w.mu.Unlock()

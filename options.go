@@ -168,8 +168,8 @@ func WithTimeout(d time.Duration) QueueOption {
 // queue must register it with WithOrderedKeys, as it registers the same
 // handler; producers need nothing. It costs an ordered drain a second
 // round trip, and a batch of one item a settle script (README, "Ordered
-// keys", has the measured cost). Run returns an error when the worker
-// also has WithAtMostOnce.
+// keys", has the measured cost). Handle panics when the worker has
+// WithAtMostOnce: order needs leases.
 func WithOrderedKeys() QueueOption {
 	return func(q *queue) error {
 		q.ordered = true

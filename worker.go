@@ -165,9 +165,6 @@ func (w *Worker) Run(ctx context.Context) error {
 			return fmt.Errorf("%w (queue %s)", err, q.name)
 		}
 		if q.ordered {
-			if w.cons.AtMostOnce() {
-				return fmt.Errorf("batchq: queue %s: WithOrderedKeys needs leases, and WithAtMostOnce drains without them", q.name)
-			}
 			w.cons.Order(q.name)
 		}
 	}

@@ -437,6 +437,7 @@ func TestRegistrationMistakesPanic(t *testing.T) {
 	w := newWorker(t, b)
 	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
 	ok := func(context.Context, item) error { return nil }
+	once := newWorker(t, b, batchq.WithAtMostOnce())
 	for name, c := range map[string]struct {
 		f    func()
 		want string // the panic's value
@@ -449,6 +450,8 @@ func TestRegistrationMistakesPanic(t *testing.T) {
 		"timeout":      {func() { batchq.Handle(w, "s", ok, batchq.WithTimeout(-time.Second)) }, "batchq: queue s: negative timeout -1s"},
 		"middleware":   {func() { batchq.Handle(w, "s", ok, batchq.WithMiddleware(nil)) }, "batchq: queue s: nil middleware"},
 		"use nil":      {func() { w.Use(nil) }, "batchq: nil middleware"},
+		"ordered at most once": {func() { batchq.Handle(once, "s", ok, batchq.WithOrderedKeys()) },
+			"batchq: queue s: WithOrderedKeys needs leases, and the worker has WithAtMostOnce"},
 	} {
 		func() {
 			defer func() {

@@ -222,20 +222,25 @@ func (c *Consumer) fixed(qs []Known) {
 func (c *Consumer) ReadShards(ctx context.Context, queues ...string) ([]int, error) {
 	counts, err := ReadShards(ctx, c.c, c.prefix, queues...)
 	if err == nil {
-		err = c.readGrown(ctx, queues)
+		err = c.readGrown(ctx, queues, counts)
 	}
-	return counts, err
+	if err != nil {
+		return nil, err // no count without what it grew from: a drain of a new shard needs both
+	}
+	return counts, nil
 }
 
 // readGrown reads the counts the ordered queues among queues had before
 // their current one (keys.Grown), where ordered drains look for their keys'
-// earlier items. The current count is read first (by Announce or
+// earlier items, and keeps them, followed by the current count, counts[i]
+// for queues[i]. The current count is read first (by Announce or
 // ReadShards): a count that grew since is read with what it grew from.
-func (c *Consumer) readGrown(ctx context.Context, queues []string) error {
+func (c *Consumer) readGrown(ctx context.Context, queues []string, counts []int) error {
 	var ordered []string
-	for _, q := range queues {
+	var current []int
+	for i, q := range queues {
 		if c.isOrdered(q) {
-			ordered = append(ordered, q)
+			ordered, current = append(ordered, q), append(current, counts[i])
 		}
 	}
 	if len(ordered) == 0 {
@@ -250,7 +255,7 @@ func (c *Consumer) readGrown(ctx context.Context, queues []string) error {
 	}
 	for i, v := range vals {
 		s, _ := v.ToString() // nil: it never grew
-		c.grown.Store(ordered[i], parseGrown(s))
+		c.grown.Store(ordered[i], append(parseGrown(s), current[i]))
 	}
 	return nil
 }
@@ -272,19 +277,27 @@ func parseGrown(s string) []int {
 
 // earlier returns the shards of queue where items of key appended before
 // those in shard may still be: the key's shard under each count the queue
-// had before, back from the first under which the key was in shard.
+// had before the first under which the key was in shard. A shard the key
+// came back to under a later count is left out (a count that is not a
+// multiple of the one before can send a key back): its items may be newer,
+// and the two shards would wait for each other.
 func (c *Consumer) earlier(queue string, shard int, key string) []int {
 	v, ok := c.grown.Load(queue)
-	if !ok {
+	if !ok || len(v.([]int)) < 2 {
 		return nil
 	}
-	var out []int
-	for _, n := range v.([]int) {
-		s := keys.Shard(key, n)
-		if s == shard {
-			break
+	counts := v.([]int)
+	at := make([]int, len(counts)) // the key's shard under each count
+	first := len(counts)           // the first count under which it was in shard
+	for i, n := range counts {
+		at[i] = keys.Shard(key, n)
+		if at[i] == shard && first == len(counts) {
+			first = i
 		}
-		if !slices.Contains(out, s) {
+	}
+	var out []int
+	for _, s := range at[:first] {
+		if !slices.Contains(at[first:], s) && !slices.Contains(out, s) {
 			out = append(out, s)
 		}
 	}
@@ -324,7 +337,10 @@ type Batch struct {
 	id    string  // unique; the lease's token when leased
 	lease Lease   // zero when drained without a lease
 	dead  []Entry // bad elements and undecodable retry envelopes, stored as dead letters when b is settled
-	lost  atomic.Bool
+	// deadHolds are the keys of undecodable retry envelopes of an ordered
+	// queue: their holds end when b is settled.
+	deadHolds []string
+	lost      atomic.Bool
 }
 
 // LeaseLost reports whether an Extend found b's lease gone: it expired and
@@ -410,6 +426,11 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 				Error: "undecodable retry envelope: " + err.Error(), FailedAt: c.now(), Corrupt: true}
 			bad = append(bad, d)
 			b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
+			// On an ordered queue it held its key: the hold ends with the
+			// batch, or nothing would ever drain the key again.
+			if key, ordered := envelopeKey(e.Env); key != "" && (ordered || b.Ordered) && !slices.Contains(b.deadHolds, key) {
+				b.deadHolds = append(b.deadHolds, key)
+			}
 			continue
 		}
 		// An ordered key's retry holds the key, and the items it held back
@@ -429,7 +450,7 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 		return f, nil
 	}
 	// Only bad envelopes: store them and release the lease now.
-	s := Settlement{Lease: b.lease, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli()}
+	s := Settlement{Lease: b.lease, ID: b.id, Dead: b.dead, DeadCap: c.deadCap, Now: bad[0].FailedAt.UnixMilli(), Holds: b.deadHolds}
 	if err := Settle(ctx, c.c, sp, s); err == nil {
 		f.Dead = append(f.Dead, bad...)
 	} // else the lease expires and the reaper puts them back on the retry index
@@ -444,15 +465,23 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 // finds them again should the worker die.
 func (c *Consumer) Pop(ctx context.Context, queue string, shard, max int, timeout time.Duration) (popped []string, hint bool, err error) {
 	ks, err := c.popper.Pop(ctx, c.c, c.space(queue, shard), max, timeout)
-	popped = ks[:0]
-	for _, k := range ks {
+	popped, hint = splitHints(ks)
+	return popped, hint, err
+}
+
+// splitHints returns the names of popped without its hints (empty names: a
+// key was scheduled, or a retry stored, sooner than the next claim), and
+// whether it held one.
+func splitHints(popped []string) (names []string, hint bool) {
+	names = popped[:0:0]
+	for _, k := range popped {
 		if k == "" {
 			hint = true
-			continue
+		} else {
+			names = append(names, k)
 		}
-		popped = append(popped, k)
 	}
-	return popped, hint, err
+	return names, hint
 }
 
 // Unpop puts popped keys back on their shard's wake list, for another
@@ -544,13 +573,7 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, conn *Con
 	}
 	if popMax > 0 {
 		next, err := poppedKeys(res[len(res)-1])
-		for _, k := range next {
-			if k == "" {
-				r.Hint = true
-			} else {
-				r.Next = append(r.Next, k)
-			}
-		}
+		r.Next, r.Hint = splitHints(next)
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -566,6 +589,16 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, conn *Con
 func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, conn *Conn, popped []string, popMax int) (RoundResult, error) {
 	sp := c.space(queue, shard)
 	var r RoundResult
+	// A name popped twice (a sweep pushed it again while a slow worker had
+	// it) is drained once: the second drain in the MULTI would set the
+	// key's hold to a lease that holds nothing, and ending that lease would
+	// end the hold of the first.
+	for i := 1; i < len(popped); i++ {
+		if slices.Contains(popped[:i], popped[i]) {
+			popped = slices.Delete(slices.Clone(popped), i, i+1)
+			i--
+		}
+	}
 	popped, err := c.waitForEarlier(ctx, queue, shard, popped)
 	if err != nil {
 		return r, fmt.Errorf("drain %s: %w", keys.Short(queue), err)
@@ -578,16 +611,14 @@ func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, co
 		leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
 	}
 	drained, phantom, next, err := orderedDrain(ctx, c.c, conn, sp, popped, leases, c.nowMs()+c.leaseTTL.Milliseconds(), popMax)
+	if errors.Is(err, errHoldsChanging) {
+		// Busy keys, not a failing Redis: they go back for a later pop.
+		err = Unpop(ctx, c.c, sp, popped)
+	}
 	for _, x := range drained {
 		c.collect(ctx, &r.Fetched, queue, shard, x)
 	}
-	for _, k := range next {
-		if k == "" {
-			r.Hint = true
-		} else {
-			r.Next = append(r.Next, k)
-		}
-	}
+	r.Next, r.Hint = splitHints(next)
 	if len(phantom) > 0 {
 		// The drain held keys it found gone: end those holds, and make the
 		// keys due if items came since.
@@ -960,10 +991,14 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 	}
 	for _, idx := range groups {
 		if idx == nil || !slices.ContainsFunc(idx, func(i int) bool { return b.Items[i].held }) {
-			for i, it := range b.Items {
-				if idx != nil && !slices.Contains(idx, i) {
-					continue
+			if idx == nil {
+				idx = make([]int, len(b.Items))
+				for i := range idx {
+					idx[i] = i
 				}
+			}
+			for _, i := range idx {
+				it := b.Items[i]
 				switch o := outcome(i); o.Kind {
 				case Done:
 				case Unfinished:
@@ -1009,7 +1044,7 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 			}
 		}
 		if head != nil {
-			retry.Env = string(head.encode())
+			retry.Env, retry.key = string(head.encode()), head.Key
 			s.Retries = append(s.Retries, retry)
 		} else {
 			s.Holds = append(s.Holds, b.Items[idx[0]].Key)
@@ -1018,10 +1053,50 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 	if back != nil {
 		s.Return, s.ReturnN = string(append(back, ']')), nback
 	}
+	// A drained batch of an ordered queue ends its key's hold even when it
+	// holds no item (its array was "[]", or held only bad elements), and a
+	// batch of retries the holds of its undecodable envelopes' keys: unless
+	// a retry keeps the key held.
+	ends := b.deadHolds
+	if b.Ordered && b.Key != "" {
+		ends = append(slices.Clip(ends), b.Key)
+	}
+	for _, k := range ends {
+		if !slices.Contains(s.Holds, k) && !slices.ContainsFunc(s.Retries, func(r Scheduled) bool { return r.key == k }) {
+			s.Holds = append(s.Holds, k)
+		}
+	}
 	for _, r := range s.Retries {
 		s.Hint = s.Hint || r.Due < s.Now+ClaimEvery.Milliseconds()
 	}
 	return s, nil
+}
+
+// envelopeKey returns the key and the ordered mark of a retry envelope,
+// read token by token as far as it decodes: encode writes the key first,
+// so that a damaged envelope still names its key.
+func envelopeKey(env string) (key string, ordered bool) {
+	d := json.NewDecoder(strings.NewReader(env))
+	if t, err := d.Token(); err != nil || t != json.Delim('{') {
+		return "", false
+	}
+	for d.More() {
+		name, err := d.Token()
+		if err != nil {
+			break
+		}
+		var v json.RawMessage
+		if err := d.Decode(&v); err != nil {
+			break
+		}
+		switch name {
+		case "k":
+			_ = json.Unmarshal(v, &key)
+		case "o":
+			_ = json.Unmarshal(v, &ordered)
+		}
+	}
+	return key, ordered
 }
 
 // ClaimEvery is how often a worker's fetch loop claims, at least, when it

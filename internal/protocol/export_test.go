@@ -22,3 +22,10 @@ func EvenTopology(masters int) *Topology {
 	}
 	return t
 }
+
+// Earlier returns the shards where items of key appended before those in
+// shard may be, for a queue whose counts were counts (the current last).
+func Earlier(c *Consumer, queue string, counts []int, shard int, key string) []int {
+	c.grown.Store(queue, counts)
+	return c.earlier(queue, shard, key)
+}

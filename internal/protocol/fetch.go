@@ -307,8 +307,14 @@ func poppedKeys(r rueidis.RedisResult) ([]string, error) {
 }
 
 // maxHoldReads bounds how many times an ordered drain reads its keys'
-// holds again after a hold changed under its WATCH.
+// holds again after a hold changed under its WATCH; then it gives up with
+// errHoldsChanging.
 const maxHoldReads = 8
+
+// errHoldsChanging reports an ordered drain whose keys' holds changed under
+// each of its maxHoldReads WATCHes: busy keys, not a failing Redis. Their
+// names go back on the wake list.
+var errHoldsChanging = errors.New("the holds of the keys kept changing")
 
 // A Conn is a connection of one fetch loop's own, for the drains of an
 // ordered queue's shard: a WATCH holds for its connection only. The zero
@@ -353,7 +359,7 @@ func orderedDrain(ctx context.Context, c rueidis.Client, conn *Conn, sp keys.Spa
 	}
 	dc := conn.get(c)
 	defer func() {
-		if err != nil {
+		if err != nil && !errors.Is(err, errHoldsChanging) {
 			conn.Close() // its state is unknown: the next drain takes a new one
 		}
 	}()
@@ -399,7 +405,7 @@ func orderedDrain(ctx context.Context, c rueidis.Client, conn *Conn, sp keys.Spa
 		exec := res[len(res)-1]
 		if rueidis.IsRedisNil(exec.Error()) { // a hold changed: read them again
 			if try == maxHoldReads {
-				return nil, nil, next, fmt.Errorf("the holds of %d keys changed %d times in a row", len(popped), try)
+				return nil, nil, next, errHoldsChanging
 			}
 			continue
 		}

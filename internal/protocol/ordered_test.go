@@ -3,6 +3,8 @@ package protocol_test
 import (
 	"context"
 	"errors"
+	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -300,4 +302,147 @@ func TestOrderedKeyWaitsForItsEarlierShard(t *testing.T) {
 		}
 		checkItems(t, f.Batches[0], `3`)
 	})
+}
+
+// A key's name popped twice at once (a sweep pushed it again while a slow
+// worker had it) is drained once, and its batch holds the key.
+func TestOrderedNamePoppedTwice(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c, _ := newOrdered(t, b)
+		addRaw(t, p, "k", `1`)
+		must(t, b.Client.Do(ctx, b.Client.B().Rpush().Key(space(b).Wake()).Element("k").Build()).Error())
+		bt := fetchOne(t, c)
+		checkItems(t, bt, `1`)
+		if h := hold(t, b, "k"); h == "" {
+			t.Fatal("the batch of a name popped twice does not hold its key")
+		}
+		addRaw(t, p, "k", `2`)
+		fetchNone(t, c)
+		settle(t, c, bt, done)
+		checkItems(t, fetchOne(t, c), `2`)
+	})
+}
+
+// An empty array under an ordered key is a batch of no item, whose settle
+// ends the key's hold.
+func TestOrderedEmptyArrayEndsHold(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c, _ := newOrdered(t, b)
+		sp := space(b)
+		for _, cmd := range []rueidis.Completed{
+			b.Client.B().Set().Key(sp.Items("k")).Value("[]").Build(),
+			b.Client.B().Zadd().Key(sp.Ready()).ScoreMember().ScoreMember(0, "k").Build(),
+			b.Client.B().Rpush().Key(sp.Wake()).Element("k").Build(),
+		} {
+			must(t, b.Client.Do(ctx, cmd).Error())
+		}
+		bt := fetchOne(t, c)
+		if len(bt.Items) != 0 {
+			t.Fatalf("fetched %s, want a batch of no item", itemsOf(bt))
+		}
+		settle(t, c, bt)
+		if h := hold(t, b, "k"); h != "" {
+			t.Fatalf("hold %q left by the batch of an empty array", h)
+		}
+		addRaw(t, p, "k", `1`)
+		checkItems(t, fetchOne(t, c), `1`)
+	})
+}
+
+// An ordered retry whose stored envelope no longer decodes goes to dead
+// letters, and ends its key's hold: it names its key first, so that even a
+// damaged one does.
+func TestOrderedCorruptRetryEndsHold(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b)
+		c, clk := newOrdered(t, b)
+		addRaw(t, p, "k", `1`, `2`)
+		settle(t, c, fetchOne(t, c), protocol.Outcome{Kind: protocol.Retry, Err: errors.New("boom")})
+		sp := space(b)
+		envs, err := b.Client.Do(ctx, b.Client.B().Hgetall().Key(sp.RetryData()).Build()).AsStrMap()
+		must(t, err)
+		if len(envs) != 1 {
+			t.Fatalf("retries %v, want one", envs)
+		}
+		for id, env := range envs {
+			must(t, b.Client.Do(ctx, b.Client.B().Hset().Key(sp.RetryData()).FieldValue().FieldValue(id, env[:len(env)-1]).Build()).Error())
+		}
+		addRaw(t, p, "k", `3`)
+		clk.Advance(time.Millisecond)
+		// The claim moves the damaged retry (items 1 and 2) to dead
+		// letters and ends the hold, so that the same fetch drains the key.
+		f := fetch(t, c, 10)
+		if len(f.Dead) != 1 || len(f.Batches) != 1 {
+			t.Fatalf("fetched %s, want the damaged retry as a dead letter and the key's batch", describe(f))
+		}
+		checkItems(t, f.Batches[0], `3`)
+	})
+}
+
+// Where a key's earlier items may be after its queue grew: the key's shards
+// under the counts before the first that put it in the shard drained, but
+// for a shard it came back to (which would wait for this one in turn).
+func TestEarlierShards(t *testing.T) {
+	c := newConsumer(t, testredis.Mini(t))
+	// A key's shard under each count, for the counts of each case.
+	shardsOf := func(key string, counts []int) []int {
+		out := make([]int, len(counts))
+		for i, n := range counts {
+			out[i] = keys.Shard(key, n)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		counts []int
+		want   func(at []int, shard int) []int
+	}{
+		// Multiples: a key only moves to new shards; each waits for all
+		// before it.
+		{[]int{2, 4, 8}, func(at []int, shard int) []int {
+			var out []int
+			for _, s := range at {
+				if s == shard {
+					break
+				}
+				if !slices.Contains(out, s) {
+					out = append(out, s)
+				}
+			}
+			return out
+		}},
+	} {
+		for i := range 200 {
+			key := "k" + strconv.Itoa(i)
+			at := shardsOf(key, tc.counts)
+			for _, shard := range slices.Compact(slices.Clone(at)) {
+				got := protocol.Earlier(c, queue, tc.counts, shard, key)
+				if want := tc.want(at, shard); !slices.Equal(got, want) {
+					t.Fatalf("counts %v, key %s (shards %v), shard %d: earlier %v, want %v", tc.counts, key, at, shard, got, want)
+				}
+			}
+		}
+	}
+	// Not multiples: a key in shard 1, then 0, then 1 again (counts 2, 3,
+	// 4). Shard 0 waits for nothing: shard 1, which came before it, has the
+	// key again after it; and shard 1 waits for nothing, being the first.
+	key := ""
+	for i := 0; key == ""; i++ {
+		k := "x" + strconv.Itoa(i)
+		if slices.Equal(shardsOf(k, []int{2, 3, 4}), []int{1, 0, 1}) {
+			key = k
+		}
+	}
+	for _, shard := range []int{0, 1} {
+		if got := protocol.Earlier(c, queue, []int{2, 3, 4}, shard, key); len(got) != 0 {
+			t.Errorf("a key in shards 1, 0, 1: shard %d waits for %v, want nothing (the two would wait for each other)", shard, got)
+		}
+	}
+	if got := protocol.Earlier(c, queue, []int{4}, 1, key); len(got) != 0 {
+		t.Errorf("a queue that never grew: earlier %v", got)
+	}
 }

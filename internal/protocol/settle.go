@@ -14,6 +14,7 @@ type Scheduled struct {
 	ID  string
 	Due int64
 	Env string
+	key string // the key of an ordered retry, which keeps it held
 }
 
 // Settlement is the outcome of a batch, applied atomically by Settle.

@@ -72,7 +72,7 @@ func (c *Consumer) Announce(ctx context.Context, concurrency int, qs ...Known) (
 		recorded, err = recordNew(ctx, c.c, c.prefix, &c.defaults, qs, recorded)
 	}
 	if err == nil {
-		err = c.readGrown(ctx, queues)
+		err = c.readGrown(ctx, queues, recorded)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("announce worker %q: %w", keys.Short(c.name), err)
