@@ -14,39 +14,22 @@ import (
 // executors, each in a slot of its own, to claim steps too, so that the
 // items of a busy key are handled at once, within the worker's
 // concurrency. A helper leaves after its step when a fetcher waits for a
-// slot, so that other keys are not starved by a big batch.
+// slot, so that other keys are not starved by a big batch. The steps of an
+// ordered batch are claimed by key: a key's run one after another, and
+// those of different keys (a batch of retries) at once.
 type batchRun struct {
 	f     *fetcher
 	b     *protocol.Batch
 	out   []protocol.Outcome // out[i] is the outcome of b.Items[i]
 	steps [][]int            // the items of each step; nil: step i is item i
-	next  atomic.Int64       // the next step to claim
+	next  atomic.Int64       // the next step to claim (of an ordered batch, key)
 	// helpers counts the helpers at work; the owner waits for them before
 	// it settles the batch.
 	helpers sync.WaitGroup
-	// An ordered batch (WithOrderedKeys) has no helpers: its owner runs its
-	// steps one after another. held holds the keys whose items wait, as an
-	// earlier one failed or was not handled; checked, the steps looked at.
-	held    map[string]bool
-	checked int
-}
-
-// waits reports whether step s of an ordered batch must wait: an earlier
-// item of its key failed, or was not handled, and holds back the items
-// after it (they are settled with it, in order). Only the batch's owner
-// calls it, for its steps in order.
-func (br *batchRun) waits(s int) bool {
-	for ; br.checked < s; br.checked++ {
-		for _, i := range br.items(br.checked) {
-			if k := br.out[i].Kind; k == protocol.Retry || k == protocol.Unfinished {
-				if br.held == nil {
-					br.held = make(map[string]bool)
-				}
-				br.held[br.b.Items[i].Key] = true
-			}
-		}
-	}
-	return br.held[br.b.Items[br.items(s)[0]].Key]
+	// keys groups the steps of an ordered batch (WithOrderedKeys) by key:
+	// each is claimed whole, and its steps run one after another (runKey).
+	// nil for a batch that is not ordered.
+	keys [][]int
 }
 
 func (br *batchRun) len() int {
@@ -54,6 +37,25 @@ func (br *batchRun) len() int {
 		return len(br.b.Items)
 	}
 	return len(br.steps)
+}
+
+// claims returns how many claims the batch takes: a step each, or a key
+// each for an ordered batch.
+func (br *batchRun) claims() int {
+	if br.keys != nil {
+		return len(br.keys)
+	}
+	return br.len()
+}
+
+// byKey groups the steps of br by the key of their items, in order of first
+// appearance.
+func (br *batchRun) byKey() [][]int {
+	firsts := make([]protocol.Item, br.len()) // the first item of each step
+	for s := range firsts {
+		firsts[s] = br.b.Items[br.items(s)[0]]
+	}
+	return protocol.ByKey(firsts)
 }
 
 // items returns the indexes of step s's items.

@@ -113,25 +113,27 @@ func (x *executor) resume(hc *handlerCall) bool {
 // run takes part in j's batch: it claims steps and handles them until none
 // is left (or shutdown begins, or, for a helper, a fetcher waits for a
 // slot, or the batch's lease is found lost: the batch is delivered again).
-// An ordered batch's owner runs every step itself, in order, and skips
-// those whose key an earlier failure holds. The owner then waits for its helpers and settles the batch; a
-// helper gives its slot back. run reports false when the watchdog
-// abandoned the executor meanwhile.
+// Of an ordered batch it claims a key's steps at a time (see runKey). The
+// owner then waits for its helpers and settles the batch; a helper gives
+// its slot back. run reports false when the watchdog abandoned the
+// executor meanwhile.
 func (x *executor) run(j job) bool {
 	br, r := j.br, x.r
 	for !r.stopping() && !(j.helper && r.waiting.Load() > 0) && !br.b.LeaseLost() {
-		s := int(br.next.Add(1) - 1)
-		if s >= br.len() {
+		n := int(br.next.Add(1) - 1)
+		if n >= br.claims() {
 			break
 		}
-		if br.b.Ordered {
-			if br.waits(s) {
-				continue
-			}
-		} else if s+1 < br.len() {
+		if n+1 < br.claims() {
 			x.recruit(br)
 		}
-		if !x.guard(j, s, func() bool { return x.step(j, s) }) {
+		if br.keys != nil {
+			if !x.runKey(j, br.keys[n]) {
+				return false
+			}
+			continue
+		}
+		if !x.guard(j, n, func() bool { return x.step(j, n) }) {
 			return false
 		}
 	}
@@ -143,6 +145,30 @@ func (x *executor) run(j job) bool {
 	}
 	br.helpers.Wait()
 	r.finish(br.f, br.b, br.out)
+	return true
+}
+
+// runKey handles steps, those of one key of an ordered batch, one after
+// another, in order. A step whose items failed, or were not handled, holds
+// back the steps after it: they stay unfinished, and are settled behind
+// it. runKey reports false when the watchdog abandoned the executor
+// meanwhile: the executor that carries on with the batch takes the next
+// key, and the rest of this one is held back behind the abandoned call.
+func (x *executor) runKey(j job, steps []int) bool {
+	br := j.br
+	for _, s := range steps {
+		if x.r.stopping() || br.b.LeaseLost() {
+			return true
+		}
+		if !x.guard(j, s, func() bool { return x.step(j, s) }) {
+			return false
+		}
+		for _, i := range br.items(s) {
+			if k := br.out[i].Kind; k == protocol.Retry || k == protocol.Unfinished {
+				return true
+			}
+		}
+	}
 	return true
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/rtcount"
 	"github.com/batchq/batchq/internal/testredis"
 )
@@ -368,4 +369,53 @@ func TestLostLeaseStopsTheBatch(t *testing.T) {
 		case <-time.After(300 * time.Millisecond):
 		}
 	})
+}
+
+// The retries of several keys of an ordered queue come as one batch; its
+// keys run at once, each key's items one after another.
+func TestOrderedRetriesOfKeysRunAtOnce(t *testing.T) {
+	b := testredis.Real(t)
+	ctx := context.Background()
+	// Two keys fail once, with retries due at once, before any worker runs:
+	// its first claim takes both in one batch.
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
+	must(t, err)
+	c.Order("par")
+	must(t, c.Sync(ctx))
+	addItems(t, b, "par", "a", 0, 1)
+	addItems(t, b, "par", "b", 1, 2)
+	f, err := c.Fetch(ctx, "par", 0, 10)
+	must(t, err)
+	if len(f.Batches) != 2 {
+		t.Fatalf("fetched %d batches, want one per key", len(f.Batches))
+	}
+	for _, bt := range f.Batches {
+		must(t, c.Settle(ctx, bt, []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("boom")}}))
+	}
+
+	started := map[string]chan struct{}{"a": make(chan struct{}), "b": make(chan struct{})}
+	other := map[string]string{"a": "b", "b": "a"}
+	overlapped := make(chan string, 2)
+	w := newWorker(t, b, batchq.WithConcurrency(2))
+	batchq.Handle(w, "par", func(ctx context.Context, it item) error {
+		key := "a"
+		if it.ID == 1 {
+			key = "b"
+		}
+		close(started[key])
+		select {
+		case <-started[other[key]]:
+			overlapped <- key
+		case <-time.After(5 * time.Second):
+		}
+		return nil
+	}, batchq.WithOrderedKeys())
+	runWorker(t, w)
+	for range 2 {
+		select {
+		case <-overlapped:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the retries of two keys did not run at once")
+		}
+	}
 }

@@ -191,6 +191,9 @@ func (r *runner) start(f *fetcher, b *protocol.Batch) {
 	if f.q.batch {
 		br.steps = f.q.plan(b)
 	}
+	if b.Ordered {
+		br.keys = br.byKey()
+	}
 	r.work <- job{br: br}
 }
 
