@@ -364,8 +364,8 @@ func (in *Inspector) StatsOf(ctx context.Context, qs ...Queue) ([]Stats, error) 
 					return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 				}
 				if len(head) > 0 {
-					due := time.UnixMilli(int64(head[0].Score))
-					if st.OldestDue.IsZero() || due.Before(st.OldestDue) {
+					due, held := dueAt(head[0].Score)
+					if !held && (st.OldestDue.IsZero() || due.Before(st.OldestDue)) {
 						st.OldestDue = due
 					}
 				}
@@ -485,7 +485,11 @@ func (in *Inspector) DueKeys(ctx context.Context, now time.Time, limit int, qs .
 				return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 			}
 			for _, z := range zs {
-				k := DueKey{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
+				due, held := dueAt(z.Score)
+				if held {
+					continue // not due: it waits for its hold to end
+				}
+				k := DueKey{Key: z.Member, Shard: shard, Due: due}
 				if now.After(k.Due) {
 					k.Lag = now.Sub(k.Due)
 				}
@@ -533,6 +537,25 @@ type KeyStats struct {
 	// it, when its claim ends); Lag how long it has been due, 0 if not yet.
 	Due time.Time     `json:"due"`
 	Lag time.Duration `json:"lag_ns"`
+	// Held marks a key of an ordered queue that waits for its batch out,
+	// or its failed item's retry, to be settled: Due is then zero.
+	Held bool `json:"held,omitempty"`
+}
+
+// dueAt returns the due time a score of the ready or later index records,
+// or held for a key that waits for its hold to end (protocol.HeldDue).
+func dueAt(score float64) (due time.Time, held bool) {
+	if score >= protocol.HeldDue {
+		return time.Time{}, true
+	}
+	return time.UnixMilli(int64(score)), false
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // SortBy orders the keys Keys returns.
@@ -589,8 +612,8 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 			return nil, fmt.Errorf("inspect: queue %q shard %d: %w", keys.Short(q.Name), shard, err)
 		}
 		for _, z := range zs {
-			ks := KeyStats{Key: z.Member, Shard: shard, Due: time.UnixMilli(int64(z.Score))}
-			if now.After(ks.Due) {
+			ks := KeyStats{Key: z.Member, Shard: shard}
+			if ks.Due, ks.Held = dueAt(z.Score); !ks.Held && now.After(ks.Due) {
 				ks.Lag = now.Sub(ks.Due)
 			}
 			all = append(all, ks)
@@ -601,8 +624,10 @@ func (in *Inspector) Keys(ctx context.Context, name string, by SortBy, limit int
 		return nil, err
 	}
 	switch by {
-	case ByAge:
-		slices.SortStableFunc(all, func(a, b KeyStats) int { return a.Due.Compare(b.Due) })
+	case ByAge: // held keys, which are not due, last
+		slices.SortStableFunc(all, func(a, b KeyStats) int {
+			return cmp.Or(cmp.Compare(btoi(a.Held), btoi(b.Held)), a.Due.Compare(b.Due))
+		})
 	case ByItems:
 		slices.SortStableFunc(all, func(a, b KeyStats) int { return cmp.Compare(b.Items, a.Items) })
 	case ByBytes:
@@ -677,8 +702,8 @@ func (in *Inspector) Peek(ctx context.Context, name, key string) (Peeked, error)
 		score, err = res[3].AsFloat64()
 	}
 	if err == nil {
-		p.Due = time.UnixMilli(int64(score))
-		if now, err := protocol.Time(ctx, in.c); err == nil && now.After(p.Due) {
+		p.Due, p.Held = dueAt(score)
+		if now, err := protocol.Time(ctx, in.c); err == nil && !p.Held && now.After(p.Due) {
 			p.Lag = now.Sub(p.Due)
 		}
 	}

@@ -108,5 +108,27 @@ func TestRetriesOfOrderedKeys(t *testing.T) {
 		if r := rs.Retries[0]; r.Key != "k" || string(r.Item) != "2" || r.Attempts != 1 || r.Behind != 2 {
 			t.Errorf("retry %+v, want item 2 of k, 1 attempt, 2 items behind", r)
 		}
+
+		// An item appended meanwhile waits for the hold, and counts as
+		// pending: a worker that pops the key leaves it held.
+		must(t, p.Add(ctx, "ord", "k", 5))
+		if f, err := c.Fetch(ctx, "ord", 0, 10); err != nil || len(f.Batches) != 0 {
+			t.Fatalf("fetched %+v, %v from a held key", f.Batches, err)
+		}
+		st, err := in.Stats(ctx, "ord")
+		must(t, err)
+		if st.ReadyKeys != 1 || st.PendingItems != 1 || !st.OldestDue.IsZero() || st.Lag != 0 {
+			t.Errorf("Stats %+v, want the held key's item pending, with no lag", st)
+		}
+		ks, err := in.Keys(ctx, "ord", inspect.ByAge, 10)
+		must(t, err)
+		if len(ks) != 1 || !ks[0].Held || ks[0].Items != 1 || !ks[0].Due.IsZero() {
+			t.Errorf("Keys %+v, want k held with 1 item", ks)
+		}
+		pk, err := in.Peek(ctx, "ord", "k")
+		must(t, err)
+		if !pk.Held || string(pk.Array) != "[5]" {
+			t.Errorf("Peek %+v, want k held, holding [5]", pk)
+		}
 	})
 }

@@ -397,7 +397,11 @@ func topKeys(ctx context.Context, s *session, args []string) error {
 		if k.Lag > 0 {
 			lag = age(k.Lag)
 		}
-		t.row(cell(k.Key), num(int64(k.Shard)), num(k.Items), num(k.Bytes), stamp(k.Due), lag)
+		due := stamp(k.Due)
+		if k.Held {
+			due = "held" // an ordered key waits for its batch out
+		}
+		t.row(cell(k.Key), num(int64(k.Shard)), num(k.Items), num(k.Bytes), due, lag)
 	}
 	return t.flush()
 }
@@ -418,6 +422,8 @@ func peek(ctx context.Context, s *session, args []string) error {
 	}
 	due := "not on the ready index"
 	switch {
+	case p.Held:
+		due = "held: it waits for its batch out, or its failed item's retry"
 	case p.Due.IsZero():
 	case p.Lag > 0:
 		due = fmt.Sprintf("due %s (%s ago)", stamp(p.Due), age(p.Lag))

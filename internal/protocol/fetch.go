@@ -306,6 +306,12 @@ func poppedKeys(r rueidis.RedisResult) ([]string, error) {
 	return ks, err
 }
 
+// HeldDue is the due time (ms, 2^53) of a key of an ordered queue that
+// waits on the ready index for its hold to end: no claim, sweep or drain
+// takes it; the end of the hold makes it due (release_hold in lua/lib.lua,
+// which holds the same number).
+const HeldDue = 1 << 53
+
 // maxHoldReads bounds how many times an ordered drain reads its keys'
 // holds again after a hold changed under its WATCH; then it gives up with
 // errHoldsChanging.
@@ -345,8 +351,9 @@ func (cn *Conn) Close() {
 // orderedDrain drains the popped keys of an ordered queue's shard
 // (docs/PROTOCOL.md, "Ordered keys"). On conn, it WATCHes the keys' holds
 // and reads them; then one MULTI/EXEC drains each key that is not held, as
-// a drain does, and sets its hold to its lease, and takes each key that is
-// held off the ready index: the end of the hold makes it due again. The
+// a drain does, and sets its hold to its lease, and leaves each key that is
+// held on the ready index at HeldDue, where nothing takes it: the end of the
+// hold makes it due again. The
 // EXEC applies nothing if a hold changed meanwhile (a batch of the key was
 // settled): then it reads them again, up to maxHoldReads times. With
 // popMax, its first round trip also pops the next keys, returned in next.
@@ -398,7 +405,7 @@ func orderedDrain(ctx context.Context, c rueidis.Client, conn *Conn, sp keys.Spa
 		multi = append(multi, b.Multi().Build())
 		multi = d.body(b, multi, deadline)
 		for _, k := range held {
-			multi = append(multi, b.Zrem().Key(sp.Ready()).Member(k).Build())
+			multi = append(multi, b.Zadd().Key(sp.Ready()).Xx().ScoreMember().ScoreMember(HeldDue, k).Build())
 		}
 		multi = append(multi, b.Exec().Build())
 		res = dc.DoMulti(ctx, multi...)

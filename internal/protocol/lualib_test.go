@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -53,5 +54,13 @@ local function c() end
 	// The hot path defines no function at all.
 	if got := withLib(libLua, mergeLua); got != mergeLua || strings.Contains(got, "local function") {
 		t.Errorf("merge.lua is loaded with helpers, or defines a function")
+	}
+}
+
+// lib.lua's held_due is HeldDue: the drain parks a held key at the one, and
+// release_hold looks for the other.
+func TestHeldDueAgrees(t *testing.T) {
+	if want := "local held_due = " + strconv.Itoa(HeldDue) + "\n"; !strings.Contains(libLua, want) {
+		t.Fatalf("lib.lua does not hold %q", want)
 	}
 }

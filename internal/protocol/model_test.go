@@ -56,9 +56,9 @@ import (
 //
 // With the configuration bit cfgOrdered the queue is ordered
 // (Consumer.Order): the model keeps each key's hold, and predicts what
-// ordered mode changes. A drain skips a popped key that is held and takes it
-// off the ready index (its items wait: an append to their array does not make
-// it due, the end of the hold does); a settlement turns, per key, the first
+// ordered mode changes. A drain skips a popped key that is held and leaves
+// it on the ready index at protocol.HeldDue (its items wait: an append to
+// their array does not make it due, the end of the hold does); a settlement turns, per key, the first
 // failed item (or, in a batch of retries, the first unfinished one) into one
 // retry holding the key's later items that are not done or dead (its rest),
 // or else puts the unfinished items back and ends the hold; a claim delivers
@@ -231,8 +231,8 @@ func (m *model) add(key string, n int) {
 	}
 	// Items put back (unfinished or reaped) count, and may take the key
 	// past its cap. A refused append makes the key due (by the server's
-	// clock): a change only for an ordered key that is held, whose items
-	// wait off the ready index.
+	// clock), unless it is on the ready index already: an ordered key that
+	// is held stays there, at HeldDue.
 	full := m.keyCap > 0 && len(m.pending[key]) > 0 && len(m.pending[key])+n > m.keyCap
 	m.logf("append to %s: %s (full: %v)", key, strings.Join(ns, " "), full)
 	err := m.p.AddRaw(m.ctx, queue, key, raws...)
@@ -399,7 +399,9 @@ func (m *model) fetch(max int) []*mBatch {
 
 	m.wake = m.wake[len(popped):]
 	for _, k := range skipped {
-		delete(m.ready, k) // its items wait for the end of the hold
+		if _, ok := m.ready[k]; ok {
+			m.ready[k] = readyAt{ms: protocol.HeldDue} // its items wait for the end of the hold
+		}
 	}
 	if retries != nil {
 		got = append(got, retries)
@@ -686,8 +688,9 @@ func (m *model) endHold(key, lease string, now int64) {
 		return
 	}
 	delete(m.holds, key)
-	if len(m.pending[key]) > 0 {
-		m.makeDue(key, now)
+	if r, ok := m.ready[key]; len(m.pending[key]) > 0 && (!ok || r.ms >= protocol.HeldDue) {
+		m.ready[key] = readyAt{ms: now}
+		m.wake = append(m.wake, key)
 	}
 }
 

@@ -42,7 +42,8 @@ func hold(t *testing.T, b testredis.Backend, key string) string {
 }
 
 // A drained key is held until its batch is settled: items appended
-// meanwhile wait, off the ready index, and the settle makes the key due.
+// meanwhile wait, on the ready index at HeldDue, and the settle makes the
+// key due.
 func TestOrderedKeyIsHeldUntilSettled(t *testing.T) {
 	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
 		p := newProducer(t, b)
@@ -54,9 +55,11 @@ func TestOrderedKeyIsHeldUntilSettled(t *testing.T) {
 		}
 		addRaw(t, p, "k", `3`)
 		fetchNone(t, c) // pops k, finds it held
-		if ready(t, b, "k") {
-			t.Fatal("a held key stays on the ready index")
+		due, err := b.Client.Do(context.Background(), b.Client.B().Zscore().Key(space(b).Ready()).Member("k").Build()).AsFloat64()
+		if err != nil || due != protocol.HeldDue {
+			t.Fatalf("a held key is due at %v (%v), want HeldDue: it waits for its hold", due, err)
 		}
+		fetchNone(t, c) // nothing pops it meanwhile
 		if v, _ := stored(t, b, "k"); v != `[3]` {
 			t.Fatalf("the key holds %s, want [3]", v)
 		}

@@ -38,18 +38,29 @@ local function make_due(ready, later, wake, now, key)
   end
 end
 
+-- held_due is the due time (ms, 2^53) of a key that waits on the ready
+-- index for its hold to end: no claim, sweep or drain takes it (see
+-- protocol.HeldDue).
+local held_due = 9007199254740992
+
 -- release_hold ends the hold of key, an ordered queue's key (its batch is
 -- settled, or reaped), if the lease owner holds it (any holder, with no
 -- owner: a batch of retries ends the holds of its keys, which their drains
 -- set), and makes the key due if items came meanwhile: they waited for the
--- hold to end. A key that a flush policy has scheduled stays scheduled. A
--- key that was not held (a queue that is not ordered) is left as it is.
+-- hold to end, on the ready index at held_due if a worker found the key
+-- held. A key that a flush policy has scheduled stays scheduled. A key that
+-- was not held (a queue that is not ordered) is left as it is.
 local function release_hold(hold, owner, ik, ready, later, wake, now, key)
   if owner and redis.call('GET', hold) ~= owner then
     return
   end
-  if redis.call('DEL', hold) == 1 and redis.call('EXISTS', ik) == 1 and not redis.call('ZSCORE', later, key) then
-    make_due(ready, later, wake, now, key)
+  if redis.call('DEL', hold) == 0 or redis.call('EXISTS', ik) == 0 or redis.call('ZSCORE', later, key) then
+    return
+  end
+  local due = tonumber(redis.call('ZSCORE', ready, key))
+  if not due or due >= held_due then
+    redis.call('ZADD', ready, now, key)
+    redis.call('RPUSH', wake, key)
   end
 end
 
