@@ -545,3 +545,41 @@ func TestNoGoroutineOutlivesIt(t *testing.T) {
 		noWorkerGoroutines(t)
 	})
 }
+
+// On a queue with ordered keys, a failed item holds its key, and the items
+// appended behind it wait with it: RunUntilIdle reports the retry, and does
+// not wait for the held key, which moves only when the retry is due.
+func TestHeldKeysAreNotWaitedFor(t *testing.T) {
+	t.Parallel()
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		p := newProducer(t, b)
+		w := newWorker(t, b)
+		var seen recorder
+		var once sync.Once
+		batchq.Handle(w, "q", func(ctx context.Context, n int) error {
+			seen.add(fmt.Sprint(n))
+			if n != 1 {
+				return nil
+			}
+			// While item 1 fails, item 2 comes behind it, and a worker
+			// finds its key held.
+			once.Do(func() {
+				if err := p.Add(ctx, "q", "k", 2); err != nil {
+					t.Error(err)
+				}
+			})
+			return errors.New("item 1 fails")
+		}, batchq.WithOrderedKeys(), batchq.WithBackoff(batchq.Constant(time.Hour)))
+		if err := p.Add(t.Context(), "q", "k", 1); err != nil {
+			t.Fatal(err)
+		}
+		res, err := runUntilIdle(t, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen.count("1") != 1 || seen.count("2") != 0 || res.Retries != 1 {
+			t.Fatalf("handled 1 %d and 2 %d times, result %+v; want item 1 once, a retry holding the key, and item 2 waiting",
+				seen.count("1"), seen.count("2"), res)
+		}
+	})
+}

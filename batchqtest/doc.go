@@ -43,7 +43,9 @@
 // Retries due later are left for the Result to report, unless
 // WithRetriesWithin asks to wait for them: with a short backoff
 // (batchq.WithBackoff(batchq.Constant(10*time.Millisecond))), a test sees
-// an item retried until it succeeds or goes to dead letters.
+// an item retried until it succeeds or goes to dead letters. On a queue
+// with ordered keys (batchq.WithOrderedKeys), the items a failed item holds
+// back wait with its retry, and are reported with it, not waited for.
 //
 // A worker runs once, so each RunUntilIdle needs a new worker. Run it
 // against the same Redis and prefix as the producers; Redis gives a fresh

@@ -16,7 +16,7 @@ var stateLua string
 
 // stateScript reads a shard's state; it is not in ScriptName's list, since
 // only tests' helpers (batchqtest) run it.
-var stateScript = newScript(stateLua)
+var stateScript = newScript(withLib(libLua, stateLua))
 
 // ShardState is what one queue shard holds, read at once (state.lua).
 type ShardState struct {

@@ -11,8 +11,9 @@
 -- KEYS[5]  retry ZSET
 -- KEYS[6]  dead ZSET
 --
--- Returns {ready, later, wake, leases, retries, the earliest retry's due
--- time (ms; -1 when there is none), dead letters, the server's time (ms)}.
+-- Returns {ready (but for keys held, at held_due), later, wake, leases,
+-- retries, the earliest retry's due time (ms; -1 when there is none), dead
+-- letters, the server's time (ms)}.
 local t = redis.call('TIME')
 local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
 local due = -1
@@ -20,7 +21,9 @@ if first[2] then
   due = tonumber(first[2])
 end
 return {
-  redis.call('ZCARD', KEYS[1]),
+  -- Keys an ordered queue holds wait at held_due: they move only with the
+  -- batch or retry that holds them, which the other counts show.
+  redis.call('ZCARD', KEYS[1]) - #redis.call('ZRANGEBYSCORE', KEYS[1], held_due, '+inf'),
   redis.call('ZCARD', KEYS[2]),
   redis.call('LLEN', KEYS[3]),
   redis.call('ZCARD', KEYS[4]),
