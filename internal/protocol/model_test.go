@@ -688,9 +688,14 @@ func (m *model) endHold(key, lease string, now int64) {
 		return
 	}
 	delete(m.holds, key)
-	if r, ok := m.ready[key]; len(m.pending[key]) > 0 && (!ok || r.ms >= protocol.HeldDue) {
+	r, ok := m.ready[key]
+	parked := ok && r.ms >= protocol.HeldDue
+	switch {
+	case len(m.pending[key]) > 0 && (!ok || parked):
 		m.ready[key] = readyAt{ms: now}
 		m.wake = append(m.wake, key)
+	case len(m.pending[key]) == 0 && parked:
+		delete(m.ready, key) // parked with no items: off the index
 	}
 }
 

@@ -449,3 +449,28 @@ func TestEarlierShards(t *testing.T) {
 		t.Errorf("a queue that never grew: earlier %v", got)
 	}
 }
+
+// A key found held with no items (a stale name of a key a flush policy had
+// scheduled, promoted while its batch was out) leaves the ready index when
+// its hold ends, so that its next append schedules it, and a promotion
+// pushes it, as any key's.
+func TestOrderedKeyParkedEmptyIsNotStranded(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		p := newProducer(t, b, producer.WithFlushPolicy(queue, producer.FlushPolicy{MaxAge: 2 * time.Hour}))
+		c, clk := newOrdered(t, b)
+		addRaw(t, p, "k", `1`)
+		must(t, b.Client.Do(ctx, b.Client.B().Rpush().Key(space(b).Wake()).Element("k").Build()).Error()) // a stale name
+		bt := fetchOne(t, c)
+		checkItems(t, bt, `1`)
+		clk.Advance(2 * time.Hour)
+		fetchNone(t, c) // promotes k, pops it, finds it held: parks it, with no items
+		settle(t, c, bt, done)
+		if ready(t, b, "k") {
+			t.Fatal("a key parked with no items stays on the ready index once its hold ends")
+		}
+		addRaw(t, p, "k", `2`)
+		clk.Advance(3 * time.Hour)
+		checkItems(t, fetchOne(t, c), `2`)
+	})
+}

@@ -48,19 +48,26 @@ local held_due = 9007199254740992
 -- owner: a batch of retries ends the holds of its keys, which their drains
 -- set), and makes the key due if items came meanwhile: they waited for the
 -- hold to end, on the ready index at held_due if a worker found the key
--- held. A key that a flush policy has scheduled stays scheduled. A key that
--- was not held (a queue that is not ordered) is left as it is.
+-- held. A key that a flush policy has scheduled stays scheduled, and one
+-- parked with no items leaves the ready index: a key parked at held_due
+-- would take no push from an append or a promotion again. A key that was
+-- not held (a queue that is not ordered) is left as it is.
 local function release_hold(hold, owner, ik, ready, later, wake, now, key)
   if owner and redis.call('GET', hold) ~= owner then
     return
   end
-  if redis.call('DEL', hold) == 0 or redis.call('EXISTS', ik) == 0 or redis.call('ZSCORE', later, key) then
+  if redis.call('DEL', hold) == 0 then
     return
   end
   local due = tonumber(redis.call('ZSCORE', ready, key))
-  if not due or due >= held_due then
-    redis.call('ZADD', ready, now, key)
-    redis.call('RPUSH', wake, key)
+  local parked = due and due >= held_due
+  if redis.call('EXISTS', ik) == 1 and not redis.call('ZSCORE', later, key) then
+    if not due or parked then
+      redis.call('ZADD', ready, now, key)
+      redis.call('RPUSH', wake, key)
+    end
+  elseif parked then
+    redis.call('ZREM', ready, key)
   end
 end
 
