@@ -39,6 +39,17 @@ func (br *batchRun) len() int {
 	return len(br.steps)
 }
 
+// givesBack returns 1 when a helper of the batch gives its slot back
+// after its step if a fetcher waits for one (it counts in runner.room),
+// and 0 when it keeps it until its claim is done: a helper of an ordered
+// batch runs a whole key, however many items wait behind its first.
+func (br *batchRun) givesBack() int32 {
+	if br.keys != nil {
+		return 0
+	}
+	return 1
+}
+
 // claims returns how many claims the batch takes: a step each, or a key
 // each for an ordered batch.
 func (br *batchRun) claims() int {

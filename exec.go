@@ -138,7 +138,7 @@ func (x *executor) run(j job) bool {
 		}
 	}
 	if j.helper {
-		r.helping.Add(-1)
+		r.helping.Add(-br.givesBack())
 		br.helpers.Done()
 		r.release(1)
 		return true
@@ -180,11 +180,11 @@ func (x *executor) recruit(br *batchRun) {
 		return
 	}
 	br.helpers.Add(1)
-	r.helping.Add(1)
+	r.helping.Add(br.givesBack())
 	select {
 	case r.help <- job{br: br, helper: true}:
 	default:
-		r.helping.Add(-1)
+		r.helping.Add(-br.givesBack())
 		br.helpers.Done()
 		r.release(1)
 	}

@@ -29,7 +29,7 @@ type runner struct {
 
 	acquiring sync.Mutex   // held by the one caller of acquire waiting for slots
 	waiting   atomic.Int32 // fetchers in acquire: helpers leave, and no more are recruited
-	helping   atomic.Int32 // helpers at work, each in a slot
+	helping   atomic.Int32 // helpers at work, each in a slot it gives back after a step (see batchRun.givesBack)
 
 	mu        sync.Mutex
 	active    map[*protocol.Batch]struct{} // the batches of batches, for the lease heartbeat

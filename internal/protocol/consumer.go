@@ -254,6 +254,9 @@ func (c *Consumer) readGrown(ctx context.Context, queues []string, counts []int)
 		return fmt.Errorf("read the counts ordered queues grew from: %w", err)
 	}
 	for i, v := range vals {
+		if current[i] == 0 {
+			continue // not recorded (forgotten meanwhile): the worker registers it again
+		}
 		s, _ := v.ToString() // nil: it never grew
 		c.grown.Store(ordered[i], append(parseGrown(s), current[i]))
 	}
@@ -280,7 +283,7 @@ func parseGrown(s string) []int {
 // had before the first under which the key was in shard. A shard the key
 // came back to under a later count is left out (a count that is not a
 // multiple of the one before can send a key back): its items may be newer,
-// and the two shards would wait for each other.
+// and while the key keeps getting them, this shard would wait for good.
 func (c *Consumer) earlier(queue string, shard int, key string) []int {
 	v, ok := c.grown.Load(queue)
 	if !ok || len(v.([]int)) < 2 {
@@ -426,9 +429,9 @@ func (c *Consumer) Claim(ctx context.Context, queue string, shard int, withRetri
 				Error: "undecodable retry envelope: " + err.Error(), FailedAt: c.now(), Corrupt: true}
 			bad = append(bad, d)
 			b.dead = append(b.dead, Entry{ID: d.ID, Env: string(d.encode())})
-			// On an ordered queue it held its key: the hold ends with the
-			// batch, or nothing would ever drain the key again.
-			if key, ordered := envelopeKey(e.Env); key != "" && (ordered || b.Ordered) && !slices.Contains(b.deadHolds, key) {
+			// An ordered retry held its key: the hold ends with the batch,
+			// or nothing would ever drain the key again.
+			if key, ordered := envelopeKey(e.Env); key != "" && ordered && !slices.Contains(b.deadHolds, key) {
 				b.deadHolds = append(b.deadHolds, key)
 			}
 			continue
@@ -1073,8 +1076,10 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 }
 
 // envelopeKey returns the key and the ordered mark of a retry envelope,
-// read token by token as far as it decodes: encode writes the key first,
-// so that a damaged envelope still names its key.
+// read token by token as far as it decodes: encode writes them first, so
+// that a damaged envelope still says which key it holds. One that does not
+// say it is ordered holds none (a retry stored before its queue was
+// ordered, say): ending the key's hold could let a second batch out.
 func envelopeKey(env string) (key string, ordered bool) {
 	d := json.NewDecoder(strings.NewReader(env))
 	if t, err := d.Token(); err != nil || t != json.Delim('{') {
@@ -1220,6 +1225,11 @@ func (e retryEnvelope) encode() []byte {
 	b := make([]byte, 0, len(e.Item)+len(e.Key)+len(e.Error)+32)
 	b = append(b, `{"k":`...)
 	b = appendString(b, e.Key)
+	if e.Ordered {
+		// Right after the key: a damaged envelope still says it holds it
+		// (see envelopeKey).
+		b = append(b, `,"o":true`...)
+	}
 	b = append(b, `,"a":`...)
 	b = strconv.AppendInt(b, int64(e.Attempts), 10)
 	if e.Error != "" {
@@ -1228,9 +1238,6 @@ func (e retryEnvelope) encode() []byte {
 	}
 	b = append(b, `,"i":`...)
 	b = append(b, e.Item...)
-	if e.Ordered {
-		b = append(b, `,"o":true`...)
-	}
 	if len(e.Rest) > 0 {
 		b = append(b, `,"r":[`...)
 		for i, it := range e.Rest {

@@ -416,7 +416,7 @@ func orderedDrain(ctx context.Context, c rueidis.Client, conn *Conn, sp keys.Spa
 			}
 			continue
 		}
-		d.extra = len(held) // the ZREMs' replies come last
+		d.extra = len(held) // the replies of the held keys' ZADDs come last
 		out, phantom, err = d.results(exec)
 		return out, phantom, next, err
 	}

@@ -1010,7 +1010,8 @@ func (m *model) check() {
 // checkHolds compares the holds of the model's keys (one GET reply each) with
 // the model's, and checks what ordered mode guarantees of the holds and the
 // ready index read from Redis: at most one batch of a key out (O1), a hold
-// exactly while one is (O5), and a key with items due or held (I1). A queue
+// exactly while one is (O5), and a key with items due or held, and none
+// parked at HeldDue without a hold (I1). A queue
 // that is not ordered holds no key.
 func (m *model) checkHolds(res []rueidis.RedisResult, str func(rueidis.RedisResult) (string, bool), ready map[string]int64) {
 	out := m.outstanding()
@@ -1021,6 +1022,10 @@ func (m *model) checkHolds(res []rueidis.RedisResult, str func(rueidis.RedisResu
 		}
 		if _, due := ready[k]; len(m.pending[k]) > 0 && !due && !held {
 			m.fail("I1: key %q has items, and is neither due nor held", k)
+		}
+		if at, on := ready[k]; on && at >= protocol.HeldDue && !held {
+			// Nothing would push it again: stranded.
+			m.fail("I1: key %q waits on the ready index at HeldDue, and no hold holds it", k)
 		}
 		if !m.ordered {
 			continue

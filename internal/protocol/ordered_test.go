@@ -432,7 +432,8 @@ func TestEarlierShards(t *testing.T) {
 	}
 	// Not multiples: a key in shard 1, then 0, then 1 again (counts 2, 3,
 	// 4). Shard 0 waits for nothing: shard 1, which came before it, has the
-	// key again after it; and shard 1 waits for nothing, being the first.
+	// key's newest items too, and while it gets them shard 0 would wait for
+	// good; and shard 1 waits for nothing, being the first.
 	key := ""
 	for i := 0; key == ""; i++ {
 		k := "x" + strconv.Itoa(i)
@@ -442,7 +443,7 @@ func TestEarlierShards(t *testing.T) {
 	}
 	for _, shard := range []int{0, 1} {
 		if got := protocol.Earlier(c, queue, []int{2, 3, 4}, shard, key); len(got) != 0 {
-			t.Errorf("a key in shards 1, 0, 1: shard %d waits for %v, want nothing (the two would wait for each other)", shard, got)
+			t.Errorf("a key in shards 1, 0, 1: shard %d waits for %v, want nothing (shard 0 would wait for good while k gets items)", shard, got)
 		}
 	}
 	if got := protocol.Earlier(c, queue, []int{4}, 1, key); len(got) != 0 {
