@@ -596,13 +596,13 @@ func (c *Consumer) orderedRound(ctx context.Context, queue string, shard int, co
 	// it) is drained once: the second drain in the MULTI would set the
 	// key's hold to a lease that holds nothing, and ending that lease would
 	// end the hold of the first.
-	for i := 1; i < len(popped); i++ {
-		if slices.Contains(popped[:i], popped[i]) {
-			popped = slices.Delete(slices.Clone(popped), i, i+1)
-			i--
+	once := make([]string, 0, len(popped))
+	for _, k := range popped {
+		if !slices.Contains(once, k) {
+			once = append(once, k)
 		}
 	}
-	popped, err := c.waitForEarlier(ctx, queue, shard, popped)
+	popped, err := c.waitForEarlier(ctx, queue, shard, once)
 	if err != nil {
 		return r, fmt.Errorf("drain %s: %w", keys.Short(queue), err)
 	}
@@ -988,36 +988,43 @@ func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries 
 		back = append(back, it.Data...)
 		nback++
 	}
-	groups := [][]int{nil} // nil: every item, alone
+	// alone settles b.Items[i], of no held key, on its own.
+	alone := func(i int) error {
+		it := b.Items[i]
+		switch o := outcome(i); o.Kind {
+		case Done:
+		case Unfinished:
+			if !unfinishedAsRetries {
+				putBack(it)
+				return nil
+			}
+			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
+			s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
+		case Retry:
+			env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
+			s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
+		case Dead:
+			s.Dead = append(s.Dead, c.deadEntry(b, i, o, now))
+		default:
+			return fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
+		}
+		return nil
+	}
+	var groups [][]int // an ordered batch's items, by key
 	if b.Ordered {
 		groups = ByKey(b.Items)
+	} else {
+		for i := range b.Items {
+			if err := alone(i); err != nil {
+				return s, err
+			}
+		}
 	}
 	for _, idx := range groups {
-		if idx == nil || !slices.ContainsFunc(idx, func(i int) bool { return b.Items[i].held }) {
-			if idx == nil {
-				idx = make([]int, len(b.Items))
-				for i := range idx {
-					idx[i] = i
-				}
-			}
+		if !slices.ContainsFunc(idx, func(i int) bool { return b.Items[i].held }) {
 			for _, i := range idx {
-				it := b.Items[i]
-				switch o := outcome(i); o.Kind {
-				case Done:
-				case Unfinished:
-					if !unfinishedAsRetries {
-						putBack(it)
-						continue
-					}
-					env := retryEnvelope{Key: it.Key, Attempts: it.Attempt, Error: it.LastError, Item: it.Data}
-					s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: s.Now, Env: string(env.encode())})
-				case Retry:
-					env := retryEnvelope{Key: it.Key, Attempts: it.Attempt + 1, Error: errText(o.Err), Item: it.Data}
-					s.Retries = append(s.Retries, Scheduled{ID: itemID(b, i), Due: now.Add(o.Delay).UnixMilli(), Env: string(env.encode())})
-				case Dead:
-					s.Dead = append(s.Dead, c.deadEntry(b, i, o, now))
-				default:
-					return s, fmt.Errorf("settle %s: unknown outcome kind %d", keys.Short(b.Queue), o.Kind)
+				if err := alone(i); err != nil {
+					return s, err
 				}
 			}
 			continue

@@ -55,6 +55,7 @@ elseif redis.call('EXISTS', KEYS[2]) == 1 then
   -- holds a value another program wrote: it goes back as it was, without
   -- a count, and is never merged into an array batchq wrote.
   local ours = n > 0 and ok and is_array(val) and select(2, counted(n)) == #val
+  local back = true
   if ours and can_prepend(KEYS[3], KEYS[4]) then
     prepend_array(KEYS[3], KEYS[4], val, (counted(n)))
     redis.call('DEL', KEYS[2])
@@ -64,15 +65,16 @@ elseif redis.call('EXISTS', KEYS[2]) == 1 then
       redis.call('SET', KEYS[4], n)
     end
   else
+    -- It cannot go back yet. An ordered key's hold ends all the same, or
+    -- the other value would never be drained: it goes first.
     redis.call('ZADD', KEYS[1], 'XX', ARGV[4], lease)
-    -- An ordered key's hold ends too, or the other value would never be
-    -- drained: it goes first.
-    release_hold(KEYS[11], lease, KEYS[3], KEYS[6], KEYS[7], KEYS[8], now, key)
-    make_due(KEYS[6], KEYS[7], KEYS[8], now, key)
-    return 0
+    back = false
   end
   release_hold(KEYS[11], lease, KEYS[3], KEYS[6], KEYS[7], KEYS[8], now, key)
   make_due(KEYS[6], KEYS[7], KEYS[8], now, key)
+  if not back then
+    return 0
+  end
 elseif key ~= '' then
   release_hold(KEYS[11], lease, KEYS[3], KEYS[6], KEYS[7], KEYS[8], now, key)
 end
