@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/internal/protocol"
 	"github.com/batchq/batchq/internal/testredis"
@@ -86,21 +84,6 @@ func TestClockSkew(t *testing.T) {
 		t.Logf("clocks 40s apart: %d items once each (%v per worker); a dead consumer's batch redelivered within %v",
 			len(calls), byWorker, redelivered.Round(time.Millisecond))
 	})
-}
-
-// A worker warns at start when Redis may evict keys.
-func TestWarnsAboutEviction(t *testing.T) {
-	srv := testredis.Start(t, "--maxmemory-policy", "allkeys-lru")
-	b := srv.Backend(t)
-	log, logs := observed(t, zap.IncreaseLevel(zap.WarnLevel))
-	w, err := batchq.NewWorker(b.Client, batchq.WithPrefix(b.Prefix), batchq.WithLogger(log))
-	must(t, err)
-	batchq.Handle(w, "q", func(context.Context, item) error { return nil })
-	stop := runWorker(t, w)
-	eventually(t, 5*time.Second, "an eviction warning", func() bool {
-		return logs.FilterField(zap.String("maxmemory_policy", "allkeys-lru")).Len() == 1
-	})
-	stop()
 }
 
 // An idle worker whose clock runs ahead of the server's waits for the next

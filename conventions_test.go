@@ -34,6 +34,7 @@ func TestConstructorsReturnOptionErrors(t *testing.T) {
 		"producer nil":         {func() error { _, err := producer.New(b.Client, nil); return err }, "producer: nil option"},
 		"producer bad":         {func() error { _, err := producer.New(b.Client, producer.WithDefaultShards(0)); return err }, "producer: shards must be 1-1024, got 0"},
 		"producer observer":    {func() error { _, err := producer.New(b.Client, producer.WithObserver(nil)); return err }, "producer: nil observer"},
+		"producer logger":      {func() error { _, err := producer.New(b.Client, producer.WithLogger(nil)); return err }, "producer: nil logger"},
 		"inspect nil":          {func() error { _, err := inspect.New(b.Client, nil); return err }, "inspect: nil option"},
 		"deadletter nil":       {func() error { _, err := deadletter.New(b.Client, nil); return err }, "deadletter: nil option"},
 		"deadletter bad":       {func() error { _, err := deadletter.New(b.Client, deadletter.WithPrefix("")); return err }, `deadletter: invalid prefix "": must be 1-512 bytes without braces`},

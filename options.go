@@ -40,7 +40,9 @@ func WithConcurrency(n int) Option {
 }
 
 // WithLogger sets the logger (default: none). The worker logs lifecycle at
-// info level and failures at warn level: one line per batch with failed
+// info level and failures at warn level: one line at start when a Redis
+// node may evict keys (it asks every node the client knows for its
+// maxmemory-policy), one line per batch with failed
 // items (with counts and the first error), one per dead letter (at most 20
 // per batch), and one when Redis calls start failing, then at most one
 // every 30 seconds until they have succeeded for 5 seconds with no failure

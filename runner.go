@@ -2,6 +2,7 @@ package batchq
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -218,10 +219,9 @@ func (r *runner) checkServer(ctx context.Context, queues []*queue) {
 	} else if off := r.w.cons.Offset(); off > time.Second || off < -time.Second {
 		r.w.log.Warn("the local clock is off the Redis server's; batchq uses the server's", zap.Duration("offset", off))
 	}
-	policy, err := r.w.cons.EvictionPolicy(ctx)
-	if err == nil && policy != "noeviction" {
-		r.w.log.Warn("Redis may evict keys, and with them items: set maxmemory-policy noeviction",
-			zap.String("maxmemory_policy", policy))
+	if ev := r.w.cons.Evictions(ctx); len(ev.Nodes) > 0 {
+		r.w.log.Warn(protocol.EvictionWarning,
+			zap.String("maxmemory_policy", strings.Join(ev.Policies, ",")), zap.Strings("nodes", ev.Nodes))
 	}
 }
 

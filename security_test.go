@@ -50,6 +50,7 @@ var aclCommands = []string{
 	"hset", "hget", "hmget", "hgetall", "hdel", "hexists", // retrydata, deaddata, retry leases, the registry
 	"rpush", "lpop", "blmpop", "blpop", "llen", // wake lists (BLPOP: servers without BLMPOP)
 	"sadd", "smembers", // quarantined
+	"wait",           // producers with replica acks: WAIT behind each append
 	"time",           // the server's clock
 	"ping",           // rueidis' keepalive on idle connections
 	"client|unblock", // a blocking pop cut short by shutdown, so that its connection is kept
@@ -258,6 +259,14 @@ func TestACL(t *testing.T) {
 	if err := capped.Add(ctx, "capped", "c", secretItem{ID: 3, Token: payloadMarker}); !errors.Is(err, producer.ErrKeyFull) {
 		t.Fatalf("append past the cap: %v, want ErrKeyFull", err)
 	}
+	// A producer that waits for replicas: this server has none, so WAIT
+	// answers 0, and the items are stored.
+	acked, err := producer.New(uc, producer.WithPrefix(prefix), producer.WithReplicaAcks(1, 10*time.Millisecond))
+	must(t, err)
+	var ackErr *producer.ReplicaAckError
+	if err := acked.Add(ctx, "acked", "a", secretItem{ID: 1, Token: payloadMarker}); !errors.As(err, &ackErr) || ackErr.Err != nil || ackErr.Got != 0 {
+		t.Fatalf("append with replica acks: %v, want WAIT to answer 0 replicas", err)
+	}
 
 	var s callLog
 	log, logs := observed(t)
@@ -268,6 +277,7 @@ func TestACL(t *testing.T) {
 	batchq.Handle(w, "ok", record("ok"))
 	batchq.Handle(w, "orphan", record("orphan"))
 	batchq.Handle(w, "capped", record("capped"))
+	batchq.Handle(w, "acked", record("acked"))
 	batchq.Handle(w, "corrupt", record("corrupt"))
 	batchq.Handle(w, "flaky", func(ctx context.Context, it secretItem) error {
 		if s.add("flaky", it.ID) == 1 {
@@ -324,6 +334,7 @@ func TestACL(t *testing.T) {
 			maps.Equal(s.get("flaky"), map[int]int{1: 2, 2: 2, 3: 2}) &&
 			maps.Equal(s.get("orphan"), map[int]int{1: 1, 2: 1}) &&
 			maps.Equal(s.get("capped"), map[int]int{1: 1, 2: 1}) &&
+			maps.Equal(s.get("acked"), map[int]int{1: 1}) &&
 			maps.Equal(s.get("once"), map[int]int{1: 1, 2: 1, 3: 1}) &&
 			maps.Equal(s.get("ordered"), map[int]int{1: 1, 2: 2, 3: 1}) &&
 			count("poison") == 2 && count("corrupt") == 2 && count("once") == 1

@@ -23,7 +23,9 @@ var ErrClosed = errors.New("producer closed")
 // and for its goroutines, and returns nil once every gathered item has been
 // sent and each of its callers has its outcome. A producer without linger
 // has nothing of its own on its way: Close returns nil at once (calls
-// already under way run in their callers' goroutines and go on).
+// already under way run in their callers' goroutines and go on). Either
+// cancels the eviction check of WithLogger, if it runs, and waits for it to
+// end, which takes no Redis round trip.
 //
 // If ctx ends first, Close cancels the calls still on their way, waits for
 // the producer's goroutines to end (which takes no Redis round trip), and
@@ -40,6 +42,7 @@ var ErrClosed = errors.New("producer closed")
 // which the caller owns: close that after Close returns.
 func (p *Producer) Close(ctx context.Context) error {
 	p.closed.Store(true)
+	p.log.stop() // the eviction check (WithLogger): cancelled, it ends at once
 	if p.linger == nil {
 		return nil
 	}

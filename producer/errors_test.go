@@ -48,6 +48,7 @@ func TestErrorsStartWithPackageName(t *testing.T) {
 			{"max key bytes", newErr(producer.WithMaxKeyBytes(-1)), ""},
 			{"prefix", newErr(producer.WithPrefix("a{b")), ""},
 			{"linger", newErr(producer.WithLinger(-1, 1)), "producer: linger wants 0 <= wait <= 1s and maxItems >= 1, got -1ns and 1"},
+			{"logger", newErr(producer.WithLogger(nil)), "producer: nil logger"},
 			{"flush policy", newErr(producer.WithFlushPolicy("q", producer.FlushPolicy{MaxAge: -1})), ""},
 			{"flush policy queue", newErr(producer.WithFlushPolicy("a:b", producer.FlushPolicy{})), ""},
 			{"queue name", p.Add(ctx, "a:b", "k", 1), ""},

@@ -13,12 +13,13 @@ import (
 	"github.com/batchq/batchq/internal/protocol"
 )
 
-// flushTimeout bounds one merge call sent on behalf of lingering callers.
+// flushTimeout bounds one merge call sent on behalf of lingering callers,
+// beyond the wait for replicas' acknowledgements (WithReplicaAcks).
 const flushTimeout = 10 * time.Second
 
 // errNoAnswer ends a call sent on behalf of lingering callers after
 // flushTimeout.
-var errNoAnswer = fmt.Errorf("no answer within %v: %w", flushTimeout, context.DeadlineExceeded)
+var errNoAnswer = fmt.Errorf("no answer within %v (and the wait for replicas, if any): %w", flushTimeout, context.DeadlineExceeded)
 
 // WithLinger makes the producer gather concurrent appends per queue shard,
 // whatever their keys, and send each gathering as one script call that
@@ -323,7 +324,7 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 	l.mu.Lock()
 	l.stopTimerLocked(g)
 	l.mu.Unlock()
-	ctx, cancel := l.callContext()
+	ctx, cancel := l.callContext(p.acks.Timeout)
 	defer cancel()
 	errs := make([]error, len(g.keys)) // by key, as the protocol returned them
 	switch {
@@ -340,7 +341,7 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 		for i, kp := range g.keys {
 			ks[i] = protocol.KeyItems{Key: kp.key, Payload: protocol.Payload(kp.joined()), N: kp.n}
 		}
-		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue], p.clock.NowMs())
+		kerrs, err := protocol.AppendMany(ctx, p.c, keys.For(p.prefix, sk.queue, sk.shard), ks, p.caps, p.flush[sk.queue], p.clock.NowMs(), p.acks)
 		for i := range errs {
 			errs[i] = err
 			if err == nil {
@@ -374,21 +375,21 @@ func (l *linger) send(p *Producer, sk shardKey, g *gathered) {
 			}
 			continue
 		}
-		err := l.outcome(ctx, p, sk.queue, kp.key, kp.n, errs[i])
 		for _, pt := range kp.parts {
-			pt.err = err
+			pt.err = l.outcome(ctx, p, sk.queue, kp.key, pt.n, errs[i])
 		}
 	}
 }
 
 // callContext returns the context of one call sent for lingering callers:
-// it ends when a Close gives up (l.ctx) or after flushTimeout. It has no
+// it ends when a Close gives up (l.ctx) or after flushTimeout and wait, the
+// time WAIT may take behind the call (0 without replica acks). It has no
 // deadline, on purpose: rueidis makes a lone call whose context has one
 // synchronously, bounded by the connection's deadline, where cancelling the
 // context does not cut it short; without one, it does.
-func (l *linger) callContext() (context.Context, func()) {
+func (l *linger) callContext(wait time.Duration) (context.Context, func()) {
 	ctx, cancel := context.WithCancelCause(l.ctx)
-	t := time.AfterFunc(flushTimeout, func() { cancel(errNoAnswer) })
+	t := time.AfterFunc(flushTimeout+wait, func() { cancel(errNoAnswer) })
 	return ctx, func() {
 		t.Stop()
 		cancel(nil)
@@ -428,10 +429,15 @@ func (kp *keyPart) joined() string {
 }
 
 // keyError wraps the outcome of an append of n items to a key as Add
-// reports it.
+// reports it. Every script call's outcome passes here: the first begins
+// the eviction check of WithLogger (memory.go).
 func (p *Producer) keyError(queue, key string, n int, err error) error {
+	p.checkEviction()
 	var full *protocol.FullError
+	var ack *protocol.AckError
 	switch {
+	case errors.As(err, &ack):
+		return &ReplicaAckError{Queue: queue, Key: key, Items: n, Want: ack.Want, Got: ack.Got, Timeout: ack.Timeout, Err: ack.Err}
 	case errors.As(err, &full):
 		return &KeyFullError{Queue: queue, Key: key, Items: full.Items, Bytes: full.Bytes, Adding: n,
 			MaxItems: p.caps.Items, MaxBytes: p.caps.Bytes}

@@ -13,9 +13,11 @@
 // and are pipelined by the rueidis client. A nil error means the items are
 // stored in Redis. A validation error (ErrInvalidJSON, ErrTooDeep,
 // ErrItemTooLarge, ErrMarshal, ErrQueueName, ErrKeyName, ErrTooMany), ErrKeyFull,
-// ErrNotArray or ErrClosed means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
+// ErrNotArray, ErrOutOfMemory (Redis is past maxmemory under noeviction) or
+// ErrClosed means none of them is. A Redis or context error (a timeout, a lost connection) leaves it
 // unknown: the script may have run before the reply was lost, so adding the
-// items again may store them twice. Every error starts with "producer: ";
+// items again may store them twice. So does ErrReplicaAcks: the master
+// stored them, but fewer replicas than WithReplicaAcks asks for have them. Every error starts with "producer: ";
 // test them with errors.Is and errors.As, not by their text.
 //
 //	p, err := producer.New(rdb)
@@ -133,8 +135,10 @@ type Producer struct {
 	caps    protocol.Caps
 	flush   map[string]protocol.Flush // by queue; missing: due at once
 	linger  *linger                   // nil: every call is sent at once
+	acks    protocol.Acks             // replicas that must acknowledge each append (WithReplicaAcks)
 	known   sync.Map                  // queue -> *registration: its shards, from the registry
 	obs     Observer                  // nil: none
+	log     logging                   // WithLogger's logger and its eviction check (memory.go)
 	clock   *protocol.Clock           // the server's clock, as this producer knows it
 	syncing chan struct{}             // holds a token while one caller syncs the clock
 	closed  atomic.Bool               // Close was called: appends fail with ErrClosed
@@ -517,7 +521,7 @@ func (p *Producer) syncClock(ctx context.Context) error {
 // protocol's error as it is (see keyError).
 func (p *Producer) merge(ctx context.Context, queue string, shard int, key, joined string, n int) error {
 	sp := keys.For(p.prefix, queue, shard)
-	return protocol.Append(ctx, p.c, sp, key, protocol.Payload(joined), n, p.caps, p.flush[queue], p.clock.NowMs())
+	return protocol.Append(ctx, p.c, sp, key, protocol.Payload(joined), n, p.caps, p.flush[queue], p.clock.NowMs(), p.acks)
 }
 
 // CheckQueue returns an ErrQueueName error when name cannot be a queue's

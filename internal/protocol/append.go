@@ -36,14 +36,16 @@ func Payload(joined string) string { return "," + joined + "]" }
 
 // Append appends n items, as Payload gives them, to key's array and makes
 // the key due as the flush policy says; now is the server's time (ms), as
-// the caller knows it. It returns ErrNotArray or a *FullError when the key
-// refused them (nothing stored); any other error leaves it unknown whether
-// they were stored.
-func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, payload string, n int, caps Caps, f Flush, now int64) error {
+// the caller knows it; acks asks replicas to acknowledge the append. It
+// returns ErrNotArray or a *FullError when the key refused them, and
+// ErrOutOfMemory when Redis did (nothing stored), an *AckError when they
+// were stored but too few replicas acknowledged them; any other error
+// leaves it unknown whether they were stored.
+func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, payload string, n int, caps Caps, f Flush, now int64, acks Acks) error {
 	if f.MaxAge > 0 {
 		// The merge script is the hot path of keys due at once; a flush
 		// policy takes the general one.
-		errs, err := AppendMany(ctx, c, sp, []KeyItems{{Key: key, Payload: payload, N: n}}, caps, f, now)
+		errs, err := AppendMany(ctx, c, sp, []KeyItems{{Key: key, Payload: payload, N: n}}, caps, f, now, acks)
 		if err != nil {
 			return err
 		}
@@ -51,7 +53,11 @@ func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, payload s
 	}
 	k := []string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake(), sp.Later()}
 	a := []string{payload, strconv.Itoa(n), key, ms(now), strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes)}
-	return appendError(mergeScript.Exec(ctx, c, k, a).Error())
+	res, ack := execAcked(ctx, c, mergeScript, k, a, acks)
+	if err := appendError(res.Error()); err != nil {
+		return err
+	}
+	return ack
 }
 
 // KeyItems is what AppendMany appends to one key.
@@ -62,11 +68,13 @@ type KeyItems struct {
 }
 
 // AppendMany appends to several keys of one queue shard in one script call,
-// each as Append does (the caps and flush policy apply per key). errs[i] is
-// the outcome of ks[i] (ErrNotArray or *FullError: nothing stored for that
-// key) when the call itself succeeded; err is the call's own error, which
-// leaves every key's outcome unknown.
-func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyItems, caps Caps, f Flush, now int64) (errs []error, err error) {
+// each as Append does (the caps and flush policy apply per key), with one
+// acknowledgement by replicas for all of them. errs[i] is the outcome of
+// ks[i] (ErrNotArray, *FullError or ErrOutOfMemory: nothing stored for
+// that key; *AckError: stored, too few replicas acknowledged the call) when
+// the call itself succeeded; err is the call's own error, which leaves
+// every key's outcome unknown.
+func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyItems, caps Caps, f Flush, now int64, acks Acks) (errs []error, err error) {
 	kk := make([]string, 0, 3+3*len(ks))
 	kk = append(kk, sp.Ready(), sp.Wake(), sp.Later())
 	args := make([]string, 0, 7+3*len(ks))
@@ -76,7 +84,8 @@ func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyIt
 		kk = append(kk, sp.Items(k.Key), sp.Count(k.Key), sp.Cap(k.Key))
 		args = append(args, k.Key, strconv.Itoa(k.N), k.Payload)
 	}
-	res, err := mergeMany.Exec(ctx, c, kk, args).ToArray()
+	reply, ack := execAcked(ctx, c, mergeMany, kk, args, acks)
+	res, err := reply.ToArray()
 	if err != nil {
 		return nil, err
 	}
@@ -89,6 +98,8 @@ func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyIt
 			if errs[i] = scriptError(msg); errs[i] == nil {
 				errs[i] = errors.New(msg)
 			}
+		} else {
+			errs[i] = ack
 		}
 	}
 	return errs, nil
@@ -104,19 +115,6 @@ func Time(ctx context.Context, c rueidis.Client) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("TIME returned %d values", len(parts))
 	}
 	return time.Unix(parts[0], parts[1]*1000), nil
-}
-
-// EvictionPolicy returns the server's maxmemory-policy.
-func EvictionPolicy(ctx context.Context, c rueidis.Client) (string, error) {
-	kv, err := c.Do(ctx, c.B().ConfigGet().Parameter("maxmemory-policy").Build()).AsStrMap()
-	if err != nil {
-		return "", err
-	}
-	p, ok := kv["maxmemory-policy"]
-	if !ok {
-		return "", errors.New("CONFIG GET maxmemory-policy returned nothing")
-	}
-	return p, nil
 }
 
 // Type returns the Redis type of the value at key.

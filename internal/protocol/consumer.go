@@ -191,11 +191,10 @@ func (c *Consumer) Name() string { return c.name }
 // seconds; a consumer that is never synced uses its local clock.
 func (c *Consumer) Sync(ctx context.Context) error { return c.clock.Sync(ctx, c.c) }
 
-// EvictionPolicy returns the server's maxmemory-policy. Any policy but
-// noeviction lets Redis drop keys, and the items in them, when it is full.
-func (c *Consumer) EvictionPolicy(ctx context.Context) (string, error) {
-	return EvictionPolicy(ctx, c.c)
-}
+// Evictions returns the nodes whose maxmemory-policy may evict keys (see
+// Evictions). Any policy but noeviction lets Redis drop keys, and the items
+// in them, when it is full.
+func (c *Consumer) Evictions(ctx context.Context) Evicting { return Evictions(ctx, c.c) }
 
 // Offset returns the server's clock minus the local clock, as last measured
 // by Sync.
@@ -551,8 +550,9 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, conn *Con
 			d.leases[i] = Lease{Token: newToken(), Owner: c.name, Key: k}
 		}
 	}
-	exec := -1
+	multi, exec := -1, -1
 	if len(popped) > 0 {
+		multi = len(cmds)
 		cmds = append(cmds, d.cmds(c.c, c.nowMs()+c.leaseTTL.Milliseconds())...)
 		exec = len(cmds) - 1
 	}
@@ -568,7 +568,7 @@ func (c *Consumer) Round(ctx context.Context, queue string, shard int, conn *Con
 	}
 	var errs []error
 	if exec >= 0 {
-		drained, phantom, err := d.results(res[exec])
+		drained, phantom, err := d.results(res[multi : exec+1])
 		for _, x := range drained {
 			c.collect(ctx, &r.Fetched, queue, shard, x)
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/redis/rueidis"
 )
@@ -21,6 +22,39 @@ var (
 	// ErrGone reports a value to quarantine that is no longer there.
 	ErrGone = errors.New("the value to quarantine is gone")
 )
+
+// ErrOutOfMemory reports a write Redis refused with its OOM reply: its
+// used memory is past maxmemory, and its maxmemory-policy is noeviction (or
+// finds no key it may evict). Redis refuses a script only before its first
+// write, and a transaction whole, so a refused call changed nothing. Writes
+// fail until memory is freed or maxmemory raised.
+var ErrOutOfMemory = errors.New("Redis is out of memory (used memory is past maxmemory, and maxmemory-policy is noeviction or finds nothing to evict): it refused the write, and stored nothing")
+
+// memoryError returns ErrOutOfMemory for Redis' OOM error reply, raised by
+// a command or by a script's first write, and err otherwise.
+func memoryError(err error) error {
+	if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "OOM ") {
+		return ErrOutOfMemory
+	}
+	return err
+}
+
+// execError returns the error of a transaction whose EXEC failed, given its
+// replies from MULTI to EXEC. An EXECABORT says only that Redis refused to
+// queue a command: the first refused command's error is the cause (an OOM
+// reply, mostly: past maxmemory, Redis refuses every command queued in a
+// MULTI), as memoryError maps it.
+func execError(tx []rueidis.RedisResult) error {
+	err := tx[len(tx)-1].Error()
+	if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "EXECABORT") {
+		for _, r := range tx[1 : len(tx)-1] {
+			if cause := r.Error(); cause != nil {
+				return memoryError(cause)
+			}
+		}
+	}
+	return memoryError(err)
+}
 
 // ErrNoQueue reports a queue the registry does not hold (shards.lua's
 // NOQUEUE).
@@ -71,8 +105,26 @@ func (e *FullError) Error() string {
 	return fmt.Sprintf("the key is full (it holds %d items, %d bytes)", e.Items, e.Bytes)
 }
 
-// appendError turns the scripts' NOTARRAY and FULL error replies into
-// ErrNotArray and *FullError; other errors pass as they are.
+// AckError reports a write that its master applied but fewer replicas than
+// asked acknowledged within the timeout: it is lost if the master fails
+// before they catch up, and kept otherwise.
+type AckError struct {
+	Want, Got int // replicas asked for, and those that acknowledged (-1: WAIT failed, see Err)
+	Timeout   time.Duration
+	Err       error // WAIT's own error, when it failed
+}
+
+func (e *AckError) Error() string {
+	if e.Err != nil {
+		return fmt.Sprintf("applied by the master, but waiting for %d replica acknowledgements failed: %v", e.Want, e.Err)
+	}
+	return fmt.Sprintf("applied by the master, but %d of %d replicas acknowledged it within %v", e.Got, e.Want, e.Timeout)
+}
+
+func (e *AckError) Unwrap() error { return e.Err }
+
+// appendError turns the scripts' NOTARRAY, FULL and OOM error replies into
+// ErrNotArray, *FullError and ErrOutOfMemory; other errors pass as they are.
 func appendError(err error) error {
 	re, ok := rueidis.IsRedisErr(err)
 	if !ok {
@@ -84,9 +136,12 @@ func appendError(err error) error {
 	return err
 }
 
-// scriptError parses a NOTARRAY or FULL error text of the merge scripts; it
-// returns nil for any other text.
+// scriptError parses a NOTARRAY, FULL or OOM error text of the merge
+// scripts; it returns nil for any other text.
 func scriptError(msg string) error {
+	if strings.HasPrefix(msg, "OOM ") {
+		return ErrOutOfMemory
+	}
 	if rest, ok := strings.CutPrefix(msg, "NOTARRAY "); ok {
 		return fmt.Errorf("%w (%s)", ErrNotArray, rest)
 	}
@@ -103,7 +158,7 @@ func scriptError(msg string) error {
 func settleResult(n int64, err error) error {
 	switch {
 	case err != nil:
-		return err
+		return memoryError(err)
 	case n == 0:
 		return ErrLeaseLost
 	case n == -1:

@@ -45,7 +45,7 @@ func Claim(ctx context.Context, c rueidis.Client, sp keys.Space, a ClaimArgs) (C
 		[]string{ms(a.Now), ms(a.Grace), strconv.Itoa(a.MaxRetries), a.RetryLease.String(), ms(a.RetryDeadline)},
 	).ToArray()
 	if err != nil {
-		return Claimed{}, err
+		return Claimed{}, memoryError(err)
 	}
 	if len(arr) != 4 {
 		return Claimed{}, fmt.Errorf("claim: unexpected reply of %d elements", len(arr))
@@ -214,13 +214,14 @@ func (d drain) body(b rueidis.Builder, cmds rueidis.Commands, deadline int64) ru
 	return cmds
 }
 
-// results reads the reply to the EXEC of cmds. A key another worker
-// drained first (its name was on the wake list twice) is Missing, and its
-// lease, written anyway, is returned in phantom, to be removed. An error
-// leaves what was drained unknown: leases are reaped after their deadline,
-// and nothing is lost; batches drained without a lease are lost (the
-// at-most-once trade).
-func (d drain) results(exec rueidis.RedisResult) (out []Drained, phantom []Lease, err error) {
+// results reads the replies to the transaction of cmds, MULTI to EXEC. A
+// key another worker drained first (its name was on the wake list twice) is
+// Missing, and its lease, written anyway, is returned in phantom, to be
+// removed. An error leaves what was drained unknown: leases are reaped after
+// their deadline, and nothing is lost; batches drained without a lease are
+// lost (the at-most-once trade). A transaction Redis refused (EXECABORT)
+// drained nothing, and its error is the refusal's cause (see execError).
+func (d drain) results(tx []rueidis.RedisResult) (out []Drained, phantom []Lease, err error) {
 	out = make([]Drained, len(d.keys))
 	for i, k := range d.keys {
 		out[i] = Drained{Key: k, Missing: true}
@@ -228,8 +229,10 @@ func (d drain) results(exec rueidis.RedisResult) (out []Drained, phantom []Lease
 			out[i].Lease = d.leases[i]
 		}
 	}
-	arr, err := exec.ToArray()
-	if err == nil && len(arr) != d.per()*len(d.keys)+d.extra {
+	arr, err := tx[len(tx)-1].ToArray()
+	if err != nil {
+		err = execError(tx)
+	} else if len(arr) != d.per()*len(d.keys)+d.extra {
 		err = fmt.Errorf("EXEC returned %d replies for %d keys", len(arr), len(d.keys))
 	}
 	if err != nil {
@@ -417,7 +420,7 @@ func orderedDrain(ctx context.Context, c rueidis.Client, conn *Conn, sp keys.Spa
 			continue
 		}
 		d.extra = len(held) // the replies of the held keys' ZADDs come last
-		out, phantom, err = d.results(exec)
+		out, phantom, err = d.results(res)
 		return out, phantom, next, err
 	}
 }

@@ -58,8 +58,8 @@ func TestMergeScriptsAgree(t *testing.T) {
 			if rng.IntN(3) == 0 {
 				caps = protocol.Caps{} // none: the most there is
 			}
-			errOne := protocol.Append(ctx, b.Client, one, key, payload, n, caps, protocol.Flush{}, now+int64(step))
-			errsMany, err := protocol.AppendMany(ctx, b.Client, many, []protocol.KeyItems{{Key: key, Payload: payload, N: n}}, caps, protocol.Flush{}, now+int64(step))
+			errOne := protocol.Append(ctx, b.Client, one, key, payload, n, caps, protocol.Flush{}, now+int64(step), protocol.Acks{})
+			errsMany, err := protocol.AppendMany(ctx, b.Client, many, []protocol.KeyItems{{Key: key, Payload: payload, N: n}}, caps, protocol.Flush{}, now+int64(step), protocol.Acks{})
 			must(t, err)
 			if kind(errOne) != kind(errsMany[0]) || fmt.Sprint(errOne) != fmt.Sprint(errsMany[0]) {
 				t.Fatalf("step %d: append of %s to %s with %+v: merge.lua says %v, mergemany.lua %v", step, payload, key, caps, errOne, errsMany[0])

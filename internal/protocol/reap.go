@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/redis/rueidis"
 
@@ -39,7 +40,10 @@ func Extend(ctx context.Context, c rueidis.Client, leases map[keys.Space][]Lease
 	for i, r := range c.DoMulti(ctx, cmds...) {
 		n, err := r.AsInt64()
 		if err != nil {
-			errs = append(errs, err)
+			// Past maxmemory Redis refuses ZADD: once, not once per shard.
+			if err = memoryError(err); !slices.Contains(errs, err) {
+				errs = append(errs, err)
+			}
 			continue
 		}
 		if ls := leases[spaces[i]]; int(n) < len(ls) {
@@ -87,6 +91,10 @@ func Reap(ctx context.Context, c rueidis.Client, sp keys.Space, now int64, limit
 			[]string{sp.Leases(), sp.Lease(l.Token), items, count, sp.LeaseCount(l.Token), sp.Ready(), sp.Later(), sp.Wake(),
 				sp.Retry(), sp.RetryData(), hold},
 			[]string{members[i], ms(now), l.Key, ms(retryAt), ms(maxLag)}).AsInt64()
+		if err = memoryError(err); errors.Is(err, ErrOutOfMemory) {
+			// Redis refuses the others' first writes as well.
+			return reaped, errors.Join(append(errs, err)...)
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("lease %s: %w", l.Token, err))
 			continue

@@ -67,11 +67,12 @@ func ScriptName(sha string) string {
 type script struct {
 	*rueidis.Lua
 	sha string
+	src string // for an EVAL pipelined after a NOSCRIPT reply (see execAcked)
 }
 
 func newScript(src string) script {
 	h := sha1.Sum([]byte(src))
-	return script{Lua: rueidis.NewLuaScript(src), sha: hex.EncodeToString(h[:])}
+	return script{Lua: rueidis.NewLuaScript(src), sha: hex.EncodeToString(h[:]), src: src}
 }
 
 // scriptCall is the KEYS and ARGV of one script call.
@@ -80,6 +81,11 @@ type scriptCall struct{ keys, args []string }
 // evalsha returns the EVALSHA of s with keys and args, for a pipeline.
 func evalsha(c rueidis.Client, s script, keys, args []string) rueidis.Completed {
 	return c.B().Evalsha().Sha1(s.sha).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build()
+}
+
+// eval returns the EVAL of s with keys and args, for a pipeline.
+func eval(c rueidis.Client, s script, keys, args []string) rueidis.Completed {
+	return c.B().Eval().Script(s.src).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build()
 }
 
 // noScript reports whether r is a NOSCRIPT reply: the server does not have

@@ -91,11 +91,13 @@ func knownArgs(qs []Known) []string {
 }
 
 // register runs register.lua with KEYS ks and ARGV args (see its header),
-// and returns the shard counts it recorded.
+// and returns the shard counts it recorded. Past maxmemory, Redis refuses
+// the script when it has something to write, a queue to record or a worker
+// to announce (ErrOutOfMemory).
 func register(ctx context.Context, c rueidis.Client, ks, args []string) ([]int, error) {
 	res, err := registerScript.Exec(ctx, c, ks, args).AsIntSlice()
 	if err != nil {
-		return nil, err
+		return nil, memoryError(err)
 	}
 	out := make([]int, len(res))
 	for i, n := range res {

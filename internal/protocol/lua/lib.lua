@@ -149,7 +149,11 @@ end
 -- for a value batchq did not write, or for its caps, is made due at once,
 -- so that a worker moves the value away or drains the key. now is the
 -- server's time (ms), as the producer knows it. It returns nil, or the
--- error reply, having stored nothing.
+-- error reply, having stored nothing. When Redis is out of memory it
+-- refuses the INCRBY, if nothing was written before it in the script: the
+-- reply is Redis' OOM error, and merge_key writes nothing at all (a later
+-- write would go through, since Redis lets a script that has written go
+-- on).
 local function merge_key(ik, nk, ck, ready, later, wake, key, payload, n, maxn, maxb, now, maxage, quiet, fitems, fbytes)
   if maxb <= 0 or maxb > max_string then
     maxb = max_string
@@ -161,6 +165,9 @@ local function merge_key(ik, nk, ck, ready, later, wake, key, payload, n, maxn, 
   local v = redis.pcall('INCRBY', nk, delta)
   local err, items, len, new
   if type(v) == 'table' then
+    if string.sub(v.err or '', 1, 4) == 'OOM ' then
+      return v
+    end
     err = redis.error_reply('NOTARRAY the count of the key is not an integer')
   elseif v == delta then
     -- No count: a new array, unless another program left a value here.

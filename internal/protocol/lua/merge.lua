@@ -22,7 +22,8 @@
 -- something other than the array batchq wrote, or with FULL <items>
 -- <bytes> when the items would take the key past a cap; the key is made due
 -- at once either way, so that a worker drains it (or moves the bad value to
--- dead letters).
+-- dead letters). Errors with Redis' own OOM reply, writing nothing at all,
+-- when Redis is out of memory and refuses the first write (see the INCRBY).
 local payload, n = ARGV[1], tonumber(ARGV[2])
 local maxn, maxb = tonumber(ARGV[5]), tonumber(ARGV[6])
 if maxn <= 0 or maxn > 8388607 then
@@ -36,6 +37,12 @@ local delta = n * 1073741824 + #payload - 1
 local v = redis.pcall('INCRBY', KEYS[2], delta)
 local err
 if type(v) == 'table' then
+  if string.sub(v.err or '', 1, 4) == 'OOM ' then
+    -- Redis is past maxmemory and evicts nothing: it refuses a script's
+    -- writes until one has gone through, and this is the first. Nothing is
+    -- stored; write nothing more (making the key due would pass).
+    return v
+  end
   err = redis.error_reply('NOTARRAY the count of the key is not an integer')
 elseif v == delta then
   -- No count: a new array, unless another program left a value here.

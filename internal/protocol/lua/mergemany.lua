@@ -15,7 +15,10 @@
 --
 -- Returns one reply per key, in order: 0, or the error text (NOTARRAY ...,
 -- FULL ...) when that key stored nothing. Keys do not depend on each other:
--- one key's error does not keep the others from being stored.
+-- one key's error does not keep the others from being stored. When Redis is
+-- out of memory, it refuses the first key's INCRBY, and then every key's
+-- (nothing was written): each reply is Redis' OOM error text. Once a write
+-- has gone through, Redis refuses none of the script's.
 local maxn, maxb, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local maxage, quiet, fitems, fbytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local out = {}

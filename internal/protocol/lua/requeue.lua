@@ -15,9 +15,10 @@
 --
 -- Returns 1 when requeued, 0 when the dead letter is gone (requeued or purged
 -- by someone else). Errors with NOTARRAY, changing nothing, when the key holds
--- something other than batchq's array. Requeueing ignores the key's caps: it
--- puts back an item that was stored before. The key is due at once, by the
--- server's clock.
+-- something other than batchq's array, and with Redis' OOM reply, changing
+-- nothing, when Redis is out of memory (see merge_key). Requeueing ignores
+-- the key's caps: it puts back an item that was stored before. The key is
+-- due at once, by the server's clock.
 if redis.call('HEXISTS', KEYS[7], ARGV[1]) == 0 then
   return 0
 end
