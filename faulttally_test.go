@@ -50,6 +50,10 @@ type feedSpec struct {
 	perAdd     int           // items per append
 	every      time.Duration // each goroutine appends once per tick
 	timeout    time.Duration // per append
+	// observe, if set, is told of each append once it returned: its key,
+	// its items' ids (first to first+n-1), when it began and its error. It
+	// is called from the appending goroutines, concurrently.
+	observe func(key string, first, n int, began time.Time, err error)
 }
 
 func startFeed(t testing.TB, p *producer.Producer, s feedSpec) *feed {
@@ -71,9 +75,13 @@ func startFeed(t testing.TB, p *producer.Producer, s feedSpec) *feed {
 				for i := range items {
 					items[i] = item{ID: first + i}
 				}
+				key, began := "key"+strconv.Itoa(rand.IntN(s.keys)), time.Now()
 				actx, acancel := context.WithTimeout(context.Background(), s.timeout)
-				err := p.Add(actx, crashQueue, "key"+strconv.Itoa(rand.IntN(s.keys)), items...)
+				err := p.Add(actx, crashQueue, key, items...)
 				acancel()
+				if s.observe != nil {
+					s.observe(key, first, s.perAdd, began, err)
+				}
 				if err != nil {
 					f.failed.Add(1)
 					f.mu.Lock()
@@ -276,6 +284,12 @@ func serverStat(t testing.TB, b testredis.Backend, section, name string) int64 {
 	t.Helper()
 	info, err := b.Client.Do(context.Background(), b.Client.B().Info().Section(section).Build()).ToString()
 	must(t, err)
+	return infoStat(info, name)
+}
+
+// infoStat returns the calls (or count) of one line of an INFO reply, as
+// serverStat does.
+func infoStat(info, name string) int64 {
 	for line := range strings.SplitSeq(info, "\n") {
 		rest, ok := strings.CutPrefix(strings.TrimSpace(line), name+":")
 		if !ok {
