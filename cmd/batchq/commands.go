@@ -235,9 +235,10 @@ func shardCount(arg string) (int, error) {
 func printUsage(w io.Writer) {
 	fmt.Fprint(w, `usage: batchq [flags] COMMAND [args]
 
-batchq inspects the batchq queues on a Redis server or Redis Cluster. It only
-reads, except for dead requeue, dead purge, queue create, queue shards and
-queue forget, which do nothing without -yes.
+batchq inspects the batchq queues on a Redis server, a Redis Cluster or the
+master of a Sentinel setup. It only reads, except for dead requeue, dead
+purge, queue create, queue shards and queue forget, which do nothing without
+-yes.
 
 Commands:
 `)

@@ -1,5 +1,5 @@
-// Command batchq inspects the batchq queues kept on a Redis server or Redis
-// Cluster: how deep and how late they are, which keys lag most, what a key
+// Command batchq inspects the batchq queues kept on a Redis server, a Redis
+// Cluster or the master of a Sentinel setup: how deep and how late they are, which keys lag most, what a key
 // holds, the retries waiting for their next attempt, the dead letters, which
 // it can requeue or purge, and the live workers; it creates a queue with a
 // shard count, and raises a queue's shards online. It only reads, except
@@ -31,7 +31,10 @@
 //
 // Flags, before or after the command:
 //
-//	-redis HOST:PORT   Redis, or any node of a Redis Cluster (default $REDIS_ADDR, else 127.0.0.1:6379)
+//	-redis ADDRESS     Redis (default $REDIS_ADDR, else 127.0.0.1:6379), one of:
+//	                     HOST:PORT                                   a server, or any node of a Redis Cluster
+//	                     redis://[USER:PASSWORD@]HOST:PORT[/DB]      a URL (rediss:// for TLS)
+//	                     sentinel://MASTER@HOST:PORT[,HOST:PORT...]  the master named MASTER, found through these Sentinels
 //	-prefix P          key prefix of the queues (default "batchq")
 //	-json              print one JSON document on stdout instead of text
 //	-timeout D         bound on the whole command, connection included (default 10s)
@@ -40,9 +43,18 @@
 //	-tls               connect over TLS, trusting the system's roots
 //	-tls-ca FILE       connect over TLS, trusting the CA certificates in FILE (PEM)
 //
+// Credentials come from a URL, or from -user and -password, or the
+// password from $REDIS_PASSWORD (one in the URL wins over it; the same
+// credential in the URL and in its flag is a usage error). They are the
+// Redis servers', master and replicas: the Sentinels of a sentinel://
+// address are asked without a password, or with $REDIS_SENTINEL_PASSWORD
+// when their sentinel.conf has a requirepass. -tls and -tls-ca apply to the
+// Sentinels as well.
+//
 // For example:
 //
 //	batchq -redis 10.0.0.5:6379 stats
+//	batchq -redis sentinel://mymaster@10.0.0.7:26379,10.0.0.8:26379,10.0.0.9:26379 stats
 //	batchq keys orders -by age -n 5
 //	batchq -json peek orders customer-7 | jq '.array | length'
 //	batchq retries list orders -n 10

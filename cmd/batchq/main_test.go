@@ -39,6 +39,7 @@ func TestMain(m *testing.M) {
 	// The tests give every address and password they mean.
 	os.Unsetenv("REDIS_ADDR")
 	os.Unsetenv("REDIS_PASSWORD")
+	os.Unsetenv("REDIS_SENTINEL_PASSWORD")
 	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*call).DelayDo.func1"))
 }
 
@@ -697,7 +698,15 @@ func TestErrors(t *testing.T) {
 		want []string // in stderr
 	}{
 		{"unreachable", []string{"-redis", unused, "stats"}, 1, []string{"batchq: cannot reach Redis at " + unused + ": "}},
-		{"bad address", []string{"-redis", "localhost", "stats"}, 2, []string{`invalid -redis address "localhost": want HOST:PORT`}},
+		{"bad address", []string{"-redis", "localhost", "stats"}, 2, []string{`-redis: invalid Redis address "localhost": missing port in address; want HOST:PORT, redis://`}},
+		{"bad port", []string{"-redis", "localhost:0", "stats"}, 2, []string{`-redis: invalid Redis address "localhost:0": bad port "0"`}},
+		{"sentinel without a master name", []string{"-redis", "sentinel://127.0.0.1:26379", "stats"}, 2,
+			[]string{`invalid Redis address "sentinel://127.0.0.1:26379": no master name; want sentinel://MASTER@HOST:PORT[,HOST:PORT...]`}},
+		{"password twice", []string{"-redis", "redis://:s3cret@" + unused, "-password", "other", "stats"}, 2,
+			[]string{"-redis holds a password: give it there or with -password, not both"}},
+		{"user twice", []string{"-redis", "redis://app@" + unused, "-user", "other", "stats"}, 2,
+			[]string{"-redis holds a user name: give it there or with -user, not both"}},
+		{"unreachable URL", []string{"-redis", "redis://app:s3cret@" + unused, "stats"}, 1, []string{"batchq: cannot reach Redis at redis://app:xxxxx@" + unused + ": "}},
 		{"bad prefix", []string{"-redis", b.Addr, "-prefix", "a{b}", "stats"}, 2, []string{`batchq: invalid prefix "a{b}"`}},
 		{"missing queue", []string{"-redis", b.Addr, "-prefix", b.Prefix, "keys", "nope"}, 1,
 			[]string{`batchq: no queue "nope" under prefix "` + b.Prefix + `"; known queues: emails, orders, payments` + "\n"}},
@@ -746,6 +755,9 @@ func TestErrors(t *testing.T) {
 			}
 			if strings.Contains(r.stderr, ": batchq: ") {
 				t.Errorf("stderr %q names the program twice", r.stderr)
+			}
+			if strings.Contains(r.stderr, "s3cret") {
+				t.Errorf("stderr %q shows the password", r.stderr)
 			}
 		})
 	}
@@ -851,8 +863,8 @@ func TestHelpOfEachCommand(t *testing.T) {
 	}
 }
 
-// The password comes from $REDIS_PASSWORD; without it the server's refusal
-// is explained.
+// The password comes from $REDIS_PASSWORD, -password or a URL; without it
+// the server's refusal is explained.
 func TestPassword(t *testing.T) {
 	srv := testredis.Start(t) // with --requirepass it would not answer the readiness PING
 	admin := srv.Backend(t).Client
@@ -861,9 +873,15 @@ func TestPassword(t *testing.T) {
 	if r.code != 1 || !strings.Contains(r.stderr, "Redis at "+srv.Addr+" refused the connection: ") || !strings.Contains(r.stderr, "$REDIS_PASSWORD") {
 		t.Errorf("without a password: %+v", r)
 	}
+	if r := cli(t, "-redis", "redis://:s3cret@"+srv.Addr, "stats"); r.code != 0 || !strings.Contains(r.stdout, `no queue is registered under prefix "batchq"`) {
+		t.Errorf("with the password in a URL: %+v", r)
+	}
 	t.Setenv("REDIS_PASSWORD", "s3cret")
 	if r := cli(t, "-redis", srv.Addr, "stats"); r.code != 0 || !strings.Contains(r.stdout, `no queue is registered under prefix "batchq"`) {
 		t.Errorf("with $REDIS_PASSWORD: %+v", r)
+	}
+	if r := cli(t, "-redis", "redis://default@"+srv.Addr, "stats"); r.code != 0 {
+		t.Errorf("with the user in a URL and $REDIS_PASSWORD: %+v", r)
 	}
 	if r := cli(t, "-redis", srv.Addr, "-password", "wrong", "stats"); r.code != 1 || !strings.Contains(r.stderr, "WRONGPASS") {
 		t.Errorf("with a wrong -password: %+v", r)

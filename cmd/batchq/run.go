@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"strings"
 	"time"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/batchq/batchq/inspect"
 	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/redisaddr"
 )
 
 // Defaults of the global flags.
@@ -28,6 +28,7 @@ const (
 // config is what the global flags set.
 type config struct {
 	redis    string
+	addr     redisaddr.Addr // redis parsed, with the credentials (set by resolve)
 	prefix   string
 	user     string
 	password string
@@ -41,14 +42,14 @@ type config struct {
 // so that a command's flag set can take them too without undoing what was
 // set before the command.
 func (c *config) bind(fs *flag.FlagSet) {
-	fs.StringVar(&c.redis, "redis", c.redis, "`HOST:PORT` of Redis, or of any node of a Redis Cluster (default $REDIS_ADDR, else "+defaultAddr+")")
+	fs.StringVar(&c.redis, "redis", c.redis, "`ADDRESS` of Redis: HOST:PORT of a server or of any node of a Redis Cluster, a redis:// or rediss:// URL, or sentinel://MASTER@HOST:PORT,HOST:PORT... for a Sentinel setup (default $REDIS_ADDR, else "+defaultAddr+")")
 	fs.StringVar(&c.prefix, "prefix", c.prefix, "key `prefix` of the queues")
 	fs.BoolVar(&c.json, "json", c.json, "print one JSON document on stdout instead of text")
 	fs.DurationVar(&c.timeout, "timeout", c.timeout, "bound on the whole command, connection included")
 	fs.StringVar(&c.user, "user", c.user, "Redis ACL user `name`")
-	fs.StringVar(&c.password, "password", c.password, "Redis `password` (default $REDIS_PASSWORD; prefer it: flags show in ps)")
-	fs.BoolVar(&c.tls, "tls", c.tls, "connect over TLS, trusting the system's roots")
-	fs.StringVar(&c.tlsCA, "tls-ca", c.tlsCA, "connect over TLS, trusting the CA certificates in `FILE` (PEM)")
+	fs.StringVar(&c.password, "password", c.password, "Redis `password`, of the servers and not of Sentinels (default $REDIS_PASSWORD; prefer it: flags show in ps; Sentinels' own: $REDIS_SENTINEL_PASSWORD)")
+	fs.BoolVar(&c.tls, "tls", c.tls, "connect over TLS, trusting the system's roots (to Sentinels too)")
+	fs.StringVar(&c.tlsCA, "tls-ca", c.tlsCA, "connect over TLS, trusting the CA certificates in `FILE` (PEM; to Sentinels too)")
 }
 
 // options are the flags of the commands; each command defines its own.
@@ -286,12 +287,32 @@ func (c *config) resolve(getenv func(string) string) error {
 	if c.redis == "" {
 		c.redis = defaultAddr
 	}
-	if _, _, err := net.SplitHostPort(c.redis); err != nil {
-		return fmt.Errorf("invalid -redis address %q: want HOST:PORT: %v", c.redis, err)
+	a, err := redisaddr.Parse(c.redis)
+	if err != nil {
+		return fmt.Errorf("-redis: %w", err)
 	}
-	if c.password == "" {
-		c.password = getenv("REDIS_PASSWORD")
+	// Each credential comes from the URL or from its flag, never both; a
+	// password from neither comes from $REDIS_PASSWORD.
+	switch o := &a.Option; {
+	case o.Username != "" && c.user != "":
+		return errors.New("-redis holds a user name: give it there or with -user, not both")
+	case o.Password != "" && c.password != "":
+		return errors.New("-redis holds a password: give it there or with -password, not both")
+	default:
+		if c.user != "" {
+			o.Username = c.user
+		}
+		if o.Password == "" {
+			if c.password == "" {
+				c.password = getenv("REDIS_PASSWORD")
+			}
+			o.Password = c.password
+		}
 	}
+	if a.Sentinel() {
+		a.Option.Sentinel.Password = getenv("REDIS_SENTINEL_PASSWORD")
+	}
+	c.addr = a
 	if err := keys.CheckPrefix(c.prefix); err != nil {
 		return err
 	}
@@ -301,47 +322,53 @@ func (c *config) resolve(getenv func(string) string) error {
 	return nil
 }
 
-// connect returns a client of the Redis at cfg.redis (a single server or a
-// node of a cluster: rueidis tells which) that has answered a PING. Dialing
-// and every command are bounded by ctx's deadline.
+// connect returns a client of the Redis that cfg.addr names (a single
+// server or a node of a cluster, rueidis tells which; or the master of a
+// Sentinel setup) that has answered a PING. Dialing and every command are
+// bounded by ctx's deadline.
 func connect(ctx context.Context, cfg config) (rueidis.Client, error) {
-	opt := rueidis.ClientOption{
-		InitAddress:  []string{cfg.redis},
-		Username:     cfg.user,
-		Password:     cfg.password,
-		DisableCache: true,
-	}
+	a := cfg.addr
 	if d, ok := ctx.Deadline(); ok {
 		// NewClient takes no context: bound its dial and handshake by
 		// what is left of ours.
 		left := max(time.Until(d), time.Millisecond)
-		opt.Dialer.Timeout = left
-		opt.ConnWriteTimeout = left
+		a.Option.Dialer.Timeout = left
+		a.Option.Sentinel.Dialer.Timeout = left
+		a.Option.ConnWriteTimeout = left
 	}
 	if cfg.tls || cfg.tlsCA != "" {
 		tc, err := tlsConfig(cfg.tlsCA)
 		if err != nil {
 			return nil, err
 		}
-		opt.TLSConfig = tc
+		a.SetTLS(tc)
 	}
-	c, err := rueidis.NewClient(opt)
+	c, err := rueidis.NewClient(a.Option)
 	if err != nil {
-		return nil, unreachable(cfg.redis, err)
+		return nil, unreachable(a, err)
 	}
 	if err := c.Do(ctx, c.B().Ping().Build()).Error(); err != nil {
 		c.Close()
-		return nil, unreachable(cfg.redis, err)
+		return nil, unreachable(a, err)
 	}
 	return c, nil
 }
 
-// unreachable explains a failure to connect to the Redis at addr.
-func unreachable(addr string, err error) error {
+// unreachable explains a failure to connect to the Redis that a names.
+func unreachable(a redisaddr.Addr, err error) error {
+	addr := a.Display
 	if _, ok := rueidis.IsRedisErr(err); ok {
 		msg := err.Error()
 		if strings.HasPrefix(msg, "NOAUTH") || strings.HasPrefix(msg, "WRONGPASS") {
-			return fmt.Errorf("Redis at %s refused the connection: %w (set $REDIS_PASSWORD or -password, and -user for an ACL user)", addr, err)
+			hint := "set $REDIS_PASSWORD or -password, and -user for an ACL user"
+			if a.Sentinel() {
+				hint += "; the Sentinels' own password: $REDIS_SENTINEL_PASSWORD"
+			}
+			return fmt.Errorf("Redis at %s refused the connection: %w (%s)", addr, err, hint)
+		}
+		if a.Sentinel() && strings.Contains(msg, "No such master") {
+			return fmt.Errorf("Redis at %s refused the connection: %w (the Sentinels monitor no master named %q: see 'sentinel monitor' in their sentinel.conf)",
+				addr, err, a.Option.Sentinel.MasterSet)
 		}
 		return fmt.Errorf("Redis at %s refused the connection: %w", addr, err)
 	}

@@ -4,7 +4,11 @@
 //	go run ./examples/webproducer -addr :8080 -redis 127.0.0.1:6379
 //
 // Without -redis or $REDIS_ADDR it starts an embedded in-process Redis and
-// logs its address, which workers can be pointed at.
+// logs its address, which workers can be pointed at. -redis takes what
+// examples/worker takes: HOST:PORT (a server, or any node of a Redis
+// Cluster), a redis:// or rediss:// URL, or
+// sentinel://MASTER@HOST:PORT,HOST:PORT... for the master of a Sentinel
+// setup, followed when the Sentinels fail it over.
 //
 // It serves one route:
 //
@@ -22,7 +26,10 @@
 // escaped (user%2F42). With -queues, only the queues listed are served;
 // without it, any queue name is taken, so that anyone who can post creates
 // queues (it warns at start). With -linger, the appends of concurrent
-// requests to a queue shard go to Redis in one call (group commit).
+// requests to a queue shard go to Redis in one call (group commit). With
+// -replica-acks N, a 202 means that N replicas of the key's master have the
+// items too (they survive a failover to one of them); when fewer
+// acknowledge within 1s, the answer is 503 unknown.
 //
 // Every answer but 202 has the body {"error": "...", "stored": "none"} or
 // {"error": "...", "stored": "unknown"}: "none" means nothing of the request
@@ -40,10 +47,13 @@
 //	413 none          the body is larger than -max-body-bytes, an item larger
 //	                  than -max-item-bytes, or the items more than a key may
 //	                  hold: never storable as sent
-//	503 none          the key is full, Redis cannot be reached, or the server
-//	                  is shutting down: try again (Retry-After: 1)
+//	503 none          the key is full, Redis is out of memory (maxmemory),
+//	                  Redis cannot be reached, or the server is shutting
+//	                  down: try again (Retry-After: 1)
 //	503 unknown       Redis did not answer within 2s, or the connection broke:
-//	                  the items may be stored (no Retry-After)
+//	                  the items may be stored (no Retry-After); or, with
+//	                  -replica-acks, the master stored them but too few
+//	                  replicas acknowledged them within 1s
 //
 // Requests must arrive within -read-timeout (10s), headers within 5s: a
 // client that trickles its body is cut off.
@@ -75,6 +85,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/batchq/batchq/embedded"
+	"github.com/batchq/batchq/internal/redisaddr"
 	"github.com/batchq/batchq/producer"
 )
 
@@ -89,18 +100,20 @@ type config struct {
 	readTimeout time.Duration
 	shutdown    time.Duration
 	linger      bool
+	replicaAcks int // replicas that must acknowledge each append (producer.WithReplicaAcks, 1s)
 }
 
 func main() {
 	var cfg config
 	flag.StringVar(&cfg.addr, "addr", ":8080", "address to listen on")
-	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, or a seed of a Redis Cluster; $REDIS_ADDR by default; empty starts an embedded in-process Redis")
+	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis: HOST:PORT of a server or of any node of a Redis Cluster, a redis:// or rediss:// URL (rediss: TLS), or sentinel://MASTER@HOST:PORT,HOST:PORT... (a Sentinel setup: its master named MASTER, followed on failover); $REDIS_ADDR by default; empty starts an embedded in-process Redis")
 	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the workers'")
 	flag.StringVar(&cfg.queues, "queues", "", "comma-separated queues to serve, others get 404 (say orders,emails); empty serves any queue, so that anyone who can post creates queues")
 	flag.IntVar(&cfg.maxItem, "max-item-bytes", producer.DefaultMaxItemBytes, "size limit of one item")
 	flag.Int64Var(&cfg.maxBody, "max-body-bytes", 16<<20, "size limit of a request body")
 	flag.DurationVar(&cfg.readTimeout, "read-timeout", 10*time.Second, "how long a request, body included, may take to arrive")
 	flag.DurationVar(&cfg.shutdown, "shutdown-timeout", 10*time.Second, "how long requests under way may take at shutdown")
+	flag.IntVar(&cfg.replicaAcks, "replica-acks", 0, "answer 202 only once this many replicas of the key's master have the items (WAIT, 1s timeout; 503 unknown when fewer acknowledge); 0: the master's word")
 	flag.BoolVar(&cfg.linger, "linger", false, "send the appends of concurrent requests to a queue shard in one Redis call (group commit: producer.WithLinger(0, 1000)); no added latency")
 	flag.Parse()
 
@@ -135,11 +148,7 @@ func serve(cfg config, log *zap.Logger) error {
 		return err
 	}
 	defer closeRedis()
-	opts := []producer.Option{producer.WithPrefix(cfg.prefix), producer.WithMaxItemBytes(cfg.maxItem)}
-	if cfg.linger {
-		opts = append(opts, producer.WithLinger(0, 1000))
-	}
-	p, err := producer.New(rdb, opts...)
+	p, err := producer.New(rdb, append(producerOptions(cfg), producer.WithLogger(log))...)
 	if err != nil {
 		return err
 	}
@@ -217,8 +226,9 @@ func parseQueues(list string) (map[string]bool, error) {
 	return queues, nil
 }
 
-// connect returns a client of the Redis at addr or, when addr is empty, of
-// an embedded in-process Redis, and a function that closes it.
+// connect returns a client of the Redis that addr names (see package
+// internal/redisaddr) or, when addr is empty, of an embedded in-process
+// Redis, and a function that closes it.
 func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
 	if addr == "" {
 		r, err := embedded.Start()
@@ -229,11 +239,15 @@ func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
 			zap.String("redis", r.Addr()))
 		return r.Client, r.Close, nil
 	}
-	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	a, err := redisaddr.Parse(addr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to Redis at %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("-redis: %w", err)
 	}
-	log.Info("connected to Redis", zap.String("redis", addr))
+	c, err := rueidis.NewClient(a.Option)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to Redis at %s: %w", a, err)
+	}
+	log.Info("connected to Redis", zap.String("redis", a.Display))
 	return c, c.Close, nil
 }
 
@@ -317,6 +331,18 @@ type failure struct {
 	Stored string `json:"stored"`
 }
 
+// producerOptions returns the producer's options that the flags set.
+func producerOptions(cfg config) []producer.Option {
+	opts := []producer.Option{producer.WithPrefix(cfg.prefix), producer.WithMaxItemBytes(cfg.maxItem)}
+	if cfg.linger {
+		opts = append(opts, producer.WithLinger(0, 1000))
+	}
+	if cfg.replicaAcks != 0 {
+		opts = append(opts, producer.WithReplicaAcks(cfg.replicaAcks, time.Second))
+	}
+	return opts
+}
+
 // answer is how the API answers a failed append.
 type answer struct {
 	status     int
@@ -342,6 +368,10 @@ func answerFor(err error) answer {
 		return answer{http.StatusServiceUnavailable, "shutting down; nothing is stored; try again", storedNone, true}
 	case errors.Is(err, producer.ErrKeyFull):
 		return answer{http.StatusServiceUnavailable, "the key is full; nothing is stored; try again once a worker has drained it", storedNone, true}
+	case errors.Is(err, producer.ErrOutOfMemory):
+		return answer{http.StatusServiceUnavailable, "Redis is out of memory; nothing is stored; try again once it has room", storedNone, true}
+	case errors.Is(err, producer.ErrReplicaAcks):
+		return answer{http.StatusServiceUnavailable, "stored on the Redis master, but too few replicas acknowledged the items within 1s: unknown whether they survive a failover; retrying may store them twice", storedUnknown, false}
 	case notSent(err):
 		return answer{http.StatusServiceUnavailable, "cannot reach Redis; nothing is stored; try again", storedNone, true}
 	}

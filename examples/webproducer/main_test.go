@@ -430,3 +430,39 @@ func waitLingering(t *testing.T) {
 	}
 	t.Fatal("no append waited in the lingering producer after 10s")
 }
+
+// With -replica-acks 1, a 202 means the replica has the items; with the
+// replica stopped, the answer is 503 unknown after the 1s timeout, and the
+// master keeps the items.
+func TestReplicaAcksFlag(t *testing.T) {
+	t.Parallel()
+	m := testredis.Start(t)
+	r := testredis.StartReplica(t, m)
+	mc, rc := m.Backend(t).Client, testredis.Client(t, r.Addr)
+	p := must2(producer.New(mc, producerOptions(config{prefix: "batchq", maxItem: testMaxItem, replicaAcks: 1})...))
+	a := &api{p: p, maxBody: testMaxBody, timeout: 2 * time.Second, log: zaptest.NewLogger(t)}
+	h := a.routes()
+	get := func(c rueidis.Client) string {
+		v, err := c.Do(context.Background(), c.B().Get().Key("batchq:{orders:0}:k:k").Build()).ToString()
+		if err != nil && !rueidis.IsRedisNil(err) {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if code, got := do(t, h, http.MethodPost, "/queues/orders/keys/k", `{"id":1}`); code != http.StatusAccepted {
+		t.Fatalf("POST with the replica up: %d %v, want 202", code, got)
+	}
+	if v := get(rc); v != `[{"id":1}]` {
+		t.Fatalf("answered 202, but the replica holds %q", v)
+	}
+	r.Pause(t)
+	defer r.Resume(t)
+	code, got, hdr := doHeader(t, h, http.MethodPost, "/queues/orders/keys/k", `{"id":2}`)
+	if code != http.StatusServiceUnavailable || got["stored"] != "unknown" || hdr.Get("Retry-After") != "" ||
+		!strings.Contains(got["error"].(string), "replicas") {
+		t.Fatalf("POST with the replica stopped: %d %v Retry-After %q, want 503, stored unknown, no Retry-After, an error about replicas", code, got, hdr.Get("Retry-After"))
+	}
+	if v := get(mc); v != `[{"id":1},{"id":2}]` {
+		t.Fatalf("the master holds %q, want both items", v)
+	}
+}

@@ -5,6 +5,15 @@
 //
 // Without -redis or $REDIS_ADDR it starts an embedded in-process Redis,
 // where nothing produces items: point a producer at the address it logs.
+// -redis takes HOST:PORT (a server, or any node of a Redis Cluster), a
+// redis:// or rediss:// URL (with the user and password, if the server
+// wants them), or the Sentinels of a Sentinel setup and the name they
+// monitor the master under:
+//
+//	go run ./examples/worker -redis sentinel://mymaster@10.0.0.7:26379,10.0.0.8:26379,10.0.0.9:26379
+//
+// It then works on the master, and follows the Sentinels to the new one
+// when they fail it over; so does the status page.
 //
 // The handler only simulates work: it waits -work, fails a fraction -fail
 // of first attempts (batchq retries them with its default backoff, 1s
@@ -59,6 +68,7 @@ import (
 	"github.com/batchq/batchq"
 	"github.com/batchq/batchq/embedded"
 	"github.com/batchq/batchq/inspect"
+	"github.com/batchq/batchq/internal/redisaddr"
 	"github.com/batchq/batchq/metrics"
 	"github.com/batchq/batchq/statuspage"
 )
@@ -79,7 +89,7 @@ type config struct {
 
 func main() {
 	var cfg config
-	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis address, or a seed of a Redis Cluster; $REDIS_ADDR by default; empty starts an embedded in-process Redis")
+	flag.StringVar(&cfg.redis, "redis", os.Getenv("REDIS_ADDR"), "Redis: HOST:PORT of a server or of any node of a Redis Cluster, a redis:// or rediss:// URL (rediss: TLS), or sentinel://MASTER@HOST:PORT,HOST:PORT... (a Sentinel setup: its master named MASTER, followed on failover); $REDIS_ADDR by default; empty starts an embedded in-process Redis")
 	flag.StringVar(&cfg.prefix, "prefix", "batchq", "prefix of every Redis key; must match the producers'")
 	flag.StringVar(&cfg.queue, "queue", "orders", "queue to drain")
 	flag.IntVar(&cfg.concurrency, "concurrency", batchq.DefaultConcurrency, "batches handled at once")
@@ -206,8 +216,9 @@ func statusHosts(listen, extra string) []string {
 	return hosts
 }
 
-// connect returns a client of the Redis at addr or, when addr is empty, of
-// an embedded in-process Redis, and a function that closes it.
+// connect returns a client of the Redis that addr names (see package
+// internal/redisaddr) or, when addr is empty, of an embedded in-process
+// Redis, and a function that closes it.
 func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
 	if addr == "" {
 		r, err := embedded.Start()
@@ -218,11 +229,15 @@ func connect(addr string, log *zap.Logger) (rueidis.Client, func(), error) {
 			zap.String("redis", r.Addr()))
 		return r.Client, r.Close, nil
 	}
-	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	a, err := redisaddr.Parse(addr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to Redis at %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("-redis: %w", err)
 	}
-	log.Info("connected to Redis", zap.String("redis", addr))
+	c, err := rueidis.NewClient(a.Option)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to Redis at %s: %w", a, err)
+	}
+	log.Info("connected to Redis", zap.String("redis", a.Display))
 	return c, c.Close, nil
 }
 
