@@ -4,10 +4,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/batchq/batchq/producer"
 )
 
 // TestQuick runs the whole program in -quick mode, with tiny sizes, on a
@@ -53,7 +59,7 @@ func TestQuick(t *testing.T) {
 		t.Errorf("runs = %d, want 1 (-quick)", rep.Runs)
 	}
 	for _, phase := range allPhases {
-		for _, system := range allSystems {
+		for _, system := range defaultSystems {
 			r, ok := rep.Results[phase][system]
 			if skipped(phase, system) != "" {
 				if ok {
@@ -91,6 +97,117 @@ func TestQuick(t *testing.T) {
 	}
 }
 
+// TestReplica runs the append phase of batchq, batchq-acks and
+// batchq-linger-acks with -replica, on a master and a replica the bench
+// starts itself, and checks that every append was stored (and, with acks,
+// acknowledged by the replica), each in one round trip or, lingering, less:
+// the WAIT goes in the same round trip as its merge call.
+func TestReplica(t *testing.T) {
+	needRedis(t)
+	args := []string{"-replica", "-systems", "batchq,batchq-acks,batchq-linger-acks", "-phases", "append", "-runs", "1",
+		"-n", "500", "-keys", "50", "-producers", "8", "-phase-timeout", "30s"}
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), args, &stdout, &stderr)
+	t.Logf("stderr:\n%s\nstdout:\n%s", stderr.String(), stdout.String())
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	lines := strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n")
+	var rep struct {
+		Config struct {
+			Replica bool `json:"replica"`
+		} `json:"config"`
+		Results map[string]map[string]struct {
+			ItemsPerS float64 `json:"items_per_s"`
+			Trips     float64 `json:"round_trips_per_item"`
+			Lost      *int64  `json:"lost"`
+			AppendErr *int64  `json:"append_errors"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &rep); err != nil {
+		t.Fatalf("the last line is not the JSON report: %v", err)
+	}
+	if !rep.Config.Replica {
+		t.Error("config.replica = false, want true")
+	}
+	for _, system := range []string{sysBatchq, sysBatchqAcks, sysLingerAcks} {
+		r, ok := rep.Results[phaseAppend][system]
+		switch {
+		case !ok:
+			t.Errorf("append/%s: missing", system)
+		case r.ItemsPerS <= 0:
+			t.Errorf("append/%s: items_per_s = %v, want > 0", system, r.ItemsPerS)
+		case r.Lost == nil || *r.Lost != 0 || r.AppendErr == nil || *r.AppendErr != 0:
+			t.Errorf("append/%s: lost %v, append errors %v; want 0, 0", system, r.Lost, r.AppendErr)
+		case system != sysLingerAcks && (r.Trips < 1 || r.Trips > 1.05):
+			t.Errorf("append/%s: %v round trips per item, want 1", system, r.Trips)
+		case system == sysLingerAcks && (r.Trips <= 0 || r.Trips > 1.05):
+			t.Errorf("append/%s: %v round trips per item, want at most 1 (a gathering and its WAIT are one)", system, r.Trips)
+		}
+	}
+}
+
+// TestReplicaAckErrors checks that appends that no replica acknowledges
+// (a server without one, and a 10 ms ack timeout instead of batchq-acks'
+// second) fail the append phase as other append errors do: counted as
+// append errors and as lost, so that the bench exits with an error.
+func TestReplicaAckErrors(t *testing.T) {
+	addr := startRedis(t)
+	cfg, err := parseFlags([]string{"-redis", addr, "-n", "8", "-producers", "8"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := dialStats(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	b := &bench{ctx: context.Background(), cfg: cfg, stats: st}
+	sys := batchqSystem{cfg: cfg, trips: &b.trips, ackTimeout: 10 * time.Millisecond}
+	r, err := b.appendOnly(sys, cfg.n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.produced != 0 || r.appendErrs != 8 || r.lost != 8 || !errors.Is(r.firstErr, producer.ErrReplicaAcks) {
+		t.Fatalf("appended %d, append errors %d, lost %d, first error %v; want 0, 8, 8 and ErrReplicaAcks",
+			r.produced, r.appendErrs, r.lost, r.firstErr)
+	}
+	rep := newReport(cfg, "", map[string]map[string][]result{phaseAppend: {sysBatchqAcks: {r}}})
+	if notes := rep.Results[phaseAppend][sysBatchqAcks].notes(cfg.n); !strings.Contains(notes, "append-errors=8") {
+		t.Errorf("notes %q, want append-errors=8", notes)
+	}
+	if err := rep.failure(); err == nil {
+		t.Error("failure() = nil, want the append phase failed")
+	}
+}
+
+// TestFlagsRefuse checks the combinations of flags the bench refuses.
+func TestFlagsRefuse(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string // in the error
+	}{
+		{[]string{"-systems", "batchq-acks"}, "-replica"},
+		{[]string{"-systems", "batchq-linger-acks"}, "-replica"},
+		{[]string{"-systems", "batchq,batchq-acks", "-redis", "127.0.0.1:1"}, "-replica"},
+		{[]string{"-replica", "-redis", "127.0.0.1:1"}, "-redis"},
+	} {
+		_, err := parseFlags(tc.args, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("parseFlags(%q) = %v, want an error naming %s", tc.args, err, tc.want)
+		}
+	}
+	c, err := parseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{sysBatchqAcks, sysLingerAcks} {
+		if slices.Contains(c.systems, s) {
+			t.Errorf("default systems %v include %s, which needs -replica", c.systems, s)
+		}
+	}
+}
+
 // TestRefusesNonEmptyDatabase checks that the bench leaves a database that
 // holds keys alone without -force.
 func TestRefusesNonEmptyDatabase(t *testing.T) {
@@ -117,16 +234,23 @@ func TestRefusesNonEmptyDatabase(t *testing.T) {
 // redis-server the test is skipped, or fails where CI=true.
 func startRedis(t *testing.T) string {
 	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("redis-server is not installed (required where CI=true)")
-		}
-		t.Skip("redis-server is not installed")
-	}
+	needRedis(t)
 	s, err := startServer()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.stop)
 	return s.addr
+}
+
+// needRedis skips the test when redis-server is not installed, or fails it
+// where CI=true.
+func needRedis(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("redis-server is not installed (required where CI=true)")
+		}
+		t.Skip("redis-server is not installed")
+	}
 }

@@ -4,16 +4,20 @@
 //
 //	go run .                        # starts its own redis-server
 //	go run . -redis 127.0.0.1:6390  # or uses a private one
+//	go run . -replica -systems batchq,batchq-acks,batchq-linger-acks  # its own, with a replica
 //
 // The systems: batchq (one item per producer.Add), batchq-linger (the same
 // with producer.WithLinger(0, 1000): group commit), batchq-ordered (batchq
 // with batchq.WithOrderedKeys), asynq-plain (one task per item) and
 // asynq-group (one task per item in a group per key, aggregated into one
-// task per group). The phases: append only, drain only, saturated, fixed
-// rate, hot key and busy key (see README.md). Each phase runs on every
-// system in turn (busy key on batchq and asynq-plain only), the whole
-// sequence -runs times; the table and the JSON report the
-// median of each figure over the runs.
+// task per group); and, only when asked for, batchq-acks and
+// batchq-linger-acks (batchq and batchq-linger with
+// producer.WithReplicaAcks(1, time.Second)), which need -replica: a
+// redis-server that replicates the bench's own. The phases: append only,
+// drain only, saturated, fixed rate, hot key and busy key (see README.md).
+// Each phase runs on every system in turn (busy key on batchq and
+// asynq-plain only), the whole sequence -runs times; the table and the JSON
+// report the median of each figure over the runs.
 //
 // The bench empties the Redis database between phases (FLUSHDB), so it
 // refuses a database that holds keys at start unless -force is given.
@@ -61,6 +65,7 @@ type config struct {
 	runs         int
 	phaseTimeout time.Duration
 	force        bool
+	replica      bool // start a replica of the bench's own server too
 	systems      []string
 	phases       map[string]bool
 
@@ -135,7 +140,8 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.runs, "runs", 3, "times the whole sequence runs; the report gives medians")
 	fs.DurationVar(&c.phaseTimeout, "phase-timeout", 120*time.Second, "time limit of one phase on one system")
 	fs.BoolVar(&c.force, "force", false, "run even if the database holds keys (they are flushed)")
-	fs.StringVar(&systems, "systems", strings.Join(allSystems, ","), "comma-separated systems to run")
+	fs.BoolVar(&c.replica, "replica", false, "also start a redis-server that replicates the bench's own (not with -redis); needed by batchq-acks and batchq-linger-acks")
+	fs.StringVar(&systems, "systems", strings.Join(defaultSystems, ","), "comma-separated systems to run (known: "+strings.Join(allSystems, ", ")+")")
 	fs.StringVar(&phases, "phases", strings.Join(allPhases, ","), "comma-separated phases to run, by name or number (1-"+strconv.Itoa(len(allPhases))+")")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (producers, workers and the bench itself) to this file")
 	fs.BoolVar(&quick, "quick", false, "smoke test: -n 10000 -rate-items 4000 -hot-items 10000 -hot-cold-items 4000 -group-hot-items 500 -runs 1, unless given")
@@ -170,6 +176,14 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	var err error
 	if c.systems, err = parseList(systems, allSystems, nil); err != nil {
 		return nil, fmt.Errorf("-systems: %w", err)
+	}
+	if c.replica && c.addr != "" {
+		return nil, errors.New("-replica starts a replica of the bench's own redis-server: it cannot be used with -redis")
+	}
+	for _, s := range []string{sysBatchqAcks, sysLingerAcks} {
+		if slices.Contains(c.systems, s) && !c.replica {
+			return nil, fmt.Errorf("-systems %s needs -replica: its appends wait for a replica to acknowledge them, and fail without one", s)
+		}
 	}
 	ph, err := parseList(phases, allPhases, func(s string) string {
 		if i, err := strconv.Atoi(s); err == nil && i >= 1 && i <= len(allPhases) {
@@ -232,6 +246,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		defer s.stop()
 		cfg.addr = s.addr
 		fmt.Fprintf(stderr, "bench: started redis-server on %s\n", s.addr)
+		if cfg.replica {
+			r, err := startReplica(s)
+			if err != nil {
+				return err
+			}
+			defer r.stop() // before the master's
+			fmt.Fprintf(stderr, "bench: started its replica on %s\n", r.addr)
+		}
 	}
 	st, err := dialStats(cfg.addr)
 	if err != nil {

@@ -49,16 +49,17 @@ const (
 
 // skipped returns why phase does not run on system, or "" when it does.
 // Busy-key measures how a worker gets through one key's backlog: its
-// append is set-up, outside the figures, so batchq-linger (batchq's worker
-// behind another producer) would only repeat batchq; and asynq-group drains
-// one group at asynq's aggregation pace (at most -group-max-size tasks per
-// -group-grace), as the hot-key phase shows, whatever its handler does.
+// append is set-up, outside the figures, so batchq-acks and batchq-linger
+// (batchq's worker behind other producers) would only repeat batchq; and
+// asynq-group drains one group at asynq's aggregation pace (at most
+// -group-max-size tasks per -group-grace), as the hot-key phase shows,
+// whatever its handler does.
 func skipped(phase, system string) string {
 	if phase != phaseBusyKey {
 		return ""
 	}
 	switch system {
-	case sysBatchqLinger:
+	case sysBatchqAcks, sysBatchqLinger, sysLingerAcks:
 		return "its worker is batchq's, and the append is not measured"
 	case sysAsynqGroup:
 		return "one group drains at asynq's aggregation pace (-group-max-size tasks per -group-grace check, see hot-key), not its handler's"

@@ -48,6 +48,8 @@ type reportConfig struct {
 	HotColdItems  int     `json:"hot_cold_items"`
 	BusyWorkMs    float64 `json:"busy_work_ms"` // busy-key: what the handler takes per item
 	PhaseTimeoutS float64 `json:"phase_timeout_s"`
+	Replica       bool    `json:"replica"` // the server had a replica (-replica)
+	Acks          string  `json:"batchq_acks"`
 	Linger        string  `json:"batchq_linger"`
 	AsynqGroup    struct {
 		MaxSize      int     `json:"group_max_size"`
@@ -104,6 +106,7 @@ func newReport(cfg *config, redisVersion string, results map[string]map[string][
 	rc.Items, rc.Keys, rc.Producers, rc.Concurrency, rc.Shards = cfg.n, cfg.keys, cfg.producers, cfg.concurrency, cfg.shards
 	rc.Rate, rc.RateItems, rc.HotItems, rc.PhaseTimeoutS = cfg.rate, cfg.rateItems, cfg.hotItems, cfg.phaseTimeout.Seconds()
 	rc.BusyItems, rc.BusyWorkMs, rc.HotColdItems = cfg.busyItems, float64(busyWork)/1e6, cfg.hotColdItems
+	rc.Replica, rc.Acks = cfg.replica, fmt.Sprintf("WithReplicaAcks(%d, %v)", ackReplicas, ackTimeout)
 	rc.Linger = fmt.Sprintf("WithLinger(%v, %d)", lingerWait, lingerItems)
 	rc.AsynqGroup.MaxSize, rc.AsynqGroup.GracePeriodS = cfg.groupMaxSize, cfg.groupGrace.Seconds()
 	rc.AsynqGroup.MaxDelayS, rc.AsynqGroup.HotItems = cfg.groupMaxDelay.Seconds(), cfg.items(phaseHotKey, sysAsynqGroup)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -20,8 +21,9 @@ type server struct {
 }
 
 // startServer starts redis-server on a free loopback port, with no
-// persistence, in a temporary directory. Stop it with stop.
-func startServer() (*server, error) {
+// persistence, in a temporary directory, with extra arguments args. Stop it
+// with stop.
+func startServer(args ...string) (*server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, fmt.Errorf("redis-server is not installed (or give -redis ADDR): %w", err)
@@ -37,8 +39,8 @@ func startServer() (*server, error) {
 			return nil, err
 		}
 		s := &server{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), dir: dir, exited: make(chan struct{})}
-		s.cmd = exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-			"--save", "", "--appendonly", "no", "--dir", dir)
+		s.cmd = exec.Command(bin, append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+			"--save", "", "--appendonly", "no", "--dir", dir}, args...)...)
 		var log bytes.Buffer
 		s.cmd.Stdout, s.cmd.Stderr = &log, &log
 		if err := s.cmd.Start(); err != nil {
@@ -56,6 +58,60 @@ func startServer() (*server, error) {
 		lastErr = fmt.Errorf("%w; log:\n%s", lastErr, log.String())
 	}
 	return nil, fmt.Errorf("could not start redis-server: %w", lastErr)
+}
+
+// startReplica starts a redis-server that replicates master, as startServer
+// starts one, and waits until its link to the master is up, so that a WAIT
+// on the master counts it. Stop it with stop, before the master.
+func startReplica(master *server) (*server, error) {
+	st, err := dialStats(master.addr)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	// A master waits repl-diskless-sync-delay (5 s) before the first sync,
+	// for more replicas to join it.
+	if _, err := st.do("CONFIG", "SET", "repl-diskless-sync-delay", "0"); err != nil {
+		return nil, err
+	}
+	host, port, err := net.SplitHostPort(master.addr)
+	if err != nil {
+		return nil, err
+	}
+	r, err := startServer("--replicaof", host, port)
+	if err != nil {
+		return nil, fmt.Errorf("replica: %w", err)
+	}
+	if err := waitForLink(r); err != nil {
+		r.stop()
+		return nil, err
+	}
+	return r, nil
+}
+
+// waitForLink waits until the replica r reports master_link_status:up, it
+// exits, or ten seconds pass.
+func waitForLink(r *server) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var info string
+		st, err := dialStats(r.addr)
+		if err == nil {
+			info, err = st.do("INFO", "replication")
+			st.Close()
+			if err == nil && strings.Contains(info, "master_link_status:up") {
+				return nil
+			}
+		}
+		select {
+		case <-r.exited:
+			return errors.New("replica redis-server exited")
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("replica redis-server at %s: link to its master not up after 10s (%v): %s", r.addr, err, info)
+		}
+	}
 }
 
 // stop kills the server by its pid and removes its directory.

@@ -19,19 +19,33 @@ import (
 // The systems under test, by the names the -systems flag and the report use.
 const (
 	sysBatchq       = "batchq"
+	sysBatchqAcks   = "batchq-acks"
 	sysBatchqLinger = "batchq-linger"
+	sysLingerAcks   = "batchq-linger-acks"
 	sysBatchqOrder  = "batchq-ordered"
 	sysAsynqPlain   = "asynq-plain"
 	sysAsynqGroup   = "asynq-group"
 )
 
-// allSystems lists the systems in the order each phase runs them.
-var allSystems = []string{sysBatchq, sysBatchqLinger, sysBatchqOrder, sysAsynqPlain, sysAsynqGroup}
+// allSystems lists the systems -systems knows, in the order each phase
+// runs them.
+var allSystems = []string{sysBatchq, sysBatchqAcks, sysBatchqLinger, sysLingerAcks, sysBatchqOrder, sysAsynqPlain, sysAsynqGroup}
+
+// defaultSystems lists the systems that run when -systems is not given: all
+// but batchq-acks and batchq-linger-acks, which need a replica (-replica).
+var defaultSystems = []string{sysBatchq, sysBatchqLinger, sysBatchqOrder, sysAsynqPlain, sysAsynqGroup}
 
 // Names shared by every system.
 const (
 	queueName     = "bench"       // batchq's queue and asynq's task type
 	batchTaskType = "bench:batch" // the type of an aggregated asynq task
+)
+
+// Replica acknowledgements of batchq-acks:
+// producer.WithReplicaAcks(ackReplicas, ackTimeout).
+const (
+	ackReplicas = 1
+	ackTimeout  = time.Second
 )
 
 // Linger settings of batchq-linger.
@@ -58,8 +72,12 @@ func newSystem(name string, cfg *config, trips *atomic.Int64) (system, error) {
 	switch name {
 	case sysBatchq:
 		return batchqSystem{cfg: cfg, trips: trips}, nil
+	case sysBatchqAcks:
+		return batchqSystem{cfg: cfg, trips: trips, ackTimeout: ackTimeout}, nil
 	case sysBatchqLinger:
 		return batchqSystem{cfg: cfg, trips: trips, linger: true}, nil
+	case sysLingerAcks:
+		return batchqSystem{cfg: cfg, trips: trips, linger: true, ackTimeout: ackTimeout}, nil
 	case sysBatchqOrder:
 		return batchqSystem{cfg: cfg, trips: trips, ordered: true}, nil
 	case sysAsynqPlain:
@@ -73,10 +91,11 @@ func newSystem(name string, cfg *config, trips *atomic.Int64) (system, error) {
 // batchqSystem appends with producer.Add and drains with a batchq.Worker
 // and a typed handler.
 type batchqSystem struct {
-	cfg     *config
-	trips   *atomic.Int64
-	linger  bool // producer.WithLinger(lingerWait, lingerItems)
-	ordered bool // the queue has batchq.WithOrderedKeys
+	cfg        *config
+	trips      *atomic.Int64
+	ackTimeout time.Duration // > 0: producer.WithReplicaAcks(ackReplicas, ackTimeout)
+	linger     bool          // producer.WithLinger(lingerWait, lingerItems)
+	ordered    bool          // the queue has batchq.WithOrderedKeys
 }
 
 func (s batchqSystem) client() (rueidis.Client, error) {
@@ -93,6 +112,9 @@ func (s batchqSystem) producer() (appendFunc, func(), error) {
 		return nil, nil, err
 	}
 	opts := []producer.Option{producer.WithDefaultShards(s.cfg.shards)}
+	if s.ackTimeout > 0 {
+		opts = append(opts, producer.WithReplicaAcks(ackReplicas, s.ackTimeout))
+	}
 	if s.linger {
 		opts = append(opts, producer.WithLinger(lingerWait, lingerItems))
 	}
