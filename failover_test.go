@@ -249,9 +249,6 @@ func testMasterKilled(t *testing.T, acks int) {
 	f.stop()
 	stored, _ := f.result()
 	stored = append(stored, orphanIDs...)
-	eventually(t, 2*time.Minute, "every stored item handled", func() bool { return handled.handledAll(stored) })
-	eventually(t, 30*time.Second, "no lease or pending key left", func() bool { return len(leftKeys(t, b)) == 0 })
-	took := time.Since(start)
 
 	// Losses and duplicates the failover explains: items of the killed
 	// master's shards appended before the kill.
@@ -260,6 +257,26 @@ func testMasterKilled(t *testing.T, acks int) {
 		defer appMu.Unlock()
 		return int64(id) < idAtKill.Load() && onVictim(keyOf[id])
 	}
+	// Every stored item is handled, but for those the failover may have
+	// lost without replica acks: the wait for them ends 10 s after the
+	// others are in (a reaped lease comes back within 2 s), and those still
+	// missing then are counted below. A key that still holds items at the
+	// end fails the test: stranded, not lost.
+	var owed, mayBeLost []int
+	for _, id := range stored {
+		if acks == 0 && explained(id) {
+			mayBeLost = append(mayBeLost, id)
+		} else {
+			owed = append(owed, id)
+		}
+	}
+	eventually(t, 2*time.Minute, "every stored item handled", func() bool { return handled.handledAll(owed) })
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !handled.handledAll(mayBeLost); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	eventually(t, 30*time.Second, "no lease or pending key left", func() bool { return len(leftKeys(t, b)) == 0 })
+	took := time.Since(start)
+
 	counted := handled.snapshot()
 	lost, dups := tally(stored, counted)
 	var lostOther, dupsOther []int
@@ -394,20 +411,20 @@ func TestReplicaAcksFollowAMovedSlot(t *testing.T) {
 	dstReplica.Pause(t)
 	defer dstReplica.Resume(t)
 
-	// Each append fails: MOVED (nothing stored) until the client reads the
-	// slots again, then ErrReplicaAcks from dst.
-	deadline := time.Now().Add(10 * time.Second)
-	for i := 2; ; i++ {
+	// The old master answers MOVED; the append goes again, with its WAIT,
+	// to dst, whose only replica is stopped: ErrReplicaAcks, the items
+	// stored on dst. A WAIT left on the old master would answer 1.
+	for i := 2; i < 5; i++ {
 		err := p.Add(ctx, from, "k", item{ID: i})
-		if err == nil {
-			t.Fatalf("append %d to a moved slot returned nil, yet the only replica of its new master is stopped: its WAIT went to the old master", i)
+		var ae *producer.ReplicaAckError
+		if !errors.As(err, &ae) || ae.Got != 0 {
+			t.Fatalf("append %d to a moved slot: %v, want ErrReplicaAcks with 0 acknowledgements from its new master", i, err)
 		}
-		if errors.Is(err, producer.ErrReplicaAcks) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("appends to a moved slot still fail without ErrReplicaAcks after 10s: %v", err)
-		}
+	}
+	sp := keys.For(b.Prefix, from, 0)
+	v, err := dst.Command("GET", sp.Items("k"))
+	if err != nil || v != `[{"id":2},{"id":3},{"id":4}]` {
+		t.Fatalf("the new master holds %q (%v), want the three appends", v, err)
 	}
 }
 

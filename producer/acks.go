@@ -27,8 +27,8 @@ const MaxReplicaAckTimeout = time.Minute
 // n == 0 turns it off (the default); otherwise timeout must be 1 ms to
 // MaxReplicaAckTimeout. An append blocks a connection of the client's
 // blocking pool (rueidis' BlockingPoolSize) while it waits. A server
-// without replicas, miniredis (package embedded) among them, fails every
-// append with ErrReplicaAcks once the timeout has passed.
+// without replicas fails every append with ErrReplicaAcks once the timeout
+// has passed; miniredis (package embedded) at once.
 func WithReplicaAcks(n int, timeout time.Duration) Option {
 	return func(p *Producer) error {
 		switch {
@@ -51,10 +51,10 @@ var ErrReplicaAcks = errors.New("too few replicas acknowledged the append")
 // its items survive a failover is unknown.
 type ReplicaAckError struct {
 	Queue, Key string
-	Items      int           // items of the append
+	Adding     int           // items of the append
 	Want       int           // replicas asked for
 	Got        int           // replicas that acknowledged it; -1 when WAIT itself failed (see Err)
-	Timeout    time.Duration // how long WAIT waited
+	Timeout    time.Duration // how long WAIT could wait (WithReplicaAcks)
 	Err        error         // WAIT's own error, if it failed
 }
 
@@ -64,8 +64,8 @@ func (e *ReplicaAckError) Error() string {
 		got = fmt.Sprintf("waiting for %d replicas to acknowledge them failed (%v)", e.Want, e.Err)
 	}
 	items := "1 item"
-	if e.Items != 1 {
-		items = fmt.Sprintf("%d items", e.Items)
+	if e.Adding != 1 {
+		items = fmt.Sprintf("%d items", e.Adding)
 	}
 	return fmt.Sprintf("producer: append to %s: %v: the master stored the %s, but %s; they may or may not survive a failover, and adding them again may store them twice",
 		target(e.Queue, e.Key), ErrReplicaAcks, items, got)

@@ -132,7 +132,7 @@ func TestReplicaAcks(t *testing.T) {
 	if !errors.As(err, &ae) || !errors.Is(err, producer.ErrReplicaAcks) {
 		t.Fatalf("append with the replica stopped: %v, want a *ReplicaAckError", err)
 	}
-	if ae.Want != 1 || ae.Got != 0 || ae.Items != 2 || ae.Timeout != 100*time.Millisecond || ae.Queue != "q" || ae.Key != "k" {
+	if ae.Want != 1 || ae.Got != 0 || ae.Adding != 2 || ae.Timeout != 100*time.Millisecond || ae.Queue != "q" || ae.Key != "k" {
 		t.Fatalf("ReplicaAckError %+v", *ae)
 	}
 	for _, want := range []string{"0 of 1 replicas", "master stored the 2 items", "may or may not survive a failover"} {
@@ -223,7 +223,7 @@ func TestReplicaAcksWithLinger(t *testing.T) {
 	s.pause(t)
 	for c, err := range add(short, 100) {
 		var ae *producer.ReplicaAckError
-		if !errors.As(err, &ae) || ae.Key != "k"+strconv.Itoa(c%4) || ae.Items != 1 {
+		if !errors.As(err, &ae) || ae.Key != "k"+strconv.Itoa(c%4) || ae.Adding != 1 {
 			t.Fatalf("caller %d with the replica stopped: %v, want its own *ReplicaAckError", c, err)
 		}
 	}

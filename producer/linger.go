@@ -429,15 +429,18 @@ func (kp *keyPart) joined() string {
 }
 
 // keyError wraps the outcome of an append of n items to a key as Add
-// reports it. Every script call's outcome passes here: the first begins
-// the eviction check of WithLogger (memory.go).
+// reports it. Every script call's outcome passes here: the first that
+// stored its items begins the eviction check of WithLogger (memory.go), so
+// that a Redis unreachable at start does not spend it.
 func (p *Producer) keyError(queue, key string, n int, err error) error {
-	p.checkEviction()
+	if err == nil {
+		p.checkEviction()
+	}
 	var full *protocol.FullError
 	var ack *protocol.AckError
 	switch {
 	case errors.As(err, &ack):
-		return &ReplicaAckError{Queue: queue, Key: key, Items: n, Want: ack.Want, Got: ack.Got, Timeout: ack.Timeout, Err: ack.Err}
+		return &ReplicaAckError{Queue: queue, Key: key, Adding: n, Want: ack.Want, Got: ack.Got, Timeout: ack.Timeout, Err: ack.Err}
 	case errors.As(err, &full):
 		return &KeyFullError{Queue: queue, Key: key, Items: full.Items, Bytes: full.Bytes, Adding: n,
 			MaxItems: p.caps.Items, MaxBytes: p.caps.Bytes}

@@ -35,7 +35,7 @@ const evictionCheckTimeout = 10 * time.Second
 //
 // The check asks every node the client knows (on Redis Cluster, masters and
 // replicas) for CONFIG GET maxmemory-policy, all at once, from a goroutine
-// of the producer that starts after its first script call and ends within
+// of the producer that starts after its first stored append and ends within
 // 10s: no append waits for it, and appends cost nothing more. Close cancels
 // it and waits for it. A node that cannot answer (an ACL that denies
 // CONFIG, see SECURITY.md) is skipped in silence. Without a logger there is
@@ -62,7 +62,7 @@ type logging struct {
 
 // checkEviction begins the eviction check, in a goroutine, the first time
 // it is called on a producer with a logger, unless Close came first; later
-// calls cost an atomic load. keyError calls it after every script call.
+// calls cost an atomic load. keyError calls it after every stored append.
 func (p *Producer) checkEviction() {
 	lg := &p.log
 	if lg.log == nil || lg.begun.Load() {

@@ -228,18 +228,6 @@ func TestCloseEndsTheEvictionCheck(t *testing.T) {
 		t.Fatalf("Close took %v with the check's CONFIG GET unanswered", d)
 	}
 	goleak.VerifyNone(t, before)
-
-	closed, err := producer.New(stuckConfig{b.Client, asked}, producer.WithPrefix(b.Prefix), producer.WithLogger(zap.NewNop()))
-	must(t, err)
-	must(t, closed.Close(ctx))
-	if err := closed.Add(ctx, "q", "k", 1); !errors.Is(err, producer.ErrClosed) {
-		t.Fatalf("Add after Close: %v", err)
-	}
-	select {
-	case <-asked:
-		t.Fatal("an eviction check began after Close")
-	default:
-	}
 }
 
 // stuckConfig is a client whose nodes never answer CONFIG: the call

@@ -371,7 +371,7 @@ func answerFor(err error) answer {
 	case errors.Is(err, producer.ErrOutOfMemory):
 		return answer{http.StatusServiceUnavailable, "Redis is out of memory; nothing is stored; try again once it has room", storedNone, true}
 	case errors.Is(err, producer.ErrReplicaAcks):
-		return answer{http.StatusServiceUnavailable, "stored on the Redis master, but too few replicas acknowledged the items within 1s: unknown whether they survive a failover; retrying may store them twice", storedUnknown, false}
+		return answer{http.StatusServiceUnavailable, "stored on the Redis master, but too few replicas acknowledged the items within 1s (or the wait for them failed): unknown whether they survive a failover; retrying may store them twice", storedUnknown, false}
 	case notSent(err):
 		return answer{http.StatusServiceUnavailable, "cannot reach Redis; nothing is stored; try again", storedNone, true}
 	}

@@ -21,36 +21,35 @@ type Acks struct {
 // acknowledged, else an *AckError.
 //
 // WAIT counts the replicas that have what its connection wrote, so it must
-// go on the script's connection: both go in one DoMulti on a dedicated
-// connection (WAIT blocks: a pooled one rather than the shared pipeline),
-// to the node of the script's first key on Redis Cluster (SetSlot routes
-// WAIT, which has no key). Not in the client's own DoMulti: on Redis
-// Cluster that follows a MOVED or ASK reply (the slot moved since the
-// client read the slots) by sending the script alone to the new node, and
-// the WAIT left on the old node counts replicas that have every write of
-// its connection: the append would be reported acknowledged with no
-// replica of the new node having it. On a dedicated connection the
-// redirection comes back as the script's reply: nothing was stored, and
-// the client reads the slots again.
+// go on the script's connection: both go in one DoMulti, which rueidis
+// sends whole on one connection of its blocking pool (WAIT blocks), taken
+// with ctx. On Redis Cluster the pair goes on a dedicated connection to
+// the node of the script's first key (SetSlot routes WAIT, which has no
+// key): the client's own DoMulti follows a MOVED or ASK reply by sending
+// the script alone to the new node, and the WAIT left on the old node
+// would count replicas that have every write of its connection, an
+// acknowledgement for an append no replica of the new node has. Here a
+// redirection comes back as the script's reply, nothing having run, and
+// the pair goes again to the node it names (after ASKING, for an ASK).
 func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
 	if acks.Replicas <= 0 {
 		return s.Exec(ctx, c, keys, args), nil
 	}
-	// rueidis recycles a command once sent: build each pipeline afresh.
-	wait := func() rueidis.Completed {
-		ms := (acks.Timeout + time.Millisecond - 1) / time.Millisecond
-		return c.B().Wait().Numreplicas(int64(acks.Replicas)).Timeout(int64(ms)).Build().SetSlot(keys[0])
-	}
 	var rs []rueidis.RedisResult
-	c.Dedicated(func(d rueidis.DedicatedClient) error {
-		rs = d.DoMulti(ctx, evalsha(c, s, keys, args), wait())
-		if noScript(rs[0]) {
-			// A restarted or promoted server: EVAL loads the script, and
-			// the WAIT behind it still follows the write.
-			rs = d.DoMulti(ctx, eval(c, s, keys, args), wait())
+	if c.Mode() != rueidis.ClientModeCluster {
+		rs = sendAcked(ctx, c, c.DoMulti, s, keys, args, acks, false)
+	} else {
+		rs = dedicatedAcked(ctx, c, s, keys, args, acks, false)
+		if re, ok := rueidis.IsRedisErr(rs[0].Error()); ok {
+			addr, moved := re.IsMoved()
+			if !moved {
+				addr, _ = re.IsAsk()
+			}
+			if node := c.Nodes()[addr]; node != nil {
+				rs = dedicatedAcked(ctx, node, s, keys, args, acks, !moved)
+			}
 		}
-		return nil
-	})
+	}
 	if rs[0].Error() != nil {
 		return rs[0], nil
 	}
@@ -62,4 +61,37 @@ func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []str
 		return rs[0], &AckError{Want: acks.Replicas, Got: int(got), Timeout: acks.Timeout}
 	}
 	return rs[0], nil
+}
+
+// dedicatedAcked sends the script and its WAIT on a dedicated connection
+// of c (see sendAcked).
+func dedicatedAcked(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks, asking bool) (rs []rueidis.RedisResult) {
+	c.Dedicated(func(d rueidis.DedicatedClient) error {
+		rs = sendAcked(ctx, c, d.DoMulti, s, keys, args, acks, asking)
+		return nil
+	})
+	return rs
+}
+
+// sendAcked sends, through doMulti, the script (EVALSHA, then EVAL after a
+// NOSCRIPT reply) and WAIT behind it, after ASKING when asking, and
+// returns the replies of the script and of WAIT.
+func sendAcked(ctx context.Context, c rueidis.Client, doMulti func(context.Context, ...rueidis.Completed) []rueidis.RedisResult,
+	s script, keys, args []string, acks Acks, asking bool) []rueidis.RedisResult {
+	// rueidis recycles a command once sent: build each pipeline afresh.
+	send := func(call rueidis.Completed) []rueidis.RedisResult {
+		ms := (acks.Timeout + time.Millisecond - 1) / time.Millisecond
+		wait := c.B().Wait().Numreplicas(int64(acks.Replicas)).Timeout(int64(ms)).Build().SetSlot(keys[0])
+		if asking {
+			return doMulti(ctx, c.B().Asking().Build().SetSlot(keys[0]), call, wait)[1:]
+		}
+		return doMulti(ctx, call, wait)
+	}
+	rs := send(evalsha(c, s, keys, args))
+	if noScript(rs[0]) {
+		// A restarted or promoted server: EVAL loads the script, and the
+		// WAIT behind it still follows the write.
+		rs = send(eval(c, s, keys, args))
+	}
+	return rs
 }

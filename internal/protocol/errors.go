@@ -30,10 +30,14 @@ var (
 // fail until memory is freed or maxmemory raised.
 var ErrOutOfMemory = errors.New("Redis is out of memory (used memory is past maxmemory, and maxmemory-policy is noeviction or finds nothing to evict): it refused the write, and stored nothing")
 
+// oomText is in Redis' refusal of a write past maxmemory, raised by a
+// command or a script (Redis 6 puts it behind the script's name and line).
+const oomText = "OOM command not allowed"
+
 // memoryError returns ErrOutOfMemory for Redis' OOM error reply, raised by
 // a command or by a script's first write, and err otherwise.
 func memoryError(err error) error {
-	if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "OOM ") {
+	if re, ok := rueidis.IsRedisErr(err); ok && strings.Contains(re.Error(), oomText) {
 		return ErrOutOfMemory
 	}
 	return err
@@ -139,7 +143,7 @@ func appendError(err error) error {
 // scriptError parses a NOTARRAY, FULL or OOM error text of the merge
 // scripts; it returns nil for any other text.
 func scriptError(msg string) error {
-	if strings.HasPrefix(msg, "OOM ") {
+	if strings.Contains(msg, oomText) {
 		return ErrOutOfMemory
 	}
 	if rest, ok := strings.CutPrefix(msg, "NOTARRAY "); ok {

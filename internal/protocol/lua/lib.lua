@@ -123,6 +123,16 @@ local function prepend_array(ik, nk, arr, n)
   return true
 end
 
+-- oom returns the reply batchq's scripts give when v, a pcall's error
+-- reply, is Redis refusing a write past maxmemory ("OOM command not
+-- allowed ...", which Redis 6 puts behind the script's name and line),
+-- the same text on every version; nil for any other reply.
+local function oom(v)
+  if string.find(v.err or '', 'OOM command not allowed', 1, true) then
+    return redis.error_reply("OOM command not allowed when used memory > 'maxmemory'")
+  end
+end
+
 -- merge_key appends the n items of payload (the items joined by commas,
 -- after a comma and before a closing bracket: ",a,b]") to key, whose items
 -- and count keys are ik and nk, and makes the key due. It costs the same
@@ -165,8 +175,8 @@ local function merge_key(ik, nk, ck, ready, later, wake, key, payload, n, maxn, 
   local v = redis.pcall('INCRBY', nk, delta)
   local err, items, len, new
   if type(v) == 'table' then
-    if string.sub(v.err or '', 1, 4) == 'OOM ' then
-      return v
+    if oom(v) then
+      return oom(v)
     end
     err = redis.error_reply('NOTARRAY the count of the key is not an integer')
   elseif v == delta then

@@ -37,11 +37,13 @@ local delta = n * 1073741824 + #payload - 1
 local v = redis.pcall('INCRBY', KEYS[2], delta)
 local err
 if type(v) == 'table' then
-  if string.sub(v.err or '', 1, 4) == 'OOM ' then
+  if string.find(v.err or '', 'OOM command not allowed', 1, true) then
     -- Redis is past maxmemory and evicts nothing: it refuses a script's
     -- writes until one has gone through, and this is the first. Nothing is
-    -- stored; write nothing more (making the key due would pass).
-    return v
+    -- stored; write nothing more (making the key due would pass). The
+    -- reply is the same on every version (Redis 6 puts the script's name
+    -- and line in front of v.err); lib.lua's oom gives it too.
+    return redis.error_reply("OOM command not allowed when used memory > 'maxmemory'")
   end
   err = redis.error_reply('NOTARRAY the count of the key is not an integer')
 elseif v == delta then
