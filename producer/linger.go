@@ -430,14 +430,14 @@ func (kp *keyPart) joined() string {
 
 // keyError wraps the outcome of an append of n items to a key as Add
 // reports it. Every script call's outcome passes here: the first that
-// stored its items begins the eviction check of WithLogger (memory.go), so
+// Redis answered begins the eviction check of WithLogger (memory.go), so
 // that a Redis unreachable at start does not spend it.
 func (p *Producer) keyError(queue, key string, n int, err error) error {
-	if err == nil {
-		p.checkEviction()
-	}
 	var full *protocol.FullError
 	var ack *protocol.AckError
+	if err == nil || errors.As(err, &ack) || errors.As(err, &full) || errors.Is(err, protocol.ErrNotArray) || errors.Is(err, protocol.ErrOutOfMemory) {
+		p.checkEviction()
+	}
 	switch {
 	case errors.As(err, &ack):
 		return &ReplicaAckError{Queue: queue, Key: key, Adding: n, Want: ack.Want, Got: ack.Got, Timeout: ack.Timeout, Err: ack.Err}

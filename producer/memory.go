@@ -35,9 +35,9 @@ const evictionCheckTimeout = 10 * time.Second
 //
 // The check asks every node the client knows (on Redis Cluster, masters and
 // replicas) for CONFIG GET maxmemory-policy, all at once, from a goroutine
-// of the producer that starts after its first stored append and ends within
-// 10s: no append waits for it, and appends cost nothing more. Close cancels
-// it and waits for it. A node that cannot answer (an ACL that denies
+// of the producer that starts after Redis first answers an append (stored
+// or refused, not a lost connection) and ends within 10s: no append waits
+// for it, and appends cost nothing more. Close cancels it and waits for it. A node that cannot answer (an ACL that denies
 // CONFIG, see SECURITY.md) is skipped in silence. Without a logger there is
 // no check.
 func WithLogger(l *zap.Logger) Option {
@@ -62,7 +62,8 @@ type logging struct {
 
 // checkEviction begins the eviction check, in a goroutine, the first time
 // it is called on a producer with a logger, unless Close came first; later
-// calls cost an atomic load. keyError calls it after every stored append.
+// calls cost an atomic load. keyError calls it after every append Redis
+// answered.
 func (p *Producer) checkEviction() {
 	lg := &p.log
 	if lg.log == nil || lg.begun.Load() {

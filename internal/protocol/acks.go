@@ -30,7 +30,10 @@ type Acks struct {
 // would count replicas that have every write of its connection, an
 // acknowledgement for an append no replica of the new node has. Here a
 // redirection comes back as the script's reply, nothing having run, and
-// the pair goes again to the node it names (after ASKING, for an ASK).
+// the pair goes again, once, to the node it names, if the client knows it
+// (after ASKING, for an ASK: during a slot's migration, which the new node
+// mostly answers TRYAGAIN, as it does not hold every key the script names;
+// the append then fails, nothing stored).
 func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
 	if acks.Replicas <= 0 {
 		return s.Exec(ctx, c, keys, args), nil
@@ -42,11 +45,16 @@ func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []str
 		rs = dedicatedAcked(ctx, c, s, keys, args, acks, false)
 		if re, ok := rueidis.IsRedisErr(rs[0].Error()); ok {
 			addr, moved := re.IsMoved()
-			if !moved {
-				addr, _ = re.IsAsk()
+			addr2, ask := re.IsAsk()
+			if ask {
+				addr = addr2
 			}
-			if node := c.Nodes()[addr]; node != nil {
-				rs = dedicatedAcked(ctx, node, s, keys, args, acks, !moved)
+			if moved || ask {
+				// A node's own client sends the pair on one connection
+				// of its blocking pool, taken with ctx.
+				if node := c.Nodes()[addr]; node != nil {
+					rs = sendAcked(ctx, node, node.DoMulti, s, keys, args, acks, ask)
+				}
 			}
 		}
 	}
