@@ -99,17 +99,18 @@ func TestOutOfMemoryLosesNothing(t *testing.T) {
 		return nil
 	})
 	runWorker(t, w)
-	eventually(t, 10*time.Second, "the worker's line that Redis is out of memory", func() bool {
+	eventually(t, 30*time.Second, "the worker's line that Redis is out of memory", func() bool {
 		return logs.FilterMessageSnippet("draining keys").FilterFieldKey("error").Len() > 0
 	})
+	// The worker keeps trying: three more refused drains (a few a second;
+	// the deadline only bounds a hang), and nothing handled meanwhile.
 	before := serverStat(t, b, "errorstats", "errorstat_EXECABORT")
-	time.Sleep(2 * time.Second) // the worker tries to drain meanwhile
+	eventually(t, 30*time.Second, "three more refused drains: the worker keeps trying", func() bool {
+		return serverStat(t, b, "errorstats", "errorstat_EXECABORT")-before >= 3
+	})
 	refusedRounds := serverStat(t, b, "errorstats", "errorstat_EXECABORT") - before
 	if n := count(&handled); n != 0 {
 		t.Fatalf("%d items handled while Redis refused every drain", n)
-	}
-	if refusedRounds < 3 {
-		t.Fatalf("%d drains refused in 2s: the worker stopped trying", refusedRounds)
 	}
 	// The start's registry warning (its script's write is refused too) and
 	// the outage line, each once, each naming the cause: not a line per
@@ -132,7 +133,7 @@ func TestOutOfMemoryLosesNothing(t *testing.T) {
 	must(t, b.Client.Do(ctx, b.Client.B().ConfigSet().ParameterValue().ParameterValue("maxmemory", "0").Build()).Error())
 	eventually(t, 30*time.Second, "every stored item handled", func() bool { return count(&handled) >= len(stored) })
 	recovery := time.Since(freed)
-	eventually(t, 10*time.Second, "the end of the outage in the log", func() bool {
+	eventually(t, 30*time.Second, "the end of the outage in the log", func() bool {
 		return logs.FilterMessage("Redis calls succeed again").Len() == 1
 	})
 	lost, twice, strays := 0, 0, 0
@@ -155,7 +156,7 @@ func TestOutOfMemoryLosesNothing(t *testing.T) {
 		t.Fatalf("of %d stored items, %d lost and %d handled twice; %d refused items handled", len(stored), lost, twice, strays)
 	}
 	t.Logf("MEMORY noeviction, maxmemory 3mb (1mb once full): %d items stored, %d appends refused with ErrOutOfMemory (none stored); "+
-		"%d drains refused in 2s, in %d warn lines; every stored item handled once, %v after maxmemory was raised",
+		"%d drains refused while it watched, in %d warn lines; every stored item handled once, %v after maxmemory was raised",
 		len(stored), len(refused), refusedRounds, len(warns), recovery.Round(time.Millisecond))
 }
 
@@ -180,11 +181,11 @@ func TestWarnsAboutEviction(t *testing.T) {
 			batchq.Handle(w, "q", func(context.Context, item) error { return nil })
 			stop := runWorker(t, w)
 			if policy == "allkeys-lru" {
-				eventually(t, 5*time.Second, "an eviction warning", func() bool {
+				eventually(t, 30*time.Second, "an eviction warning", func() bool {
 					return logs.FilterField(zap.String("maxmemory_policy", "allkeys-lru")).Len() == 1
 				})
 			}
-			eventually(t, 5*time.Second, "the worker's check", func() bool {
+			eventually(t, 30*time.Second, "the worker's check", func() bool {
 				return serverStat(t, b, "commandstats", "cmdstat_config|get") == 1
 			})
 			time.Sleep(100 * time.Millisecond) // room for a second line
@@ -211,7 +212,7 @@ func TestWarnsAboutEvictionOnCluster(t *testing.T) {
 	must(t, err)
 	stop := runWorker(t, w)
 	must(t, p.Add(context.Background(), "q", "k", item{ID: 1}))
-	eventually(t, 10*time.Second, "a warning from the worker and one from the producer", func() bool {
+	eventually(t, 30*time.Second, "a warning from the worker and one from the producer", func() bool {
 		return logs.FilterMessage(protocol.EvictionWarning).Len() == 2
 	})
 	must(t, p.Close(context.Background()))
