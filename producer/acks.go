@@ -13,7 +13,9 @@ const MaxReplicaAckTimeout = time.Minute
 
 // WithReplicaAcks makes every append wait, after the master stored it,
 // until at least n replicas of that master have it too, for at most
-// timeout: an Add that returns nil then means the items survive the loss
+// timeout (twice that for the first append to a restarted or promoted
+// master: the WAIT behind its NOSCRIPT'd EVALSHA waits too, then the one
+// behind the EVAL): an Add that returns nil then means the items survive the loss
 // of the master, as long as one of those replicas is the one promoted. It
 // is WAIT, sent on the append's connection behind the merge script, in the
 // same round trip; on Redis Cluster it goes to the key's master. With
