@@ -28,38 +28,7 @@ func Cluster(t testing.TB) Backend {
 // cluster_state:ok. The servers stop when the test ends.
 func StartCluster(t testing.TB) []*Server {
 	t.Helper()
-	NeedServer(t)
-	if _, err := exec.LookPath("redis-cli"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("redis-cli is not installed (CI=true): %v", err)
-		}
-		t.Skipf("redis-cli is not installed: %v", err)
-	}
-	nodes := make([]*Server, 3)
-	addrs := make([]string, 3)
-	for i := range nodes {
-		s := &Server{Dir: t.TempDir(), args: []string{"--cluster-enabled", "yes",
-			"--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "60000",
-			"--cluster-require-full-coverage", "no"}}
-		for try := 0; ; try++ {
-			s.Port = freeClusterPort(t)
-			s.Addr = "127.0.0.1:" + strconv.Itoa(s.Port)
-			err := s.start()
-			if err == nil {
-				break
-			}
-			if try == 4 {
-				t.Fatalf("start cluster node: %v", err)
-			}
-		}
-		t.Cleanup(s.Stop)
-		nodes[i], addrs[i] = s, s.Addr
-	}
-	args := append([]string{"--cluster", "create"}, addrs...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
-	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
-		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
-	}
+	nodes := createCluster(t, 3, 0, "--cluster-node-timeout", "60000")
 	deadline := time.Now().Add(20 * time.Second)
 	for _, n := range nodes {
 		for {
@@ -72,6 +41,46 @@ func StartCluster(t testing.TB) []*Server {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
+	}
+	return nodes
+}
+
+// createCluster starts n redis-server processes in cluster mode, with args
+// besides, on free loopback ports, stopped when the test ends, and joins
+// them with redis-cli --cluster create, replicas replicas per master. It
+// fails the test (CI=true) or skips it without redis-server or redis-cli.
+func createCluster(t testing.TB, n, replicas int, args ...string) []*Server {
+	t.Helper()
+	NeedServer(t)
+	if _, err := exec.LookPath("redis-cli"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("redis-cli is not installed (CI=true): %v", err)
+		}
+		t.Skipf("redis-cli is not installed: %v", err)
+	}
+	nodes := make([]*Server, n)
+	create := []string{"--cluster", "create"}
+	for i := range nodes {
+		s := &Server{Dir: t.TempDir(), args: append([]string{"--cluster-enabled", "yes",
+			"--cluster-config-file", "nodes.conf", "--cluster-require-full-coverage", "no"}, args...)}
+		for try := 0; ; try++ {
+			s.Port = freeClusterPort(t)
+			s.Addr = "127.0.0.1:" + strconv.Itoa(s.Port)
+			err := s.start()
+			if err == nil {
+				break
+			}
+			if try == 4 {
+				t.Fatalf("start cluster node: %v", err)
+			}
+		}
+		t.Cleanup(s.Stop)
+		nodes[i] = s
+		create = append(create, s.Addr)
+	}
+	create = append(create, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
+	if out, err := exec.Command("redis-cli", create...).CombinedOutput(); err != nil {
+		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
 	}
 	return nodes
 }

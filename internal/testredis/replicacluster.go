@@ -1,7 +1,6 @@
 package testredis
 
 import (
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -25,40 +24,10 @@ import (
 // second. No node persists anything: a restarted node comes back empty.
 func StartReplicatedCluster(t testing.TB, nodeTimeout time.Duration) (masters, replicas []*Server) {
 	t.Helper()
-	NeedServer(t)
-	if _, err := exec.LookPath("redis-cli"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("redis-cli is not installed (CI=true): %v", err)
-		}
-		t.Skipf("redis-cli is not installed: %v", err)
-	}
-	nodes := make([]*Server, 6)
-	args := []string{"--cluster", "create"}
-	for i := range nodes {
-		s := &Server{Dir: t.TempDir(), args: []string{"--cluster-enabled", "yes",
-			"--cluster-config-file", "nodes.conf", "--cluster-node-timeout", strconv.FormatInt(nodeTimeout.Milliseconds(), 10),
-			"--cluster-require-full-coverage", "no", "--repl-diskless-sync-delay", "0"}}
-		for try := 0; ; try++ {
-			s.Port = freeClusterPort(t)
-			s.Addr = "127.0.0.1:" + strconv.Itoa(s.Port)
-			err := s.start()
-			if err == nil {
-				break
-			}
-			if try == 4 {
-				t.Fatalf("start cluster node: %v", err)
-			}
-		}
-		t.Cleanup(s.Stop)
-		nodes[i] = s
-		args = append(args, s.Addr)
-	}
 	// redis-cli picks the masters and gives each a replica in an order of
 	// its own: who replicates whom is read back from the nodes.
-	args = append(args, "--cluster-replicas", "1", "--cluster-yes")
-	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
-		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
-	}
+	nodes := createCluster(t, 6, 1, "--cluster-node-timeout", strconv.FormatInt(nodeTimeout.Milliseconds(), 10),
+		"--repl-diskless-sync-delay", "0")
 	deadline := time.Now().Add(30 * time.Second)
 	masterOf := make(map[*Server]string) // replica -> its master's port
 	for _, n := range nodes {

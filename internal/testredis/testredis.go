@@ -173,6 +173,13 @@ func (s *Server) start() error {
 	}
 	args := append(append(port, "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.Dir, "--daemonize", "no"), s.args...)
+	return s.run(args, s.ping, "redis-server")
+}
+
+// run starts redis-server with args, its output in redis.log in s.Dir, and
+// waits up to 5 s until ready returns nil; what names the server in the
+// error when it does not (the log's text is in it).
+func (s *Server) run(args []string, ready func() error, what string) error {
 	s.cmd = exec.Command("redis-server", args...)
 	out, err := os.Create(s.Dir + "/redis.log")
 	if err != nil {
@@ -188,7 +195,7 @@ func (s *Server) start() error {
 	deadline := time.Now().Add(5 * time.Second)
 wait:
 	for time.Now().Before(deadline) {
-		if s.ping() == nil {
+		if ready() == nil {
 			return nil
 		}
 		select {
@@ -199,7 +206,7 @@ wait:
 	}
 	s.Stop()
 	log, _ := os.ReadFile(s.Dir + "/redis.log")
-	return fmt.Errorf("redis-server on %s did not answer: %s", s.Addr, strings.TrimSpace(string(log)))
+	return fmt.Errorf("%s on %s did not answer: %s", what, s.Addr, strings.TrimSpace(string(log)))
 }
 
 // Stop kills the server (SIGKILL: a crash, nothing saved on the way out)
