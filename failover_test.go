@@ -257,48 +257,12 @@ func testMasterKilled(t *testing.T, acks int) {
 		defer appMu.Unlock()
 		return int64(id) < idAtKill.Load() && onVictim(keyOf[id])
 	}
-	// Every stored item is handled, but for those the failover may have
-	// lost without replica acks: the wait for them ends 10 s after the
-	// others are in (a reaped lease comes back within 2 s), and those still
-	// missing then are counted below. A key that still holds items at the
-	// end fails the test: stranded, not lost.
-	var owed, mayBeLost []int
-	for _, id := range stored {
-		if acks == 0 && explained(id) {
-			mayBeLost = append(mayBeLost, id)
-		} else {
-			owed = append(owed, id)
-		}
-	}
-	eventually(t, 2*time.Minute, "every stored item handled", func() bool { return handled.handledAll(owed) })
-	for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !handled.handledAll(mayBeLost); {
-		time.Sleep(50 * time.Millisecond)
-	}
+	awaitFailover(t, &handled, stored, acks, explained, 2*time.Minute)
 	eventually(t, 30*time.Second, "no lease or pending key left", func() bool { return len(leftKeys(t, b)) == 0 })
 	took := time.Since(start)
 
 	counted := handled.snapshot()
-	lost, dups := tally(stored, counted)
-	var lostOther, dupsOther []int
-	for _, id := range lost {
-		if !explained(id) {
-			lostOther = append(lostOther, id)
-		}
-	}
-	for _, id := range dups {
-		if !explained(id) {
-			dupsOther = append(dupsOther, id)
-		}
-	}
-	if acks > 0 && len(lost) > 0 {
-		t.Errorf("%d items whose append returned nil with replica acks were never handled, e.g. %v", len(lost), lost[:min(len(lost), 10)])
-	}
-	if len(lostOther) > 0 {
-		t.Errorf("%d items lost outside the killed master's shards or after the kill, e.g. %v", len(lostOther), lostOther[:min(len(lostOther), 10)])
-	}
-	if len(dupsOther) > 0 {
-		t.Errorf("%d items handled more than once outside the killed master's shards or after the kill, e.g. %v", len(dupsOther), dupsOther[:min(len(dupsOther), 10)])
-	}
+	lost, dups, lostOther, dupsOther := checkFailover(t, stored, counted, acks, explained, "outside the killed master's shards or appended after the kill")
 	heldTwice := 0
 	for id := range held {
 		if counted[id] > 1 {

@@ -134,6 +134,57 @@ func tally(want []int, counts map[int]int) (lost, dups []int) {
 	return lost, dups
 }
 
+// awaitFailover waits until every stored item is handled, but for those
+// that, without replica acks (acks 0), the failover may have lost
+// (mayLose): the wait for them ends 10 s after the others are in (a reaped
+// lease comes back within 2 s), and checkFailover counts those still
+// missing. wait bounds a hang.
+func awaitFailover(t testing.TB, handled *memCounts, stored []int, acks int, mayLose func(id int) bool, wait time.Duration) {
+	t.Helper()
+	var owed, maybe []int
+	for _, id := range stored {
+		if acks == 0 && mayLose(id) {
+			maybe = append(maybe, id)
+		} else {
+			owed = append(owed, id)
+		}
+	}
+	eventually(t, wait, "every stored item handled", func() bool { return handled.handledAll(owed) })
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !handled.handledAll(maybe); {
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// checkFailover tallies the stored items a failover lost or had handled
+// twice, and fails t for any loss with replica acks (acks > 0), and for a
+// loss or a duplicate that explained does not cover (the items the failover
+// may touch; outside says which those others are, for the message).
+// unexplainedLost and unexplainedDups are the latter.
+func checkFailover(t testing.TB, stored []int, counted map[int]int, acks int, explained func(id int) bool, outside string) (lost, dups, unexplainedLost, unexplainedDups []int) {
+	t.Helper()
+	lost, dups = tally(stored, counted)
+	for _, id := range lost {
+		if !explained(id) {
+			unexplainedLost = append(unexplainedLost, id)
+		}
+	}
+	for _, id := range dups {
+		if !explained(id) {
+			unexplainedDups = append(unexplainedDups, id)
+		}
+	}
+	if acks > 0 && len(lost) > 0 {
+		t.Errorf("%d items whose append returned nil with replica acks were never handled, e.g. %v", len(lost), lost[:min(len(lost), 10)])
+	}
+	if len(unexplainedLost) > 0 {
+		t.Errorf("%d items %s were lost, e.g. %v", len(unexplainedLost), outside, unexplainedLost[:min(len(unexplainedLost), 10)])
+	}
+	if len(unexplainedDups) > 0 {
+		t.Errorf("%d items %s were handled more than once, e.g. %v", len(unexplainedDups), outside, unexplainedDups[:min(len(unexplainedDups), 10)])
+	}
+	return lost, dups, unexplainedLost, unexplainedDups
+}
+
 // handledCounts reads the hash the worker subprocesses count handled ids in.
 func handledCounts(t testing.TB, b testredis.Backend) map[int]int {
 	t.Helper()

@@ -180,33 +180,14 @@ func testMasterKilledOnSentinel(t *testing.T, nReplicas, acks int) {
 	})
 	f.stop()
 	stored, _ := f.result()
-	eventually(t, time.Minute, "every stored item handled", func() bool { return handled.handledAll(stored) })
+	// Losses and duplicates the failover explains: items appended before
+	// the master died.
+	explained := func(id int) bool { return int64(id) < postKill.Load() }
+	awaitFailover(t, &handled, stored, acks, explained, time.Minute)
 	eventually(t, 30*time.Second, "no lease or pending key left", func() bool { return len(leftKeys(t, b)) == 0 })
 	took := time.Since(start)
 
-	// Losses and duplicates the failover explains: items appended before
-	// the master died.
-	lost, dups := tally(stored, handled.snapshot())
-	var lostOther, dupsOther []int
-	for _, id := range lost {
-		if int64(id) >= postKill.Load() {
-			lostOther = append(lostOther, id)
-		}
-	}
-	for _, id := range dups {
-		if int64(id) >= postKill.Load() {
-			dupsOther = append(dupsOther, id)
-		}
-	}
-	if acks > 0 && len(lost) > 0 {
-		t.Errorf("%d items whose append returned nil with replica acks were never handled, e.g. %v", len(lost), lost[:min(len(lost), 10)])
-	}
-	if len(lostOther) > 0 {
-		t.Errorf("%d items appended after the kill were lost, e.g. %v", len(lostOther), lostOther[:min(len(lostOther), 10)])
-	}
-	if len(dupsOther) > 0 {
-		t.Errorf("%d items appended after the kill were handled more than once, e.g. %v", len(dupsOther), dupsOther[:min(len(dupsOther), 10)])
-	}
+	lost, dups, lostOther, dupsOther := checkFailover(t, stored, handled.snapshot(), acks, explained, "appended after the kill")
 	if role := infoField(t, promoted, "role"); role != "master" {
 		t.Errorf("the promoted replica's role: %q", role)
 	}
