@@ -26,14 +26,7 @@ func TestQuick(t *testing.T) {
 		"-n", "1000", "-keys", "50", "-producers", "8", "-concurrency", "8",
 		"-rate", "2000", "-rate-items", "400", "-hot-items", "500", "-group-hot-items", "200", "-busy-items", "300", "-hot-cold-items", "400",
 		"-phase-timeout", "60s"}
-	var stdout, stderr bytes.Buffer
-	err := run(context.Background(), args, &stdout, &stderr)
-	t.Logf("stderr:\n%s\nstdout:\n%s", stderr.String(), stdout.String())
-	if err != nil {
-		t.Fatalf("run: %v", err)
-	}
-
-	lines := strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n")
+	report := runReport(t, args)
 	var rep struct {
 		Runs    int `json:"runs"`
 		Results map[string]map[string]struct {
@@ -52,7 +45,7 @@ func TestQuick(t *testing.T) {
 			ThroughputX float64 `json:"throughput_x"`
 		} `json:"ratios"`
 	}
-	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &rep); err != nil {
+	if err := json.Unmarshal(report, &rep); err != nil {
 		t.Fatalf("the last line is not the JSON report: %v", err)
 	}
 	if rep.Runs != 1 {
@@ -106,13 +99,7 @@ func TestReplica(t *testing.T) {
 	needRedis(t)
 	args := []string{"-replica", "-systems", "batchq,batchq-acks,batchq-linger-acks", "-phases", "append", "-runs", "1",
 		"-n", "500", "-keys", "50", "-producers", "8", "-phase-timeout", "30s"}
-	var stdout, stderr bytes.Buffer
-	err := run(context.Background(), args, &stdout, &stderr)
-	t.Logf("stderr:\n%s\nstdout:\n%s", stderr.String(), stdout.String())
-	if err != nil {
-		t.Fatalf("run: %v", err)
-	}
-	lines := strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n")
+	report := runReport(t, args)
 	var rep struct {
 		Config struct {
 			Replica bool `json:"replica"`
@@ -124,7 +111,7 @@ func TestReplica(t *testing.T) {
 			AppendErr *int64  `json:"append_errors"`
 		} `json:"results"`
 	}
-	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &rep); err != nil {
+	if err := json.Unmarshal(report, &rep); err != nil {
 		t.Fatalf("the last line is not the JSON report: %v", err)
 	}
 	if !rep.Config.Replica {
@@ -253,4 +240,18 @@ func needRedis(t *testing.T) {
 		}
 		t.Skip("redis-server is not installed")
 	}
+}
+
+// runReport runs the bench with args, logs its output, fails t if it
+// fails, and returns its JSON report: the last line of stdout.
+func runReport(t *testing.T, args []string) []byte {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), args, &stdout, &stderr)
+	t.Logf("stderr:\n%s\nstdout:\n%s", stderr.String(), stdout.String())
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	lines := strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n")
+	return []byte(lines[len(lines)-1])
 }
