@@ -367,6 +367,65 @@ func TestPeek(t *testing.T) {
 	}
 }
 
+// A key of an ordered queue whose batch is out waits for it, held: keys and
+// peek say so, and their JSON gives it no due time until the batch is
+// settled.
+func TestHeldKey(t *testing.T) {
+	b := testredis.Real(t)
+	ctx := context.Background()
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix))
+	must(t, err)
+	must(t, p.Add(ctx, "ord", "k", 1))
+	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
+	must(t, err)
+	c.Order("ord")
+	must(t, c.Sync(ctx))
+	out, err := c.Fetch(ctx, "ord", 0, 10)
+	must(t, err)
+	if len(out.Batches) != 1 {
+		t.Fatalf("fetched %d batches, want 1", len(out.Batches))
+	}
+	// An item appended while the batch is out waits: a pop leaves it held.
+	must(t, p.Add(ctx, "ord", "k", 2))
+	if f, err := c.Fetch(ctx, "ord", 0, 10); err != nil || len(f.Batches) != 0 {
+		t.Fatalf("fetched %+v, %v from a held key", f.Batches, err)
+	}
+
+	type key struct {
+		Key  string     `json:"key"`
+		Due  *time.Time `json:"due"`
+		Held bool       `json:"held"`
+	}
+	if got := rows(ok(t, b, "keys", "ord")); len(got) != 2 || !slices.Equal(got[1], []string{"k", "0", "1", "3", "held", "-"}) {
+		t.Errorf("keys of a held key: %q", got)
+	}
+	var ks []key
+	decode(t, ok(t, b, "-json", "keys", "ord"), &ks)
+	if len(ks) != 1 || !ks[0].Held || ks[0].Due != nil {
+		t.Errorf("keys -json of a held key: %+v, want held with no due time", ks)
+	}
+	head, _, _ := strings.Cut(ok(t, b, "peek", "ord", "k"), "\n")
+	if want := "key k of queue ord (shard 0): 1 item, 3 bytes, held: it waits for its batch out, or its failed item's retry"; head != want {
+		t.Errorf("peek of a held key: %q, want %q", head, want)
+	}
+	var pk key
+	decode(t, ok(t, b, "-json", "peek", "ord", "k"), &pk)
+	if pk.Key != "k" || !pk.Held || pk.Due != nil {
+		t.Errorf("peek -json of a held key: %+v, want held with no due time", pk)
+	}
+
+	// Settled, the batch ends the hold: the key is due again.
+	must(t, c.Settle(ctx, out.Batches[0], []protocol.Outcome{{Kind: protocol.Done}}))
+	ks = nil
+	decode(t, ok(t, b, "-json", "keys", "ord"), &ks)
+	if len(ks) != 1 || ks[0].Held || ks[0].Due == nil || ks[0].Due.IsZero() {
+		t.Errorf("keys -json once the hold ended: %+v, want k due", ks)
+	}
+	if got := rows(ok(t, b, "keys", "ord")); len(got) != 2 || got[1][4] == "held" {
+		t.Errorf("keys once the hold ended: %q", got)
+	}
+}
+
 func TestDeadList(t *testing.T) {
 	b := testredis.Real(t)
 	fixture(t, b, 1)
