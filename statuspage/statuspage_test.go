@@ -453,6 +453,38 @@ func TestPages(t *testing.T) {
 	})
 }
 
+// A key of an ordered queue that waits for its batch out shows as held,
+// with no due time, beside a key that is due.
+func TestHeldKey(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		f := newFixture(t, b)
+		f.c.Order("ord")
+		must(t, f.p.Add(ctx, "ord", "k", 1))
+		out, err := f.c.Fetch(ctx, "ord", 0, 10)
+		must(t, err)
+		if len(out.Batches) != 1 {
+			t.Fatalf("fetched %d batches, want 1", len(out.Batches))
+		}
+		// Appended while the batch is out, the item waits: a pop leaves
+		// the key held. Key j has no batch out: it stays due.
+		must(t, f.p.Add(ctx, "ord", "k", 2))
+		if fe, err := f.c.Fetch(ctx, "ord", 0, 1); err != nil || len(fe.Batches) != 0 {
+			t.Fatalf("fetched %+v, %v from a held key", fe.Batches, err)
+		}
+		must(t, f.p.Add(ctx, "ord", "j", 3))
+
+		s := serve(t, newPage(t, f.in), "/")
+		q := s.get("queues/ord").want(t, http.StatusOK, "<caption>Queue ord</caption>")
+		rows := q.rows()
+		wantCells(t, "key k", rows["k"], map[string]string{"items": "1", "due": "held", "lag": "0s"})
+		wantCells(t, "key j", rows["j"], map[string]string{"items": "1", "due": ""})
+		if !regexp.MustCompile(`(?s)<tr data-key="j">.*?<td data-stat="due"><time datetime="\d{4}-`).MatchString(q.body) {
+			t.Errorf("key j shows no due time:\n%s", q.body)
+		}
+	})
+}
+
 func lagMs(body, key string) string {
 	m := regexp.MustCompile(`(?s)<tr data-key="` + regexp.QuoteMeta(key) + `">.*?data-stat="lag" data-ms="(\d+)"`).FindStringSubmatch(body)
 	if m == nil {
