@@ -379,8 +379,10 @@ func TestOrderedRetriesOfKeysRunAtOnce(t *testing.T) {
 
 func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 	ctx := context.Background()
-	// Two keys fail once, with retries due at once, before any worker runs:
-	// its first claim takes both in one batch.
+	// Two keys fail once, with retries due at once, settled in one round
+	// trip once the worker runs: its next claim takes both in one batch.
+	// (Settled before the worker starts, the retries would be claimed as it
+	// starts, maybe before its second executor is ready to help.)
 	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 	must(t, err)
 	c.Order("par")
@@ -391,9 +393,6 @@ func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 	must(t, err)
 	if len(f.Batches) != 2 {
 		t.Fatalf("fetched %d batches, want one per key", len(f.Batches))
-	}
-	for _, bt := range f.Batches {
-		must(t, c.Settle(ctx, bt, []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("boom")}}))
 	}
 
 	started := map[string]chan struct{}{"a": make(chan struct{}), "b": make(chan struct{})}
@@ -415,6 +414,22 @@ func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 		return nil
 	}, batchq.WithOrderedKeys())
 	runWorker(t, w)
+	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
+	must(t, err)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		lw, err := in.Workers(ctx)
+		must(t, err)
+		if len(lw.Workers) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the worker did not announce itself")
+		}
+	}
+	retry := []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("boom")}}
+	for _, err := range c.SettleAll(ctx, f.Batches, [][]protocol.Outcome{retry, retry}) {
+		must(t, err)
+	}
 	for range 2 {
 		select {
 		case <-overlapped:
