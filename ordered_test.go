@@ -379,10 +379,12 @@ func TestOrderedRetriesOfKeysRunAtOnce(t *testing.T) {
 
 func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 	ctx := context.Background()
-	// Two keys fail once, with retries due at once, settled in one round
-	// trip once the worker runs: its next claim takes both in one batch.
-	// (Settled before the worker starts, the retries would be claimed as it
-	// starts, maybe before its second executor is ready to help.)
+	// Two keys fail once. Their retries, due at once, are settled in one
+	// round trip after the worker has handled an item of a third key: its
+	// next claim takes both in one batch, whose keys must run at once.
+	// (Settled before the worker starts, they would be claimed as it
+	// starts; a key is handed to another executor only if that executor
+	// already waits for work, and at start-up it may not yet.)
 	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 	must(t, err)
 	c.Order("par")
@@ -399,11 +401,17 @@ func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 	once := map[string]*sync.Once{"a": {}, "b": {}}
 	other := map[string]string{"a": "b", "b": "a"}
 	overlapped := make(chan string, 2)
-	w := newWorker(t, b, batchq.WithConcurrency(2))
+	warm, warmOnce := make(chan struct{}), sync.Once{}
+	rec := &fetchRecorder{}
+	w := newWorker(t, b, batchq.WithConcurrency(2), batchq.WithObserver(rec))
 	batchq.Handle(w, "par", func(ctx context.Context, it item) error {
 		key := "a"
-		if it.ID == 1 {
+		switch it.ID {
+		case 1:
 			key = "b"
+		case 2: // key w's: the worker runs
+			warmOnce.Do(func() { close(warm) })
+			return nil
 		}
 		once[key].Do(func() { close(started[key]) }) // a redelivery starts it again
 		select {
@@ -414,17 +422,11 @@ func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 		return nil
 	}, batchq.WithOrderedKeys())
 	runWorker(t, w)
-	in, err := inspect.New(b.Client, inspect.WithPrefix(b.Prefix))
-	must(t, err)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		lw, err := in.Workers(ctx)
-		must(t, err)
-		if len(lw.Workers) == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the worker did not announce itself")
-		}
+	addItems(t, b, "par", "w", 2, 3)
+	select {
+	case <-warm:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the worker handled no item")
 	}
 	retry := []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("boom")}}
 	for _, err := range c.SettleAll(ctx, f.Batches, [][]protocol.Outcome{retry, retry}) {
@@ -436,5 +438,14 @@ func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("the retries of two keys did not run at once")
 		}
+	}
+	var retries []fetched
+	for _, x := range rec.fetched() {
+		if x.retry {
+			retries = append(retries, x)
+		}
+	}
+	if len(retries) != 1 || retries[0].items != 2 {
+		t.Errorf("fetched retry batches %+v, want one of both keys' items", retries)
 	}
 }
