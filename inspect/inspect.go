@@ -534,13 +534,13 @@ type KeyStats struct {
 	Items int64  `json:"items"`
 	Bytes int64  `json:"bytes"`
 	// Due is when the key is due for workers (or, while a worker drains
-	// it, when its claim ends); Lag how long it has been due, 0 if not yet.
-	// Due is zero, and left out of JSON, when the key has no due time: it
-	// is held, or (Peek) it is on neither the ready nor the later index.
+	// it, when its claim ends). It is zero, and left out of JSON, when the
+	// key has none: it is held, or (Peek) on neither the ready nor the
+	// later index. Lag is how long it has been due, 0 if not yet.
 	Due time.Time     `json:"due,omitzero"`
 	Lag time.Duration `json:"lag_ns"`
 	// Held marks a key of an ordered queue that waits for its batch out,
-	// or its failed item's retry, to be settled: Due is then zero.
+	// or its failed item's retry, to be settled.
 	Held bool `json:"held,omitempty"`
 }
 

@@ -413,6 +413,11 @@ func TestHeldKey(t *testing.T) {
 	if pk.Key != "k" || !pk.Held || pk.Due != nil {
 		t.Errorf("peek -json of a held key: %+v, want held with no due time", pk)
 	}
+	pk = key{}
+	decode(t, ok(t, b, "-json", "peek", "ord", "none"), &pk)
+	if pk.Key != "none" || pk.Held || pk.Due != nil {
+		t.Errorf("peek -json of a key on no index: %+v, want no due time", pk)
+	}
 
 	// Settled, the batch ends the hold: the key is due again.
 	must(t, c.Settle(ctx, out.Batches[0], []protocol.Outcome{{Kind: protocol.Done}}))
