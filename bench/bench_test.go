@@ -33,6 +33,8 @@ func TestQuick(t *testing.T) {
 			ItemsPerS float64  `json:"items_per_s"`
 			Trips     float64  `json:"round_trips_per_item"`
 			ClientCPU float64  `json:"client_cpu_us_per_item"`
+			CPU       float64  `json:"cpu_us_per_item"`
+			SysCPU    *float64 `json:"cpu_sys_us_per_item"`
 			Memory    *float64 `json:"memory_bytes_per_item"`
 			Lost      *int64   `json:"lost"`
 			Items     int      `json:"items"`
@@ -69,6 +71,10 @@ func TestQuick(t *testing.T) {
 				t.Errorf("%s/%s: lost = %v, want 0", phase, system, r.Lost)
 			case r.Trips <= 0 || r.ClientCPU <= 0:
 				t.Errorf("%s/%s: round trips %v, client CPU %v µs per item, want both > 0", phase, system, r.Trips, r.ClientCPU)
+			case r.SysCPU == nil || *r.SysCPU < 0 || *r.SysCPU > r.CPU:
+				// Not > 0: a short phase may pass between the kernel's
+				// CPU-time samples.
+				t.Errorf("%s/%s: Redis CPU %v µs per item, %v of it sys; want 0 <= sys <= all", phase, system, r.CPU, r.SysCPU)
 			case phase == phaseAppend && (r.Memory == nil || *r.Memory <= 0):
 				t.Errorf("%s/%s: memory per item %v, want > 0", phase, system, r.Memory)
 			case phase == phaseAppend && system != sysBatchqLinger && (r.Trips < 1 || r.Trips > 1.05):

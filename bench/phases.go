@@ -80,6 +80,7 @@ type result struct {
 	handling   time.Duration // busy-key: from the first handler call until the last item's first call returned
 	commands   int64         // commands the server processed during the phase
 	cpu        float64       // server CPU time during the phase, in seconds
+	cpuSys     float64       // of it, in the kernel
 	trips      int64         // round trips the system's clients made during the phase
 	clientCPU  float64       // CPU time of this process (producers, workers, and the bench's own tracking) during the phase, in seconds
 	memory     int64         // phase 1: Redis memory the stored items take (used_memory after less before); 0 otherwise
@@ -136,6 +137,7 @@ func (b *bench) measure(r *result, fn func() error) error {
 	}
 	r.commands = after.commands - before.commands - 1
 	r.cpu = after.cpu - before.cpu
+	r.cpuSys = after.cpuSys - before.cpuSys
 	r.memory = after.memory - before.memory
 	return fnErr
 }

@@ -81,6 +81,7 @@ func (s *statsConn) do(args ...string) (string, error) {
 type serverStats struct {
 	commands int64   // total_commands_processed
 	cpu      float64 // used_cpu_sys + used_cpu_user, in seconds
+	cpuSys   float64 // used_cpu_sys: in the kernel (socket I/O, waking up)
 	memory   int64   // used_memory, in bytes
 	version  string  // redis_version
 }
@@ -106,6 +107,9 @@ func (s *statsConn) stats() (serverStats, error) {
 			var f float64
 			f, err = strconv.ParseFloat(v, 64)
 			st.cpu += f
+			if k == "used_cpu_sys" {
+				st.cpuSys = f
+			}
 			found++
 		case "used_memory":
 			st.memory, err = strconv.ParseInt(v, 10, 64)

@@ -67,6 +67,7 @@ type summary struct {
 	CmdsPerItem        float64   `json:"cmds_per_item"`
 	TripsPerItem       float64   `json:"round_trips_per_item"`
 	CPUUsPerItem       float64   `json:"cpu_us_per_item"`
+	SysCPUUsPerItem    float64   `json:"cpu_sys_us_per_item"` // of cpu_us_per_item, Redis' time in the kernel
 	ClientCPUUsPerItem float64   `json:"client_cpu_us_per_item"`
 	MemBytesPerItem    *float64  `json:"memory_bytes_per_item,omitempty"` // append: Redis memory per stored item
 	P50ms              *float64  `json:"p50_ms,omitempty"`
@@ -166,7 +167,7 @@ func pairs(yield func(bq, aq string) bool) {
 // summarise takes the median of each figure over runs.
 func summarise(phase string, runs []result) *summary {
 	s := &summary{Items: runs[0].items}
-	var ips, cmds, trips, cpu, ccpu, mem, p50, p99, pmax, handling, total []float64
+	var ips, cmds, trips, cpu, sys, ccpu, mem, p50, p99, pmax, handling, total []float64
 	for _, r := range runs {
 		c := float64(r.count(phase))
 		ips = append(ips, div(c, r.span(phase).Seconds()))
@@ -175,6 +176,7 @@ func summarise(phase string, runs []result) *summary {
 		cmds = append(cmds, div(float64(r.commands), c))
 		trips = append(trips, div(float64(r.trips), c))
 		cpu = append(cpu, div(r.cpu*1e6, c))
+		sys = append(sys, div(r.cpuSys*1e6, c))
 		ccpu = append(ccpu, div(r.clientCPU*1e6, c))
 		mem = append(mem, div(float64(r.memory), c))
 		if len(r.latencies) > 0 {
@@ -192,6 +194,7 @@ func summarise(phase string, runs []result) *summary {
 	s.CmdsPerItem = round(median(cmds), 3)
 	s.TripsPerItem = round(median(trips), 3)
 	s.CPUUsPerItem = round(median(cpu), 3)
+	s.SysCPUUsPerItem = round(median(sys), 3)
 	s.ClientCPUUsPerItem = round(median(ccpu), 3)
 	if phase == phaseAppend {
 		s.MemBytesPerItem = ptr(round(median(mem), 1))
