@@ -480,7 +480,7 @@ func TestHeldKey(t *testing.T) {
 		wantCells(t, "key k", rows["k"], map[string]string{"items": "1", "due": "held", "lag": "0s"})
 		wantCells(t, "key j", rows["j"], map[string]string{"items": "1", "due": ""})
 		for _, m := range rowRe.FindAllStringSubmatch(q.body, -1) {
-			if m[1] == "j" && !regexp.MustCompile(`<td data-stat="due"><time datetime="\d{4}-`).MatchString(m[2]) {
+			if m[1] == "j" && !strings.Contains(m[2], `<td data-stat="due"><time datetime="2`) {
 				t.Errorf("key j shows no due time: %s", m[2])
 			}
 		}
