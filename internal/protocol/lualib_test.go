@@ -1,6 +1,9 @@
 package protocol
 
 import (
+	"os"
+	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -62,5 +65,57 @@ local function c() end
 func TestHeldDueAgrees(t *testing.T) {
 	if want := "local held_due = " + strconv.Itoa(HeldDue) + "\n"; !strings.Contains(libLua, want) {
 		t.Fatalf("lib.lua does not hold %q", want)
+	}
+}
+
+// Each script's header says where docs/PROTOCOL.md describes its step, by
+// the titles of sections the document has.
+func TestScriptHeadersPointToTheProtocol(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/PROTOCOL.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	titles := make(map[string]bool)
+	for line := range strings.Lines(string(doc)) {
+		if title, ok := strings.CutPrefix(line, "#"); ok {
+			titles[strings.TrimSpace(strings.TrimLeft(title, "#"))] = true
+		}
+	}
+	files, err := filepath.Glob("lua/*.lua")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no scripts under lua/: %v", err)
+	}
+	quoted := regexp.MustCompile(`"([^"]+)"`)
+	for _, f := range files {
+		if filepath.Base(f) == "lib.lua" {
+			continue // helpers, not a step: its header names the document
+		}
+		src, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var header strings.Builder
+		for line := range strings.Lines(string(src)) {
+			text, ok := strings.CutPrefix(line, "--")
+			if !ok {
+				break
+			}
+			header.WriteString(strings.TrimSpace(text) + " ")
+		}
+		_, ref, ok := strings.Cut(header.String(), "(docs/PROTOCOL.md, ")
+		ref, _, closed := strings.Cut(ref, ")")
+		if !ok || !closed {
+			t.Errorf("%s: its header does not point to a section of docs/PROTOCOL.md", f)
+			continue
+		}
+		sections := quoted.FindAllStringSubmatch(ref, -1)
+		if len(sections) == 0 {
+			t.Errorf("%s: its header names no section of docs/PROTOCOL.md: %q", f, ref)
+		}
+		for _, s := range sections {
+			if !titles[s[1]] {
+				t.Errorf("%s: docs/PROTOCOL.md has no section %q", f, s[1])
+			}
+		}
 	}
 }

@@ -1,5 +1,6 @@
 -- mergemany.lua: append items to several keys of one queue shard at once,
--- each as merge.lua does; what a lingering producer sends.
+-- each as merge_key (lib.lua) does (docs/PROTOCOL.md, "Append"): what a
+-- lingering producer sends, and every append to a queue with a flush policy.
 --
 -- KEYS[1] ready ZSET
 -- KEYS[2] wake LIST
@@ -8,8 +9,8 @@
 --         count and cap keys
 -- ARGV[1] item cap per key, ARGV[2] byte cap per key (0: the most)
 -- ARGV[3] now (ms), as merge.lua
--- ARGV[4..7] flush policy: max age, quiet period, items, bytes (as
---         merge.lua; max age 0: none)
+-- ARGV[4..7] flush policy: max age, quiet period, items, bytes (see
+--         merge_key; max age 0: none)
 -- then per key i: ARGV[3i+5], ARGV[3i+6], ARGV[3i+7]: the key (a member of
 --         the indexes), how many items, the items as merge.lua takes them
 --
