@@ -553,6 +553,46 @@ func TestPurgeDeadDeletesQuarantine(t *testing.T) {
 	})
 }
 
+// A value quarantined while PurgeDead runs, between its read of the
+// quarantine set and its delete, is not left behind outside the set (a
+// purge finds quarantine keys only through it): the purge reads the set
+// again and deletes both.
+func TestPurgeDeadRacingAQuarantine(t *testing.T) {
+	testredis.Each(t, func(t *testing.T, b testredis.Backend) {
+		ctx := context.Background()
+		c := newConsumer(t, b)
+		r := b.Client
+		quarantine := func(key string) {
+			t.Helper()
+			if err := r.Do(ctx, r.B().Hset().Key(space(b).Items(key)).FieldValue().FieldValue("f", "v").Build()).Error(); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Do(ctx, r.B().Zadd().Key(space(b).Ready()).ScoreMember().ScoreMember(0, key).Build()).Error(); err != nil {
+				t.Fatal(err)
+			}
+			if f := fetch(t, c, 10); len(f.Dead) != 1 {
+				t.Fatalf("got %s, want the hash of %s in dead letters", describe(f), key)
+			}
+		}
+		quarantine("h1")
+		reads := 0
+		protocol.SetPurgeHook(t, func() {
+			if reads++; reads == 1 {
+				quarantine("h2")
+			}
+		})
+		if n, err := dl(c).Purge(ctx, queue); err != nil || n != 2 {
+			t.Fatalf("Purge: %d, %v; want both dead letters", n, err)
+		}
+		if reads != 2 {
+			t.Errorf("the purge read the quarantine set %d times, want 2", reads)
+		}
+		if ks := testredis.Keys(t, b, b.Prefix+":*"); len(ks) != 0 {
+			t.Fatalf("keys left after purge: %v", ks)
+		}
+	})
+}
+
 // RequeueNewest puts back the newest dead letters first, at most max, and
 // the items of a batch that died together keep their order.
 func TestRequeueNewestDead(t *testing.T) {

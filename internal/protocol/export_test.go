@@ -29,3 +29,10 @@ func Earlier(c *Consumer, queue string, counts []int, shard int, key string) []i
 	c.grown.Store(queue, counts)
 	return c.earlier(queue, shard, key)
 }
+
+// SetPurgeHook makes PurgeDead call fn between its read of the quarantine
+// set and its delete, until the test ends.
+func SetPurgeHook(t interface{ Cleanup(func()) }, fn func()) {
+	purgeHook = fn
+	t.Cleanup(func() { purgeHook = nil })
+}
