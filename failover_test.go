@@ -1,7 +1,7 @@
 package batchq_test
 
-// A master of a Redis Cluster killed under load: invariant I1 of DESIGN.md
-// across a failover, with and without producer.WithReplicaAcks
+// A master of a Redis Cluster killed under load: the README's at-least-once
+// guarantee across a failover, with and without producer.WithReplicaAcks
 // (TestMasterKilledOnCluster), and replica acks across a slot that moved
 // (TestReplicaAcksFollowAMovedSlot). Each test starts its own cluster of
 // three masters, each with one replica (testredis.StartReplicatedCluster),

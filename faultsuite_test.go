@@ -1,9 +1,9 @@
 package batchq_test
 
-// The fault suite: invariants I1 and I2 of DESIGN.md under the faults a
-// deployment meets, on a real redis-server: workers killed with SIGKILL,
-// workers restarted gracefully, Redis killed and restarted, connections cut
-// mid-stream. Each test logs one line starting with "FAULT " with its
+// The fault suite: the README's first two guarantees (at-least-once, and
+// exactly-once without crashes) under the faults a deployment meets, on a
+// real redis-server: workers killed with SIGKILL, workers restarted
+// gracefully, Redis killed and restarted, connections cut mid-stream. Each test logs one line starting with "FAULT " with its
 // figures (items, faults, lost, duplicates, recovery times), which
 // RELIABILITY.md quotes.
 //

@@ -1,9 +1,10 @@
 package batchq_test
 
-// The master of a Sentinel setup killed under load: invariant I1 of
-// DESIGN.md across a failover, with and without producer.WithReplicaAcks,
-// every client built from the -redis value sentinel://MASTER@HOST:PORT,...
-// through internal/redisaddr, as the examples and the CLI build theirs. The
+// The master of a Sentinel setup killed under load: the README's
+// at-least-once guarantee across a failover, with and without
+// producer.WithReplicaAcks, every client built from the -redis value
+// sentinel://MASTER@HOST:PORT,... through internal/redisaddr, as the
+// examples and the CLI build theirs. The
 // test starts its own master, replicas and three Sentinels on loopback
 // (testredis.StartSentinels), so it runs on any machine with redis-server,
 // and logs one "FAILOVER sentinel" line of figures per variant:

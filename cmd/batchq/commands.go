@@ -572,9 +572,6 @@ type retryJSON struct {
 	Item json.RawMessage `json:"item,omitempty"`
 }
 
-// requeuePage bounds the dead letters read at once by dead requeue -all.
-const requeuePage = 1000
-
 // deadRequeue requeues the newest -n dead letters of a queue, all, or
 // those named by -id.
 func deadRequeue(ctx context.Context, s *session, args []string) error {

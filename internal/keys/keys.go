@@ -184,7 +184,7 @@ func For(prefix, queue string, shard int) Space {
 func (s Space) Items(key string) string { return s.base + "k:" + key }
 
 // Count is the key holding how many items Items(key) holds, and its length
-// (see store.PackCount).
+// (see protocol.PackCount).
 func (s Space) Count(key string) string { return s.base + "n:" + key }
 
 // Cap is the key holding the latest time key may be due at when its queue
