@@ -51,6 +51,7 @@ var aclCommands = []string{
 	"rpush", "lpop", "blmpop", "blpop", "llen", // wake lists (BLPOP: servers without BLMPOP)
 	"sadd", "smembers", // quarantined
 	"wait",           // producers with replica acks: WAIT behind each append
+	"asking",         // Redis Cluster: a command sent again to the node a moving slot goes to
 	"time",           // the server's clock
 	"ping",           // rueidis' keepalive on idle connections
 	"client|unblock", // a blocking pop cut short by shutdown, so that its connection is kept
@@ -59,8 +60,14 @@ var aclCommands = []string{
 // aclSetUser is the ACL SETUSER command that gives user exactly what batchq
 // needs under prefix.
 func aclSetUser(user, password, prefix string) []string {
+	return aclGrant(user, password, prefix, aclCommands)
+}
+
+// aclGrant is the ACL SETUSER command that gives user the commands cmds on
+// the keys under prefix, and nothing else.
+func aclGrant(user, password, prefix string, cmds []string) []string {
 	args := []string{"ACL", "SETUSER", user, "reset", "on", ">" + password, "~" + prefix + ":*", "resetchannels", "-@all"}
-	for _, c := range aclCommands {
+	for _, c := range cmds {
 		args = append(args, "+"+c)
 	}
 	return args
@@ -178,6 +185,108 @@ func aclLog(t testing.TB, c rueidis.Client) []map[string]string {
 		out = append(out, m)
 	}
 	return out
+}
+
+// On Redis Cluster, a master whose slot is migrating answers ASK for the
+// keys it no longer holds, and rueidis sends the command again to the
+// importing master behind ASKING: a user holding the documented rule reads
+// through it, one without +asking cannot. An append there, a script of
+// several keys, is refused with TRYAGAIN (nothing stored) until the
+// migration ends, then goes through (RELIABILITY.md, "Replication and
+// failover").
+func TestACLOnAMigratingSlot(t *testing.T) {
+	nodes := testredis.StartCluster(t)
+	ctx := context.Background()
+	const user, password, prefix, queue = "app", "s3cret-app-password", "app", "moving"
+	sp := keys.For(prefix, queue, 0)
+	slot := keys.Slot(sp.Tag())
+	owner := slotOwners(t, nodes[0].Backend(t))
+	var src, dst *testredis.Server
+	for _, n := range nodes {
+		switch {
+		case n.Addr == owner[slot]:
+			src = n
+		case dst == nil:
+			dst = n
+		}
+	}
+	if src == nil {
+		t.Fatalf("no node owns slot %d", slot)
+	}
+	admin := func(s *testredis.Server) rueidis.Client { // the default user, on that node alone
+		c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{s.Addr}, ForceSingleClient: true, DisableCache: true})
+		must(t, err)
+		t.Cleanup(c.Close)
+		return c
+	}
+	srcAdmin, dstAdmin := admin(src), admin(dst)
+	ok := func(c rueidis.Client, args ...string) {
+		t.Helper()
+		if err := redisDo(ctx, c, args...).Error(); err != nil {
+			t.Fatalf("%s: %v", args[:2], err)
+		}
+	}
+	myID := func(c rueidis.Client) string {
+		id, err := redisDo(ctx, c, "CLUSTER", "MYID").ToString()
+		must(t, err)
+		return id
+	}
+	// The client of a cluster reads the slot map: CLUSTER SLOTS, optional
+	// in SECURITY.md, granted to cluster users.
+	grant := func(cmds []string) {
+		t.Helper()
+		for _, n := range nodes {
+			if out, err := n.Command(aclGrant(user, password, prefix, append(slices.Clone(cmds), "cluster|slots"))...); err != nil || out != "OK" {
+				t.Fatalf("ACL SETUSER on %s: %q, %v", n.Addr, out, err)
+			}
+		}
+	}
+	grant(aclCommands)
+	c := userClient(t, src.Addr, user, password)
+	p, err := producer.New(c, producer.WithPrefix(prefix), producer.WithDefaultShards(1))
+	must(t, err)
+	must(t, p.Add(ctx, queue, "k", item{ID: 1}))
+	in, err := inspect.New(c, inspect.WithPrefix(prefix))
+	must(t, err)
+
+	// The slot moves from src to dst, its keys first: src answers ASK for
+	// each of them from now on.
+	ok(dstAdmin, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "IMPORTING", myID(srcAdmin))
+	ok(srcAdmin, "CLUSTER", "SETSLOT", strconv.Itoa(slot), "MIGRATING", myID(dstAdmin))
+	moving, err := redisDo(ctx, srcAdmin, "CLUSTER", "GETKEYSINSLOT", strconv.Itoa(slot), "100").AsStrSlice()
+	must(t, err)
+	if len(moving) == 0 {
+		t.Fatal("the append left no key in its slot")
+	}
+	host, port, _ := strings.Cut(dst.Addr, ":")
+	ok(srcAdmin, append([]string{"MIGRATE", host, port, "", "0", "5000", "KEYS"}, moving...)...)
+
+	peek := func() (inspect.Peeked, error) {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		return in.Peek(pctx, queue, "k")
+	}
+	grant(slices.DeleteFunc(slices.Clone(aclCommands), func(c string) bool { return c == "asking" }))
+	if _, err := peek(); err == nil {
+		t.Fatal("a read through ASK succeeded without +asking: the test does not reach the migrating slot")
+	}
+	grant(aclCommands)
+	if pk, err := peek(); err != nil || pk.Items != 1 {
+		t.Fatalf("peek through ASK with the documented rule: %+v, %v; want the one item", pk.KeyStats, err)
+	}
+	if err := p.Add(ctx, queue, "k", item{ID: 2}); err == nil || !strings.Contains(err.Error(), "TRYAGAIN") {
+		t.Fatalf("append to a migrating slot: %v, want TRYAGAIN", err)
+	}
+
+	// The migration ends: the slot is dst's, and appends go there.
+	for _, n := range nodes {
+		ok(admin(n), "CLUSTER", "SETSLOT", strconv.Itoa(slot), "NODE", myID(dstAdmin))
+	}
+	must(t, p.Add(ctx, queue, "k", item{ID: 3}))
+	v, err := dstAdmin.Do(ctx, dstAdmin.B().Get().Key(sp.Items("k")).Build()).ToString()
+	if err != nil || v != `[{"id":1},{"id":3}]` {
+		t.Fatalf("the new master holds %q (%v), want the first and third appends", v, err)
+	}
 }
 
 // A user holding only the documented rule runs every path of batchq:
@@ -416,9 +525,10 @@ func TestACL(t *testing.T) {
 		delete(used, c) // the handshake, keepalives and the admin's calls
 	}
 	for _, c := range aclCommands {
-		if c == "ping" || c == "blpop" || c == "client|unblock" {
+		if c == "ping" || c == "blpop" || c == "client|unblock" || c == "asking" {
 			// Sent only by idle connections; only to servers without
-			// BLMPOP; only when a shutdown cuts a pop short.
+			// BLMPOP; only when a shutdown cuts a pop short; only to a
+			// Redis Cluster whose slot is moving.
 			delete(used, c)
 			continue
 		}
