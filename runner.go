@@ -69,18 +69,14 @@ var (
 )
 
 // redisFailed records and logs a failed Redis call: what it was, and
-// fields about it. Only batchq's own error replies (a corrupt or full key,
-// a lease in an unexpected state) leave Redis trusted, and are logged each
-// time; anything else, a lost connection or a reply such as BUSY, LOADING
-// or READONLY, may have failed heartbeats too, and starts or continues an
-// outage: its first failure is logged, then one line every outageLogEvery
-// with the count, until calls succeed for outageQuiet (redisOK).
+// fields about it. Any failure, a lost connection or a reply such as BUSY,
+// LOADING or READONLY, may have failed heartbeats too, and starts or
+// continues an outage: its first failure is logged, then one line every
+// outageLogEvery with the count, until calls succeed for outageQuiet
+// (redisOK). (The replies of batchq's scripts that a worker gets are
+// outcomes, such as a lease lost, handled where they come, not failures.)
 func (r *runner) redisFailed(what string, err error, fields ...zap.Field) {
 	fields = append(fields, zap.Error(err))
-	if protocol.Trusted(err) {
-		r.w.log.Warn(what+" failed", fields...)
-		return
-	}
 	now := time.Now()
 	r.trouble.Store(now.UnixNano())
 	o := &r.outage

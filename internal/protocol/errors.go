@@ -172,16 +172,3 @@ func settleResult(n int64, err error) error {
 	}
 	return nil
 }
-
-// Trusted reports whether err is one of batchq's own replies (a corrupt or
-// full key, a lease in an unexpected state): Redis answered, and is as
-// trustworthy as before. Any other error, a lost connection or a reply such
-// as BUSY, LOADING or READONLY, may have failed other calls too.
-func Trusted(err error) bool {
-	var re *rueidis.RedisError
-	if !errors.As(err, &re) {
-		return false
-	}
-	msg := re.Error()
-	return strings.HasPrefix(msg, "NOTARRAY") || strings.HasPrefix(msg, "FULL") || strings.HasPrefix(msg, "ERR batchq")
-}
