@@ -60,10 +60,9 @@ elseif redis.call('EXISTS', KEYS[2]) == 1 then
     prepend_array(KEYS[3], KEYS[4], val, (counted(n)))
     redis.call('DEL', KEYS[2])
   elseif redis.call('EXISTS', KEYS[3]) == 0 then
+    -- Not ours (a missing key takes ours by prepend_array): the value goes
+    -- back without a count.
     redis.call('RENAME', KEYS[2], KEYS[3])
-    if ours then
-      redis.call('SET', KEYS[4], n)
-    end
   else
     -- It cannot go back yet. An ordered key's hold ends all the same, or
     -- the other value would never be drained: it goes first.
