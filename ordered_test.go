@@ -379,12 +379,15 @@ func TestOrderedRetriesOfKeysRunAtOnce(t *testing.T) {
 
 func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 	ctx := context.Background()
-	// Two keys fail once. Their retries, due at once, are settled in one
-	// round trip after the worker has handled an item of a third key: its
-	// next claim takes both in one batch, whose keys must run at once.
+	// Two keys fail once. Their retries, due 200 ms later, at the same
+	// time (SettleAll reads the clock once), are settled in one round trip
+	// after the worker has handled an item of a third key: the claim at
+	// their due time takes both in one batch, whose keys must run at once.
 	// (Settled before the worker starts, they would be claimed as it
 	// starts; a key is handed to another executor only if that executor
-	// already waits for work, and at start-up it may not yet.)
+	// already waits for work, and at start-up it may not yet. Due at once,
+	// a claim could come between the two settle scripts: miniredis runs
+	// another client's command between those of a pipeline.)
 	c, err := protocol.NewConsumer(b.Client, protocol.WithPrefix(b.Prefix))
 	must(t, err)
 	c.Order("par")
@@ -428,7 +431,7 @@ func testOrderedRetriesRunAtOnce(t *testing.T, b testredis.Backend) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the worker handled no item")
 	}
-	retry := []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("boom")}}
+	retry := []protocol.Outcome{{Kind: protocol.Retry, Err: errors.New("boom"), Delay: 200 * time.Millisecond}}
 	for _, err := range c.SettleAll(ctx, f.Batches, [][]protocol.Outcome{retry, retry}) {
 		must(t, err)
 	}

@@ -905,7 +905,8 @@ func errText(err error) string {
 // already expired and been reaped: then nothing is recorded and the whole
 // batch is delivered again.
 func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) error {
-	s, err := c.settlement(b, outcomes, false)
+	now := c.now()
+	s, err := c.settlement(b, outcomes, false, now)
 	if err != nil {
 		return err
 	}
@@ -917,7 +918,7 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 		// unchanged.
 		// The key is made ready, so that a worker moves the bad value to
 		// dead letters.
-		if s, err = c.settlement(b, outcomes, true); err == nil {
+		if s, err = c.settlement(b, outcomes, true, now); err == nil {
 			s.MakeReady = true
 			err = Settle(ctx, c.c, sp, s)
 		}
@@ -930,14 +931,17 @@ func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) err
 
 // SettleAll settles many batches, each as Settle does, in one round trip:
 // errs[i] is what Settle would return for batches[i] and outcomes[i]. A
-// worker acks the batches that finish together this way.
+// worker acks the batches that finish together this way. They are settled
+// as of one reading of the clock: retries of the same delay are due at the
+// same time, and are claimed together.
 func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][]Outcome) (errs []error) {
 	errs = make([]error, len(batches))
+	now := c.now()
 	sps := make([]keys.Space, 0, len(batches))
 	ss := make([]Settlement, 0, len(batches))
 	idx := make([]int, 0, len(batches))
 	for i, b := range batches {
-		s, err := c.settlement(b, outcomes[i], false)
+		s, err := c.settlement(b, outcomes[i], false, now)
 		if err != nil {
 			errs[i] = err
 			continue
@@ -957,9 +961,9 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 	return errs
 }
 
-// settlement builds the settlement of b. With unfinishedAsRetries, or for a
-// batch of retries, unfinished items go to the retry index, due now, rather
-// than back in front of their key.
+// settlement builds the settlement of b as of now. With
+// unfinishedAsRetries, or for a batch of retries, unfinished items go to the
+// retry index, due now, rather than back in front of their key.
 //
 // The items of a held key (an ordered queue's: see Order) are settled by
 // key, in order: the first that failed, or that was not handled and cannot
@@ -967,8 +971,7 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 // with the key's later items that are neither done nor dead, in order, so
 // that they run after it; without one, the key's unfinished items go back
 // in front of it, and its hold ends. Every other item is settled alone.
-func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool) (Settlement, error) {
-	now := c.now()
+func (c *Consumer) settlement(b *Batch, outcomes []Outcome, unfinishedAsRetries bool, now time.Time) (Settlement, error) {
 	s := Settlement{Lease: b.lease, ID: b.id, Key: b.Key, DeadCap: c.deadCap, Now: now.UnixMilli(), Dead: slices.Clip(b.dead)}
 	unfinishedAsRetries = unfinishedAsRetries || b.Retry()
 	outcome := func(i int) Outcome {
