@@ -43,13 +43,13 @@ import (
 // only reads maxmemory-policy with it, to warn, and is silent when denied.
 var aclCommands = []string{
 	"evalsha", "eval", // the scripts, through rueidis' script helper
-	"watch", "multi", "exec", // the drain transactions (WATCH: ordered queues), PurgeDead
+	"watch", "multi", "exec", // the drain transactions (WATCH: ordered queues), a purge
 	"get", "mget", "set", "getdel", "strlen", "getrange", "setrange", "incrby", "decrby", // items arrays and counts (MGET: the inspector)
 	"del", "exists", "rename", "type", // leases, quarantine, cleanup
 	"zadd", "zrem", "zscore", "zcard", "zrange", "zrangebyscore", "zremrangebyrank", // ready, leases, retry, dead
 	"hset", "hget", "hmget", "hgetall", "hdel", "hexists", // retrydata, deaddata, retry leases, the registry
 	"rpush", "lpop", "blmpop", "blpop", "llen", // wake lists (BLPOP: servers without BLMPOP)
-	"sadd", "smembers", // quarantined
+	"sadd", "smembers", "srem", // quarantined
 	"wait",           // producers with replica acks: WAIT behind each append
 	"asking",         // Redis Cluster: a command sent again to the node a moving slot goes to
 	"time",           // the server's clock

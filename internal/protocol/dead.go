@@ -3,7 +3,6 @@ package protocol
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"strconv"
 	"time"
 
@@ -149,60 +148,37 @@ func RequeueMany(ctx context.Context, c rueidis.Client, rs []Requeued) (ok []boo
 }
 
 // PurgeDead deletes every dead letter of a shard, and the values kept in
-// quarantine, and returns how many dead letters there were. It reads the
-// quarantine set under WATCH and deletes in one MULTI/EXEC, read again
-// when a settle quarantined a value in between, so that no quarantine key
-// outlives its set (a purge finds them only through it).
+// quarantine, and returns how many dead letters there were: it reads the
+// quarantine set, then one MULTI/EXEC counts the dead letters and deletes
+// them, the quarantine keys it read, and their names in the set. A value a
+// settle quarantines in between stays, its name in the set, for the next
+// purge: a quarantine key is never left outside the set, through which
+// alone a purge finds it. (The commands go through the client, which
+// follows a Redis Cluster's MOVED and ASK replies.)
 func PurgeDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, error) {
-	// The connection is closed, not given back to the pool (see Conn.Close):
-	// nor does a WATCH left by a failed try stay on a pooled connection.
-	dc, _ := c.Dedicate()
-	defer dc.Close()
-	for range purgeTries {
-		n, done, err := purgeOnce(ctx, dc, sp)
-		if err != nil || done {
-			return n, err
-		}
-	}
-	return 0, fmt.Errorf("purge: the quarantine set changed under each of %d tries", purgeTries)
-}
-
-// purgeTries bounds the tries of PurgeDead: a try fails only when a settle
-// quarantines a value between its read and its delete.
-const purgeTries = 10
-
-// purgeHook, when not nil, runs between a purge's read of the quarantine
-// set and its delete (for tests).
-var purgeHook func()
-
-// purgeOnce is one try of PurgeDead on a dedicated connection; done is
-// false when the quarantine set changed under it and nothing was deleted.
-func purgeOnce(ctx context.Context, dc rueidis.DedicatedClient, sp keys.Space) (n int64, done bool, err error) {
-	read := dc.DoMulti(ctx,
-		dc.B().Watch().Key(sp.Quarantined()).Build(),
-		dc.B().Smembers().Key(sp.Quarantined()).Build())
-	if err := read[0].Error(); err != nil {
-		return 0, false, err
-	}
-	quarantined, err := read[1].AsStrSlice()
+	quarantined, err := c.Do(ctx, c.B().Smembers().Key(sp.Quarantined()).Build()).AsStrSlice()
 	if err != nil {
-		return 0, false, err
+		return 0, err
 	}
 	if purgeHook != nil {
 		purgeHook()
 	}
-	res := dc.DoMulti(ctx,
-		dc.B().Multi().Build(),
-		dc.B().Zcard().Key(sp.Dead()).Build(),
-		dc.B().Del().Key(append([]string{sp.Dead(), sp.DeadData(), sp.Quarantined()}, quarantined...)...).Build(),
-		dc.B().Exec().Build())
-	exec, err := res[3].ToArray()
-	if rueidis.IsRedisNil(err) {
-		return 0, false, nil // the set changed: nothing was deleted
+	cmds := rueidis.Commands{
+		c.B().Multi().Build(),
+		c.B().Zcard().Key(sp.Dead()).Build(),
+		c.B().Del().Key(append([]string{sp.Dead(), sp.DeadData()}, quarantined...)...).Build(),
 	}
+	if len(quarantined) > 0 {
+		cmds = append(cmds, c.B().Srem().Key(sp.Quarantined()).Member(quarantined...).Build())
+	}
+	cmds = append(cmds, c.B().Exec().Build())
+	exec, err := c.DoMulti(ctx, cmds...)[len(cmds)-1].ToArray()
 	if err != nil {
-		return 0, false, err
+		return 0, err
 	}
-	n, err = exec[0].AsInt64()
-	return n, err == nil, err
+	return exec[0].AsInt64()
 }
+
+// purgeHook, when not nil, runs between a purge's read of the quarantine
+// set and its delete (for tests).
+var purgeHook func()
