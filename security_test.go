@@ -231,12 +231,12 @@ func TestACLOnAMigratingSlot(t *testing.T) {
 		must(t, err)
 		return id
 	}
-	// The client of a cluster reads the slot map: CLUSTER SLOTS, optional
-	// in SECURITY.md, granted to cluster users.
+	// The client of a cluster reads the slot map: CLUSTER SLOTS (Redis 7)
+	// or SHARDS (Redis 8), optional in SECURITY.md, granted to cluster users.
 	grant := func(cmds []string) {
 		t.Helper()
 		for _, n := range nodes {
-			if out, err := n.Command(aclGrant(user, password, prefix, append(slices.Clone(cmds), "cluster|slots"))...); err != nil || out != "OK" {
+			if out, err := n.Command(aclGrant(user, password, prefix, append(slices.Clone(cmds), "cluster|slots", "cluster|shards"))...); err != nil || out != "OK" {
 				t.Fatalf("ACL SETUSER on %s: %q, %v", n.Addr, out, err)
 			}
 		}
@@ -269,6 +269,9 @@ func TestACLOnAMigratingSlot(t *testing.T) {
 	grant(slices.DeleteFunc(slices.Clone(aclCommands), func(c string) bool { return c == "asking" }))
 	if _, err := peek(); err == nil {
 		t.Fatal("a read through ASK succeeded without +asking: the test does not reach the migrating slot")
+	}
+	if !slices.ContainsFunc(aclLog(t, dstAdmin), func(e map[string]string) bool { return e["object"] == "asking" }) {
+		t.Fatalf("the read without +asking failed, but the importing master logged no denied ASKING: %v", aclLog(t, dstAdmin))
 	}
 	grant(aclCommands)
 	if pk, err := peek(); err != nil || pk.Items != 1 {
