@@ -33,8 +33,48 @@ type Acks struct {
 // the pair goes again, once, to the node it names, if the client knows it
 // (after ASKING, for an ASK: during a slot's migration, which the new node
 // mostly answers TRYAGAIN, as it does not hold every key the script names;
-// the append then fails, nothing stored).
+// the append is then tried again, see below).
+//
+// A TRYAGAIN reply (a Redis Cluster slot being migrated, whose new node
+// does not hold every key the script names yet) means nothing ran: the
+// call goes again, whole, after 10 ms, then twice as long each time up to
+// 200 ms, while ctx lasts and for tryAgainFor at most; then the TRYAGAIN
+// reply is returned.
 func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
+	wait, deadline := 10*time.Millisecond, time.Now().Add(tryAgainFor)
+	for {
+		res, ack = execAckedOnce(ctx, c, s, keys, args, acks)
+		if !tryAgain(res.Error()) || time.Now().Add(wait).After(deadline) || !sleep(ctx, wait) {
+			return res, ack
+		}
+		wait = min(2*wait, 200*time.Millisecond)
+	}
+}
+
+// tryAgainFor bounds how long execAcked tries a call Redis Cluster answers
+// TRYAGAIN.
+const tryAgainFor = 5 * time.Second
+
+// tryAgain reports whether err is a TRYAGAIN reply.
+func tryAgain(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && re.IsTryAgain()
+}
+
+// sleep waits for d, and reports false if ctx ended first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// execAckedOnce is one try of execAcked.
+func execAckedOnce(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
 	if acks.Replicas <= 0 {
 		return s.Exec(ctx, c, keys, args), nil
 	}

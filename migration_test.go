@@ -1,0 +1,168 @@
+package batchq_test
+
+// A Redis Cluster slot moved between masters by hand, as redis-cli
+// --cluster reshard moves one: appends that meet it wait for the end of the
+// migration (TestAppendsWaitOutASlotMigration), and the ACL rule lets
+// rueidis follow its ASK replies (TestACLOnAMigratingSlot, security_test.go).
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/batchq/batchq/internal/keys"
+	"github.com/batchq/batchq/internal/testredis"
+	"github.com/batchq/batchq/producer"
+)
+
+// A slotMigration is the slot of a queue shard on its way from the master
+// src to the master dst of a private cluster.
+type slotMigration struct {
+	t                  *testing.T
+	nodes              []*testredis.Server
+	slot               int
+	src, dst           *testredis.Server
+	srcAdmin, dstAdmin rueidis.Client // the default user, on that node alone
+}
+
+// startMigration starts moving the slot of sp from its master to another
+// one: the new master imports it, the old one migrates it, and answers ASK
+// for any of its keys it does not hold.
+func startMigration(t *testing.T, nodes []*testredis.Server, sp keys.Space) *slotMigration {
+	t.Helper()
+	m := &slotMigration{t: t, nodes: nodes, slot: keys.Slot(sp.Tag())}
+	owner := slotOwners(t, nodes[0].Backend(t))
+	for _, n := range nodes {
+		switch {
+		case n.Addr == owner[m.slot]:
+			m.src = n
+		case m.dst == nil:
+			m.dst = n
+		}
+	}
+	if m.src == nil {
+		t.Fatalf("no node owns slot %d", m.slot)
+	}
+	m.srcAdmin, m.dstAdmin = m.admin(m.src), m.admin(m.dst)
+	m.ok(m.dstAdmin, "CLUSTER", "SETSLOT", strconv.Itoa(m.slot), "IMPORTING", m.id(m.srcAdmin))
+	m.ok(m.srcAdmin, "CLUSTER", "SETSLOT", strconv.Itoa(m.slot), "MIGRATING", m.id(m.dstAdmin))
+	return m
+}
+
+// moveKeys moves every key of the slot to the new master.
+func (m *slotMigration) moveKeys() {
+	m.t.Helper()
+	ks, err := redisDo(context.Background(), m.srcAdmin, "CLUSTER", "GETKEYSINSLOT", strconv.Itoa(m.slot), "1000").AsStrSlice()
+	must(m.t, err)
+	if len(ks) == 0 {
+		m.t.Fatal("no key in the slot to move")
+	}
+	host, port, _ := strings.Cut(m.dst.Addr, ":")
+	m.ok(m.srcAdmin, append([]string{"MIGRATE", host, port, "", "0", "5000", "KEYS"}, ks...)...)
+}
+
+// end gives the slot to the new master, on every node.
+func (m *slotMigration) end() {
+	m.t.Helper()
+	for _, n := range m.nodes {
+		m.ok(m.admin(n), "CLUSTER", "SETSLOT", strconv.Itoa(m.slot), "NODE", m.id(m.dstAdmin))
+	}
+}
+
+// admin connects to s alone as the default user.
+func (m *slotMigration) admin(s *testredis.Server) rueidis.Client {
+	m.t.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{s.Addr}, ForceSingleClient: true, DisableCache: true})
+	must(m.t, err)
+	m.t.Cleanup(c.Close)
+	return c
+}
+
+func (m *slotMigration) ok(c rueidis.Client, args ...string) {
+	m.t.Helper()
+	if err := redisDo(context.Background(), c, args...).Error(); err != nil {
+		m.t.Fatalf("%s: %v", args[:2], err)
+	}
+}
+
+func (m *slotMigration) id(c rueidis.Client) string {
+	m.t.Helper()
+	id, err := redisDo(context.Background(), c, "CLUSTER", "MYID").ToString()
+	must(m.t, err)
+	return id
+}
+
+// ids returns the ids of the items key of sp holds on the new master,
+// sorted.
+func (m *slotMigration) ids(sp keys.Space, key string) []int {
+	m.t.Helper()
+	v, err := m.dstAdmin.Do(context.Background(), m.dstAdmin.B().Get().Key(sp.Items(key)).Build()).AsBytes()
+	must(m.t, err)
+	var items []item
+	must(m.t, json.Unmarshal(v, &items))
+	var ids []int
+	for _, it := range items {
+		ids = append(ids, it.ID)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// While a slot migrates, Redis answers an append, a script of several keys
+// of which the new master holds only some, TRYAGAIN: nothing ran. The
+// append waits, trying again, while its context lasts (5 s at most), and
+// goes through once the migration ends; one whose context ends first
+// fails, nothing stored. A lingering producer's appends too.
+func TestAppendsWaitOutASlotMigration(t *testing.T) {
+	nodes := testredis.StartCluster(t)
+	b := nodes[0].Backend(t)
+	ctx := context.Background()
+	const queue = "moving"
+	sp := keys.For(b.Prefix, queue, 0)
+	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1))
+	must(t, err)
+	lingering, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1), producer.WithLinger(0, 100))
+	must(t, err)
+	t.Cleanup(func() { lingering.Close(ctx) })
+	must(t, p.Add(ctx, queue, "k", item{ID: 1}))
+	m := startMigration(t, nodes, sp)
+	m.moveKeys()
+
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err = p.Add(short, queue, "k", item{ID: 2})
+	cancel()
+	if err == nil || !strings.Contains(err.Error(), "TRYAGAIN") {
+		t.Fatalf("append whose context ends during the migration: %v, want TRYAGAIN", err)
+	}
+
+	errs := make(chan error, 2)
+	for _, add := range []func() error{
+		func() error { return p.Add(ctx, queue, "k", item{ID: 3}) },
+		func() error { return lingering.Add(ctx, queue, "k", item{ID: 4}) },
+	} {
+		go func() { errs <- add() }()
+	}
+	select {
+	case err := <-errs:
+		t.Fatalf("an append returned before the migration ended: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	m.end()
+	for range 2 {
+		select {
+		case err := <-errs:
+			must(t, err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("an append did not return after the migration ended")
+		}
+	}
+	if ids := m.ids(sp, "k"); !slices.Equal(ids, []int{1, 3, 4}) {
+		t.Fatalf("the new master holds items %v, want 1, 3 and 4 (2's append failed)", ids)
+	}
+}
