@@ -41,14 +41,17 @@ type Acks struct {
 // 200 ms, while ctx lasts and for tryAgainFor at most; then the TRYAGAIN
 // reply is returned.
 func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
-	wait, deadline := 10*time.Millisecond, time.Now().Add(tryAgainFor)
-	for {
-		res, ack = execAckedOnce(ctx, c, s, keys, args, acks)
-		if !tryAgain(res.Error()) || time.Now().Add(wait).After(deadline) || !sleep(ctx, wait) {
-			return res, ack
-		}
-		wait = min(2*wait, 200*time.Millisecond)
+	res, ack = execAckedOnce(ctx, c, s, keys, args, acks)
+	if !tryAgain(res.Error()) {
+		return res, ack
 	}
+	deadline := time.Now().Add(tryAgainFor)
+	for wait := 10 * time.Millisecond; !time.Now().Add(wait).After(deadline) && sleep(ctx, wait); wait = min(2*wait, 200*time.Millisecond) {
+		if res, ack = execAckedOnce(ctx, c, s, keys, args, acks); !tryAgain(res.Error()) {
+			break
+		}
+	}
+	return res, ack
 }
 
 // tryAgainFor bounds how long execAcked tries a call Redis Cluster answers
