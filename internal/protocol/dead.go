@@ -172,9 +172,10 @@ func PurgeDead(ctx context.Context, c rueidis.Client, sp keys.Space) (int64, err
 		cmds = append(cmds, c.B().Srem().Key(sp.Quarantined()).Member(quarantined...).Build())
 	}
 	cmds = append(cmds, c.B().Exec().Build())
-	exec, err := c.DoMulti(ctx, cmds...)[len(cmds)-1].ToArray()
+	res := c.DoMulti(ctx, cmds...)
+	exec, err := res[len(res)-1].ToArray()
 	if err != nil {
-		return 0, err
+		return 0, execError(res) // the refused command's own error, not EXECABORT's
 	}
 	return exec[0].AsInt64()
 }
