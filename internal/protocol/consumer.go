@@ -905,7 +905,11 @@ func errText(err error) string {
 // already expired and been reaped: then nothing is recorded and the whole
 // batch is delivered again.
 func (c *Consumer) Settle(ctx context.Context, b *Batch, outcomes []Outcome) error {
-	now := c.now()
+	return c.settleAt(ctx, b, outcomes, c.now())
+}
+
+// settleAt is Settle as of now.
+func (c *Consumer) settleAt(ctx context.Context, b *Batch, outcomes []Outcome, now time.Time) error {
 	s, err := c.settlement(b, outcomes, false, now)
 	if err != nil {
 		return err
@@ -953,7 +957,7 @@ func (c *Consumer) SettleAll(ctx context.Context, batches []*Batch, outcomes [][
 		switch {
 		case errors.Is(err, ErrNotArray):
 			// Rare: Settle sends the unfinished items to the retry index.
-			errs[i] = c.Settle(ctx, batches[i], outcomes[i])
+			errs[i] = c.settleAt(ctx, batches[i], outcomes[i], now)
 		case err != nil:
 			errs[i] = fmt.Errorf("settle %s: %w", keys.Short(batches[i].Queue), err)
 		}
