@@ -31,53 +31,10 @@ type Acks struct {
 // acknowledgement for an append no replica of the new node has. Here a
 // redirection comes back as the script's reply, nothing having run, and
 // the pair goes again, once, to the node it names, if the client knows it
-// (after ASKING, for an ASK: during a slot's migration, which the new node
-// mostly answers TRYAGAIN, as it does not hold every key the script names;
-// the append is then tried again, see below).
-//
-// A TRYAGAIN reply (a Redis Cluster slot being migrated, whose new node
-// does not hold every key the script names yet) means nothing ran: the
-// call goes again, whole, after 10 ms, then twice as long each time up to
-// 200 ms, while ctx lasts and for tryAgainFor at most; then the TRYAGAIN
-// reply is returned.
+// (after ASKING, for an ASK: during a slot's migration, where the new node
+// mostly answers TRYAGAIN, as it does not hold every key the script names:
+// see untilNotTryAgain).
 func execAcked(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
-	res, ack = execAckedOnce(ctx, c, s, keys, args, acks)
-	if !tryAgain(res.Error()) {
-		return res, ack
-	}
-	deadline := time.Now().Add(tryAgainFor)
-	for wait := 10 * time.Millisecond; !time.Now().Add(wait).After(deadline) && sleep(ctx, wait); wait = min(2*wait, 200*time.Millisecond) {
-		if res, ack = execAckedOnce(ctx, c, s, keys, args, acks); !tryAgain(res.Error()) {
-			break
-		}
-	}
-	return res, ack
-}
-
-// tryAgainFor bounds how long execAcked tries a call Redis Cluster answers
-// TRYAGAIN.
-const tryAgainFor = 5 * time.Second
-
-// tryAgain reports whether err is a TRYAGAIN reply.
-func tryAgain(err error) bool {
-	re, ok := rueidis.IsRedisErr(err)
-	return ok && re.IsTryAgain()
-}
-
-// sleep waits for d, and reports false if ctx ended first.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-// execAckedOnce is one try of execAcked.
-func execAckedOnce(ctx context.Context, c rueidis.Client, s script, keys, args []string, acks Acks) (res rueidis.RedisResult, ack error) {
 	if acks.Replicas <= 0 {
 		return s.Exec(ctx, c, keys, args), nil
 	}
@@ -145,4 +102,47 @@ func sendAcked(ctx context.Context, c rueidis.Client, doMulti func(context.Conte
 		rs = send(eval(c, s, keys, args))
 	}
 	return rs
+}
+
+// untilNotTryAgain returns what try returns, trying again while Redis
+// answers TRYAGAIN: a Redis Cluster slot is being migrated, and its new
+// master does not hold every key the call names yet; nothing ran. It tries
+// again after 10 ms, then twice as long each time up to 200 ms, while ctx
+// lasts, and starts no try tryAgainFor after the first (one with replica
+// acks may then take as long as its WAITs); then it returns the TRYAGAIN
+// reply. try gets the time since the first try (ms), by which to advance
+// the clock reading it sends.
+func untilNotTryAgain(ctx context.Context, try func(since int64) (rueidis.RedisResult, error)) (res rueidis.RedisResult, ack error) {
+	res, ack = try(0)
+	if !tryAgain(res.Error()) {
+		return res, ack
+	}
+	start := time.Now()
+	for wait := 10 * time.Millisecond; time.Since(start)+wait <= tryAgainFor && sleep(ctx, wait); wait = min(2*wait, 200*time.Millisecond) {
+		if res, ack = try(time.Since(start).Milliseconds()); !tryAgain(res.Error()) {
+			break
+		}
+	}
+	return res, ack
+}
+
+// tryAgainFor bounds how long untilNotTryAgain starts tries.
+const tryAgainFor = 5 * time.Second
+
+// tryAgain reports whether err is a TRYAGAIN reply.
+func tryAgain(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && re.IsTryAgain()
+}
+
+// sleep waits for d, and reports false if ctx ended first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }

@@ -53,7 +53,12 @@ func Append(ctx context.Context, c rueidis.Client, sp keys.Space, key, payload s
 	}
 	k := []string{sp.Items(key), sp.Count(key), sp.Ready(), sp.Wake(), sp.Later()}
 	a := []string{payload, strconv.Itoa(n), key, ms(now), strconv.Itoa(caps.Items), strconv.Itoa(caps.Bytes)}
-	res, ack := execAcked(ctx, c, mergeScript, k, a, acks)
+	res, ack := untilNotTryAgain(ctx, func(since int64) (rueidis.RedisResult, error) {
+		if since > 0 {
+			a[3] = ms(now + since)
+		}
+		return execAcked(ctx, c, mergeScript, k, a, acks)
+	})
 	if err := appendError(res.Error()); err != nil {
 		return err
 	}
@@ -84,7 +89,12 @@ func AppendMany(ctx context.Context, c rueidis.Client, sp keys.Space, ks []KeyIt
 		kk = append(kk, sp.Items(k.Key), sp.Count(k.Key), sp.Cap(k.Key))
 		args = append(args, k.Key, strconv.Itoa(k.N), k.Payload)
 	}
-	reply, ack := execAcked(ctx, c, mergeMany, kk, args, acks)
+	reply, ack := untilNotTryAgain(ctx, func(since int64) (rueidis.RedisResult, error) {
+		if since > 0 {
+			args[2] = ms(now + since)
+		}
+		return execAcked(ctx, c, mergeMany, kk, args, acks)
+	})
 	res, err := reply.ToArray()
 	if err != nil {
 		return nil, err
