@@ -31,12 +31,12 @@ type slotMigration struct {
 	srcAdmin, dstAdmin rueidis.Client // the default user, on that node alone
 }
 
-// startMigration starts moving the slot of sp from its master to another
-// one: the new master imports it, the old one migrates it, and answers ASK
-// for any of its keys it does not hold.
-func startMigration(t *testing.T, nodes []*testredis.Server, sp keys.Space) *slotMigration {
+// startMigration starts moving the slot of sp from its master to dst, or
+// to another master when dst is nil: the new master imports it, the old one
+// migrates it, and answers ASK for any of its keys it does not hold.
+func startMigration(t *testing.T, nodes []*testredis.Server, sp keys.Space, dst *testredis.Server) *slotMigration {
 	t.Helper()
-	m := &slotMigration{t: t, nodes: nodes, slot: keys.Slot(sp.Tag())}
+	m := &slotMigration{t: t, nodes: nodes, slot: keys.Slot(sp.Tag()), dst: dst}
 	owner := slotOwners(t, nodes[0].Backend(t))
 	for _, n := range nodes {
 		switch {
@@ -46,8 +46,8 @@ func startMigration(t *testing.T, nodes []*testredis.Server, sp keys.Space) *slo
 			m.dst = n
 		}
 	}
-	if m.src == nil {
-		t.Fatalf("no node owns slot %d", m.slot)
+	if m.src == nil || m.src == m.dst {
+		t.Fatalf("slot %d: no node owns it, or the new master does", m.slot)
 	}
 	m.srcAdmin, m.dstAdmin = m.admin(m.src), m.admin(m.dst)
 	m.ok(m.dstAdmin, "CLUSTER", "SETSLOT", strconv.Itoa(m.slot), "IMPORTING", m.id(m.srcAdmin))
@@ -67,11 +67,20 @@ func (m *slotMigration) moveKeys() {
 	m.ok(m.srcAdmin, append([]string{"MIGRATE", host, port, "", "0", "5000", "KEYS"}, ks...)...)
 }
 
-// end gives the slot to the new master, on every node.
+// end gives the slot to the new master, on every node: the new master
+// first (it bumps its config epoch, so that its claim wins), then the old
+// one, then the others, as the Redis Cluster specification orders it.
 func (m *slotMigration) end() {
 	m.t.Helper()
+	order := []*testredis.Server{m.dst, m.src}
 	for _, n := range m.nodes {
-		m.ok(m.admin(n), "CLUSTER", "SETSLOT", strconv.Itoa(m.slot), "NODE", m.id(m.dstAdmin))
+		if n != m.dst && n != m.src {
+			order = append(order, n)
+		}
+	}
+	id := m.id(m.dstAdmin)
+	for _, n := range order {
+		m.ok(m.admin(n), "CLUSTER", "SETSLOT", strconv.Itoa(m.slot), "NODE", id)
 	}
 }
 
@@ -118,7 +127,7 @@ func (m *slotMigration) ids(sp keys.Space, key string) []int {
 // of which the new master holds only some, TRYAGAIN: nothing ran. The
 // append waits, trying again, while its context lasts (5 s at most), and
 // goes through once the migration ends; one whose context ends first
-// fails, nothing stored. A lingering producer's appends too.
+// fails, nothing stored. A lingering producer's call of several keys too.
 func TestAppendsWaitOutASlotMigration(t *testing.T) {
 	nodes := testredis.StartCluster(t)
 	b := nodes[0].Backend(t)
@@ -127,11 +136,12 @@ func TestAppendsWaitOutASlotMigration(t *testing.T) {
 	sp := keys.For(b.Prefix, queue, 0)
 	p, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1))
 	must(t, err)
-	lingering, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1), producer.WithLinger(0, 100))
+	// A wait, so that two appends make one call (mergemany.lua).
+	lingering, err := producer.New(b.Client, producer.WithPrefix(b.Prefix), producer.WithDefaultShards(1), producer.WithLinger(50*time.Millisecond, 100))
 	must(t, err)
 	t.Cleanup(func() { lingering.Close(ctx) })
 	must(t, p.Add(ctx, queue, "k", item{ID: 1}))
-	m := startMigration(t, nodes, sp)
+	m := startMigration(t, nodes, sp, nil)
 	m.moveKeys()
 
 	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
@@ -141,10 +151,11 @@ func TestAppendsWaitOutASlotMigration(t *testing.T) {
 		t.Fatalf("append whose context ends during the migration: %v, want TRYAGAIN", err)
 	}
 
-	errs := make(chan error, 2)
+	errs := make(chan error, 3)
 	for _, add := range []func() error{
 		func() error { return p.Add(ctx, queue, "k", item{ID: 3}) },
 		func() error { return lingering.Add(ctx, queue, "k", item{ID: 4}) },
+		func() error { return lingering.Add(ctx, queue, "k2", item{ID: 5}) },
 	} {
 		go func() { errs <- add() }()
 	}
@@ -154,7 +165,7 @@ func TestAppendsWaitOutASlotMigration(t *testing.T) {
 	case <-time.After(500 * time.Millisecond):
 	}
 	m.end()
-	for range 2 {
+	for range 3 {
 		select {
 		case err := <-errs:
 			must(t, err)
@@ -163,6 +174,9 @@ func TestAppendsWaitOutASlotMigration(t *testing.T) {
 		}
 	}
 	if ids := m.ids(sp, "k"); !slices.Equal(ids, []int{1, 3, 4}) {
-		t.Fatalf("the new master holds items %v, want 1, 3 and 4 (2's append failed)", ids)
+		t.Fatalf("the new master holds items %v of k, want 1, 3 and 4 (2's append failed)", ids)
+	}
+	if ids := m.ids(sp, "k2"); !slices.Equal(ids, []int{5}) {
+		t.Fatalf("the new master holds items %v of k2, want 5", ids)
 	}
 }

@@ -213,7 +213,7 @@ func TestACLOnAMigratingSlot(t *testing.T) {
 	must(t, p.Add(ctx, queue, "k", item{ID: 1}))
 	in, err := inspect.New(c, inspect.WithPrefix(prefix))
 	must(t, err)
-	m := startMigration(t, nodes, sp)
+	m := startMigration(t, nodes, sp, nil)
 	m.moveKeys()
 
 	peek := func() (inspect.Peeked, error) {
@@ -231,6 +231,11 @@ func TestACLOnAMigratingSlot(t *testing.T) {
 	grant(aclCommands)
 	if pk, err := peek(); err != nil || pk.Items != 1 {
 		t.Fatalf("peek through ASK with the documented rule: %+v, %v; want the one item", pk.KeyStats, err)
+	}
+	m.end()
+	must(t, p.Add(ctx, queue, "k", item{ID: 2}))
+	if pk, err := peek(); err != nil || pk.Items != 2 {
+		t.Fatalf("peek after the migration: %+v, %v; want both items", pk.KeyStats, err)
 	}
 }
 
